@@ -1,0 +1,23 @@
+"""gpuloss: loss functions and their gradients in one fused pass, on GPU (CuPy) or CPU (NumPy).
+
+>>> import numpy as np, gpuloss as gl
+>>> loss, grad = gl.bce_with_logits.value_and_grad(np.array([0.0, 2.0]), np.array([1.0, 1.0]))
+>>> round(float(loss), 6)
+0.409665
+"""
+
+from ._dispatch import preferred_namespace
+from ._losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSSES",
+    "__version__",
+    "bce",
+    "bce_with_logits",
+    "cce",
+    "cce_with_logits",
+    "mse",
+    "preferred_namespace",
+]

@@ -1,0 +1,112 @@
+"""Find the inputs' array library and device, and pick the backend that computes.
+
+NumPy arrays, Python lists and scalars go to the NumPy backend. CuPy arrays go to the CUDA
+backend (`gpuloss._cuda_backend`) when it can run here. Every other array-API array (PyTorch,
+JAX, array-api-strict, ...) goes to the generic array-API backend and gets its own library's
+arrays back. Backends are imported only when an input needs them, so `import gpuloss` works
+with no CuPy, no CUDA and no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["array_namespace", "backend_for", "preferred_namespace"]
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic)) or array_api_compat.is_array_api_obj(x)
+
+
+def as_array(x, name: str, like=None, xp=None):
+    """Return `x` as an array; lists and scalars become arrays of `like`'s library."""
+    if isinstance(x, np.ma.MaskedArray):
+        # A mask would be dropped silently by np.asarray: refuse instead.
+        msg = f"{name} is a masked array; pass the data and a sample_weight of 0 for masked entries."
+        raise TypeError(msg)
+    if _is_array(x):
+        return np.asarray(x) if isinstance(x, np.generic) else x
+    if isinstance(x, (str, bytes)):
+        msg = f"Expected {name} to be an array or a number, got {type(x).__name__} {x!r}."
+        raise TypeError(msg)
+    if xp is None or xp is _NUMPY_NS:
+        try:
+            return np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            msg = f"Could not turn {name} ({type(x).__name__}) into an array: {exc}"
+            raise TypeError(msg) from None
+    return xp.asarray(x, device=array_api_compat.device(like))
+
+
+_NUMPY_NS = array_api_compat.array_namespace(np.empty(0))
+
+
+def library_name(x) -> str:
+    mod = type(x).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(mod, mod)
+
+
+def array_namespace(pred, others: dict):
+    """The namespace of `pred`; every other array must come from the same library and device."""
+    xp = array_api_compat.array_namespace(pred)
+    lib = library_name(pred)
+    dev = array_api_compat.device(pred)
+    for name, arr in others.items():
+        if arr is None:
+            continue
+        if library_name(arr) != lib:
+            msg = (
+                f"Arrays from different libraries in one call: pred is a {lib} array, "
+                f"{name} is a {library_name(arr)} array. Convert {name} to {lib} first."
+            )
+            raise TypeError(msg)
+        other_dev = array_api_compat.device(arr)
+        if other_dev != dev:
+            msg = (
+                f"Arrays on different devices in one call: pred is on {dev}, "
+                f"{name} is on {other_dev}."
+            )
+            raise ValueError(msg)
+    return xp
+
+
+def backend_for(pred) -> ModuleType:
+    """The backend module that computes for `pred`'s library.
+
+    This is the one seam where CuPy arrays route to the CUDA backend; everything that is not
+    NumPy or CuPy takes the generic array-API implementation.
+    """
+    if isinstance(pred, np.ndarray):
+        return importlib.import_module("gpuloss._numpy_backend")
+    if array_api_compat.is_cupy_array(pred):
+        return importlib.import_module("gpuloss._cuda_backend")
+    return importlib.import_module("gpuloss._generic_backend")
+
+
+@functools.cache
+def _cupy_if_usable():
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        cupy.zeros(1).sum().item()  # a kernel actually runs
+    except Exception:  # no CuPy, no driver, no device, broken toolkit: all mean "use NumPy"
+        return None
+    return cupy
+
+
+def preferred_namespace() -> ModuleType:
+    """CuPy when a CUDA GPU is usable here, NumPy otherwise.
+
+    Lets the same user code run on a GPU where one exists and on the CPU in CI::
+
+        xp = gpuloss.preferred_namespace()
+        z = xp.asarray(logits)
+    """
+    return _cupy_if_usable() or np

@@ -1,0 +1,194 @@
+"""Generic array-API backend: the formulas of `gpuloss._losses` written with whole-array
+operations of any array-API namespace (PyTorch, JAX, array-api-strict, ...).
+
+Plain and readable rather than fast: it allocates full-size temporaries. Results come back
+as the caller's arrays, on the caller's device. Per-element arithmetic is in float32 for
+float16/float32 inputs and float64 otherwise; sums over the batch are float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+
+from . import _api
+
+
+def compute(call: _api.Call):
+    xp = array_api_compat.array_namespace(call.pred)
+    cdt = xp.float64 if call.pred.dtype == xp.float64 else xp.float32
+    if call.loss.startswith("cce"):
+        value, grad = _categorical(call, xp, cdt)
+    else:
+        value, grad = _elementwise(call, xp, cdt)
+    dtype = call.pred.dtype
+    if value is not None:
+        value = xp.astype(value, dtype)
+    if grad is not None:
+        grad = xp.astype(grad, dtype)
+    return (value if call.want_value else None), grad
+
+
+def _range(xp, x):
+    if math.prod(x.shape) == 0:
+        return math.inf, -math.inf
+    return float(xp.min(x)), float(xp.max(x))
+
+
+def _check_unit(xp, x, name, what):
+    lo, hi = _range(xp, x)
+    if lo < 0 or hi > 1:
+        _api.raise_outside_unit_interval(name, what, lo, hi)
+
+
+def _check_weight(xp, w, name):
+    if math.prod(w.shape):
+        lo = float(xp.min(w))
+        if not lo >= 0:
+            _api.raise_bad_weights(name, lo)
+
+
+def _reduce(call, xp, per_item, weight_sum):
+    """The value the reduction asks for; sums are float64."""
+    if call.reduction == "none":
+        return per_item
+    total = xp.sum(xp.astype(per_item, xp.float64))
+    return total if call.reduction == "sum" else total / weight_sum
+
+
+def _scale(call, xp, weight_sum):
+    if call.reduction != "mean":
+        return 1.0
+    ws = float(weight_sum)
+    return 1.0 / ws if ws > 0 else 0.0
+
+
+def _elementwise(call, xp, cdt):
+    shape = tuple(call.pred.shape)
+    P = xp.astype(call.pred, cdt)
+    Y = xp.astype(call.target, cdt)
+    W = None
+    if call.sample_weight is not None:
+        W = xp.astype(xp.broadcast_to(call.sample_weight, shape), cdt)
+        if call.validate:
+            _check_weight(xp, call.sample_weight, "sample_weight")
+        weight_sum = xp.sum(xp.astype(xp.broadcast_to(call.sample_weight, shape), xp.float64))
+    else:
+        weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
+    if call.validate:
+        if call.loss == "bce":
+            _check_unit(xp, P, "pred", "probabilities")
+        if call.loss.startswith("bce"):
+            _check_unit(xp, Y, "target", "targets")
+
+    if call.loss == "mse":
+        d = P - Y
+        loss = d * d
+        grad = 2 * d
+    elif call.loss == "bce":
+        pc = xp.clip(P, call.eps, 1 - call.eps)
+        loss = -(Y * xp.log(pc) + (1 - Y) * xp.log1p(-pc))
+        grad = (pc - Y) / (pc * (1 - pc))
+    else:  # bce_with_logits
+        if call.label_smoothing:
+            Y = Y * (1 - call.label_smoothing) + call.label_smoothing / 2
+        PY = Y
+        if call.pos_weight is not None:
+            PW = xp.astype(xp.broadcast_to(call.pos_weight, shape), cdt)
+            if call.validate:
+                _check_weight(xp, call.pos_weight, "pos_weight")
+            PY = Y * PW
+        e = xp.exp(-xp.abs(P))
+        lg = xp.log1p(e)
+        mz = xp.maximum(P, xp.zeros_like(P))
+        loss = (1 - Y) * (mz + lg) + PY * ((mz - P) + lg)
+        r = 1 / (1 + e)
+        positive = P >= 0
+        sig_z = xp.where(positive, r, e * r)  # sigmoid(z), with no cancellation
+        sig_minus_z = xp.where(positive, e * r, r)
+        grad = (1 - Y) * sig_z - PY * sig_minus_z
+    if W is not None:
+        loss = loss * W
+        grad = grad * W
+    value = _reduce(call, xp, loss, weight_sum)
+    grad = grad * _scale(call, xp, weight_sum) if call.want_grad else None
+    return value, grad
+
+
+def _categorical(call, xp, cdt):
+    ndim = call.pred.ndim
+    perm = tuple(i for i in range(ndim) if i != call.axis) + (call.axis,)
+    inverse = tuple(perm.index(i) for i in range(ndim))
+    Z = xp.astype(xp.permute_dims(call.pred, perm), cdt)
+    K = Z.shape[-1]
+    sample_shape = tuple(Z.shape[:-1])
+    nan = xp.asarray(math.nan, dtype=cdt, device=array_api_compat.device(Z))
+
+    cw = None
+    if call.class_weight is not None:
+        if call.validate:
+            _check_weight(xp, call.class_weight, "class_weight")
+        cw = xp.astype(call.class_weight, cdt)
+    w = xp.ones(sample_shape, dtype=cdt, device=array_api_compat.device(Z))
+    if call.sample_weight is not None:
+        if call.validate:
+            _check_weight(xp, call.sample_weight, "sample_weight")
+        w = xp.astype(xp.broadcast_to(call.sample_weight, sample_shape), cdt)
+
+    if call.labels:
+        t = call.target
+        counted = xp.ones(sample_shape, dtype=xp.bool, device=array_api_compat.device(Z))
+        if call.ignore_index is not None:
+            counted = t != call.ignore_index
+        in_range = (t >= 0) & (t < K)
+        if call.validate and math.prod(sample_shape):
+            if xp.any(~in_range & counted):
+                kept = t[counted]
+                _api.raise_bad_labels(int(xp.min(kept)), int(xp.max(kept)), K, call.ignore_index)
+        w = xp.where(counted, w, xp.zeros_like(w))
+        w = xp.where(in_range | ~counted, w, nan)  # bad labels give NaN, never an index error
+        classes = xp.arange(K, device=array_api_compat.device(Z))
+        T = xp.astype(xp.expand_dims(t, axis=-1) == classes, cdt)  # one-hot
+        cwy = xp.ones_like(w) if cw is None else xp.sum(T * cw, axis=-1)
+        weight_sum = xp.sum(xp.astype(w * cwy, xp.float64))
+    else:
+        T = xp.astype(xp.permute_dims(call.target, perm), cdt)
+        if call.validate:
+            _check_unit(xp, T, "target", "probabilities")
+        weight_sum = xp.sum(xp.astype(w, xp.float64))
+
+    cw_vec = xp.ones(K, dtype=cdt, device=array_api_compat.device(Z)) if cw is None else cw
+    if call.loss == "cce":
+        if call.validate:
+            _check_unit(xp, Z, "pred", "probabilities")
+        pc = xp.clip(Z, call.eps, 1 - call.eps)
+        C = T * cw_vec
+        loss = -xp.sum(C * xp.log(pc), axis=-1)
+        grad = -C / pc
+    else:
+        if K == 0:
+            logp = Z
+            soft = Z
+        else:
+            m = xp.max(Z, axis=-1, keepdims=True)
+            S = Z - m  # max-shifted: exp never overflows
+            E = xp.exp(S)
+            se = xp.sum(E, axis=-1, keepdims=True)
+            logp = S - xp.log(se)
+            soft = E / se
+        ls = call.label_smoothing
+        if call.labels:
+            # PyTorch: (1 - ls) * nll + ls / K * sum_k cw_k (-log p_k), with the mean over
+            # sum of cw[y]; equal to cross-entropy against c_k y'_k, with
+            # c y' = (1 - ls) cw[y] onehot + ls / K cw.
+            C = (1 - ls) * xp.expand_dims(cwy, axis=-1) * T + (ls / K if K else 0.0) * cw_vec
+        else:
+            C = cw_vec * (T * (1 - ls) + (ls / K if K else 0.0))
+        loss = -xp.sum(C * logp, axis=-1)
+        grad = soft * xp.sum(C, axis=-1, keepdims=True) - C
+    value = _reduce(call, xp, loss * w, weight_sum)
+    if not call.want_grad:
+        return value, None
+    grad = grad * xp.expand_dims(w, axis=-1) * _scale(call, xp, weight_sum)
+    return value, xp.permute_dims(grad, inverse)

@@ -1,0 +1,288 @@
+r"""The five losses: what each computes, its gradient, and what "mean" divides by.
+
+This module is the one place to learn what a loss does. The backends (`_numpy_backend`,
+`_generic_backend`, `_cuda_backend`) only compute what is written here.
+"""
+
+from __future__ import annotations
+
+from ._api import Loss
+
+_REDUCTION = """\
+reduction : {{'mean', 'sum', 'none'}}, default 'mean'
+        'none' returns the weighted per-{unit} losses, 'sum' their sum, 'mean' {mean}."""
+
+_COMMON_PARAMS = """\
+sample_weight : array_like, optional
+        Non-negative weights {weight_shape}. Applied as ``w * l`` for every reduction.
+    validate : bool, default True
+        Check the values (domain, labels, weights) and raise ``ValueError`` when they are
+        out of range. ``False`` skips the check: bad values then give NaN, never an
+        out-of-bounds access."""
+
+_RETURNS = """\
+    Returns
+    -------
+    loss : array
+        0-d array (reduction 'mean' or 'sum') or per-{unit} losses ('none'), in pred's
+        dtype, library and device. ``float(loss)`` works.
+
+    ``.grad`` returns the gradient with respect to pred (pred's shape and dtype);
+    ``.value_and_grad`` returns ``(loss, grad)`` from one pass over the data. The gradient
+    is the derivative of exactly what the call returns: it carries the 1/n of the mean, and
+    for 'none' it is the derivative of the sum of the returned array."""
+
+
+mse = Loss(
+    "mse",
+    (),
+    rf"""Mean squared error and its gradient.
+
+    .. math::
+
+        \ell_i = w_i\,(p_i - y_i)^2, \qquad
+        L = \frac{{\sum_i \ell_i}}{{\sum_i w_i}}, \qquad
+        \frac{{\partial L}}{{\partial p_i}} = \frac{{2\,w_i\,(p_i - y_i)}}{{\sum_j w_j}}
+
+    Without weights (all :math:`w_i = 1`) the mean divides by n, the number of elements, and
+    the gradient is :math:`2 (p_i - y_i) / n`.
+
+    Parameters
+    ----------
+    pred : array
+        Predictions, a real floating array (float16, float32 or float64).
+    target : array
+        Targets with pred's shape (integer and boolean targets are used as numbers).
+    {_REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {_COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}
+
+{_RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    Like ``torch.nn.functional.mse_loss`` and ``sklearn.metrics.mean_squared_error``
+    (``sample_weight`` as in scikit-learn).
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> p = np.array([0.5, 2.0, 1.0]); y = np.array([1.0, 2.0, 0.0])
+    >>> float(gl.mse(p, y))
+    0.4166666666666667
+    >>> gl.mse.grad(p, y)
+    array([-0.33333333,  0.        ,  0.66666667])
+    """,
+)
+
+bce = Loss(
+    "bce",
+    ("eps",),
+    rf"""Binary cross-entropy on probabilities, and its gradient.
+
+    Probabilities are first clipped, :math:`p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)`,
+    and the loss **and** the gradient are evaluated at :math:`p'` (so the gradient never
+    vanishes silently at 0 or 1):
+
+    .. math::
+
+        \ell_i = -w_i \left[ y_i \log p'_i + (1 - y_i) \log(1 - p'_i) \right], \qquad
+        \frac{{\partial L}}{{\partial p_i}}
+          = \frac{{w_i}}{{\sum_j w_j}} \left( -\frac{{y_i}}{{p'_i}} + \frac{{1 - y_i}}{{1 - p'_i}} \right)
+          = \frac{{w_i}}{{\sum_j w_j}} \, \frac{{p'_i - y_i}}{{p'_i (1 - p'_i)}}
+
+    and :math:`L = \sum_i \ell_i / \sum_i w_i` (the mean divides by n when unweighted).
+
+    Parameters
+    ----------
+    pred : array
+        Probabilities in [0, 1], a real floating array.
+    target : array
+        Targets in [0, 1] (soft labels allowed) with pred's shape.
+    {_REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {_COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}
+    eps : float, optional
+        Clipping bound, in (0, 0.5). Default: ``finfo(pred.dtype).eps``.
+
+{_RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    Matches ``torch.nn.functional.binary_cross_entropy`` away from the clipping bounds
+    (PyTorch clamps the log at -100 instead) and ``sklearn.metrics.log_loss`` for binary
+    problems. Prefer :func:`bce_with_logits` when you have logits: it needs no clipping.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> p = np.array([0.9, 0.2, 0.6]); y = np.array([1.0, 0.0, 1.0])
+    >>> round(float(gl.bce(p, y)), 6)
+    0.279047
+    >>> loss, grad = gl.bce.value_and_grad(p, y)
+    >>> grad.round(6)
+    array([-0.37037 ,  0.416667, -0.555556])
+    """,
+)
+
+bce_with_logits = Loss(
+    "bce_with_logits",
+    ("pos_weight", "label_smoothing"),
+    rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
+
+    With :math:`y' = y (1 - \lambda) + \lambda / 2` (label smoothing :math:`\lambda`),
+    positive-class weight :math:`c` (``pos_weight``) and
+    :math:`\mathrm{{softplus}}(z) = \log(1 + e^z)`:
+
+    .. math::
+
+        \ell_i = w_i \left[ (1 - y'_i)\,\mathrm{{softplus}}(z_i)
+                 + c_i\, y'_i\, \mathrm{{softplus}}(-z_i) \right], \qquad
+        \frac{{\partial L}}{{\partial z_i}} = \frac{{w_i}}{{\sum_j w_j}}
+            \left[ (1 - y'_i)\,\sigma(z_i) - c_i\, y'_i\, \sigma(-z_i) \right]
+
+    With :math:`c = 1` the gradient is the familiar :math:`(\sigma(z_i) - y_i) / n`.
+    The loss is computed as :math:`\mathrm{{softplus}}(z) = \max(z, 0) + \log(1 + e^{{-|z|}})`,
+    which never overflows, and both terms are non-negative so nothing cancels: results are
+    exact for every finite logit, up to the dtype's maximum. No clipping.
+
+    Parameters
+    ----------
+    pred : array
+        Logits, a real floating array.
+    target : array
+        Targets in [0, 1] with pred's shape.
+    {_REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {_COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}
+    pos_weight : array_like, optional
+        Weight of the positive term, broadcast along the last axis (PyTorch's
+        ``pos_weight``); it does not enter the mean's denominator.
+    label_smoothing : float, default 0
+        In [0, 1]; targets become ``y * (1 - label_smoothing) + label_smoothing / 2``.
+
+{_RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    Matches ``torch.nn.functional.binary_cross_entropy_with_logits`` (``weight`` there is
+    our ``sample_weight``, but PyTorch's mean divides by n even when weighted; ours divides
+    by Σ w, as scikit-learn does).
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([2.0, -1.0, 0.0]); y = np.array([1.0, 0.0, 1.0])
+    >>> round(float(gl.bce_with_logits(z, y)), 6)
+    0.379645
+    >>> gl.bce_with_logits.grad(z, y).round(6)
+    array([-0.039733,  0.089647, -0.166667])
+    """,
+)
+
+cce = Loss(
+    "cce",
+    ("class_weight", "ignore_index", "axis", "eps"),
+    rf"""Categorical cross-entropy on probabilities, and its gradient.
+
+    Probabilities are clipped, :math:`p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)`, and
+    loss and gradient are evaluated at :math:`p'`. With class weights :math:`c_k`:
+
+    .. math::
+
+        \ell_i = -w_i \sum_k c_k\, y_{{ik}} \log p'_{{ik}}, \qquad
+        \frac{{\partial L}}{{\partial p_{{ik}}}} = -\frac{{w_i}}{{D}}\,\frac{{c_k\, y_{{ik}}}}{{p'_{{ik}}}}
+
+    Integer targets :math:`t_i` mean one-hot :math:`y`; then
+    :math:`D = \sum_i w_i c_{{t_i}}` over the samples not equal to ``ignore_index``
+    (PyTorch's ``cross_entropy`` convention). Probability targets: :math:`D = \sum_i w_i`
+    (N, the number of samples, when unweighted).
+
+    Parameters
+    ----------
+    pred : array
+        Probabilities in [0, 1] with the classes along ``axis``.
+    target : array
+        Either class indices (integer dtype, pred's shape without ``axis``) or probabilities
+        (floating, pred's shape; one-hot or soft).
+    {_REDUCTION.format(unit="sample", mean="divides by D above")}
+    {_COMMON_PARAMS.format(weight_shape="per sample, broadcastable to pred's shape without axis")}
+    class_weight : array_like, optional
+        Shape (K,): weight of each class (PyTorch's ``weight``).
+    ignore_index : int, optional
+        With integer targets: samples with this label give 0 loss, 0 gradient, and leave
+        the denominator.
+    axis : int, default -1
+        The class axis.
+    eps : float, optional
+        Clipping bound, in (0, 0.5). Default: ``finfo(pred.dtype).eps``.
+
+{_RETURNS.format(unit="sample")}
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]); t = np.array([0, 2])
+    >>> round(float(gl.cce(p, t)), 6)
+    0.289909
+    >>> gl.cce.grad(p, t).round(6)
+    array([[-0.714286,  0.      ,  0.      ],
+           [ 0.      ,  0.      , -0.625   ]])
+    """,
+)
+
+cce_with_logits = Loss(
+    "cce_with_logits",
+    ("class_weight", "ignore_index", "label_smoothing", "axis"),
+    rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
+
+    With :math:`\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}` (computed with the
+    row maximum subtracted, so it never overflows), class weights :math:`c_k` and label
+    smoothing :math:`\lambda`:
+
+    .. math::
+
+        \ell_i = -w_i \sum_k c_k\, y'_{{ik}} \log p_{{ik}}, \qquad
+        \frac{{\partial L}}{{\partial z_{{ik}}}} = \frac{{w_i}}{{D}}
+            \Big( \mathrm{{softmax}}(z_i)_k \sum_j c_j y'_{{ij}} - c_k\, y'_{{ik}} \Big)
+
+    Unweighted one-hot targets give the familiar :math:`(\mathrm{{softmax}}(z_i)_k - y_{{ik}})/N`.
+    Probability targets are smoothed as :math:`y' = y (1 - \lambda) + \lambda / K`, and
+    :math:`D = \sum_i w_i` (N unweighted). Integer targets follow PyTorch's
+    ``cross_entropy`` exactly: :math:`\ell_i = w_i[(1-\lambda) c_{{t_i}} (-\log p_{{i t_i}})
+    + \frac{{\lambda}}{{K}} \sum_k c_k (-\log p_{{ik}})]` and
+    :math:`D = \sum_i w_i c_{{t_i}}` over samples not equal to ``ignore_index``.
+
+    Parameters
+    ----------
+    pred : array
+        Logits with the classes along ``axis``.
+    target : array
+        Either class indices (integer dtype, pred's shape without ``axis``) or probabilities
+        (floating, pred's shape; one-hot or soft).
+    {_REDUCTION.format(unit="sample", mean="divides by D above")}
+    {_COMMON_PARAMS.format(weight_shape="per sample, broadcastable to pred's shape without axis")}
+    class_weight : array_like, optional
+        Shape (K,): weight of each class (PyTorch's ``weight``).
+    ignore_index : int, optional
+        With integer targets: samples with this label give 0 loss, 0 gradient, and leave
+        the denominator.
+    label_smoothing : float, default 0
+        In [0, 1], PyTorch's formula.
+    axis : int, default -1
+        The class axis (use ``axis=1`` for PyTorch's (N, C, d1, ...) layout).
+
+{_RETURNS.format(unit="sample")}
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]]); t = np.array([0, 1])
+    >>> round(float(gl.cce_with_logits(z, t)), 6)
+    0.359893
+    >>> gl.cce_with_logits.grad(z, t).round(6)
+    array([[-0.170047,  0.121200,  0.048847],
+           [ 0.054318, -0.098675,  0.044357]])
+    """,
+)
+
+LOSSES = {
+    loss.name: loss for loss in (mse, bce, bce_with_logits, cce, cce_with_logits)
+}

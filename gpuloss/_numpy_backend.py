@@ -1,0 +1,655 @@
+"""NumPy backend: one pass over the data in cache-sized blocks, on every core.
+
+The arrays are cut into blocks of about `BLOCK` elements (whole rows for cce*). Each block is
+read once from memory; all intermediate work happens on block-sized scratch buffers that stay
+in the core's cache, so the only full-size array allocated is the output. Blocks are shared
+among a few threads (NumPy releases the GIL inside ufunc loops). Each block's partial sums are
+kept in float64 and stored by block number, then added in block order: the result does not
+depend on the number of threads or on which thread ran which block, so repeated calls give
+bit-identical results.
+
+Per-element arithmetic is done in float32 for float16/float32 inputs and in float64 for
+float64 inputs. Sums over the batch are float64. Row sums over the K classes of one sample
+(cce*) use NumPy's pairwise float32/float64 summation.
+
+The formulas are the ones documented in `gpuloss._losses`; each block function below says in
+one comment line what it computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import _api
+
+BLOCK = 1 << 16  # elements per block: a block's inputs and scratch fit in a 2 MB L2 cache
+_F64 = np.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# threads and blocks
+
+
+def _num_threads() -> int:
+    env = os.environ.get("GPULOSS_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss")
+        return _pool
+
+
+def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list[tuple]:
+    """Index tuples that cut an array of `shape` into C-order blocks of about `block` elements.
+
+    Each block is a contiguous run of a C-contiguous array. With `whole_last_axis`, a block
+    never splits the last axis (cce* rows stay whole).
+    """
+    ndim = len(shape)
+    if math.prod(shape) <= block or ndim == 0 or (whole_last_axis and ndim == 1):
+        return [()]
+    inner = shape[-1] if whole_last_axis else 1
+    split = ndim - 2 if whole_last_axis else ndim - 1
+    while split > 0 and inner * shape[split] <= block:
+        inner *= shape[split]
+        split -= 1
+    step = max(1, block // inner)
+    outer = itertools.product(*(range(d) for d in shape[:split]))
+    return [
+        (*o, slice(s, min(s + step, shape[split])))
+        for o in outer
+        for s in range(0, shape[split], step)
+    ]
+
+
+def run_blocks(num_blocks: int, work) -> list:
+    """Run `work(i, scratch)` for every block i; results come back in block order.
+
+    `scratch` is a per-thread `Scratch`. Which thread runs which block does not matter: each
+    result is stored at its block's index.
+    """
+    results: list = [None] * num_blocks
+    workers = min(_num_threads(), num_blocks)
+    counter = itertools.count()
+
+    def worker():
+        scratch = Scratch()
+        with np.errstate(all="ignore"):  # inf/NaN are results here, not warnings
+            for i in iter(counter.__next__, None):
+                if i >= num_blocks:
+                    break
+                results[i] = work(i, scratch)
+
+    if workers <= 1:
+        worker()
+    else:
+        futures = [_executor(workers).submit(worker) for _ in range(workers)]
+        for f in futures:
+            f.result()
+    return results
+
+
+class Scratch:
+    """Block-sized work buffers of one thread, reused from block to block."""
+
+    def __init__(self):
+        self._bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        size = math.prod(shape)
+        key = (name, np.dtype(dtype))
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = self._bufs[key] = np.empty(max(size, 1), dtype)
+        return buf[:size].reshape(shape)
+
+    def load(self, name: str, x: np.ndarray, dtype) -> np.ndarray:
+        """`x` itself if it already has `dtype` and is contiguous, else a copy in scratch."""
+        if x.dtype == dtype and x.flags.c_contiguous:
+            return x
+        out = self.get(name, x.shape, dtype)
+        np.copyto(out, x, casting="unsafe")
+        return out
+
+
+def _compute_dtype(dtype) -> type:
+    return _F64 if dtype == _F64 else np.float32
+
+
+def _min_max(x: np.ndarray) -> tuple[float, float]:
+    if x.size == 0:
+        return (math.inf, -math.inf)
+    return (float(np.minimum.reduce(x, axis=None)), float(np.maximum.reduce(x, axis=None)))
+
+
+def _merge_ranges(ranges) -> tuple[float, float]:
+    lo = min((r[0] for r in ranges), default=math.inf)
+    hi = max((r[1] for r in ranges), default=-math.inf)
+    return lo, hi
+
+
+def _check_unit_interval(name, what, ranges):
+    lo, hi = _merge_ranges(ranges)
+    if lo < 0 or hi > 1:  # NaN compares False: NaN propagates instead of raising
+        _api.raise_outside_unit_interval(name, what, lo, hi)
+
+
+def _weight_total(w: np.ndarray, shape, name: str, validate: bool) -> float:
+    """Σ of `w` broadcast to `shape`, without materialising the broadcast."""
+    if validate and w.size:
+        lo = float(np.min(w))
+        if not lo >= 0:  # also catches NaN
+            _api.raise_bad_weights(name, lo)
+    padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
+    repeats = math.prod(s for s, ws in zip(shape, padded) if ws == 1)
+    return float(np.sum(w, dtype=_F64)) * repeats
+
+
+def _check_weights(w, name, validate):
+    if validate and w is not None and w.size:
+        lo = float(np.min(w))
+        if not lo >= 0:
+            _api.raise_bad_weights(name, lo)
+
+
+def _finish(call, total: float, denom: float, grad, per_sample):
+    """Package the value (0-d array or per-sample array) and gradient in pred's dtype."""
+    dtype = call.pred.dtype
+    value = None
+    if call.want_value:
+        if call.reduction == "none":
+            value = per_sample
+        elif call.reduction == "sum":
+            value = np.asarray(total, dtype=dtype)
+        else:
+            value = np.asarray(np.divide(_F64(total), _F64(denom)), dtype=dtype)
+    return value, grad
+
+
+def _grad_scale(call, denom: float) -> float:
+    """The 1/n of the mean, which every gradient carries; zeros when nothing was counted."""
+    if call.reduction != "mean":
+        return 1.0
+    return 1.0 / denom if denom > 0 else 0.0
+
+
+def compute(call: _api.Call):
+    with np.errstate(all="ignore"):
+        if call.loss.startswith("cce"):
+            return _categorical(call)
+        return _elementwise(call)
+
+
+# ---------------------------------------------------------------------------------------------
+# mse, bce, bce_with_logits: one loss per element
+
+
+def _elementwise(call):
+    p, y = call.pred, call.target
+    shape = p.shape
+    n = p.size
+    cdt = _compute_dtype(p.dtype)
+    w = call.sample_weight
+    pw = call.pos_weight
+    if w is not None:
+        w = np.asarray(w)
+    if pw is not None:
+        pw = np.asarray(pw)
+        _check_weights(pw, "pos_weight", call.validate)
+
+    denom = float(n)
+    if w is not None:
+        wsum = _weight_total(w, shape, "sample_weight", call.validate)
+        denom = wsum
+    gscale = _grad_scale(call, denom)
+
+    # Fortran-ordered data: work on transposed views so that blocks are contiguous runs.
+    flip = p.ndim > 1 and p.flags.f_contiguous and not p.flags.c_contiguous
+    order = "F" if flip else "C"
+    grad = np.empty(shape, p.dtype, order=order) if call.want_grad else None
+    per_elem = (
+        np.empty(shape, p.dtype, order=order)
+        if call.want_value and call.reduction == "none"
+        else None
+    )
+
+    def view(x, broadcast=True):
+        if x is None:
+            return None
+        if broadcast:
+            x = np.broadcast_to(x, shape)  # read-only view: inputs are never written
+        return x.T if flip else x
+
+    P, Y, W, PW = (view(x) for x in (p, y, w, pw))
+    G, L = (view(x, broadcast=False) for x in (grad, per_elem))
+    index = blocks(P.shape, BLOCK)
+    kernel = _ELEMENTWISE[call.loss]
+    want_sum = call.want_value and call.reduction != "none"
+    consts = _Consts(call, cdt, gscale, want_sum)
+
+    if n == 0:
+        results = []
+    else:
+
+        def work(i, scratch):
+            ix = index[i]
+            pb = scratch.load("p", P[ix], cdt)
+            yb = scratch.load("y", Y[ix], cdt)
+            wb = None if W is None else scratch.load("w", W[ix], cdt)
+            pwb = None if PW is None else scratch.load("pw", PW[ix], cdt)
+            gb = None
+            if G is not None:
+                gb = G[ix] if G.dtype == cdt else scratch.get("g", pb.shape, cdt)
+            lb = scratch.get("l", pb.shape, cdt) if (want_sum or L is not None) else None
+            result = kernel(pb, yb, wb, pwb, gb, lb, scratch, consts)
+            if G is not None and gb is not G[ix]:
+                np.copyto(G[ix], gb, casting="unsafe")
+            if L is not None:
+                np.copyto(L[ix], lb, casting="unsafe")
+            return result
+
+        results = run_blocks(len(index), work)
+
+    if call.validate and results:
+        if call.loss == "bce":
+            _check_unit_interval("pred", "probabilities", [r[1] for r in results])
+        if call.loss.startswith("bce"):
+            _check_unit_interval("target", "targets", [r[2] for r in results])
+    total = math.fsum(r[0] for r in results) if want_sum else 0.0
+    return _finish(call, total, denom, grad, per_elem)
+
+
+class _Consts:
+    """Scalars a block kernel needs, in the compute dtype."""
+
+    def __init__(self, call, cdt, gscale, want_sum):
+        self.validate = call.validate
+        self.want_sum = want_sum
+        self.gscale = cdt(gscale)
+        self.two_gscale = cdt(2 * gscale)
+        self.smooth = call.label_smoothing
+        if call.eps is not None:
+            self.lo = cdt(call.eps)
+            self.hi = cdt(1) - cdt(call.eps)
+        self.cdt = cdt
+
+
+def _sum_f64(x) -> float:
+    return float(np.add.reduce(x, axis=None, dtype=_F64))
+
+
+def _mse_block(P, Y, W, PW, G, L, s, k):
+    # l = w (p - y)^2 ;  g = 2 w (p - y) / D
+    d = G if G is not None else s.get("d", P.shape, k.cdt)
+    np.subtract(P, Y, out=d)
+    total = 0.0
+    if L is not None:
+        np.multiply(d, d, out=L)
+        if W is not None:
+            np.multiply(L, W, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        np.multiply(d, k.two_gscale, out=G)
+        if W is not None:
+            np.multiply(G, W, out=G)
+    return (total,)
+
+
+def _bce_block(P, Y, W, PW, G, L, s, k):
+    # p' = clip(p, eps, 1 - eps);  l = -w [y log p' + (1 - y) log(1 - p')]
+    # g = w (p' - y) / (p' (1 - p')) / D, the seed's -y/p + (1-y)/(1-p) over one denominator
+    ranges = (_min_max(P), _min_max(Y)) if k.validate else ((0, 0), (0, 0))
+    pc = s.get("pc", P.shape, k.cdt)
+    np.clip(P, k.lo, k.hi, out=pc)
+    total = 0.0
+    if L is not None:
+        lq = s.get("lq", P.shape, k.cdt)
+        np.negative(pc, out=lq)
+        np.log1p(lq, out=lq)  # log(1 - p') without losing small p'
+        np.log(pc, out=L)
+        np.multiply(L, Y, out=L)
+        om = s.get("om", P.shape, k.cdt)
+        np.subtract(1, Y, out=om)
+        np.multiply(lq, om, out=lq)
+        np.add(L, lq, out=L)  # y log p' + (1-y) log(1-p'): exact when y is 0 or 1
+        np.negative(L, out=L)
+        if W is not None:
+            np.multiply(L, W, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        den = s.get("den", P.shape, k.cdt)
+        np.subtract(1, pc, out=den)
+        np.multiply(den, pc, out=den)
+        np.subtract(pc, Y, out=G)
+        np.divide(G, den, out=G)
+        np.multiply(G, k.gscale, out=G)
+        if W is not None:
+            np.multiply(G, W, out=G)
+    return (total, *ranges)
+
+
+def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
+    # y' = y (1 - ls) + ls/2;  l = w [(1 - y') softplus(z) + pos_weight y' softplus(-z)]
+    # g = w [(1 - y') sigmoid(z) - pos_weight y' sigmoid(-z)] / D   (= sigmoid(z) - y' unweighted)
+    # Each term is non-negative, so nothing cancels: exact for every finite z.
+    yrange = _min_max(Y) if k.validate else (0, 0)
+    if k.smooth:
+        ys = s.get("ys", Z.shape, k.cdt)
+        np.multiply(Y, k.cdt(1 - k.smooth), out=ys)
+        np.add(ys, k.cdt(k.smooth / 2), out=ys)
+        Y = ys
+    e = s.get("e", Z.shape, k.cdt)
+    np.abs(Z, out=e)
+    np.negative(e, out=e)
+    np.exp(e, out=e)  # exp(-|z|) never overflows
+    om = s.get("om", Z.shape, k.cdt)
+    np.subtract(1, Y, out=om)
+    py = Y
+    if PW is not None:
+        py = s.get("py", Z.shape, k.cdt)
+        np.multiply(Y, PW, out=py)
+    total = 0.0
+    if L is not None:
+        lg = s.get("lg", Z.shape, k.cdt)
+        np.log1p(e, out=lg)
+        spn = s.get("spn", Z.shape, k.cdt)
+        np.maximum(Z, 0, out=L)
+        np.subtract(L, Z, out=spn)  # max(-z, 0), exactly
+        np.add(spn, lg, out=spn)  # softplus(-z)
+        np.add(L, lg, out=L)  # softplus(z)
+        np.multiply(L, om, out=L)
+        np.multiply(spn, py, out=spn)
+        np.add(L, spn, out=L)
+        if W is not None:
+            np.multiply(L, W, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        r = s.get("r", Z.shape, k.cdt)
+        np.add(e, 1, out=r)
+        np.reciprocal(r, out=r)  # 1 / (1 + exp(-|z|))
+        pos = s.get("pos", Z.shape, k.cdt)
+        np.greater_equal(Z, 0, out=pos)  # 1.0 where z >= 0
+        sz = s.get("sz", Z.shape, k.cdt)
+        np.maximum(e, pos, out=sz)  # numerator of sigmoid(z): 1 or exp(-|z|)
+        np.multiply(sz, r, out=sz)
+        np.subtract(1, pos, out=pos)
+        np.maximum(e, pos, out=pos)  # numerator of sigmoid(-z)
+        np.multiply(pos, r, out=pos)
+        np.multiply(sz, om, out=G)
+        np.multiply(pos, py, out=pos)
+        np.subtract(G, pos, out=G)
+        np.multiply(G, k.gscale, out=G)
+        if W is not None:
+            np.multiply(G, W, out=G)
+    return (total, (0, 0), yrange)
+
+
+_ELEMENTWISE = {"mse": _mse_block, "bce": _bce_block, "bce_with_logits": _bce_logits_block}
+
+
+# ---------------------------------------------------------------------------------------------
+# cce, cce_with_logits: one loss per sample, classes along `axis`
+
+
+def _categorical(call):
+    p, y = call.pred, call.target
+    K = p.shape[call.axis]
+    cdt = _compute_dtype(p.dtype)
+    P = np.moveaxis(p, call.axis, -1)
+    sample_shape = P.shape[:-1]
+    N = math.prod(sample_shape)
+    T = y if call.labels else np.moveaxis(y, call.axis, -1)
+
+    cw = None
+    if call.class_weight is not None:
+        cw = np.asarray(call.class_weight)
+        _check_weights(cw, "class_weight", call.validate)
+        cw = cw.astype(cdt)
+    sw = call.sample_weight
+    if sw is not None:
+        sw = np.asarray(sw)
+        _check_weights(sw, "sample_weight", call.validate)
+        SW = np.broadcast_to(sw, sample_shape)
+    else:
+        SW = None
+
+    if call.labels:
+        denom = _label_prepass(call, T, K, cw, SW)
+    elif sw is not None:
+        denom = _weight_total(sw, sample_shape, "sample_weight", False)
+    else:
+        denom = float(N)
+    gscale = _grad_scale(call, denom)
+
+    grad = np.empty(p.shape, p.dtype) if call.want_grad else None
+    G = None if grad is None else np.moveaxis(grad, call.axis, -1)
+    per_sample = (
+        np.empty(sample_shape, p.dtype) if call.want_value and call.reduction == "none" else None
+    )
+    want_sum = call.want_value and call.reduction != "none"
+    consts = _Consts(call, cdt, gscale, want_sum)
+    consts.K = K
+    consts.cw = cw
+    consts.cw_sum = float(K) if cw is None else float(np.sum(cw, dtype=_F64))
+    consts.ignore_index = call.ignore_index
+    kernel = _CATEGORICAL[(call.loss, call.labels)]
+    index = blocks(P.shape, BLOCK, whole_last_axis=True)
+
+    if N == 0:
+        results = []
+    else:
+
+        def work(i, scratch):
+            ix = index[i]
+            pb = scratch.load("p", P[ix], cdt)
+            rows = pb.shape[:-1]
+            R = math.prod(rows)
+            pb = pb.reshape(R, K)
+            tb = T[ix]
+            tb = tb.reshape(R) if call.labels else scratch.load("t", tb, cdt).reshape(R, K)
+            swb = None if SW is None else scratch.load("sw", SW[ix], cdt).reshape(R)
+            gb = None
+            if G is not None:
+                direct = G[ix].dtype == cdt and G[ix].flags.c_contiguous
+                gb = G[ix].reshape(R, K) if direct else scratch.get("g", (R, K), cdt)
+            lb = None
+            if want_sum or per_sample is not None:
+                lb = scratch.get("l", (R,), cdt)
+            result = kernel(pb, tb, swb, gb, lb, scratch, consts)
+            if G is not None and not direct:
+                np.copyto(G[ix], gb.reshape(G[ix].shape), casting="unsafe")
+            if per_sample is not None:
+                np.copyto(per_sample[ix], lb.reshape(rows))
+            return result
+
+        results = run_blocks(len(index), work)
+
+    if call.validate and results:
+        if call.loss == "cce":
+            _check_unit_interval("pred", "probabilities", [r[1] for r in results])
+        if not call.labels:
+            _check_unit_interval("target", "probabilities", [r[2] for r in results])
+    total = math.fsum(r[0] for r in results) if want_sum else 0.0
+    return _finish(call, total, denom, grad, per_sample)
+
+
+def _label_prepass(call, labels, K, cw, SW) -> float:
+    """Check the class indices and return the mean's denominator Σ_i sw_i cw[y_i]."""
+    counted = np.ones(labels.shape, bool)
+    if call.ignore_index is not None:
+        counted = labels != call.ignore_index
+    if call.validate and labels.size:
+        bad = ((labels < 0) | (labels >= K)) & counted
+        if bad.any():
+            kept = labels[counted]
+            _api.raise_bad_labels(int(kept.min()), int(kept.max()), K, call.ignore_index)
+    if call.reduction != "mean":
+        return 0.0
+    w = counted.astype(_F64)
+    if cw is not None:
+        w *= cw[np.clip(labels, 0, max(K - 1, 0))] if K else 0
+    if SW is not None:
+        w *= SW
+    return float(np.sum(w, dtype=_F64))
+
+
+def _row_weights(labels, swb, k):
+    """Per-row label, class weight of that label, and sample weight with ignored rows at 0
+    and invalid labels (possible with validate=False) at NaN."""
+    K = k.K
+    valid = (labels >= 0) & (labels < K)
+    safe = np.where(valid, labels, 0)
+    w = np.ones(labels.shape, k.cdt) if swb is None else swb.copy()
+    if k.ignore_index is not None:
+        w[labels == k.ignore_index] = 0
+        valid |= labels == k.ignore_index
+    w[~valid] = np.nan  # a bad label gives NaN, never an out-of-bounds read
+    cwy = None if k.cw is None else k.cw[safe]
+    return safe, cwy, w
+
+
+def _cce_logits_block(Z, labels, swb, G, L, s, k):
+    # log p = z - logsumexp(z);  l = (1 - ls) cw[y] (-log p_y) + ls/K Σ_k cw_k (-log p_k)
+    # g_k = sw/D [ (1 - ls) cw[y] (softmax_k - [k = y]) + ls/K (softmax_k Σ cw - cw_k) ]
+    R, K = Z.shape
+    safe, cwy, w = _row_weights(labels, swb, k)
+    rows = np.arange(R)
+    m = np.maximum.reduce(Z, axis=1)
+    S = s.get("S", (R, K), k.cdt)
+    np.subtract(Z, m[:, None], out=S)  # max-shifted: exp never overflows
+    E = G if G is not None else s.get("E", (R, K), k.cdt)
+    np.exp(S, out=E)
+    se = np.add.reduce(E, axis=1)
+    lse = np.log(se)
+    ls = k.smooth
+    c_true = (1 - ls) * (1 if cwy is None else cwy)
+    total = 0.0
+    if L is not None:
+        np.subtract(lse, S[rows, safe], out=L)  # -log p_y
+        np.multiply(L, c_true, out=L)
+        if ls:
+            dot = S.sum(axis=1) if k.cw is None else S @ k.cw
+            L += (ls / K) * (k.cw_sum * lse - dot)
+        np.multiply(L, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        gw = w * k.gscale
+        np.multiply(E, ((c_true + ls / K * k.cw_sum) * gw / se)[:, None], out=E)
+        G[rows, safe] -= c_true * gw
+        if ls:
+            cw = 1 if k.cw is None else k.cw
+            G -= (gw * (ls / K))[:, None] * cw
+    return (total,)
+
+
+def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
+    # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
+    # g_k = sw/D (softmax_k Σ_j c_j - c_k)
+    R, K = Z.shape
+    trange = _min_max(T) if k.validate else (0, 0)
+    w = np.ones(R, k.cdt) if swb is None else swb
+    m = np.maximum.reduce(Z, axis=1)
+    S = s.get("S", (R, K), k.cdt)
+    np.subtract(Z, m[:, None], out=S)
+    E = G if G is not None else s.get("E", (R, K), k.cdt)
+    np.exp(S, out=E)
+    se = np.add.reduce(E, axis=1)
+    lse = np.log(se)
+    C = T
+    if k.smooth or k.cw is not None:
+        C = s.get("C", (R, K), k.cdt)
+        np.multiply(T, k.cdt(1 - k.smooth), out=C)
+        np.add(C, k.cdt(k.smooth / K), out=C)
+        if k.cw is not None:
+            np.multiply(C, k.cw, out=C)
+    csum = np.add.reduce(C, axis=1)
+    total = 0.0
+    if L is not None:
+        np.multiply(lse, csum, out=L)
+        L -= np.einsum("ij,ij->i", C, S)
+        np.multiply(L, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        gw = w * k.gscale
+        np.multiply(E, (csum * gw / se)[:, None], out=E)
+        E -= C * gw[:, None]
+    return (total, (0, 0), trange)
+
+
+def _cce_block(P, labels, swb, G, L, s, k):
+    # p' = clip(p, eps, 1 - eps);  l = -cw[y] log p'_y ;  g = -sw cw[y] / (p'_y D) at k = y, else 0
+    R, K = P.shape
+    prange = _min_max(P) if k.validate else (0, 0)
+    safe, cwy, w = _row_weights(labels, swb, k)
+    rows = np.arange(R)
+    py = np.clip(P[rows, safe], k.lo, k.hi)
+    c = w if cwy is None else w * cwy
+    total = 0.0
+    if L is not None:
+        np.log(py, out=L)
+        np.negative(L, out=L)
+        np.multiply(L, c, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        G.fill(0)
+        G[rows, safe] = -(c * k.gscale) / py
+    return (total, prange, (0, 0))
+
+
+def _cce_probs_block(P, T, swb, G, L, s, k):
+    # p' = clip(p, eps, 1 - eps);  l = -Σ_k cw_k t_k log p'_k ;  g_k = -sw cw_k t_k / (p'_k D)
+    R, K = P.shape
+    prange = _min_max(P) if k.validate else (0, 0)
+    trange = _min_max(T) if k.validate else (0, 0)
+    w = np.ones(R, k.cdt) if swb is None else swb
+    pc = s.get("pc", (R, K), k.cdt)
+    np.clip(P, k.lo, k.hi, out=pc)
+    C = T
+    if k.cw is not None:
+        C = s.get("C", (R, K), k.cdt)
+        np.multiply(T, k.cw, out=C)
+    total = 0.0
+    if L is not None:
+        lp = s.get("lp", (R, K), k.cdt)
+        np.log(pc, out=lp)
+        np.negative(np.einsum("ij,ij->i", C, lp), out=L)
+        np.multiply(L, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        np.divide(C, pc, out=G)
+        np.multiply(G, (-k.gscale * w)[:, None], out=G)
+    return (total, prange, trange)
+
+
+_CATEGORICAL = {
+    ("cce_with_logits", True): _cce_logits_block,
+    ("cce_with_logits", False): _cce_logits_probs_block,
+    ("cce", True): _cce_block,
+    ("cce", False): _cce_probs_block,
+}
