@@ -78,7 +78,7 @@ def dtype_kind(xp, dtype) -> str:
 
 
 def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    return str(dtype).rsplit(".", 1)[-1]  # torch.float32, array_api_strict.float32 -> float32
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -605,6 +605,8 @@ def _cce_block(P, labels, swb, G, L, s, k):
     R, K = P.shape
     prange = _min_max(P) if k.validate else (0, 0)
     safe, cwy, w = _row_weights(labels, swb, k)
+    if math.isnan(prange[0]):  # NaN anywhere in a row propagates, even off the label's column
+        w[np.isnan(P).any(axis=1)] = np.nan
     rows = np.arange(R)
     py = np.clip(P[rows, safe], k.lo, k.hi)
     c = w if cwy is None else w * cwy

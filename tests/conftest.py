@@ -1,0 +1,112 @@
+"""Shared fixtures: the array namespaces present here, and input generators."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+
+def require(module: str):
+    """Import a peer library for comparison tests.
+
+    In CI (CI=true) the peers are installed by .ci/run, so a missing one is a failure,
+    never a silent skip; elsewhere the tests that need it are skipped.
+    """
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def _gpu_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+GPU = _gpu_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU:
+        return
+    if os.environ.get("GPULOSS_REQUIRE_GPU") == "1":
+        msg = "GPULOSS_REQUIRE_GPU=1 but no CUDA GPU is usable (CuPy missing or no device)."
+        raise pytest.UsageError(msg)
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _namespaces():
+    names = ["numpy", "array_api_strict"]
+    try:
+        importlib.import_module("torch")
+        names.append("torch")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.fixture(params=_namespaces())
+def xp(request):
+    """An array namespace present on this machine (numpy, array_api_strict, torch)."""
+    name = request.param
+    if name == "numpy":
+        return np
+    if name == "torch":
+        import array_api_compat.torch as xp_torch
+
+        return xp_torch
+    return importlib.import_module(name)
+
+
+def to_xp(xp, x):
+    """A NumPy array (or None) as an array of namespace xp."""
+    if x is None or xp is np:
+        return x
+    if xp.__name__.startswith("array_api_compat.torch"):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return xp.asarray(np.ascontiguousarray(x))
+
+
+def to_numpy(x):
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    return np.from_dlpack(x)
+
+
+def make_inputs(loss, rng, shape, dtype=np.float64, labels=True, axis=-1):
+    """Valid (pred, target) for `loss`: probabilities away from the clipping bounds, logits
+    of moderate size, soft or integer targets."""
+    if loss == "mse":
+        return rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape)
+    if loss == "bce":
+        return rng.uniform(0.02, 0.98, shape).astype(dtype), rng.uniform(0, 1, shape)
+    if loss == "bce_with_logits":
+        return (3 * rng.standard_normal(shape)).astype(dtype), rng.uniform(0, 1, shape)
+    K = shape[axis]
+    sample_shape = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    z = 2 * rng.standard_normal(shape)
+    if labels:
+        target = rng.integers(0, K, sample_shape)
+    else:
+        t = rng.uniform(0, 1, shape)
+        target = t / t.sum(axis=axis, keepdims=True)
+    if loss == "cce":
+        e = np.exp(z - z.max(axis=axis, keepdims=True))
+        p = e / e.sum(axis=axis, keepdims=True)
+        return np.clip(p, 0.01, 0.99).astype(dtype), target
+    return z.astype(dtype), target
