@@ -1,0 +1,94 @@
+"""The public surface: names, signatures, docstrings and their examples, dispatch."""
+
+from __future__ import annotations
+
+import doctest
+import inspect
+import pickle
+
+import numpy as np
+import pytest
+
+import gpuloss as gl
+from gpuloss import _losses
+
+PUBLIC = ("LOSSES", "__version__", "bce", "bce_with_logits", "cce", "cce_with_logits", "mse",
+          "preferred_namespace")
+
+
+def test_all_is_sorted_and_lists_every_public_name():
+    assert gl.__all__ == sorted(gl.__all__)
+    public = {n for n in vars(gl) if not n.startswith("_")} - {
+        # submodules are implementation detail
+        n for n, v in vars(gl).items() if inspect.ismodule(v)
+    }
+    assert set(gl.__all__) == public | {"__version__"}
+    assert set(gl.__all__) == set(PUBLIC)
+
+
+def test_losses_maps_names_to_the_objects():
+    assert list(gl.LOSSES) == ["mse", "bce", "bce_with_logits", "cce", "cce_with_logits"]
+    for name, fn in gl.LOSSES.items():
+        assert getattr(gl, name) is fn and fn.name == name
+
+
+@pytest.mark.parametrize("name", list(gl.LOSSES))
+def test_entry_points_share_one_signature_with_keyword_only_options(name):
+    fn = gl.LOSSES[name]
+    sig = inspect.signature(fn)
+    assert list(sig.parameters)[:2] == ["pred", "target"]
+    assert all(
+        p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(sig.parameters.values())[2:]
+    )
+    assert inspect.signature(fn.grad) == sig == inspect.signature(fn.value_and_grad)
+    with pytest.raises(TypeError):
+        fn(np.zeros(3), np.zeros(3), "sum")  # options are keyword-only
+
+
+@pytest.mark.parametrize("name", list(gl.LOSSES))
+def test_docstrings_carry_the_math_and_the_gradient_scale(name):
+    doc = gl.LOSSES[name].__doc__
+    for section in ("Parameters", "Returns", "Examples", ".. math::", "reduction", "1/n"):
+        assert section in doc, section
+    assert gl.LOSSES[name].grad.__doc__ and gl.LOSSES[name].value_and_grad.__doc__
+
+
+def _doctests():
+    finder = doctest.DocTestFinder()
+    tests = finder.find(gl, "gpuloss")
+    for fn in gl.LOSSES.values():
+        tests += finder.find(fn.__doc__, f"gpuloss.{fn.name}", globs={})
+    return [t for t in tests if t.examples]
+
+
+@pytest.mark.parametrize("test", _doctests(), ids=lambda t: t.name)
+def test_docstring_examples_run(test):
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} failing example(s) in {test.name}"
+
+
+def test_every_loss_has_doctest_examples():
+    names = {t.name for t in _doctests()}
+    assert {f"gpuloss.{n}" for n in gl.LOSSES} <= names
+
+
+def test_loss_objects_pickle_by_name():
+    for fn in gl.LOSSES.values():
+        assert pickle.loads(pickle.dumps(fn)) is fn
+
+
+def test_preferred_namespace_without_a_gpu_is_numpy():
+    from conftest import GPU
+
+    xp = gl.preferred_namespace()
+    if GPU:
+        import cupy
+
+        assert xp is cupy
+    else:
+        assert xp is np
+
+
+def test_losses_module_is_the_one_place_for_definitions():
+    assert set(_losses.LOSSES) == set(gl.LOSSES)
