@@ -83,9 +83,14 @@ def backend_for(pred) -> ModuleType:
     """
     if isinstance(pred, np.ndarray):
         return importlib.import_module("gpuloss._numpy_backend")
-    if array_api_compat.is_cupy_array(pred):
+    if array_api_compat.is_cupy_array(pred) and _CUDA_BACKEND_READY:
         return importlib.import_module("gpuloss._cuda_backend")
     return importlib.import_module("gpuloss._generic_backend")
+
+
+# The fused CUDA backend is being built (kernels/ and its CPU-side checks first); until it is
+# switched on here, CuPy arrays take the generic array-API implementation, on the GPU.
+_CUDA_BACKEND_READY = False
 
 
 @functools.cache

@@ -1,0 +1,216 @@
+// gpuloss: the per-element math of every loss and gradient, for the device and the host.
+//
+// This header is the single source of truth for the CUDA kernels (gpuloss_kernels.cu) and is
+// also compiled with g++ by the test suite and checked against float64 references, so a
+// changed operator or constant here fails the CPU tests. The formulas are the ones documented
+// in gpuloss/_losses.py. T is float (for float16/float32 data) or double.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define GL_FN __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#define GL_FN inline
+#endif
+
+// ---- the math library, picked by type (no reliance on C++ overloads under NVRTC) ----------
+GL_FN float gl_exp(float x) { return expf(x); }
+GL_FN double gl_exp(double x) { return exp(x); }
+GL_FN float gl_log(float x) { return logf(x); }
+GL_FN double gl_log(double x) { return log(x); }
+GL_FN float gl_log1p(float x) { return log1pf(x); }
+GL_FN double gl_log1p(double x) { return log1p(x); }
+GL_FN float gl_abs(float x) { return fabsf(x); }
+GL_FN double gl_abs(double x) { return fabs(x); }
+
+// clip to [lo, hi]; NaN passes through (both comparisons are false)
+template <typename T>
+GL_FN T gl_clip(T x, T lo, T hi) {
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// true when x lies in [0, 1]; NaN counts as inside, so it propagates instead of raising
+template <typename T>
+GL_FN bool gl_outside_unit(T x) {
+    return x < T(0) || x > T(1);
+}
+
+// ---- mse: l = (p - y)^2, dl/dp = 2 (p - y) ---------------------------------------------------
+template <typename T>
+GL_FN T gl_mse(T p, T y, T* dl_dp) {
+    T d = p - y;
+    *dl_dp = T(2) * d;
+    return d * d;
+}
+
+// ---- bce on probabilities, evaluated at p' = clip(p, lo, hi) ---------------------------------
+// l = -[y log p' + (1 - y) log(1 - p')],  dl/dp = (p' - y) / (p' (1 - p'))
+template <typename T>
+GL_FN T gl_bce(T p, T y, T lo, T hi, T* dl_dp) {
+    T pc = gl_clip(p, lo, hi);
+    *dl_dp = (pc - y) / (pc * (T(1) - pc));
+    return -(y * gl_log(pc) + (T(1) - y) * gl_log1p(-pc));  // log1p keeps small p' exact
+}
+
+// ---- bce on logits with positive weight c ----------------------------------------------------
+// l = (1 - y) softplus(z) + c y softplus(-z),  dl/dz = (1 - y) sigmoid(z) - c y sigmoid(-z)
+// softplus(+-z) = max(+-z, 0) + log1p(exp(-|z|)): exp never overflows, both terms are >= 0
+// so nothing cancels, and sigmoid(+-z) come from the same exp(-|z|).
+template <typename T>
+GL_FN T gl_bce_logits(T z, T y, T c, T* dl_dz) {
+    T e = gl_exp(-gl_abs(z));
+    T tail = gl_log1p(e);
+    T pos = z > T(0) ? z : T(0);
+    T r = T(1) / (T(1) + e);
+    bool nonneg = z >= T(0);
+    T sig = nonneg ? r : e * r;      // sigmoid(z)
+    T sig_neg = nonneg ? e * r : r;  // sigmoid(-z)
+    *dl_dz = (T(1) - y) * sig - c * y * sig_neg;
+    return (T(1) - y) * (pos + tail) + c * y * ((pos - z) + tail);
+}
+
+// label smoothing for bce: y' = y (1 - s) + s / 2
+template <typename T>
+GL_FN T gl_smooth_binary(T y, T s) {
+    return y * (T(1) - s) + s * T(0.5);
+}
+
+// ---- softmax cross-entropy on logits --------------------------------------------------------
+// A row's log-sum-exp is kept as (m, s): the running maximum and sum of exp(z - m).
+template <typename T>
+struct GlLse {
+    T m;
+    T s;
+};
+
+template <typename T>
+GL_FN GlLse<T> gl_lse_empty() {
+    GlLse<T> a;
+    a.m = -INFINITY;
+    a.s = T(0);
+    return a;
+}
+
+template <typename T>
+GL_FN GlLse<T> gl_lse_push(GlLse<T> a, T z) {
+    if (z > a.m) {  // new maximum: rescale what was summed so far
+        a.s = a.s * gl_exp(a.m - z) + T(1);
+        a.m = z;
+    } else if (!(z == -INFINITY && a.m == -INFINITY)) {  // NaN falls here and propagates
+        a.s = a.s + gl_exp(z - a.m);
+    }
+    return a;
+}
+
+template <typename T>
+GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
+    if (b.m > a.m) {
+        GlLse<T> t = a;
+        a = b;
+        b = t;
+    }
+    if (b.m == -INFINITY) return a;
+    a.s = a.s + b.s * gl_exp(b.m - a.m);
+    return a;
+}
+
+// log-sum-exp of the row
+template <typename T>
+GL_FN T gl_lse_value(GlLse<T> a) {
+    return a.m + gl_log(a.s);
+}
+
+// one class's share of the loss: c_k (-log p_k) = c_k (lse - z_k)
+template <typename T>
+GL_FN T gl_xent_term(T z, T lse, T c) {
+    return c == T(0) ? T(0) : c * (lse - z);
+}
+
+// the gradient d/dz_k of sum_j c_j (-log p_j): softmax_k * sum_j c_j - c_k
+template <typename T>
+GL_FN T gl_xent_grad(T z, T lse, T c_sum, T c) {
+    return gl_exp(z - lse) * c_sum - c;
+}
+
+// coefficient of class k for integer labels, PyTorch's label smoothing with class weights:
+// c_k = (1 - s) cw[y] [k == y] + s / K cw_k
+template <typename T>
+GL_FN T gl_label_coef(bool is_label, T cw_label, T cw_k, T s, T inv_k) {
+    return (is_label ? (T(1) - s) * cw_label : T(0)) + s * inv_k * cw_k;
+}
+
+// ---- cce on probabilities, evaluated at p' = clip(p, lo, hi) ---------------------------------
+// c_k (-log p'_k) and its derivative -c_k / p'_k
+template <typename T>
+GL_FN T gl_cce_term(T p, T c, T lo, T hi, T* dl_dp) {
+    T pc = gl_clip(p, lo, hi);
+    *dl_dp = -c / pc;
+    return c == T(0) ? T(0) : -c * gl_log(pc);
+}
+
+// ---- float16 storage, computed in float (IEEE binary16, round to nearest even) --------------
+GL_FN float gl_half_to_float(unsigned short h) {
+#if defined(__CUDA_ARCH__)
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    unsigned int sign = (unsigned int)(h & 0x8000u) << 16;
+    unsigned int exponent = (h >> 10) & 0x1fu;
+    unsigned int mantissa = h & 0x3ffu;
+    unsigned int bits;
+    if (exponent == 0x1fu) {  // inf, NaN
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {  // normal
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {  // zero
+        bits = sign;
+    } else {  // subnormal: normalise
+        exponent = 113u;
+        while ((mantissa & 0x400u) == 0) {
+            mantissa <<= 1;
+            exponent -= 1;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+GL_FN unsigned short gl_float_to_half(float f) {
+#if defined(__CUDA_ARCH__)
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    unsigned int bits;
+    memcpy(&bits, &f, sizeof bits);
+    unsigned int sign = (bits >> 16) & 0x8000u;
+    unsigned int abs_bits = bits & 0x7fffffffu;
+    if (abs_bits >= 0x7f800000u) {  // inf, NaN (keep NaN a NaN)
+        return (unsigned short)(sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x200u : 0u));
+    }
+    if (abs_bits >= 0x477ff000u) {  // rounds to >= 65520: overflow to inf
+        return (unsigned short)(sign | 0x7c00u);
+    }
+    if (abs_bits < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+        if (abs_bits < 0x33000000u) return (unsigned short)sign;  // < 2^-25 rounds to 0
+        unsigned int e = abs_bits >> 23;
+        unsigned int m = (abs_bits & 0x7fffffu) | 0x800000u;
+        unsigned int shift = 126u - e;  // half subnormal = m * 2^(e - 126) in units of 2^-24
+        unsigned int half_m = m >> shift;
+        unsigned int rest = m & ((1u << shift) - 1u);
+        unsigned int halfway = 1u << (shift - 1u);
+        if (rest > halfway || (rest == halfway && (half_m & 1u))) half_m += 1u;
+        return (unsigned short)(sign | half_m);
+    }
+    unsigned int h = ((abs_bits - 0x38000000u) >> 13);  // rebias exponent 127 -> 15
+    unsigned int rest = abs_bits & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h += 1u;
+    return (unsigned short)(sign | h);
+#endif
+}
