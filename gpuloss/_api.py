@@ -366,8 +366,7 @@ class Loss:
         call = prepare(
             self.name, pred, target, options, want_value=want_value, want_grad=want_grad
         )
-        backend = _dispatch.backend_for(call.pred)
-        return backend.compute(call)
+        return _dispatch.backend_for(call.pred)(call)
 
 
 _DEFAULTS = {

@@ -75,22 +75,31 @@ def array_namespace(pred, others: dict):
     return xp
 
 
-def backend_for(pred) -> ModuleType:
-    """The backend module that computes for `pred`'s library.
+def backend_for(pred):
+    """The function that computes a checked call for `pred`'s library.
 
-    This is the one seam where CuPy arrays route to the CUDA backend; everything that is not
-    NumPy or CuPy takes the generic array-API implementation.
+    This is the one seam where CuPy arrays, and other arrays that live on a CUDA device
+    (PyTorch, JAX: through DLPack, without a copy), route to the fused CUDA kernels; other
+    arrays take the generic array-API implementation.
     """
     if isinstance(pred, np.ndarray):
-        return importlib.import_module("gpuloss._numpy_backend")
-    if array_api_compat.is_cupy_array(pred) and _CUDA_BACKEND_READY:
-        return importlib.import_module("gpuloss._cuda_backend")
-    return importlib.import_module("gpuloss._generic_backend")
+        return importlib.import_module("gpuloss._numpy_backend").compute
+    if array_api_compat.is_cupy_array(pred):
+        return importlib.import_module("gpuloss._cuda_backend").compute
+    if _on_cuda(pred):
+        return importlib.import_module("gpuloss._cuda_backend").compute_foreign
+    return importlib.import_module("gpuloss._generic_backend").compute
 
 
-# The fused CUDA backend is being built (kernels/ and its CPU-side checks first); until it is
-# switched on here, CuPy arrays take the generic array-API implementation, on the GPU.
-_CUDA_BACKEND_READY = False
+_DLPACK_CUDA = 2  # kDLCUDA in the DLPack device enum
+
+
+def _on_cuda(x) -> bool:
+    try:
+        device_type, _ = x.__dlpack_device__()
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return device_type == _DLPACK_CUDA and _cupy_if_usable() is not None
 
 
 @functools.cache

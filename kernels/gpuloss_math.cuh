@@ -8,11 +8,14 @@
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define GL_FN __host__ __device__ __forceinline__
+#define GL_INF __int_as_float(0x7f800000)
+#define GL_NAN __int_as_float(0x7fc00000)
 #else
 #include <math.h>
-#include <stdint.h>
 #include <string.h>
 #define GL_FN inline
+#define GL_INF INFINITY
+#define GL_NAN NAN
 #endif
 
 // ---- the math library, picked by type (no reliance on C++ overloads under NVRTC) ----------
@@ -88,7 +91,7 @@ struct GlLse {
 template <typename T>
 GL_FN GlLse<T> gl_lse_empty() {
     GlLse<T> a;
-    a.m = -INFINITY;
+    a.m = -GL_INF;
     a.s = T(0);
     return a;
 }
@@ -98,7 +101,7 @@ GL_FN GlLse<T> gl_lse_push(GlLse<T> a, T z) {
     if (z > a.m) {  // new maximum: rescale what was summed so far
         a.s = a.s * gl_exp(a.m - z) + T(1);
         a.m = z;
-    } else if (!(z == -INFINITY && a.m == -INFINITY)) {  // NaN falls here and propagates
+    } else if (!(z == -GL_INF && a.m == -GL_INF)) {  // NaN falls here and propagates
         a.s = a.s + gl_exp(z - a.m);
     }
     return a;
@@ -111,7 +114,7 @@ GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
         a = b;
         b = t;
     }
-    if (b.m == -INFINITY) return a;
+    if (b.m == -GL_INF) return a;
     a.s = a.s + b.s * gl_exp(b.m - a.m);
     return a;
 }

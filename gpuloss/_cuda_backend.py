@@ -1,0 +1,379 @@
+"""CUDA backend: the fused kernels of kernels/gpuloss_kernels.cu, launched through CuPy.
+
+One `value_and_grad` of mse/bce/bce_with_logits is one pass over the data (the elementwise
+kernel writes the gradient and one float64 partial sum per block) plus one tiny launch that
+adds the partials in a fixed order. cce/cce_with_logits run one row kernel whose threads keep
+the row in registers (K up to 8192; larger rows are read twice), plus the same finishing
+launch. No float atomics, no host synchronisation except the one read of the error flag when
+validate=True. CuPy is imported only when a CuPy (or CUDA DLPack) array arrives; the source
+and the list of kernel instantiations are importable without it, for the CPU-side checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import _api
+
+OPTIONS = ("-std=c++17",)
+BLOCK_THREADS = 256
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+_NULL = np.uint64(0)  # a null pointer argument for an absent optional array
+
+# C types the kernels are instantiated for; other dtypes are cast first
+C_TYPE = {
+    _F16: "unsigned short",  # float16 travels as its bit pattern
+    _F32: "float",
+    _F64: "double",
+    np.dtype(np.int32): "int",
+    np.dtype(np.int64): "long long",
+    np.dtype(np.bool_): "unsigned char",
+    np.dtype(np.uint8): "unsigned char",
+}
+PRED_DTYPES = (_F16, _F32, _F64)
+TARGET_DTYPES = (_F16, _F32, _F64, np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_))
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+LOSS_CODE = {"mse": 0, "bce": 1, "bce_with_logits": 2}
+# (threads per row, values cached per thread): rows up to threads * cache are read once
+ROW_CONFIGS = ((32, 4), (32, 32), (256, 32), (256, 0))
+FLAG_PRED, FLAG_TARGET, FLAG_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
+
+
+def kernel_dir() -> Path:
+    """kernels/ inside the installed package (wheel) or beside it (source tree, editable)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels", here.parent / "kernels"):
+        if (candidate / "gpuloss_math.cuh").is_file():
+            return candidate
+    msg = f"gpuloss kernel sources not found next to {here}; the installation is incomplete."
+    raise FileNotFoundError(msg)
+
+
+@functools.cache
+def kernel_source() -> str:
+    """The one translation unit the kernels compile from: the math header, then the kernels."""
+    folder = kernel_dir()
+    header = (folder / "gpuloss_math.cuh").read_text()
+    kernels = (folder / "gpuloss_kernels.cu").read_text()
+    return kernels.replace('#include "gpuloss_math.cuh"', header.replace("#pragma once", ""))
+
+
+def compute_type(dtype) -> np.dtype:
+    return _F64 if np.dtype(dtype) == _F64 else _F32
+
+
+def elementwise_name(loss, pred_dtype, target_dtype) -> str:
+    tp, ty = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
+    tw = C_TYPE[compute_type(pred_dtype)]
+    return f"gpuloss_elementwise<{LOSS_CODE[loss]}, {tp}, {ty}, {tw}>"
+
+
+def finish_name(pred_dtype) -> str:
+    return f"gpuloss_finish<{C_TYPE[np.dtype(pred_dtype)]}>"
+
+
+def rows_name(loss, labels, config, pred_dtype, target_dtype) -> str:
+    threads, cache = config
+    tp, tt = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
+    tw = C_TYPE[compute_type(pred_dtype)]
+    logits = int(loss == "cce_with_logits")
+    return f"gpuloss_rows<{logits}, {int(labels)}, {threads}, {cache}, {tp}, {tt}, {tw}>"
+
+
+def all_kernel_names() -> list[str]:
+    """Every instantiation the backend can launch (the CPU tests compile each one)."""
+    names = []
+    for loss in LOSS_CODE:
+        for p in PRED_DTYPES:
+            for y in TARGET_DTYPES:
+                names.append(elementwise_name(loss, p, y))
+    names += [finish_name(p) for p in PRED_DTYPES]
+    for loss in ("cce", "cce_with_logits"):
+        for config in ROW_CONFIGS:
+            for p in PRED_DTYPES:
+                names += [rows_name(loss, True, config, p, t) for t in LABEL_DTYPES]
+                names.append(rows_name(loss, False, config, p, p))
+    return names
+
+
+def row_config(K: int) -> tuple[int, int]:
+    for threads, cache in ROW_CONFIGS:
+        if cache and K <= threads * cache:
+            return threads, cache
+    return ROW_CONFIGS[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# launching (needs CuPy and a GPU)
+
+
+@functools.cache
+def _kernel(name: str, device_id: int):
+    import cupy
+
+    module = cupy.RawModule(code=kernel_source(), options=OPTIONS, name_expressions=[name])
+    return module.get_function(name)
+
+
+@functools.cache
+def _grid_cap(device_id: int) -> int:
+    import cupy
+
+    sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return 8 * sms  # enough resident blocks to fill the card; fixed per device
+
+
+def _raw(x):
+    """The array the kernels read: float16 as its uint16 bits."""
+    return x.view(np.uint16) if x.dtype == _F16 else x
+
+
+def _broadcast_pattern(cp, w, shape, dtype):
+    """(weights, div, mod) with element i of `shape` using weights[(i // div) % mod].
+
+    Works without a copy when the weight's non-unit axes are one contiguous run of the data's
+    axes; other broadcasts are materialised once.
+    """
+    w = cp.asarray(w)
+    if w.dtype != dtype:
+        w = w.astype(dtype)
+    padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
+    axes = [i for i, s in enumerate(padded) if s != 1]
+    if not axes:
+        return cp.ascontiguousarray(w.reshape(1)), 1, 1
+    first, last = axes[0], axes[-1]
+    if all(padded[i] == shape[i] for i in range(first, last + 1)):
+        div = math.prod(shape[last + 1 :])
+        mod = math.prod(shape[first : last + 1])
+        return cp.ascontiguousarray(w).reshape(-1), div, mod
+    full = cp.ascontiguousarray(cp.broadcast_to(w, shape)).reshape(-1)
+    return full, 1, full.size
+
+
+def _blocks_for(count: int, per_block: int, device_id: int) -> int:
+    return max(1, min(-(-count // per_block), _grid_cap(device_id)))
+
+
+def compute(call: _api.Call):
+    import cupy as cp
+
+    with cp.cuda.Device(call.pred.device.id):
+        if call.loss.startswith("cce"):
+            return _categorical(cp, call)
+        return _elementwise(cp, call)
+
+
+def _outputs(cp, call, shape_none):
+    dtype = call.pred.dtype
+    grad = cp.empty(call.pred.shape, dtype) if call.want_grad else None
+    per = cp.empty(shape_none, dtype) if call.want_value and call.reduction == "none" else None
+    return grad, per
+
+
+def _finish(cp, call, partials, nblocks, denom, denom_dev, dev):
+    if not (call.want_value and call.reduction != "none"):
+        return None
+    out = cp.empty((), call.pred.dtype)
+    _kernel(finish_name(call.pred.dtype), dev)(
+        (1,),
+        (BLOCK_THREADS,),
+        (partials, np.int32(nblocks), np.int32(call.reduction == "mean"), np.float64(denom),
+         denom_dev, _raw(out)),
+    )
+    return out
+
+
+def _elementwise(cp, call):
+    dev = call.pred.device.id
+    shape = tuple(call.pred.shape)
+    n = math.prod(shape)
+    cdt = compute_type(call.pred.dtype)
+    p = cp.ascontiguousarray(call.pred)
+    y = call.target
+    if y.dtype not in TARGET_DTYPES:
+        y = y.astype(cdt)
+    y = cp.ascontiguousarray(y)
+    null = _NULL
+    w, w_div, w_mod = null, 1, 1
+    denom, denom_dev = float(n), null
+    if call.sample_weight is not None:
+        w, w_div, w_mod = _broadcast_pattern(cp, call.sample_weight, shape, cdt)
+        if call.reduction == "mean":
+            repeats = n // max(w.size, 1) if w.size else 0
+            denom_dev = cp.sum(w, dtype=np.float64)
+            denom = float(repeats)
+    pw, pw_div, pw_mod = null, 1, 1
+    if call.pos_weight is not None:
+        pw, pw_div, pw_mod = _broadcast_pattern(cp, call.pos_weight, shape, cdt)
+    grad, per = _outputs(cp, call, shape)
+    want_sum = call.want_value and call.reduction != "none"
+    nblocks = _blocks_for(n, BLOCK_THREADS, dev)
+    partials = cp.empty(nblocks, np.float64) if want_sum else null
+    flags = cp.zeros(1, np.int32) if call.validate else null
+    lo = hi = 0.0
+    if call.eps is not None:
+        lo, hi = call.eps, 1.0 - call.eps
+    if n:
+        _kernel(elementwise_name(call.loss, p.dtype, y.dtype), dev)(
+            (nblocks,),
+            (BLOCK_THREADS,),
+            (_raw(p), _raw(y), w, np.int64(w_div), np.int64(w_mod), pw, np.int64(pw_div),
+             np.int64(pw_mod), np.int64(n), np.int32(call.reduction == "mean"),
+             np.float64(denom), denom_dev, np.float64(lo), np.float64(hi),
+             np.float64(call.label_smoothing), np.int32(call.validate),
+             _raw(grad) if grad is not None else null, _raw(per) if per is not None else null,
+             partials, flags),
+        )
+    elif want_sum:
+        partials = cp.zeros(1, np.float64)
+    if call.validate and n:
+        _raise_flags(cp, call, int(flags.get()[0]))
+    value = _finish(cp, call, partials, nblocks if n else 1, denom, denom_dev, dev)
+    return (per if call.reduction == "none" else value), grad
+
+
+def _categorical(cp, call):
+    dev = call.pred.device.id
+    K = call.pred.shape[call.axis]
+    z = cp.moveaxis(call.pred, call.axis, -1)
+    sample_shape = tuple(z.shape[:-1])
+    rows = math.prod(sample_shape)
+    z = cp.ascontiguousarray(z)
+    cdt = compute_type(z.dtype)
+    null = _NULL
+    if call.labels:
+        t = call.target if call.target.dtype in LABEL_DTYPES else call.target.astype(np.int64)
+        t = cp.ascontiguousarray(t)
+    else:
+        t = cp.moveaxis(call.target, call.axis, -1)
+        t = cp.ascontiguousarray(t.astype(z.dtype) if t.dtype != z.dtype else t)
+    sw, sw_div, sw_mod = null, 1, 1
+    if call.sample_weight is not None:
+        sw, sw_div, sw_mod = _broadcast_pattern(cp, call.sample_weight, sample_shape, cdt)
+    cw = null
+    cw_sum_dev = null
+    if call.class_weight is not None:
+        cw = cp.ascontiguousarray(cp.asarray(call.class_weight).astype(cdt))
+        if call.labels and call.label_smoothing:
+            cw_sum_dev = cp.sum(cw, dtype=np.float64)
+    denom, denom_dev = float(rows), null
+    if call.reduction == "mean":
+        denom, denom_dev = _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows)
+    grad_full = cp.empty(z.shape, call.pred.dtype) if call.want_grad else None
+    per = (
+        cp.empty(sample_shape, call.pred.dtype)
+        if call.want_value and call.reduction == "none"
+        else None
+    )
+    want_sum = call.want_value and call.reduction != "none"
+    config = row_config(K)
+    per_block = BLOCK_THREADS // config[0]
+    nblocks = _blocks_for(rows, per_block, dev)
+    partials = cp.empty(nblocks, np.float64) if want_sum else null
+    flags = cp.zeros(1, np.int32) if call.validate else null
+    lo = hi = 0.0
+    if call.eps is not None:
+        lo, hi = call.eps, 1.0 - call.eps
+    has_ignore = call.ignore_index is not None
+    if rows:
+        _kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), dev)(
+            (nblocks,),
+            (BLOCK_THREADS,),
+            (_raw(z), _raw(t), np.int64(rows), np.int64(K), sw, np.int64(sw_div),
+             np.int64(sw_mod), cw, cw_sum_dev, np.int64(call.ignore_index if has_ignore else 0),
+             np.int32(has_ignore), np.float64(call.label_smoothing),
+             np.int32(call.reduction == "mean"), np.float64(denom), denom_dev, np.float64(lo),
+             np.float64(hi), np.int32(call.validate),
+             _raw(grad_full) if grad_full is not None else null,
+             _raw(per) if per is not None else null, partials, flags),
+        )
+    elif want_sum:
+        partials = cp.zeros(1, np.float64)
+    if call.validate and rows:
+        _raise_flags(cp, call, int(flags.get()[0]))
+    value = _finish(cp, call, partials, nblocks if rows else 1, denom, denom_dev, dev)
+    grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
+    return (per if call.reduction == "none" else value), grad
+
+
+def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):
+    """The mean's denominator, as (host factor, device scalar or null): never a host wait."""
+    if not call.labels:
+        if call.sample_weight is None:
+            return float(rows), _NULL
+        return float(rows // max(sw.size, 1)), cp.sum(sw, dtype=np.float64)
+    if call.sample_weight is None and call.class_weight is None and call.ignore_index is None:
+        return float(rows), _NULL
+    w = cp.ones(t.shape, np.float64)
+    if call.ignore_index is not None:
+        w = w * (t != call.ignore_index)
+    if call.class_weight is not None:
+        w = w * cw.astype(np.float64)[cp.clip(t, 0, max(K - 1, 0))]
+    if call.sample_weight is not None:
+        idx = (cp.arange(rows) // sw_div) % sw_mod
+        w = w * sw.astype(np.float64)[idx].reshape(t.shape)
+    return 1.0, cp.sum(w)
+
+
+def _raise_flags(cp, call, flags: int):
+    """Turn the kernel's error bits into the same errors as the CPU backends (the ranges
+    shown are computed only here, on the failure path)."""
+    if not flags:
+        return
+
+    def rng(x):
+        return float(cp.nanmin(x)), float(cp.nanmax(x))
+
+    if flags & FLAG_WEIGHT:
+        for name in ("sample_weight", "pos_weight", "class_weight"):
+            w = getattr(call, name)
+            if w is not None and (bool(cp.any(w < 0)) or bool(cp.any(cp.isnan(w)))):
+                lo = float(cp.min(w))
+                _api.raise_bad_weights(name, lo)
+    if flags & FLAG_LABEL:
+        t = call.target
+        counted = t if call.ignore_index is None else t[t != call.ignore_index]
+        K = call.pred.shape[call.axis]
+        _api.raise_bad_labels(int(counted.min()), int(counted.max()), K, call.ignore_index)
+    if flags & FLAG_PRED:
+        _api.raise_outside_unit_interval("pred", "probabilities", *rng(call.pred))
+    if flags & FLAG_TARGET:
+        what = "probabilities" if call.loss.startswith("cce") else "targets"
+        _api.raise_outside_unit_interval("target", what, *rng(call.target))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch, JAX and other CUDA arrays: through DLPack, no copy
+
+
+def compute_foreign(call: _api.Call):
+    """Run a call whose arrays live on a CUDA device but are not CuPy arrays: view them as
+    CuPy arrays through DLPack (no copy) and hand the results back in the caller's library."""
+    import array_api_compat
+    import cupy as cp
+
+    xp = array_api_compat.array_namespace(call.pred)
+
+    def to_cupy(x):
+        return None if x is None else cp.from_dlpack(x)
+
+    import dataclasses
+
+    inner = dataclasses.replace(
+        call,
+        pred=to_cupy(call.pred),
+        target=to_cupy(call.target),
+        sample_weight=to_cupy(call.sample_weight),
+        pos_weight=to_cupy(call.pos_weight),
+        class_weight=to_cupy(call.class_weight),
+    )
+    value, grad = compute(inner)
+
+    def back(x):
+        return None if x is None else xp.from_dlpack(x)
+
+    return back(value), back(grad)

@@ -1,0 +1,333 @@
+// gpuloss CUDA kernels. Built once per process by gpuloss/_cuda_backend.py as one
+// cupy.RawModule from gpuloss_math.cuh followed by this file (the #include below is replaced
+// by the header's text, so CuPy's kernel cache sees every change).
+//
+// Every kernel reads its inputs once and writes the gradient once. Loss sums are kept in
+// double, one partial per block written to `partials`, and added by gpuloss_finish in a fixed
+// order: no float atomics, bit-identical results run to run. Domain checks set bits in one
+// int flag with atomicOr (order-free), read by the host once when validate=True.
+#include "gpuloss_math.cuh"
+
+#define GL_FLAG_PRED 1     // a probability outside [0, 1]
+#define GL_FLAG_TARGET 2   // a target outside [0, 1]
+#define GL_FLAG_WEIGHT 4   // a negative or NaN weight
+#define GL_FLAG_LABEL 8    // a class index outside [0, K) that is not ignore_index
+
+template <typename T>
+struct GlCompute {
+    typedef float type;  // float16 and float32 data compute in float
+};
+template <>
+struct GlCompute<double> {
+    typedef double type;
+};
+
+// loads and stores; float16 travels as its 16-bit pattern (unsigned short)
+template <typename C, typename S>
+__device__ __forceinline__ C gl_read(const S* a, long long i) {
+    return (C)a[i];
+}
+template <>
+__device__ __forceinline__ float gl_read<float, unsigned short>(const unsigned short* a,
+                                                                long long i) {
+    return gl_half_to_float(a[i]);
+}
+template <>
+__device__ __forceinline__ double gl_read<double, unsigned short>(const unsigned short* a,
+                                                                  long long i) {
+    return (double)gl_half_to_float(a[i]);
+}
+template <typename S, typename C>
+__device__ __forceinline__ void gl_write(S* a, long long i, C v) {
+    a[i] = (S)v;
+}
+template <>
+__device__ __forceinline__ void gl_write<unsigned short, float>(unsigned short* a, long long i,
+                                                                float v) {
+    a[i] = gl_float_to_half(v);
+}
+
+// a weight broadcast to the data: element i uses weight[(i / div) % mod]
+template <typename C, typename W>
+__device__ __forceinline__ C gl_weight(const W* w, long long i, long long div, long long mod) {
+    return w == 0 ? C(1) : gl_read<C>(w, (i / div) % mod);
+}
+
+template <typename C>
+__device__ __forceinline__ int gl_bad_weight(C w) {
+    return (w < C(0) || w != w) ? GL_FLAG_WEIGHT : 0;
+}
+
+// Sum of `v` over the block, in a fixed order (warp shuffles, then the warps' sums in
+// shared memory); the result is valid in thread 0. blockDim.x is a multiple of 32, <= 1024.
+__device__ __forceinline__ double gl_block_sum(double v) {
+    __shared__ double warp_sums[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // warp_sums may still be read by a previous call
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    v = (threadIdx.x < warps) ? warp_sums[threadIdx.x] : 0.0;
+    if (warp == 0) {
+        for (int offset = 16; offset > 0; offset >>= 1)
+            v += __shfl_down_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// mse (LOSS 0), bce (LOSS 1), bce_with_logits (LOSS 2): one loss per element.
+//
+// grad[i] = w_i * dl/dp_i * gscale, per_elem[i] = w_i * l_i, partials[block] = sum of w_i l_i.
+// gscale is 1/D for the mean (0 when D == 0) and 1 otherwise; D = denom, times *denom_dev
+// when a weights' sum was computed on the device (so the host never waits for it).
+template <int LOSS, typename TP, typename TY, typename TW>
+__global__ void gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
+                                    const TW* __restrict__ weight, long long w_div,
+                                    long long w_mod, const TW* __restrict__ pos_weight,
+                                    long long pw_div, long long pw_mod, long long n,
+                                    int mean, double denom, const double* __restrict__ denom_dev,
+                                    double lo, double hi, double smoothing, int check,
+                                    TP* __restrict__ grad, TP* __restrict__ per_elem,
+                                    double* __restrict__ partials, int* __restrict__ flags) {
+    typedef typename GlCompute<TP>::type C;
+    double d = (denom_dev ? *denom_dev : 1.0) * denom;
+    C gscale = mean ? (d > 0.0 ? (C)(1.0 / d) : C(0)) : C(1);
+    C clo = (C)lo, chi = (C)hi, s = (C)smoothing;
+    double acc = 0.0;
+    int bad = 0;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        C p = gl_read<C>(pred, i);
+        C y = gl_read<C>(target, i);
+        C w = gl_weight<C>(weight, i, w_div, w_mod);
+        C dl, l;
+        if (check) bad |= gl_bad_weight(w);
+        if (LOSS == 0) {
+            l = gl_mse(p, y, &dl);
+        } else if (LOSS == 1) {
+            if (check) bad |= (gl_outside_unit(p) ? GL_FLAG_PRED : 0) |
+                              (gl_outside_unit(y) ? GL_FLAG_TARGET : 0);
+            l = gl_bce(p, y, clo, chi, &dl);
+        } else {
+            C c = gl_weight<C>(pos_weight, i, pw_div, pw_mod);
+            if (check) bad |= (gl_outside_unit(y) ? GL_FLAG_TARGET : 0) | gl_bad_weight(c);
+            if (s != C(0)) y = gl_smooth_binary(y, s);
+            l = gl_bce_logits(p, y, c, &dl);
+        }
+        if (grad) gl_write(grad, i, dl * w * gscale);
+        if (per_elem) gl_write(per_elem, i, l * w);
+        acc += (double)(l * w);
+    }
+    if (partials) {
+        acc = gl_block_sum(acc);
+        if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+    }
+    if (bad && flags) atomicOr(flags, bad);
+}
+
+// Adds the per-block partials in a fixed order and writes the reduced value:
+// sum, or sum / D for the mean (NaN when D == 0, as NumPy). One block.
+template <typename TP>
+__global__ void gpuloss_finish(const double* __restrict__ partials, int count, int mean,
+                               double denom, const double* __restrict__ denom_dev,
+                               TP* __restrict__ out) {
+    double v = 0.0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) v += partials[i];
+    v = gl_block_sum(v);
+    if (threadIdx.x == 0) {
+        double d = (denom_dev ? *denom_dev : 1.0) * denom;
+        gl_write(out, 0, (typename GlCompute<TP>::type)(mean ? v / d : v));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cce_with_logits (LOGITS 1) and cce (LOGITS 0) over rows of K classes, classes contiguous.
+//
+// ROW_THREADS threads (a warp, or a whole block) share one row; each keeps up to CACHE
+// values of the row in registers, so rows of K <= ROW_THREADS * CACHE are read once. With
+// CACHE == 0 the row is read twice (the second read mostly hits L2).
+//
+// Targets: labels (LABELS 1, class indices of type TL) or probabilities (LABELS 0, type TT).
+// Per sample i and class k the coefficient c_k is (see gpuloss_math.cuh):
+//   labels:        (1 - s) cw[y] [k == y] + s / K cw_k
+//   probabilities: cw_k (t_k (1 - s) + s / K)
+// loss_i = w_i sum_k c_k (-log p_k),   grad_ik = w_i / D * d/dz_k (...)
+
+template <int ROW_THREADS>
+__device__ __forceinline__ double gl_row_sum(double v, double* scratch) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (ROW_THREADS == 32) return v;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    double t = 0.0;
+    for (int j = 0; j < ROW_THREADS / 32; ++j) t += scratch[j];
+    return t;
+}
+
+template <int ROW_THREADS, typename C>
+__device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scratch_s) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        GlLse<C> b;
+        b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
+        b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
+        a = gl_lse_merge(a, b);
+    }
+    if (ROW_THREADS == 32) return a;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        scratch_m[warp] = a.m;
+        scratch_s[warp] = a.s;
+    }
+    __syncthreads();
+    GlLse<C> t = gl_lse_empty<C>();
+    for (int j = 0; j < ROW_THREADS / 32; ++j) {
+        GlLse<C> b;
+        b.m = scratch_m[j];
+        b.s = scratch_s[j];
+        t = gl_lse_merge(t, b);
+    }
+    return t;
+}
+
+// c_k of class k for one row (see above); checks probability targets when asked
+template <int LABELS, typename C, typename TT, typename TW>
+__device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long long k,
+                                         long long label, C cw_label, const TW* class_weight,
+                                         C s, C inv_k, int check, int* bad) {
+    C cwk = class_weight ? gl_read<C>(class_weight, k) : C(1);
+    if (LABELS) return gl_label_coef(k == label, cw_label, cwk, s, inv_k);
+    C t = gl_read<C>(target, base + k);
+    if (check && gl_outside_unit(t)) *bad |= GL_FLAG_TARGET;
+    return cwk * (t * (C(1) - s) + s * inv_k);
+}
+
+// class k's loss term and its gradient (before the sample's weight and the mean's 1/D)
+template <int LOGITS, typename C>
+__device__ __forceinline__ C gl_row_term(C z, C c, C lse, C c_sum, C lo, C hi, C* g) {
+    if (LOGITS) {
+        *g = gl_xent_grad(z, lse, c_sum, c);
+        return gl_xent_term(z, lse, c);
+    }
+    return gl_cce_term(z, c, lo, hi, g);
+}
+
+template <int LOGITS, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT,
+          typename TW>
+__global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target,
+                             long long rows, long long K, const TW* __restrict__ sample_weight,
+                             long long sw_div, long long sw_mod,
+                             const TW* __restrict__ class_weight,
+                             const double* __restrict__ cw_sum_dev,
+                             long long ignore_index, int has_ignore, double smoothing,
+                             int mean, double denom, const double* __restrict__ denom_dev,
+                             double lo, double hi, int check, TP* __restrict__ grad,
+                             TP* __restrict__ per_sample, double* __restrict__ partials,
+                             int* __restrict__ flags) {
+    typedef typename GlCompute<TP>::type C;
+    __shared__ double scratch_d[32];
+    __shared__ C scratch_m[32];
+    __shared__ C scratch_s[32];
+    const int rows_per_block = blockDim.x / ROW_THREADS;
+    const int lane = threadIdx.x % ROW_THREADS;
+    const int slot = threadIdx.x / ROW_THREADS;
+    double dd = (denom_dev ? *denom_dev : 1.0) * denom;
+    C gscale = mean ? (dd > 0.0 ? (C)(1.0 / dd) : C(0)) : C(1);
+    C s = (C)smoothing, inv_k = K > 0 ? C(1) / (C)K : C(0);
+    C clo = (C)lo, chi = (C)hi;
+    double acc = 0.0;
+    int bad = 0;
+    // every thread of a block runs the same number of iterations (block-wide barriers inside)
+    long long row_steps = (rows + (long long)gridDim.x * rows_per_block - 1) /
+                          ((long long)gridDim.x * rows_per_block);
+    for (long long step = 0; step < row_steps; ++step) {
+        long long row = (step * gridDim.x + blockIdx.x) * rows_per_block + slot;
+        bool live = row < rows;
+        long long base = (live ? row : 0) * K;
+        C w = live ? gl_weight<C>(sample_weight, row, sw_div, sw_mod) : C(0);
+        if (check && live) bad |= gl_bad_weight(w);
+        long long label = 0;
+        C cw_label = C(1);
+        if (LABELS && live) {
+            label = (long long)target[row];
+            bool ignored = has_ignore && label == ignore_index;
+            bool in_range = label >= 0 && label < K;
+            if (ignored) {
+                w = C(0);
+            } else if (!in_range) {
+                if (check) bad |= GL_FLAG_LABEL;
+                w = (C)GL_NAN;  // a bad label gives NaN, never an out-of-bounds read
+            }
+            if (in_range && class_weight) cw_label = gl_read<C>(class_weight, label);
+        }
+        // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets);
+        // the first CACHE values each thread reads stay in registers for pass 2
+        C zc[CACHE > 0 ? CACHE : 1];
+        C cc[CACHE > 0 ? CACHE : 1];
+        GlLse<C> part = gl_lse_empty<C>();
+        C c_sum = C(0);
+#pragma unroll
+        for (int j = 0; j < CACHE; ++j) {
+            long long k = lane + (long long)j * ROW_THREADS;
+            if (k < K) {
+                zc[j] = gl_read<C>(pred, base + k);
+                cc[j] = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
+                                               inv_k, check, &bad);
+                if (LOGITS) part = gl_lse_push(part, zc[j]);
+                if (!LOGITS && check && gl_outside_unit(zc[j])) bad |= GL_FLAG_PRED;
+                c_sum += cc[j];
+            }
+        }
+        for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
+            C z = gl_read<C>(pred, base + k);
+            C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
+                                         check, &bad);
+            if (LOGITS) part = gl_lse_push(part, z);
+            if (!LOGITS && check && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
+            c_sum += c;
+        }
+        C lse = C(0);
+        if (LOGITS) lse = gl_lse_value(gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s));
+        if (LABELS) {
+            C cw_sum = cw_sum_dev ? (C)*cw_sum_dev : (C)K;
+            c_sum = (C(1) - s) * cw_label + s * inv_k * cw_sum;
+        } else {
+            c_sum = (C)gl_row_sum<ROW_THREADS>((double)c_sum, scratch_d);
+        }
+        // pass 2: loss terms and gradient, from registers where cached
+        double row_loss = 0.0;
+        C gw = w * gscale;
+#pragma unroll
+        for (int j = 0; j < CACHE; ++j) {
+            long long k = lane + (long long)j * ROW_THREADS;
+            if (k < K) {
+                C g;
+                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, c_sum, clo, chi, &g);
+                if (grad && live) gl_write(grad, base + k, g * gw);
+            }
+        }
+        for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
+            C z = gl_read<C>(pred, base + k);
+            int ignored_bad = 0;
+            C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
+                                         0, &ignored_bad);
+            C g;
+            row_loss += (double)gl_row_term<LOGITS>(z, c, lse, c_sum, clo, chi, &g);
+            if (grad && live) gl_write(grad, base + k, g * gw);
+        }
+        row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * (double)w;
+        if (live && lane == 0) {
+            if (per_sample) gl_write(per_sample, row, (C)row_loss);
+            acc += row_loss;
+        }
+    }
+    if (partials) {
+        acc = gl_block_sum(acc);
+        if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+    }
+    if (bad && flags) atomicOr(flags, bad);
+}
