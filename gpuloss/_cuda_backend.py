@@ -108,11 +108,34 @@ def row_config(K: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# launching (needs CuPy and a GPU)
+# launching
+
+
+class CupyRuntime:
+    """What the backend needs from the device: an array module, compiled kernels, the grid
+    size cap, and a way to read a small array back. The test suite swaps in a CPU emulator
+    that runs the same kernels compiled with g++, with NumPy arrays standing in."""
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+
+    def device(self, x):
+        return self.xp.cuda.Device(x.device.id)
+
+    def kernel(self, name: str, x):
+        return _cupy_kernel(name, x.device.id)
+
+    def grid_cap(self, x) -> int:
+        return _grid_cap(x.device.id)
+
+    def to_host(self, x):
+        return x.get()
 
 
 @functools.cache
-def _kernel(name: str, device_id: int):
+def _cupy_kernel(name: str, device_id: int):
     import cupy
 
     module = cupy.RawModule(code=kernel_source(), options=OPTIONS, name_expressions=[name])
@@ -125,6 +148,11 @@ def _grid_cap(device_id: int) -> int:
 
     sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
     return 8 * sms  # enough resident blocks to fill the card; fixed per device
+
+
+@functools.cache
+def _default_runtime():
+    return CupyRuntime()
 
 
 def _raw(x):
@@ -154,17 +182,21 @@ def _broadcast_pattern(cp, w, shape, dtype):
     return full, 1, full.size
 
 
-def _blocks_for(count: int, per_block: int, device_id: int) -> int:
-    return max(1, min(-(-count // per_block), _grid_cap(device_id)))
+def _device_sum(cp, x):
+    """Σ x in float64 as a one-element device array, for a kernel to read (no host wait)."""
+    return cp.sum(x, dtype=np.float64, keepdims=True).reshape(1)
 
 
-def compute(call: _api.Call):
-    import cupy as cp
+def _blocks_for(rt, count: int, per_block: int, x) -> int:
+    return max(1, min(-(-count // per_block), rt.grid_cap(x)))
 
-    with cp.cuda.Device(call.pred.device.id):
+
+def compute(call: _api.Call, runtime=None):
+    rt = runtime or _default_runtime()
+    with rt.device(call.pred):
         if call.loss.startswith("cce"):
-            return _categorical(cp, call)
-        return _elementwise(cp, call)
+            return _categorical(rt, call)
+        return _elementwise(rt, call)
 
 
 def _outputs(cp, call, shape_none):
@@ -174,11 +206,11 @@ def _outputs(cp, call, shape_none):
     return grad, per
 
 
-def _finish(cp, call, partials, nblocks, denom, denom_dev, dev):
+def _finish(rt, call, partials, nblocks, denom, denom_dev):
     if not (call.want_value and call.reduction != "none"):
         return None
-    out = cp.empty((), call.pred.dtype)
-    _kernel(finish_name(call.pred.dtype), dev)(
+    out = rt.xp.empty((), call.pred.dtype)
+    rt.kernel(finish_name(call.pred.dtype), call.pred)(
         (1,),
         (BLOCK_THREADS,),
         (partials, np.int32(nblocks), np.int32(call.reduction == "mean"), np.float64(denom),
@@ -187,8 +219,8 @@ def _finish(cp, call, partials, nblocks, denom, denom_dev, dev):
     return out
 
 
-def _elementwise(cp, call):
-    dev = call.pred.device.id
+def _elementwise(rt, call):
+    cp = rt.xp
     shape = tuple(call.pred.shape)
     n = math.prod(shape)
     cdt = compute_type(call.pred.dtype)
@@ -204,21 +236,21 @@ def _elementwise(cp, call):
         w, w_div, w_mod = _broadcast_pattern(cp, call.sample_weight, shape, cdt)
         if call.reduction == "mean":
             repeats = n // max(w.size, 1) if w.size else 0
-            denom_dev = cp.sum(w, dtype=np.float64)
+            denom_dev = _device_sum(cp, w)
             denom = float(repeats)
     pw, pw_div, pw_mod = null, 1, 1
     if call.pos_weight is not None:
         pw, pw_div, pw_mod = _broadcast_pattern(cp, call.pos_weight, shape, cdt)
     grad, per = _outputs(cp, call, shape)
     want_sum = call.want_value and call.reduction != "none"
-    nblocks = _blocks_for(n, BLOCK_THREADS, dev)
+    nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
     partials = cp.empty(nblocks, np.float64) if want_sum else null
     flags = cp.zeros(1, np.int32) if call.validate else null
     lo = hi = 0.0
     if call.eps is not None:
         lo, hi = call.eps, 1.0 - call.eps
     if n:
-        _kernel(elementwise_name(call.loss, p.dtype, y.dtype), dev)(
+        rt.kernel(elementwise_name(call.loss, p.dtype, y.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(p), _raw(y), w, np.int64(w_div), np.int64(w_mod), pw, np.int64(pw_div),
@@ -231,13 +263,13 @@ def _elementwise(cp, call):
     elif want_sum:
         partials = cp.zeros(1, np.float64)
     if call.validate and n:
-        _raise_flags(cp, call, int(flags.get()[0]))
-    value = _finish(cp, call, partials, nblocks if n else 1, denom, denom_dev, dev)
+        _raise_flags(cp, call, int(rt.to_host(flags)[0]))
+    value = _finish(rt, call, partials, nblocks if n else 1, denom, denom_dev)
     return (per if call.reduction == "none" else value), grad
 
 
-def _categorical(cp, call):
-    dev = call.pred.device.id
+def _categorical(rt, call):
+    cp = rt.xp
     K = call.pred.shape[call.axis]
     z = cp.moveaxis(call.pred, call.axis, -1)
     sample_shape = tuple(z.shape[:-1])
@@ -259,7 +291,7 @@ def _categorical(cp, call):
     if call.class_weight is not None:
         cw = cp.ascontiguousarray(cp.asarray(call.class_weight).astype(cdt))
         if call.labels and call.label_smoothing:
-            cw_sum_dev = cp.sum(cw, dtype=np.float64)
+            cw_sum_dev = _device_sum(cp, cw)
     denom, denom_dev = float(rows), null
     if call.reduction == "mean":
         denom, denom_dev = _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows)
@@ -272,7 +304,7 @@ def _categorical(cp, call):
     want_sum = call.want_value and call.reduction != "none"
     config = row_config(K)
     per_block = BLOCK_THREADS // config[0]
-    nblocks = _blocks_for(rows, per_block, dev)
+    nblocks = _blocks_for(rt, rows, per_block, call.pred)
     partials = cp.empty(nblocks, np.float64) if want_sum else null
     flags = cp.zeros(1, np.int32) if call.validate else null
     lo = hi = 0.0
@@ -280,7 +312,7 @@ def _categorical(cp, call):
         lo, hi = call.eps, 1.0 - call.eps
     has_ignore = call.ignore_index is not None
     if rows:
-        _kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), dev)(
+        rt.kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(z), _raw(t), np.int64(rows), np.int64(K), sw, np.int64(sw_div),
@@ -294,8 +326,8 @@ def _categorical(cp, call):
     elif want_sum:
         partials = cp.zeros(1, np.float64)
     if call.validate and rows:
-        _raise_flags(cp, call, int(flags.get()[0]))
-    value = _finish(cp, call, partials, nblocks if rows else 1, denom, denom_dev, dev)
+        _raise_flags(cp, call, int(rt.to_host(flags)[0]))
+    value = _finish(rt, call, partials, nblocks if rows else 1, denom, denom_dev)
     grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
     return (per if call.reduction == "none" else value), grad
 
@@ -305,7 +337,7 @@ def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):
     if not call.labels:
         if call.sample_weight is None:
             return float(rows), _NULL
-        return float(rows // max(sw.size, 1)), cp.sum(sw, dtype=np.float64)
+        return float(rows // max(sw.size, 1)), _device_sum(cp, sw)
     if call.sample_weight is None and call.class_weight is None and call.ignore_index is None:
         return float(rows), _NULL
     w = cp.ones(t.shape, np.float64)
@@ -316,7 +348,7 @@ def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):
     if call.sample_weight is not None:
         idx = (cp.arange(rows) // sw_div) % sw_mod
         w = w * sw.astype(np.float64)[idx].reshape(t.shape)
-    return 1.0, cp.sum(w)
+    return 1.0, _device_sum(cp, w)
 
 
 def _raise_flags(cp, call, flags: int):

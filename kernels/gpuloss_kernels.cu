@@ -208,10 +208,11 @@ __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long 
 
 // class k's loss term and its gradient (before the sample's weight and the mean's 1/D)
 template <int LOGITS, typename C>
-__device__ __forceinline__ C gl_row_term(C z, C c, C lse, C c_sum, C lo, C hi, C* g) {
+__device__ __forceinline__ C gl_row_term(C z, C c, GlLse<C> lse, C log_s, C c_sum, C lo, C hi,
+                                         C* g) {
     if (LOGITS) {
-        *g = gl_xent_grad(z, lse, c_sum, c);
-        return gl_xent_term(z, lse, c);
+        *g = gl_xent_grad(z, lse.m, log_s, c_sum, c);
+        return gl_xent_term(z, lse.m, log_s, c);
     }
     return gl_cce_term(z, c, lo, hi, g);
 }
@@ -290,8 +291,12 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             if (!LOGITS && check && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
             c_sum += c;
         }
-        C lse = C(0);
-        if (LOGITS) lse = gl_lse_value(gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s));
+        GlLse<C> lse = part;
+        C log_s = C(0);
+        if (LOGITS) {
+            lse = gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s);
+            log_s = gl_lse_log_sum(lse);
+        }
         if (LABELS) {
             C cw_sum = cw_sum_dev ? (C)*cw_sum_dev : (C)K;
             c_sum = (C(1) - s) * cw_label + s * inv_k * cw_sum;
@@ -306,7 +311,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             long long k = lane + (long long)j * ROW_THREADS;
             if (k < K) {
                 C g;
-                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, c_sum, clo, chi, &g);
+                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, log_s, c_sum, clo, chi, &g);
                 if (grad && live) gl_write(grad, base + k, g * gw);
             }
         }
@@ -316,7 +321,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          0, &ignored_bad);
             C g;
-            row_loss += (double)gl_row_term<LOGITS>(z, c, lse, c_sum, clo, chi, &g);
+            row_loss += (double)gl_row_term<LOGITS>(z, c, lse, log_s, c_sum, clo, chi, &g);
             if (grad && live) gl_write(grad, base + k, g * gw);
         }
         row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * (double)w;

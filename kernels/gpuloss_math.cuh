@@ -119,22 +119,23 @@ GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
     return a;
 }
 
-// log-sum-exp of the row
+// log of the row's sum of exp(z - m); the loss keeps m apart so that, for rows of huge
+// logits, lse - z = (m - z) + log_s loses nothing to rounding
 template <typename T>
-GL_FN T gl_lse_value(GlLse<T> a) {
-    return a.m + gl_log(a.s);
+GL_FN T gl_lse_log_sum(GlLse<T> a) {
+    return gl_log(a.s);
 }
 
-// one class's share of the loss: c_k (-log p_k) = c_k (lse - z_k)
+// one class's share of the loss: c_k (-log p_k) = c_k ((m - z_k) + log_s)
 template <typename T>
-GL_FN T gl_xent_term(T z, T lse, T c) {
-    return c == T(0) ? T(0) : c * (lse - z);
+GL_FN T gl_xent_term(T z, T m, T log_s, T c) {
+    return c == T(0) ? T(0) : c * ((m - z) + log_s);
 }
 
 // the gradient d/dz_k of sum_j c_j (-log p_j): softmax_k * sum_j c_j - c_k
 template <typename T>
-GL_FN T gl_xent_grad(T z, T lse, T c_sum, T c) {
-    return gl_exp(z - lse) * c_sum - c;
+GL_FN T gl_xent_grad(T z, T m, T log_s, T c_sum, T c) {
+    return gl_exp((z - m) - log_s) * c_sum - c;
 }
 
 // coefficient of class k for integer labels, PyTorch's label smoothing with class weights:

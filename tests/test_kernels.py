@@ -1,0 +1,430 @@
+"""The CUDA code, checked on a machine without a GPU (DESIGN §9):
+
+- compile: every kernel instantiation compiles with NVRTC for sm_80 and sm_90;
+- execute: kernels/gpuloss_math.cuh, compiled with g++, against float64 references;
+- execute: every kernel of kernels/gpuloss_kernels.cu, compiled with g++ and run by the CPU
+  emulator through the backend's own launch code, against the NumPy backend.
+
+A changed operator or constant anywhere in kernels/ makes one of these fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import make_inputs, require
+from reference import ALL, CATEGORICAL, ELEMENTWISE
+from test_losses import REDUCTIONS, _cases, _options
+
+import gpuloss as gl
+from gpuloss import _api, _cuda_backend
+
+
+@pytest.fixture(scope="session")
+def host_lib(tmp_path_factory):
+    import kernel_host
+
+    return kernel_host.build(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture
+def runtime(host_lib):
+    import kernel_host
+
+    return kernel_host.EmulatorRuntime(host_lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVRTC
+
+
+def test_every_kernel_compiles_with_nvrtc_for_sm80_and_sm90():
+    nvrtc = require("cupy").cuda.nvrtc
+    source = _cuda_backend.kernel_source()
+    names = _cuda_backend.all_kernel_names()
+    assert len(names) == len(set(names)) > 100
+    results = {}
+
+    def compile_for(arch):
+        prog = nvrtc.createProgram(source, "gpuloss_kernels.cu", [], [])
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *_cuda_backend.OPTIONS])
+            lowered = [nvrtc.getLoweredName(prog, n) for n in names]
+            results[arch] = (len(nvrtc.getCUBIN(prog)), lowered, nvrtc.getProgramLog(prog))
+        except Exception as exc:  # the log says why
+            results[arch] = (0, [], f"{exc}\n{nvrtc.getProgramLog(prog)}")
+
+    threads = [threading.Thread(target=compile_for, args=(a,)) for a in ("sm_80", "sm_90")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for arch, (size, lowered, log) in results.items():
+        assert size > 0, f"{arch}: {log}"
+        assert len(lowered) == len(names) and all(lowered)
+        assert "warning" not in log.lower(), log
+
+
+# ---------------------------------------------------------------------------------------------
+# the math header, on the host
+
+
+def _fn(lib, name, dtype):
+    return getattr(lib, f"{name}_{'f32' if dtype == np.float32 else 'f64'}")
+
+
+def _p(a):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def _scalar(dtype, v):
+    return (ctypes.c_float if dtype == np.float32 else ctypes.c_double)(v)
+
+
+TOL = {np.float32: dict(rtol=3e-6, atol=1e-6), np.float64: dict(rtol=1e-14, atol=1e-15)}
+
+
+def _grid(dtype, kind):
+    big = float(np.finfo(dtype).max) / 4
+    if kind == "logits":
+        z = np.array([0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0, 17.0, -17.0, 40.0, -40.0,
+                      1e4, -1e4, big, -big])
+    else:
+        z = np.array([0.0, 1.0, 1e-12, 1 - 1e-7, 0.5, 0.25, 0.999, 0.001, 1e-3, 0.9])
+    y = np.array([0.0, 1.0, 0.3, 0.75])
+    zz, yy = np.meshgrid(z, y)
+    return zz.ravel().astype(dtype), yy.ravel().astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_mse(host_lib, dtype):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(200).astype(dtype)
+    y = rng.standard_normal(200).astype(dtype)
+    loss, grad = np.empty_like(p), np.empty_like(p)
+    _fn(host_lib, "gl_mse", dtype)(_p(p), _p(y), ctypes.c_longlong(p.size), _p(loss), _p(grad))
+    p64, y64 = p.astype(np.float64), y.astype(np.float64)
+    np.testing.assert_allclose(loss, (p64 - y64) ** 2, **TOL[dtype])
+    np.testing.assert_allclose(grad, 2 * (p64 - y64), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_bce(host_lib, dtype):
+    p, y = _grid(dtype, "probs")
+    eps = float(np.finfo(dtype).eps)
+    lo, hi = dtype(eps), dtype(1) - dtype(eps)
+    loss, grad = np.empty_like(p), np.empty_like(p)
+    _fn(host_lib, "gl_bce", dtype)(_p(p), _p(y), ctypes.c_longlong(p.size), _scalar(dtype, lo),
+                                   _scalar(dtype, hi), _p(loss), _p(grad))
+    pc = np.clip(p.astype(np.float64), float(lo), float(hi))
+    y64 = y.astype(np.float64)
+    want_l = -(y64 * np.log(pc) + (1 - y64) * np.log1p(-pc))
+    want_g = -y64 / pc + (1 - y64) / (1 - pc)
+    np.testing.assert_allclose(loss, want_l, rtol=TOL[dtype]["rtol"] * 10, atol=1e-7)
+    np.testing.assert_allclose(grad, want_g, rtol=TOL[dtype]["rtol"] * 10, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_weight", [1.0, 2.5, 0.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_bce_with_logits(host_lib, dtype, pos_weight):
+    z, y = _grid(dtype, "logits")
+    c = np.full_like(z, pos_weight)
+    loss, grad = np.empty_like(z), np.empty_like(z)
+    _fn(host_lib, "gl_bce_logits", dtype)(_p(z), _p(y), _p(c), ctypes.c_longlong(z.size),
+                                          _p(loss), _p(grad))
+    z64, y64 = z.astype(np.float64), y.astype(np.float64)
+    want_l = (1 - y64) * np.logaddexp(0, z64) + pos_weight * y64 * np.logaddexp(0, -z64)
+    sig, sig_neg = np.exp(-np.logaddexp(0, -z64)), np.exp(-np.logaddexp(0, z64))
+    want_g = (1 - y64) * sig - pos_weight * y64 * sig_neg
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(loss, want_l, **TOL[dtype])
+    np.testing.assert_allclose(grad, want_g, **TOL[dtype])
+    # no cancellation: tiny gradients far out in the tails keep their relative accuracy
+    tail = (np.abs(z64) > 10) & (np.abs(z64) < 50) & ((y64 == 0) | (y64 == 1))
+    tail &= want_g != 0
+    np.testing.assert_allclose(grad[tail], want_g[tail], rtol=TOL[dtype]["rtol"] * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_smoothing_and_unit_check(host_lib, dtype):
+    y = np.array([0.0, 1.0, 0.4], dtype)
+    out = np.empty_like(y)
+    _fn(host_lib, "gl_smooth_binary", dtype)(_p(y), ctypes.c_longlong(3), _scalar(dtype, 0.2),
+                                             _p(out))
+    np.testing.assert_allclose(out, y.astype(np.float64) * 0.8 + 0.1, **TOL[dtype])
+    x = np.array([-1e-30, 0.0, 0.5, 1.0, 1.0 + 1e-6, np.nan, np.inf, -np.inf], dtype)
+    flags = np.empty(x.size, np.int32)
+    _fn(host_lib, "gl_outside_unit", dtype)(_p(x), ctypes.c_longlong(x.size), _p(flags))
+    assert flags.tolist() == [1, 0, 0, 0, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_logsumexp_push_and_merge(host_lib, dtype):
+    rng = np.random.default_rng(1)
+    z = (5 * rng.standard_normal((20, 9))).astype(dtype)
+    z[3] = [1e30 if dtype == np.float64 else 1e30, 0, -1e30, 0, 0, 0, 0, 0, 0]
+    z[4] = -np.inf
+    z[4, 5] = 2.0
+    z[5] = -np.inf  # the whole row: log-sum-exp is -inf
+    z[6, 2] = np.nan
+    for split in (0, 4, 9):
+        out = np.empty(20, dtype)
+        _fn(host_lib, "gl_lse_rows", dtype)(_p(z), ctypes.c_longlong(20), ctypes.c_longlong(9),
+                                            ctypes.c_longlong(split), _p(out))
+        z64 = z.astype(np.float64)
+        with np.errstate(all="ignore"):
+            m = z64.max(1)
+            shift = np.where(np.isfinite(m), m, 0.0)
+            want = shift + np.log(np.exp(z64 - shift[:, None]).sum(1))
+        want[5] = -np.inf
+        ok = np.isfinite(want)
+        np.testing.assert_allclose(out[ok], want[ok], **TOL[dtype])
+        assert out[5] == -np.inf and np.isnan(out[6])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_cross_entropy_terms(host_lib, dtype):
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal(12).astype(dtype)
+    c = rng.uniform(0, 1, 12).astype(dtype)
+    c[3] = 0
+    z64, c64 = z.astype(np.float64), c.astype(np.float64)
+    m = float(z64.max())
+    log_s = float(np.log(np.exp(z64 - m).sum()))
+    lse = m + log_s
+    loss, grad = np.empty_like(z), np.empty_like(z)
+    _fn(host_lib, "gl_xent", dtype)(_p(z), _p(c), ctypes.c_longlong(12), _scalar(dtype, m),
+                                    _scalar(dtype, log_s), _scalar(dtype, c64.sum()), _p(loss),
+                                    _p(grad))
+    np.testing.assert_allclose(loss, c64 * (lse - z64), **TOL[dtype])
+    np.testing.assert_allclose(grad, np.exp(z64 - lse) * c64.sum() - c64, **TOL[dtype])
+    # label coefficients: (1 - s) cw[y] [k == y] + s / K cw_k
+    is_label = np.zeros(12, np.int32)
+    is_label[5] = 1
+    out = np.empty_like(z)
+    _fn(host_lib, "gl_label_coef", dtype)(_p(is_label), _p(c), ctypes.c_longlong(12),
+                                          _scalar(dtype, 1.7), _scalar(dtype, 0.1),
+                                          _scalar(dtype, 1 / 12), _p(out))
+    want = 0.1 / 12 * c64
+    want[5] += 0.9 * 1.7
+    np.testing.assert_allclose(out, want, **TOL[dtype])
+    # cce on probabilities, clipped
+    p = np.array([0.0, 1e-3, 0.5, 1.0, 0.2], dtype)
+    cc = np.array([1.0, 0.5, 2.0, 1.0, 0.0], dtype)
+    lo, hi = 1e-4, 1 - 1e-4
+    loss, grad = np.empty_like(p), np.empty_like(p)
+    _fn(host_lib, "gl_cce_term", dtype)(_p(p), _p(cc), ctypes.c_longlong(5),
+                                        _scalar(dtype, lo), _scalar(dtype, hi), _p(loss),
+                                        _p(grad))
+    pc = np.clip(p.astype(np.float64), dtype(lo), dtype(hi))
+    np.testing.assert_allclose(loss, -cc * np.log(pc), **TOL[dtype])
+    np.testing.assert_allclose(grad, -cc / pc, **TOL[dtype])
+
+
+def test_half_conversions_match_numpy_bit_for_bit(host_lib):
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(halves.size, np.float32)
+    host_lib.gl_half_to_float_n(_p(halves), ctypes.c_longlong(halves.size), _p(out))
+    want = halves.view(np.float16).astype(np.float32)
+    same = (out.view(np.uint32) == want.view(np.uint32)) | (np.isnan(out) & np.isnan(want))
+    assert same.all(), halves[~same][:10]
+    rng = np.random.default_rng(3)
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e9, -1e9, np.inf, -np.inf,
+                      np.nan, 2.0**-24, 2.0**-25, 2.0**-25 * 1.0000001, 2.0**-26, 6.1e-5,
+                      6.097555e-5, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 2.0**-14, 2.0**-14 * 0.75],
+                     np.float32)
+    f = np.concatenate([edges, rng.standard_normal(20000).astype(np.float32) * 1000,
+                        (rng.standard_normal(20000) * 1e-5).astype(np.float32),
+                        want[np.isfinite(want)] * np.float32(1.0001)])
+    h = np.empty(f.size, np.uint16)
+    host_lib.gl_float_to_half_n(_p(f), ctypes.c_longlong(f.size), _p(h))
+    with np.errstate(over="ignore"):
+        want_h = f.astype(np.float16)
+    same = (h == want_h.view(np.uint16)) | (np.isnan(want_h) & np.isnan(h.view(np.float16)))
+    assert same.all(), (f[~same][:10], h[~same][:10], want_h.view(np.uint16)[~same][:10])
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels themselves, run by the CPU emulator through the backend's launch code
+
+
+def _emulated(runtime, loss, pred, target, *, want_value=True, want_grad=True, **options):
+    call = _api.prepare(loss, pred, target, options, want_value=want_value, want_grad=want_grad)
+    return _cuda_backend.compute(call, runtime)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("loss", "shape", "labels"), list(_cases()))
+def test_kernels_match_numpy_backend_every_option(runtime, loss, shape, labels, reduction):
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        pred, target = make_inputs(loss, rng, shape, dtype=dtype, labels=labels)
+        for opts in _options(loss, rng, shape, labels):
+            want_v, want_g = gl.LOSSES[loss].value_and_grad(
+                pred, target, reduction=reduction, **opts
+            )
+            v, g = _emulated(runtime, loss, pred, target, reduction=reduction, **opts)
+            rtol = 1e-12 if dtype == np.float64 else 2e-6
+            # float32 gradient components that are differences (softmax * sum - c) are judged
+            # against the gradient's scale, as float32 rounding of either term would be
+            atol = rtol * float(np.abs(want_g).max())
+            np.testing.assert_allclose(v, want_v, rtol=rtol, atol=1e-12, err_msg=str(opts))
+            np.testing.assert_allclose(g, want_g, rtol=rtol, atol=atol, err_msg=str(opts))
+            assert g.dtype == dtype and np.asarray(v).dtype == dtype
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_kernels_float16_and_mixed_target_dtypes(runtime, loss):
+    rng = np.random.default_rng(5)
+    pred, target = make_inputs(loss, rng, (40, 6), dtype=np.float16)
+    targets = [target]
+    if loss in ELEMENTWISE:
+        targets += [target.astype(np.float16), (target > 0.5), (target > 0.5).astype(np.int32)]
+    else:
+        targets += [target.astype(np.int32)]
+    for t in targets:
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, t)
+        v, g = _emulated(runtime, loss, pred, t)
+        assert g.dtype == np.float16
+        np.testing.assert_allclose(np.float64(v), np.float64(want_v), rtol=2e-3)
+        np.testing.assert_allclose(g.astype(np.float64), want_g.astype(np.float64), rtol=2e-3,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_kernels_span_many_blocks_and_rows(runtime, loss):
+    """More data than the (small) emulated grid: grid-stride loops, several partials."""
+    rng = np.random.default_rng(6)
+    shape = (1500, 3) if loss in ELEMENTWISE else (700, 5)
+    pred, target = make_inputs(loss, rng, shape)
+    w = rng.uniform(0, 2, shape[0] if loss in CATEGORICAL else shape)
+    for reduction in REDUCTIONS:
+        want = gl.LOSSES[loss].value_and_grad(pred, target, reduction=reduction, sample_weight=w)
+        got = _emulated(runtime, loss, pred, target, reduction=reduction, sample_weight=w)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("K", [3, 100, 1000, 5000, 9000])
+@pytest.mark.parametrize("loss", CATEGORICAL)
+def test_row_kernel_variants_by_class_count(runtime, loss, K):
+    """Each row configuration (warp or block per row, cached or read twice) is exercised."""
+    rng = np.random.default_rng(7)
+    rows = 3
+    pred, target = make_inputs(loss, rng, (rows, K))
+    for labels in (True, False):
+        if not labels:
+            t = rng.uniform(0, 1, (rows, K))
+            target = t / t.sum(1, keepdims=True)
+        opts = {"class_weight": rng.uniform(0.5, 1.5, K)}
+        if loss == "cce_with_logits":
+            opts["label_smoothing"] = 0.05
+        want = gl.LOSSES[loss].value_and_grad(pred, target, **opts)
+        got = _emulated(runtime, loss, pred, target, **opts)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-11)
+        scale = float(np.abs(want[1]).max())  # smoothed components are differences
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-11, atol=1e-12 * scale)
+    threads, cache = _cuda_backend.row_config(K)
+    assert any(f", {threads}, {cache}," in name for name in runtime.launches)
+
+
+@pytest.mark.parametrize("loss", CATEGORICAL)
+def test_kernels_class_axis_1(runtime, loss):
+    rng = np.random.default_rng(8)
+    for labels in (True, False):
+        pred, target = make_inputs(loss, rng, (5, 4, 3), labels=labels, axis=1)
+        want = gl.LOSSES[loss].value_and_grad(pred, target, axis=1)
+        got = _emulated(runtime, loss, pred, target, axis=1)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+
+
+def test_kernels_edges(runtime):
+    z = np.array([[1e30, 0.0, -1e30], [1e4, -1e4, 0.0], [-1e30, -1e30, -1e30]])
+    t = np.array([0, 1, 2])
+    want = gl.cce_with_logits.value_and_grad(z, t, reduction="none")
+    got = _emulated(runtime, "cce_with_logits", z, t, reduction="none")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    p = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+    y = np.array([0.0, 1.0, 1.0, 0.0])
+    for loss in ("bce", "bce_with_logits"):
+        want = gl.LOSSES[loss].value_and_grad(p, y, reduction="none")
+        got = _emulated(runtime, loss, p, y, reduction="none")
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    # empty input, mean over nothing, NaN propagation
+    v, g = _emulated(runtime, "mse", np.zeros(0), np.zeros(0))
+    assert np.isnan(v) and g.shape == (0,)
+    v, g = _emulated(runtime, "cce_with_logits", np.zeros((2, 3)), np.array([-1, -1]),
+                     ignore_index=-1)
+    assert np.isnan(v) and not g.any()
+    nan_p = np.array([0.5, np.nan, 0.2])
+    assert np.isnan(_emulated(runtime, "mse", nan_p, np.zeros(3))[0])
+
+
+def test_kernels_raise_the_same_errors(runtime):
+    with pytest.raises(ValueError, match=r"pred must hold probabilities in \[0, 1\]; found "
+                                         r"values in \[-0.5, 0.7\]"):
+        _emulated(runtime, "bce", np.array([0.2, -0.5, 0.7]), np.zeros(3))
+    with pytest.raises(ValueError, match="target must hold targets"):
+        _emulated(runtime, "bce_with_logits", np.zeros(3), np.array([0.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 7\]"):
+        _emulated(runtime, "cce_with_logits", np.zeros((3, 4)), np.array([0, 7, 1]))
+    with pytest.raises(ValueError, match="sample_weight must be non-negative"):
+        _emulated(runtime, "mse", np.zeros(3), np.zeros(3), sample_weight=np.array([1, -1, 1.0]))
+    with pytest.raises(ValueError, match="pos_weight must be non-negative"):
+        _emulated(runtime, "bce_with_logits", np.zeros(3), np.zeros(3),
+                  pos_weight=np.array([1, np.nan, 1.0]))
+    with pytest.raises(ValueError, match="target must hold probabilities"):
+        _emulated(runtime, "cce", np.full((2, 3), 0.3), np.full((2, 3), 1.5))
+    # validate=False: NaN for the bad label, no error, no out-of-bounds read
+    per, _ = _emulated(runtime, "cce_with_logits", np.zeros((3, 4)), np.array([0, 7, 1]),
+                       reduction="none", validate=False)
+    assert np.isnan(per[1]) and np.isfinite(per[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_at_most_two_kernel_launches_per_value_and_grad(runtime, loss):
+    rng = np.random.default_rng(9)
+    shape = (4096,) if loss in ELEMENTWISE else (64, 64)
+    pred, target = make_inputs(loss, rng, shape)
+    runtime.launches.clear()
+    _emulated(runtime, loss, pred, target)
+    assert len(runtime.launches) == 2, runtime.launches  # the pass, and the finishing sum
+
+
+def test_kernel_sources_ship_in_the_wheel(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+         str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if done.returncode != 0 and "No module named" in done.stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(root)],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    wheel = next(tmp_path.glob("gpuloss-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gpuloss/kernels/gpuloss_math.cuh" in names
+    assert "gpuloss/kernels/gpuloss_kernels.cu" in names
+
+
+def test_kernel_sources_found_from_this_install():
+    folder = _cuda_backend.kernel_dir()
+    assert (folder / "gpuloss_math.cuh").is_file()
+    assert "gl_bce_logits" in _cuda_backend.kernel_source()
+    assert '#include "gpuloss_math.cuh"' not in _cuda_backend.kernel_source()
