@@ -1,0 +1,106 @@
+"""Mutation check of kernels/ (a developer tool, not part of the test run).
+
+Changes one operator or constant at a time in kernels/*.cu and *.cuh, runs the CPU kernel
+tests, and reports every mutation that no test noticed. Usage:
+
+    python tests/mutate_kernels.py [--sample N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "kernels" / "gpuloss_math.cuh", ROOT / "kernels" / "gpuloss_kernels.cu"]
+SWAPS = [
+    (r"(?<=[\w)\]]) \+ (?=[\w(])", " - "),
+    (r"(?<=[\w)\]]) - (?=[\w(])", " + "),
+    (r"(?<=[\w)\]]) \* (?=[\w(])", " / "),
+    (r"(?<=[\w)\]]) / (?=[\w(])", " * "),
+    (r" < ", " <= "),
+    (r" > ", " >= "),
+    (r" <= ", " < "),
+    (r" >= ", " > "),
+    (r" == ", " != "),
+    (r" != ", " == "),
+    (r" && ", " || "),
+    (r" \|\| ", " && "),
+    (r"\bT\(1\)", "T(2)"),
+    (r"\bC\(1\)", "C(2)"),
+    (r"\bT\(0\)", "T(1)"),
+    (r"\bC\(0\)", "C(1)"),
+    (r"\b0\.5\b", "0.25"),
+    (r"\b1\.0\b", "2.0"),
+    (r"\b0x[0-9a-f]+u?\b", None),  # hex constants: flip the lowest bit
+    (r"\b(1[0-9]|2[0-9]|3[0-9]|[2-9])\b", None),  # small integers: add one
+]
+
+
+def sites(text):
+    code_lines = []
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        code = line.split("//")[0]
+        if not code.lstrip().startswith(("#include", "#pragma")):
+            code_lines.append((offset, code))
+        offset += len(line)
+    found = []
+    for pattern, repl in SWAPS:
+        for start, code in code_lines:
+            for m in re.finditer(pattern, code):
+                found.append((start + m.start(), start + m.end(), m.group(0), repl))
+    return found
+
+
+def mutate(original, site):
+    a, b, old, repl = site
+    if repl is None:
+        if old.startswith("0x"):
+            digits = old.rstrip("u")
+            new = hex(int(digits, 16) ^ 1) + ("u" if old.endswith("u") else "")
+        else:
+            new = str(int(old) + 1)
+    else:
+        new = repl
+    return original[:a] + new + original[b:], f"{old!r} -> {new!r}"
+
+
+def run_tests():
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           str(ROOT / "tests" / "test_kernels.py"), "-k", "not nvrtc and not wheel"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sample", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    all_sites = [(f, s) for f in FILES for s in sites(f.read_text())]
+    random.Random(args.seed).shuffle(all_sites)
+    survivors, tried = [], 0
+    for path, site in all_sites[: args.sample]:
+        original = path.read_text()
+        mutated, what = mutate(original, site)
+        line = original[: site[0]].count("\n") + 1
+        try:
+            path.write_text(mutated)
+            rc = run_tests()
+        finally:
+            path.write_text(original)
+        tried += 1
+        status = "caught" if rc != 0 else "SURVIVED"
+        print(f"{status:8s} {path.name}:{line} {what}", flush=True)
+        if rc == 0:
+            survivors.append((path.name, line, what))
+    print(f"\n{tried - len(survivors)}/{tried} mutations caught from {len(all_sites)} sites")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
