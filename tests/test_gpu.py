@@ -1,0 +1,170 @@
+"""GPU tests (pytest -m gpu): the CUDA backend against the NumPy backend, on a real device.
+
+Skipped cleanly without a GPU; GPULOSS_REQUIRE_GPU=1 turns a missing GPU into a failure
+(tests/conftest.py). The bar: float32 within 1e-6 relative, float64 within 1e-12.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_inputs
+from reference import ALL, CATEGORICAL, ELEMENTWISE
+from test_losses import REDUCTIONS, _cases, _options
+
+import gpuloss as gl
+
+pytestmark = pytest.mark.gpu
+RTOL = {np.float16: 2e-3, np.float32: 1e-6, np.float64: 1e-12}
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+def _to_gpu(cp, opts):
+    return {k: (cp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+
+
+def _close(got, want, dtype, scale=None):
+    rtol = RTOL[dtype]
+    atol = rtol * (float(np.abs(want).max()) if scale is None else scale) if np.size(want) else 0
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("loss", "shape", "labels"), list(_cases()))
+def test_gpu_matches_numpy_every_option(cp, loss, shape, labels, reduction, dtype):
+    rng = np.random.default_rng(0)
+    pred, target = make_inputs(loss, rng, shape, dtype=dtype, labels=labels)
+    for opts in _options(loss, rng, shape, labels):
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, target, reduction=reduction, **opts)
+        v, g = gl.LOSSES[loss].value_and_grad(
+            cp.asarray(pred), cp.asarray(target), reduction=reduction, **_to_gpu(cp, opts)
+        )
+        assert isinstance(v, cp.ndarray) and isinstance(g, cp.ndarray)
+        assert g.dtype == dtype and g.shape == pred.shape and v.dtype == dtype
+        _close(v.get(), want_v, dtype, scale=float(np.abs(np.float64(want_v)).max()) or 1.0)
+        _close(g.get(), want_g, dtype)
+        # the three entry points agree bit for bit
+        assert bool((gl.LOSSES[loss].grad(cp.asarray(pred), cp.asarray(target),
+                     reduction=reduction, **_to_gpu(cp, opts)) == g).all())
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_gpu_large_inputs_many_blocks_bit_identical(cp, loss):
+    rng = np.random.default_rng(1)
+    shape = (1 << 22,) if loss in ELEMENTWISE else (1 << 16, 37)
+    pred, target = make_inputs(loss, rng, shape, dtype=np.float32)
+    p, t = cp.asarray(pred), cp.asarray(target)
+    first = gl.LOSSES[loss].value_and_grad(p, t)
+    for _ in range(3):
+        again = gl.LOSSES[loss].value_and_grad(p, t)
+        assert first[0].get().tobytes() == again[0].get().tobytes()
+        assert bool((first[1] == again[1]).all())
+    want = gl.LOSSES[loss].value_and_grad(pred, target)
+    _close(first[0].get(), want[0], np.float32)
+    _close(first[1].get(), want[1], np.float32)
+
+
+@pytest.mark.parametrize("K", [3, 100, 1000, 5000, 9000, 40000])
+@pytest.mark.parametrize("loss", CATEGORICAL)
+def test_gpu_row_kernels_by_class_count(cp, loss, K):
+    rng = np.random.default_rng(2)
+    pred, target = make_inputs(loss, rng, (33, K))
+    opts = {"class_weight": rng.uniform(0.5, 1.5, K)}
+    if loss == "cce_with_logits":
+        opts["label_smoothing"] = 0.05
+    want = gl.LOSSES[loss].value_and_grad(pred, target, **opts)
+    got = gl.LOSSES[loss].value_and_grad(cp.asarray(pred), cp.asarray(target),
+                                         **_to_gpu(cp, opts))
+    _close(got[0].get(), want[0], np.float64)
+    _close(got[1].get(), want[1], np.float64)
+
+
+def test_gpu_non_contiguous_and_axis_1(cp):
+    rng = np.random.default_rng(3)
+    pred, target = make_inputs("cce_with_logits", rng, (6, 5, 4), labels=True, axis=1)
+    want = gl.cce_with_logits.value_and_grad(pred, target, axis=1)
+    got = gl.cce_with_logits.value_and_grad(cp.asarray(pred), cp.asarray(target), axis=1)
+    _close(got[0].get(), want[0], np.float64)
+    _close(got[1].get(), want[1], np.float64)
+    big = cp.asarray(rng.standard_normal((64, 64)))
+    y = cp.asarray(rng.standard_normal((64, 64)))
+    v, g = gl.mse.value_and_grad(big[::2, ::3], y[::2, ::3])
+    wv, wg = gl.mse.value_and_grad(big.get()[::2, ::3], y.get()[::2, ::3])
+    _close(v.get(), wv, np.float64)
+    _close(g.get(), wg, np.float64)
+
+
+def test_gpu_errors_and_validate_false(cp):
+    with pytest.raises(ValueError, match="pred must hold probabilities"):
+        gl.bce(cp.asarray([0.2, 1.5]), cp.asarray([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 9\]"):
+        gl.cce_with_logits(cp.zeros((2, 3)), cp.asarray([0, 9]))
+    per = gl.cce_with_logits(cp.zeros((2, 3)), cp.asarray([0, 9]), reduction="none",
+                             validate=False)
+    assert bool(cp.isnan(per[1])) and bool(cp.isfinite(per[0]))
+
+
+def test_gpu_inputs_unmodified_and_outputs_on_the_same_device(cp):
+    rng = np.random.default_rng(4)
+    pred, target = make_inputs("bce_with_logits", rng, (1000,), dtype=np.float32)
+    p, t = cp.asarray(pred), cp.asarray(target)
+    v, g = gl.bce_with_logits.value_and_grad(p, t)
+    assert bool((p.get() == pred).all()) and bool((t.get() == target).all())
+    assert v.device == p.device and g.device == p.device
+
+
+def test_gpu_more_than_2_31_elements(cp):
+    n = (1 << 31) + 7
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 3 * 4 * n + (1 << 30):
+        pytest.skip("needs about 27 GB of free GPU memory")
+    p = cp.full(n, 0.5, cp.float32)
+    y = cp.zeros(n, cp.float32)
+    v, g = gl.mse.value_and_grad(p, y)
+    assert float(v) == pytest.approx(0.25, rel=1e-7)
+    assert float(g[-1]) == pytest.approx(1.0 / n, rel=1e-6)
+    del p, y, g
+
+
+def test_torch_cuda_through_dlpack(cp):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    rng = np.random.default_rng(5)
+    pred, target = make_inputs("cce_with_logits", rng, (256, 10), dtype=np.float32)
+    z = torch.tensor(pred, device="cuda")
+    t = torch.tensor(target, device="cuda")
+    v, g = gl.cce_with_logits.value_and_grad(z, t)
+    assert isinstance(v, torch.Tensor) and v.device.type == "cuda" and g.device.type == "cuda"
+    zz = z.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(zz, t)
+    ref.backward()
+    assert abs(v.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    torch.testing.assert_close(g, zz.grad, rtol=1e-5, atol=1e-7)
+    # the input is viewed, not copied
+    assert cp.from_dlpack(z).data.ptr == z.data_ptr()
+
+
+def test_jax_cuda_through_dlpack(cp):
+    jax = pytest.importorskip("jax")
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX without a GPU")
+    rng = np.random.default_rng(6)
+    pred, target = make_inputs("bce_with_logits", rng, (512,), dtype=np.float32)
+    z = jax.device_put(pred, gpu)
+    y = jax.device_put(target.astype(np.float32), gpu)
+    v, g = gl.bce_with_logits.value_and_grad(z, y)
+    assert type(v).__module__.startswith("jax") and type(g).__module__.startswith("jax")
+    want = gl.bce_with_logits.value_and_grad(pred, target.astype(np.float32))
+    _close(np.asarray(v), want[0], np.float32)
+    _close(np.asarray(g), want[1], np.float32)
