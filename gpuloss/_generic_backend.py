@@ -11,11 +11,18 @@ from __future__ import annotations
 import math
 
 import array_api_compat
+import numpy as np
 
 from . import _api
 
 
 def compute(call: _api.Call):
+    # NumPy-backed namespaces (array-api-strict) would warn on inf/NaN: those are results here
+    with np.errstate(all="ignore"):
+        return _compute(call)
+
+
+def _compute(call: _api.Call):
     xp = array_api_compat.array_namespace(call.pred)
     cdt = xp.float64 if call.pred.dtype == xp.float64 else xp.float32
     if call.loss.startswith("cce"):
@@ -57,6 +64,17 @@ def _reduce(call, xp, per_item, weight_sum):
     return total if call.reduction == "sum" else total / weight_sum
 
 
+def _for_mean(call, xp, w):
+    """Weights rescaled by their maximum when they would under- or overflow in float32 (the
+    mean does not change; see the NumPy backend)."""
+    if w is None or call.reduction != "mean" or math.prod(w.shape) == 0:
+        return w
+    top = float(xp.max(w))
+    if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
+        return w / top
+    return w
+
+
 def _scale(call, xp, weight_sum):
     if call.reduction != "mean":
         return 1.0
@@ -70,10 +88,11 @@ def _elementwise(call, xp, cdt):
     Y = xp.astype(call.target, cdt)
     W = None
     if call.sample_weight is not None:
-        W = xp.astype(xp.broadcast_to(call.sample_weight, shape), cdt)
+        sw = _for_mean(call, xp, call.sample_weight)
+        W = xp.astype(xp.broadcast_to(sw, shape), cdt)
         if call.validate:
-            _check_weight(xp, call.sample_weight, "sample_weight")
-        weight_sum = xp.sum(xp.astype(xp.broadcast_to(call.sample_weight, shape), xp.float64))
+            _check_weight(xp, sw, "sample_weight")
+        weight_sum = xp.sum(xp.astype(xp.broadcast_to(sw, shape), xp.float64))
     else:
         weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
     if call.validate:
@@ -129,12 +148,13 @@ def _categorical(call, xp, cdt):
     if call.class_weight is not None:
         if call.validate:
             _check_weight(xp, call.class_weight, "class_weight")
-        cw = xp.astype(call.class_weight, cdt)
+        cw = xp.astype(_for_mean(call, xp, call.class_weight), cdt)
     w = xp.ones(sample_shape, dtype=cdt, device=array_api_compat.device(Z))
     if call.sample_weight is not None:
         if call.validate:
             _check_weight(xp, call.sample_weight, "sample_weight")
-        w = xp.astype(xp.broadcast_to(call.sample_weight, sample_shape), cdt)
+        sw = _for_mean(call, xp, call.sample_weight)
+        w = xp.astype(xp.broadcast_to(sw, sample_shape), cdt)
 
     if call.labels:
         t = call.target
@@ -168,15 +188,16 @@ def _categorical(call, xp, cdt):
         grad = -C / pc
     else:
         if K == 0:
-            logp = Z
-            soft = Z
+            logp = soft = one_minus_soft = Z
         else:
             m = xp.max(Z, axis=-1, keepdims=True)
             S = Z - m  # max-shifted: exp never overflows
             E = xp.exp(S)
-            se = xp.sum(E, axis=-1, keepdims=True)
-            logp = S - xp.log(se)
-            soft = E / se
+            # the row sum in float64: log(se) stays exact when se is close to 1
+            se = xp.sum(xp.astype(E, xp.float64), axis=-1, keepdims=True)
+            logp = S - xp.astype(xp.log(se), cdt)
+            soft = E / xp.astype(se, cdt)
+            one_minus_soft = xp.astype((se - xp.astype(E, xp.float64)) / se, cdt)
         ls = call.label_smoothing
         if call.labels:
             # PyTorch: (1 - ls) * nll + ls / K * sum_k cw_k (-log p_k), with the mean over
@@ -186,7 +207,8 @@ def _categorical(call, xp, cdt):
         else:
             C = cw_vec * (T * (1 - ls) + (ls / K if K else 0.0))
         loss = -xp.sum(C * logp, axis=-1)
-        grad = soft * xp.sum(C, axis=-1, keepdims=True) - C
+        # softmax * sum(C) - C as p (sum(C) - C) - C (1 - p): no cancellation near p = 1
+        grad = soft * (xp.sum(C, axis=-1, keepdims=True) - C) - C * one_minus_soft
     value = _reduce(call, xp, loss * w, weight_sum)
     if not call.want_grad:
         return value, None

@@ -59,7 +59,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list[tuple]:
+def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list:
     """Index tuples that cut an array of `shape` into C-order blocks of about `block` elements.
 
     Each block is a contiguous run of a C-contiguous array. With `whole_last_axis`, a block
@@ -67,7 +67,7 @@ def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) ->
     """
     ndim = len(shape)
     if math.prod(shape) <= block or ndim == 0 or (whole_last_axis and ndim == 1):
-        return [()]
+        return [...]  # x[...] is a view even of a 0-d array (x[()] would be a scalar)
     inner = shape[-1] if whole_last_axis else 1
     split = ndim - 2 if whole_last_axis else ndim - 1
     while split > 0 and inner * shape[split] <= block:
@@ -165,6 +165,19 @@ def _weight_total(w: np.ndarray, shape, name: str, validate: bool) -> float:
     return float(np.sum(w, dtype=_F64)) * repeats
 
 
+def _for_mean(w: np.ndarray, call) -> np.ndarray:
+    """Weights rescaled by their maximum when they would under- or overflow in float32.
+
+    The mean Σ w l / Σ w does not change, but w l stays representable (weights of 1e-200
+    would otherwise round to 0 and turn the mean into 0 / 1e-200)."""
+    if call.reduction != "mean" or w.size == 0:
+        return w
+    top = float(np.max(w))
+    if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
+        return w / top
+    return w
+
+
 def _check_weights(w, name, validate):
     if validate and w is not None and w.size:
         lo = float(np.min(w))
@@ -212,7 +225,7 @@ def _elementwise(call):
     w = call.sample_weight
     pw = call.pos_weight
     if w is not None:
-        w = np.asarray(w)
+        w = _for_mean(np.asarray(w), call)
     if pw is not None:
         pw = np.asarray(pw)
         _check_weights(pw, "pos_weight", call.validate)
@@ -425,12 +438,12 @@ def _categorical(call):
 
     cw = None
     if call.class_weight is not None:
-        cw = np.asarray(call.class_weight)
+        cw = _for_mean(np.asarray(call.class_weight), call)
         _check_weights(cw, "class_weight", call.validate)
         cw = cw.astype(cdt)
     sw = call.sample_weight
     if sw is not None:
-        sw = np.asarray(sw)
+        sw = _for_mean(np.asarray(sw), call)
         _check_weights(sw, "sample_weight", call.validate)
         SW = np.broadcast_to(sw, sample_shape)
     else:
@@ -542,7 +555,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     np.subtract(Z, m[:, None], out=S)  # max-shifted: exp never overflows
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    se = np.add.reduce(E, axis=1)
+    se = np.add.reduce(E, axis=1, dtype=_F64)  # float64: log(se) stays exact near se = 1
     lse = np.log(se)
     ls = k.smooth
     c_true = (1 - ls) * (1 if cwy is None else cwy)
@@ -558,11 +571,16 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             total = _sum_f64(L)
     if G is not None:
         gw = w * k.gscale
-        np.multiply(E, ((c_true + ls / K * k.cw_sum) * gw / se)[:, None], out=E)
-        G[rows, safe] -= c_true * gw
+        c_sum = c_true + ls / K * k.cw_sum
+        e_label = E[rows, safe].astype(_F64)
+        np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
             cw = 1 if k.cw is None else k.cw
             G -= (gw * (ls / K))[:, None] * cw
+        # the label's column as p (c_sum - c) - c (1 - p), 1 - p = (se - e) / se in float64:
+        # no cancellation when the label is predicted with confidence
+        c_label = c_true + ls / K * (1 if cwy is None else cwy)
+        G[rows, safe] = gw * ((e_label / se) * (c_sum - c_label) - c_label * (se - e_label) / se)
     return (total,)
 
 
@@ -577,7 +595,7 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     np.subtract(Z, m[:, None], out=S)
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    se = np.add.reduce(E, axis=1)
+    se = np.add.reduce(E, axis=1, dtype=_F64)
     lse = np.log(se)
     C = T
     if k.smooth or k.cw is not None:
@@ -595,9 +613,16 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         if k.want_sum:
             total = _sum_f64(L)
     if G is not None:
-        gw = w * k.gscale
-        np.multiply(E, (csum * gw / se)[:, None], out=E)
-        E -= C * gw[:, None]
+        # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se: no cancellation near p = 1
+        gw = (w * k.gscale).astype(k.cdt)[:, None]
+        om = s.get("om", (R, K), k.cdt)
+        np.subtract(se[:, None], E, out=om)
+        np.multiply(om, (1 / se).astype(k.cdt)[:, None], out=om)
+        np.multiply(om, C, out=om)
+        np.multiply(E, (1 / se).astype(k.cdt)[:, None], out=E)
+        np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
+        np.subtract(E, om, out=E)
+        np.multiply(E, gw, out=E)
     return (total, (0, 0), trange)
 
 

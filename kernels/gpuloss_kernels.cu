@@ -173,7 +173,7 @@ __device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scra
     for (int offset = 16; offset > 0; offset >>= 1) {
         GlLse<C> b;
         b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
-        b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
+        b.rest = __shfl_xor_sync(0xffffffffu, a.rest, offset);
         a = gl_lse_merge(a, b);
     }
     if (ROW_THREADS == 32) return a;
@@ -181,14 +181,14 @@ __device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scra
     __syncthreads();
     if (lane == 0) {
         scratch_m[warp] = a.m;
-        scratch_s[warp] = a.s;
+        scratch_s[warp] = a.rest;
     }
     __syncthreads();
     GlLse<C> t = gl_lse_empty<C>();
     for (int j = 0; j < ROW_THREADS / 32; ++j) {
         GlLse<C> b;
         b.m = scratch_m[j];
-        b.s = scratch_s[j];
+        b.rest = scratch_s[j];
         t = gl_lse_merge(t, b);
     }
     return t;
@@ -211,7 +211,7 @@ template <int LOGITS, typename C>
 __device__ __forceinline__ C gl_row_term(C z, C c, GlLse<C> lse, C log_s, C c_sum, C lo, C hi,
                                          C* g) {
     if (LOGITS) {
-        *g = gl_xent_grad(z, lse.m, log_s, c_sum, c);
+        *g = gl_xent_grad(z, lse.m, lse.rest, c_sum, c);
         return gl_xent_term(z, lse.m, log_s, c);
     }
     return gl_cce_term(z, c, lo, hi, g);

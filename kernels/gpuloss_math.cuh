@@ -25,6 +25,8 @@ GL_FN float gl_log(float x) { return logf(x); }
 GL_FN double gl_log(double x) { return log(x); }
 GL_FN float gl_log1p(float x) { return log1pf(x); }
 GL_FN double gl_log1p(double x) { return log1p(x); }
+GL_FN float gl_expm1(float x) { return expm1f(x); }
+GL_FN double gl_expm1(double x) { return expm1(x); }
 GL_FN float gl_abs(float x) { return fabsf(x); }
 GL_FN double gl_abs(double x) { return fabs(x); }
 
@@ -81,28 +83,30 @@ GL_FN T gl_smooth_binary(T y, T s) {
 }
 
 // ---- softmax cross-entropy on logits --------------------------------------------------------
-// A row's log-sum-exp is kept as (m, s): the running maximum and sum of exp(z - m).
+// A row's log-sum-exp is kept as (m, rest): the running maximum, and the sum of exp(z - m)
+// minus the maximum's own 1. log(sum) = log1p(rest) then stays accurate when the row is
+// dominated by its maximum (small losses keep their relative precision).
 template <typename T>
 struct GlLse {
     T m;
-    T s;
+    T rest;
 };
 
 template <typename T>
 GL_FN GlLse<T> gl_lse_empty() {
     GlLse<T> a;
     a.m = -GL_INF;
-    a.s = T(0);
+    a.rest = T(-1);  // an empty sum
     return a;
 }
 
 template <typename T>
 GL_FN GlLse<T> gl_lse_push(GlLse<T> a, T z) {
-    if (z > a.m) {  // new maximum: rescale what was summed so far
-        a.s = a.s * gl_exp(a.m - z) + T(1);
+    if (z > a.m) {  // new maximum: what was summed so far, rescaled, becomes the rest
+        a.rest = (a.rest + T(1)) * gl_exp(a.m - z);
         a.m = z;
     } else if (!(z == -GL_INF && a.m == -GL_INF)) {  // NaN falls here and propagates
-        a.s = a.s + gl_exp(z - a.m);
+        a.rest = a.rest + gl_exp(z - a.m);
     }
     return a;
 }
@@ -115,7 +119,7 @@ GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
         b = t;
     }
     if (b.m == -GL_INF) return a;
-    a.s = a.s + b.s * gl_exp(b.m - a.m);
+    a.rest = a.rest + (b.rest + T(1)) * gl_exp(b.m - a.m);
     return a;
 }
 
@@ -123,7 +127,7 @@ GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
 // logits, lse - z = (m - z) + log_s loses nothing to rounding
 template <typename T>
 GL_FN T gl_lse_log_sum(GlLse<T> a) {
-    return gl_log(a.s);
+    return gl_log1p(a.rest);
 }
 
 // one class's share of the loss: c_k (-log p_k) = c_k ((m - z_k) + log_s)
@@ -132,10 +136,16 @@ GL_FN T gl_xent_term(T z, T m, T log_s, T c) {
     return c == T(0) ? T(0) : c * ((m - z) + log_s);
 }
 
-// the gradient d/dz_k of sum_j c_j (-log p_j): softmax_k * sum_j c_j - c_k
+// the gradient d/dz_k of sum_j c_j (-log p_j) = softmax_k sum_j c_j - c_k, written as
+// p_k (c_sum - c_k) - c_k (1 - p_k) with 1 - p_k = (-expm1(z_k - m) + rest) / (1 + rest):
+// no cancellation where p_k is close to 1 (a confident, correct prediction)
 template <typename T>
-GL_FN T gl_xent_grad(T z, T m, T log_s, T c_sum, T c) {
-    return gl_exp((z - m) - log_s) * c_sum - c;
+GL_FN T gl_xent_grad(T z, T m, T rest, T c_sum, T c) {
+    T d = z - m;
+    T inv = T(1) / (T(1) + rest);
+    T p = gl_exp(d) * inv;
+    T one_minus_p = (rest - gl_expm1(d)) * inv;
+    return p * (c_sum - c) - c * one_minus_p;
 }
 
 // coefficient of class k for integer labels, PyTorch's label smoothing with class weights:

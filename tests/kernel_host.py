@@ -46,11 +46,11 @@ extern "C" void gl_lse_rows_##S(const T* z, long long rows, long long k, long lo
         out[r] = ab.m + gl_lse_log_sum(ab);                                                   \\
     }                                                                                         \\
 }                                                                                             \\
-extern "C" void gl_xent_##S(const T* z, const T* c, long long n, T m, T log_s, T c_sum,     \\
+extern "C" void gl_xent_##S(const T* z, const T* c, long long n, T m, T rest, T c_sum,      \\
                             T* l, T* g) {                                                     \\
     for (long long i = 0; i < n; ++i) {                                                       \\
-        l[i] = gl_xent_term(z[i], m, log_s, c[i]);                                            \\
-        g[i] = gl_xent_grad(z[i], m, log_s, c_sum, c[i]);                                     \\
+        l[i] = gl_xent_term(z[i], m, gl_log1p(rest), c[i]);                                   \\
+        g[i] = gl_xent_grad(z[i], m, rest, c_sum, c[i]);                                      \\
     }                                                                                         \\
 }                                                                                             \\
 extern "C" void gl_label_coef_##S(const int* is_label, const T* cw, long long n, T cw_label, \\

@@ -73,7 +73,11 @@ def mutate(original, site):
 def run_tests():
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_kernels.py"), "-k", "not nvrtc and not wheel"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=240).returncode
+    except subprocess.TimeoutExpired:  # a mutation that hangs the emulator is caught too
+        return -1
 
 
 def main():

@@ -1,0 +1,137 @@
+"""Property tests (hypothesis): random shapes, dtypes, values and options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from reference import ALL, CATEGORICAL, reference
+
+import gpuloss as gl
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def problems(draw, loss):
+    """A valid (pred, target, options) for `loss`, with every option drawn at random."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6))
+    opts = {}
+    if loss == "mse":
+        el = st.floats(-1e3, 1e3)
+        pred = draw(hnp.arrays(dtype, shape, elements=el))
+        target = draw(hnp.arrays(np.float64, shape, elements=el))
+    elif loss == "bce":
+        pred = draw(hnp.arrays(dtype, shape, elements=st.floats(0.001, 0.999)))
+        target = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+    elif loss == "bce_with_logits":
+        pred = draw(hnp.arrays(dtype, shape, elements=st.floats(-50, 50)))
+        target = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+        if draw(st.booleans()):
+            opts["pos_weight"] = draw(hnp.arrays(np.float64, shape[-1:],
+                                                 elements=st.floats(0, 4)))
+        if draw(st.booleans()):
+            opts["label_smoothing"] = draw(st.floats(0, 1))
+    else:
+        axis = draw(st.integers(-len(shape), len(shape) - 1))
+        K = shape[axis]
+        sample_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+        opts["axis"] = axis
+        if loss == "cce":
+            raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0.01, 1)))
+            pred = (raw / raw.sum(axis=axis, keepdims=True)).astype(dtype)
+        else:
+            pred = draw(hnp.arrays(dtype, shape, elements=st.floats(-30, 30)))
+        if draw(st.booleans()):
+            target = draw(hnp.arrays(np.int64, sample_shape, elements=st.integers(0, K - 1)))
+            if draw(st.booleans()):
+                opts["ignore_index"] = draw(st.integers(0, K - 1))
+        else:
+            raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+            target = raw / np.maximum(raw.sum(axis=axis, keepdims=True), 1e-12)
+        if draw(st.booleans()):
+            opts["class_weight"] = draw(hnp.arrays(np.float64, (K,),
+                                                   elements=st.floats(0.1, 3)))
+        if loss == "cce_with_logits" and draw(st.booleans()):
+            opts["label_smoothing"] = draw(st.floats(0, 1))
+        shape = sample_shape
+    if target.dtype.kind == "f":
+        target = target.astype(dtype)  # targets in pred's dtype: the reference sees what we see
+    if draw(st.booleans()):
+        wshape = draw(st.sampled_from([shape, shape[-1:] if shape else (), ()]))
+        opts["sample_weight"] = draw(hnp.arrays(np.float64, wshape, elements=st.floats(0, 3)))
+    return pred, target, opts
+
+
+def _rtol(pred):
+    return 1e-10 if pred.dtype == np.float64 else 2e-5
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_matches_reference(loss):
+    @SETTINGS
+    @given(problems(loss), st.sampled_from(["mean", "sum", "none"]))
+    def check(problem, reduction):
+        pred, target, opts = problem
+        got = gl.LOSSES[loss](pred, target, reduction=reduction, **opts)
+        want = reference(loss, pred, target, reduction=reduction, **opts)
+        finite = np.abs(np.asarray(want)[np.isfinite(want)])
+        scale = float(finite.max()) if finite.size else 0.0
+        # NaN where the reference is NaN (a mean over zero weight), close elsewhere
+        np.testing.assert_allclose(got, want, rtol=_rtol(pred), atol=_rtol(pred) * scale + 1e-12)
+
+    check()
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_reductions_and_entry_points_are_consistent(loss):
+    @SETTINGS
+    @given(problems(loss))
+    def check(problem):
+        pred, target, opts = problem
+        fn = gl.LOSSES[loss]
+        per = fn(pred, target, reduction="none", **opts)
+        total = fn(pred, target, reduction="sum", **opts)
+        np.testing.assert_allclose(np.sum(per, dtype=np.float64), total, rtol=1e-5, atol=1e-6)
+        assert np.all(per >= -1e-6), "every loss is non-negative"
+        for reduction in ("mean", "sum", "none"):
+            v, g = fn.value_and_grad(pred, target, reduction=reduction, **opts)
+            assert np.array_equal(v, fn(pred, target, reduction=reduction, **opts), equal_nan=True)
+            assert np.array_equal(g, fn.grad(pred, target, reduction=reduction, **opts))
+            assert g.shape == pred.shape and g.dtype == pred.dtype
+        # the mean's gradient is the sum's gradient over the same denominator
+        mean = float(fn(pred, target, **opts))
+        if np.isfinite(mean) and mean != 0:
+            denom = float(total) / mean
+            np.testing.assert_allclose(
+                fn.grad(pred, target, **opts) * denom,
+                fn.grad(pred, target, reduction="sum", **opts),
+                rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(fn.grad(pred, target,
+                                                   reduction="sum", **opts)).max())),
+            )
+
+    check()
+
+
+@pytest.mark.parametrize("loss", CATEGORICAL + ("bce_with_logits",))
+def test_generic_backend_agrees_with_numpy(loss):
+    xp = pytest.importorskip("array_api_strict")
+
+    @SETTINGS
+    @given(problems(loss))
+    def check(problem):
+        pred, target, opts = problem
+        fn = gl.LOSSES[loss]
+        want_v, want_g = fn.value_and_grad(pred, target, **opts)
+        xopts = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+        v, g = fn.value_and_grad(xp.asarray(pred), xp.asarray(target), **xopts)
+        rtol = _rtol(pred)
+        np.testing.assert_allclose(np.from_dlpack(v), want_v, rtol=rtol, atol=1e-7)
+        scale = float(np.abs(want_g).max()) if want_g.size else 0.0
+        np.testing.assert_allclose(np.from_dlpack(g), want_g, rtol=rtol, atol=rtol * scale)
+
+    check()
