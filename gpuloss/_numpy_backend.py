@@ -293,9 +293,14 @@ def _elementwise(call):
 
 
 class _Consts:
-    """Scalars a block kernel needs, in the compute dtype."""
+    """Scalars a block kernel needs, in the compute dtype; for cce*, the class count K and
+    the class weights (cw, and their sum)."""
 
-    def __init__(self, call, cdt, gscale, want_sum):
+    def __init__(self, call, cdt, gscale, want_sum, K=0, cw=None):
+        self.K = K
+        self.cw = cw
+        self.cw_sum = float(K) if cw is None else float(np.sum(cw, dtype=_F64))
+        self.ignore_index = call.ignore_index
         self.validate = call.validate
         self.want_sum = want_sum
         self.gscale = cdt(gscale)
@@ -463,11 +468,7 @@ def _categorical(call):
         np.empty(sample_shape, p.dtype) if call.want_value and call.reduction == "none" else None
     )
     want_sum = call.want_value and call.reduction != "none"
-    consts = _Consts(call, cdt, gscale, want_sum)
-    consts.K = K
-    consts.cw = cw
-    consts.cw_sum = float(K) if cw is None else float(np.sum(cw, dtype=_F64))
-    consts.ignore_index = call.ignore_index
+    consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw)
     kernel = _CATEGORICAL[(call.loss, call.labels)]
     index = blocks(P.shape, BLOCK, whole_last_axis=True)
 

@@ -92,3 +92,21 @@ def test_preferred_namespace_without_a_gpu_is_numpy():
 
 def test_losses_module_is_the_one_place_for_definitions():
     assert set(_losses.LOSSES) == set(gl.LOSSES)
+
+
+def test_import_and_compute_without_cupy():
+    """`import gpuloss` works with no CuPy at all, and NumPy inputs never import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"  # any import of cupy now fails
+        "import numpy as np, gpuloss as gl\n"
+        "assert gl.preferred_namespace() is np\n"
+        "v, g = gl.cce_with_logits.value_and_grad(np.zeros((4, 3)), np.array([0, 1, 2, 0]))\n"
+        "assert abs(float(v) - np.log(3)) < 1e-12\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
