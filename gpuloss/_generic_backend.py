@@ -38,9 +38,12 @@ def _compute(call: _api.Call):
 
 
 def _range(xp, x):
+    """Smallest and largest value, looking past NaN (NaN propagates, it is not out of range)."""
     if math.prod(x.shape) == 0:
         return math.inf, -math.inf
-    return float(xp.min(x)), float(xp.max(x))
+    nan = xp.isnan(x)
+    inside = xp.asarray(0.5, dtype=x.dtype, device=array_api_compat.device(x))
+    return float(xp.min(xp.where(nan, inside, x))), float(xp.max(xp.where(nan, inside, x)))
 
 
 def _check_unit(xp, x, name, what):

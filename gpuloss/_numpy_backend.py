@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _api
 
+_NO_RANGE = (0.0, 0.0, False)  # a range that was not checked
 BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a block's
 # inputs and scratch (a few MB) stay in the L2/L3 caches
 _F64 = np.float64
@@ -136,15 +137,21 @@ def _compute_dtype(dtype) -> type:
     return _F64 if dtype == _F64 else np.float32
 
 
-def _min_max(x: np.ndarray) -> tuple[float, float]:
+def _min_max(x: np.ndarray) -> tuple[float, float, bool]:
+    """Smallest and largest value, looking past NaN (NaN propagates, it is not out of
+    range), and whether a NaN was seen."""
     if x.size == 0:
-        return (math.inf, -math.inf)
-    return (float(np.minimum.reduce(x, axis=None)), float(np.maximum.reduce(x, axis=None)))
+        return (math.inf, -math.inf, False)
+    lo = float(np.minimum.reduce(x, axis=None))
+    hi = float(np.maximum.reduce(x, axis=None))
+    if math.isnan(lo) or math.isnan(hi):  # rare: look again, ignoring NaN
+        return (float(np.fmin.reduce(x, axis=None)), float(np.fmax.reduce(x, axis=None)), True)
+    return (lo, hi, False)
 
 
 def _merge_ranges(ranges) -> tuple[float, float]:
-    lo = min((r[0] for r in ranges), default=math.inf)
-    hi = max((r[1] for r in ranges), default=-math.inf)
+    lo = min((r[0] for r in ranges if not math.isnan(r[0])), default=math.inf)
+    hi = max((r[1] for r in ranges if not math.isnan(r[1])), default=-math.inf)
     return lo, hi
 
 
@@ -337,7 +344,7 @@ def _mse_block(P, Y, W, PW, G, L, s, k):
 def _bce_block(P, Y, W, PW, G, L, s, k):
     # p' = clip(p, eps, 1 - eps);  l = -w [y log p' + (1 - y) log(1 - p')]
     # g = w (p' - y) / (p' (1 - p')) / D, the seed's -y/p + (1-y)/(1-p) over one denominator
-    ranges = (_min_max(P), _min_max(Y)) if k.validate else ((0, 0), (0, 0))
+    ranges = (_min_max(P), _min_max(Y)) if k.validate else (_NO_RANGE, _NO_RANGE)
     pc = s.get("pc", P.shape, k.cdt)
     np.clip(P, k.lo, k.hi, out=pc)
     total = 0.0
@@ -372,7 +379,7 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     # y' = y (1 - ls) + ls/2;  l = w [(1 - y') softplus(z) + pos_weight y' softplus(-z)]
     # g = w [(1 - y') sigmoid(z) - pos_weight y' sigmoid(-z)] / D   (= sigmoid(z) - y' unweighted)
     # Each term is non-negative, so nothing cancels: exact for every finite z.
-    yrange = _min_max(Y) if k.validate else (0, 0)
+    yrange = _min_max(Y) if k.validate else _NO_RANGE
     if k.smooth:
         ys = s.get("ys", Z.shape, k.cdt)
         np.multiply(Y, k.cdt(1 - k.smooth), out=ys)
@@ -422,7 +429,7 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.multiply(G, r, out=G)
         if W is not None:
             np.multiply(G, W, out=G)
-    return (total, (0, 0), yrange)
+    return (total, _NO_RANGE, yrange)
 
 
 _ELEMENTWISE = {"mse": _mse_block, "bce": _bce_block, "bce_with_logits": _bce_logits_block}
@@ -474,6 +481,14 @@ def _categorical(call):
 
     if N == 0:
         results = []
+    elif K == 0:  # no classes: every sum over k is empty, and any class index is invalid
+        per = np.zeros(sample_shape)
+        if call.labels:
+            counted = T != call.ignore_index if call.ignore_index is not None else True
+            per = np.where(counted, np.nan, 0.0)
+        if per_sample is not None:
+            per_sample[...] = per
+        results = [(float(np.sum(per)), _NO_RANGE, _NO_RANGE)]
     else:
 
         def work(i, scratch):
@@ -589,7 +604,7 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
     # g_k = sw/D (softmax_k Σ_j c_j - c_k)
     R, K = Z.shape
-    trange = _min_max(T) if k.validate else (0, 0)
+    trange = _min_max(T) if k.validate else _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
     m = np.maximum.reduce(Z, axis=1)
     S = s.get("S", (R, K), k.cdt)
@@ -624,15 +639,15 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
         np.subtract(E, om, out=E)
         np.multiply(E, gw, out=E)
-    return (total, (0, 0), trange)
+    return (total, _NO_RANGE, trange)
 
 
 def _cce_block(P, labels, swb, G, L, s, k):
     # p' = clip(p, eps, 1 - eps);  l = -cw[y] log p'_y ;  g = -sw cw[y] / (p'_y D) at k = y, else 0
     R, K = P.shape
-    prange = _min_max(P) if k.validate else (0, 0)
+    prange = _min_max(P) if k.validate else _NO_RANGE
     safe, cwy, w = _row_weights(labels, swb, k)
-    if math.isnan(prange[0]):  # NaN anywhere in a row propagates, even off the label's column
+    if prange[2]:  # NaN anywhere in a row propagates, even off the label's column
         w[np.isnan(P).any(axis=1)] = np.nan
     rows = np.arange(R)
     py = np.clip(P[rows, safe], k.lo, k.hi)
@@ -647,14 +662,14 @@ def _cce_block(P, labels, swb, G, L, s, k):
     if G is not None:
         G.fill(0)
         G[rows, safe] = -(c * k.gscale) / py
-    return (total, prange, (0, 0))
+    return (total, prange, _NO_RANGE)
 
 
 def _cce_probs_block(P, T, swb, G, L, s, k):
     # p' = clip(p, eps, 1 - eps);  l = -Σ_k cw_k t_k log p'_k ;  g_k = -sw cw_k t_k / (p'_k D)
     R, K = P.shape
-    prange = _min_max(P) if k.validate else (0, 0)
-    trange = _min_max(T) if k.validate else (0, 0)
+    prange = _min_max(P) if k.validate else _NO_RANGE
+    trange = _min_max(T) if k.validate else _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
     pc = s.get("pc", (R, K), k.cdt)
     np.clip(P, k.lo, k.hi, out=pc)

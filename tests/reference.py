@@ -62,22 +62,25 @@ def reference(
             cwy = (onehot * cw).sum(-1)
             ls = label_smoothing
             # PyTorch: (1 - ls) * cw[y] * nll + ls / K * sum_k cw_k * (-log p_k)
-            coef = (1 - ls) * cwy[..., None] * onehot + ls / K * cw
+            coef = (1 - ls) * cwy[..., None] * onehot + (ls / K if K else 0.0) * cw
             sample_w = sw * counted
             denom = (sample_w * cwy).sum()
         else:
             t = np.moveaxis(y.astype(np.float64), axis, -1)
             if loss == "cce_with_logits":
-                t = t * (1 - label_smoothing) + label_smoothing / K
+                t = t * (1 - label_smoothing) + (label_smoothing / K if K else 0.0)
             coef = cw * t
             sample_w = sw
             denom = sw.sum()
         if loss == "cce":
             logp = np.log(np.clip(z, eps, 1 - eps))
+        elif K == 0:
+            logp = z  # no classes: every sum over k is empty
         else:
             m = z.max(-1, keepdims=True)
             logp = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-        per = -(coef * logp).sum(-1)
+        with np.errstate(invalid="ignore"):  # a class with no weight adds 0, even at -inf
+            per = -np.where(coef == 0, 0.0, coef * logp).sum(-1)
         per = np.where(sample_w > 0, sample_w * per, 0.0)
     if reduction == "none":
         return per

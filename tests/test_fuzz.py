@@ -1,0 +1,184 @@
+"""Fuzzing every loss and entry point with random shapes, dtypes, values and options.
+
+Every outcome must be either a result that agrees with the float64 reference, or a TypeError /
+ValueError whose message names the argument at fault. No other exception, no warning (the test
+run turns warnings into errors), no modified input. GPULOSS_FUZZ_EXAMPLES sets the number of
+cases (default 10,000 in all).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import ALL, CATEGORICAL, reference
+
+import gpuloss as gl
+
+EXAMPLES = int(os.environ.get("GPULOSS_FUZZ_EXAMPLES", "10000"))
+ENTRY_POINTS = ("call", "grad", "value_and_grad")
+ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "ignore_index",
+             "label_smoothing", "axis", "eps", "reduction", "validate", "class indices",
+             "keyword argument")
+DTYPES = ("bool", "int8", "int32", "int64", "uint8", "float16", "float32", "float64",
+          "complex64", "object")
+VALUES = (0.0, 1.0, 0.5, 0.25, -0.5, 1.5, 2.0, -3.0, 7.0, 1e30, -1e30, 1e-40, -1e-40, 5e-324,
+          np.nan, np.inf, -np.inf, 0.999, 1e-7)
+
+
+@st.composite
+def arrays(draw, shape, dtype=None, values=VALUES):
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    size = int(np.prod(shape))
+    raw = np.array(draw(st.lists(st.sampled_from(values), min_size=size, max_size=size)),
+                   dtype=np.float64).reshape(shape)
+    if dtype == "object":
+        return raw.astype(object)
+    if dtype == "bool":
+        return raw > 0.5
+    with np.errstate(all="ignore"):
+        if np.dtype(dtype).kind in "iu":
+            return np.nan_to_num(raw, posinf=5, neginf=-5).clip(-5, 5).astype(dtype)
+        return raw.astype(dtype)
+
+
+@st.composite
+def cases(draw):
+    loss = draw(st.sampled_from(ALL))
+    entry = draw(st.sampled_from(ENTRY_POINTS))
+    ndim = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(0, 3), min_size=ndim, max_size=ndim)))
+    well_formed = draw(st.integers(0, 3)) > 0  # mostly valid dtypes and shapes
+    pred_dtype = draw(st.sampled_from(("float16", "float32", "float64"))) if well_formed else None
+    pred = draw(arrays(shape, pred_dtype))
+    opts = {}
+    axis = -1
+    if loss in CATEGORICAL and ndim and draw(st.booleans()):
+        axis = draw(st.integers(-ndim - 1, ndim))
+        opts["axis"] = axis
+    if loss in CATEGORICAL and ndim and -ndim <= axis < ndim:
+        K = shape[axis]
+        sample_shape = shape[: axis % ndim] + shape[axis % ndim + 1 :]
+        if draw(st.booleans()):
+            tdtype = draw(st.sampled_from(("int32", "int64"))) if well_formed else None
+            labels = np.array(draw(st.lists(st.integers(-2, K + 1), min_size=int(np.prod(
+                sample_shape)), max_size=int(np.prod(sample_shape)))), dtype=np.int64)
+            target = labels.reshape(sample_shape).astype(tdtype or "int64")
+            if not well_formed:
+                target = draw(arrays(sample_shape))
+            if draw(st.booleans()):
+                opts["ignore_index"] = draw(st.sampled_from([-100, -1, 0, 1, 1.5, None]))
+        else:
+            target = draw(arrays(shape, "float64" if well_formed else None,
+                                 values=(0.0, 1.0, 0.5, 0.25, 1.5, -0.5, np.nan)))
+        if draw(st.booleans()):
+            cw_shape = (K,) if well_formed else draw(st.sampled_from([(K,), (K + 1,), ()]))
+            opts["class_weight"] = draw(arrays(cw_shape, "float64", values=(1.0, 0.5, 2.0, 0.0,
+                                                                           -1.0, np.nan)))
+        wshape_pool = [sample_shape, sample_shape[-1:], (), (7,)]
+    else:
+        target = draw(arrays(shape if well_formed else draw(st.sampled_from([shape, (5,)])),
+                             None))
+        wshape_pool = [shape, shape[-1:], (), (7,)]
+    if draw(st.booleans()):
+        opts["sample_weight"] = draw(arrays(draw(st.sampled_from(wshape_pool)),
+                                            draw(st.sampled_from(("float64", "float32",
+                                                                  "int64", "complex64"))),
+                                            values=(1.0, 0.5, 2.0, 0.0, -1.0, np.nan, 1e30)))
+    if loss == "bce_with_logits" and draw(st.booleans()):
+        opts["pos_weight"] = draw(arrays(draw(st.sampled_from([shape[-1:], (), (7,)])),
+                                         "float64", values=(1.0, 2.0, 0.0, -1.0, np.nan)))
+    if loss in ("bce_with_logits", "cce_with_logits") and draw(st.booleans()):
+        opts["label_smoothing"] = draw(st.sampled_from([0.0, 0.1, 1.0, -0.1, 1.5, np.nan, "x"]))
+    if loss in ("bce", "cce") and draw(st.booleans()):
+        opts["eps"] = draw(st.sampled_from([None, 1e-7, 1e-3, 0.0, 0.5, -1.0, np.nan]))
+    if draw(st.booleans()):
+        opts["reduction"] = draw(st.sampled_from(["mean", "sum", "none", "avg", None, 3]))
+    if draw(st.integers(0, 4)) == 0:
+        opts["validate"] = draw(st.sampled_from([False, True, 1]))
+    if draw(st.integers(0, 20)) == 0:
+        opts["not_an_option"] = 1
+    return loss, entry, pred, target, opts
+
+
+def _run(loss, entry, pred, target, opts):
+    fn = gl.LOSSES[loss]
+    if entry == "call":
+        return fn(pred, target, **opts), None
+    if entry == "grad":
+        return None, fn.grad(pred, target, **opts)
+    return fn.value_and_grad(pred, target, **opts)
+
+
+def _valid_domain(loss, pred, target, opts):
+    """True when validate=True would accept these values (so the reference applies)."""
+    p = pred.astype(np.float64)
+    ok = True
+    for key in ("sample_weight", "pos_weight", "class_weight"):
+        w = opts.get(key)
+        if w is not None and w.size:
+            ok &= bool(np.all(w.astype(np.float64) >= 0))
+    if loss in ("bce", "cce"):
+        ok &= not bool(np.any((p < 0) | (p > 1)))
+    if loss in ("bce", "bce_with_logits"):
+        t = target.astype(np.float64)
+        ok &= not bool(np.any((t < 0) | (t > 1)))
+    if loss in CATEGORICAL:
+        if target.dtype.kind == "f":
+            ok &= not bool(np.any((target < 0) | (target > 1)))
+        else:
+            K = pred.shape[opts.get("axis", -1)]
+            counted = target != opts.get("ignore_index", object())
+            ok &= not bool(np.any(((target < 0) | (target >= K)) & counted))
+    return ok
+
+
+def _compare(got, want, dtype):
+    got = np.asarray(got, np.float64)
+    with np.errstate(all="ignore"):
+        want = np.asarray(want, np.float64).astype(dtype).astype(np.float64)  # what fits
+    rtol = {"float16": 5e-3, "float32": 1e-4, "float64": 1e-9}[np.dtype(dtype).name]
+    finite = np.isfinite(want) & np.isfinite(got)
+    scale = float(np.abs(want[finite]).max()) if finite.any() else 0.0
+    if np.dtype(dtype) == np.float16:
+        scale = max(scale, 1.0)  # float16 computes in float32 but stores in float16
+    np.testing.assert_allclose(got[finite], want[finite], rtol=rtol, atol=rtol * scale)
+    # infinities and NaN where the reference has them (a float32 overflow may add inf)
+    assert np.array_equal(np.isnan(want) & ~np.isinf(got), np.isnan(got) & ~np.isinf(want))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(cases())
+def test_fuzz_every_loss_and_entry_point(case):
+    loss, entry, pred, target, opts = case
+    inputs = [pred, target, *[v for v in opts.values() if isinstance(v, np.ndarray)]]
+    copies = [a.copy() for a in inputs]
+    try:
+        value, grad = _run(loss, entry, pred, target, opts)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        assert any(name in message for name in ARG_NAMES), message
+        outcome = "error"
+    else:
+        outcome = "result"
+    for before, after in zip(copies, inputs):
+        assert before.shape == after.shape and before.tobytes() == after.tobytes(), \
+            "an input was modified"
+    if outcome == "error":
+        return
+    # a result: inputs were well-formed; check it against the reference where it applies
+    assert pred.dtype.kind == "f"
+    if grad is not None:
+        assert grad.shape == pred.shape and grad.dtype == pred.dtype
+    validate = opts.get("validate", True)
+    if validate and not _valid_domain(loss, pred, target, opts):
+        pytest.fail("validate=True accepted out-of-domain values")
+    if value is not None and _valid_domain(loss, pred, target, opts):
+        kw = {k: v for k, v in opts.items() if k not in ("validate",)}
+        with np.errstate(all="ignore"):
+            want = reference(loss, pred, target, **kw)
+        _compare(value, want, pred.dtype)
