@@ -86,6 +86,20 @@ def reference(
         return per
     if reduction == "sum":
         return per.sum()
+    if sample_weight is not None or class_weight is not None:
+        # the mean does not depend on the weights' scale: take it out, so that subnormal
+        # weights (5e-324 * l rounds) do not skew the reference itself
+        scaled = {k: v for k, v in dict(sample_weight=sample_weight,
+                                         class_weight=class_weight).items() if v is not None}
+        tops = {k: float(np.max(v)) for k, v in scaled.items() if np.size(v)}
+        if any(0 < t < 1e-250 or t > 1e250 for t in tops.values()):
+            kwargs = dict(sample_weight=sample_weight, pos_weight=pos_weight,
+                          class_weight=class_weight, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, axis=axis, eps=eps)
+            for k, t in tops.items():
+                if t > 0:
+                    kwargs[k] = np.asarray(scaled[k], np.float64) / t
+            return reference(loss, pred, target, reduction="mean", **kwargs)
     return per.sum() / denom if denom > 0 else np.nan
 
 
