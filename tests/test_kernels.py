@@ -384,10 +384,18 @@ def test_kernels_raise_the_same_errors(runtime):
                   pos_weight=np.array([1, np.nan, 1.0]))
     with pytest.raises(ValueError, match="target must hold probabilities"):
         _emulated(runtime, "cce", np.full((2, 3), 0.3), np.full((2, 3), 1.5))
-    # validate=False: NaN for the bad label, no error, no out-of-bounds read
-    per, _ = _emulated(runtime, "cce_with_logits", np.zeros((3, 4)), np.array([0, 7, 1]),
-                       reduction="none", validate=False)
-    assert np.isnan(per[1]) and np.isfinite(per[[0, 2]]).all()
+    # the boundaries: K itself and -1 are out of range
+    for loss in CATEGORICAL:
+        for bad in (4, -1):
+            with pytest.raises(ValueError, match="class indices"):
+                _emulated(runtime, loss, np.full((3, 4), 0.25), np.array([0, bad, 3]))
+    # validate=False: NaN for the bad labels, no error, no out-of-bounds read
+    for loss in CATEGORICAL:
+        per, grad = _emulated(runtime, loss, np.full((4, 4), 0.25), np.array([0, 7, 4, -1]),
+                              reduction="none", validate=False,
+                              class_weight=np.ones(4))
+        assert np.isnan(per[1:]).all() and np.isfinite(per[0])
+        assert np.isnan(grad[1:]).any(axis=1).all() and np.isfinite(grad[0]).all()
 
 
 @pytest.mark.parametrize("loss", ALL)
