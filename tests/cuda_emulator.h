@@ -36,6 +36,8 @@ struct GlEmuBlock {
     std::vector<uint64_t> slots;  // one 8-byte slot per thread
 };
 inline GlEmuBlock* gl_emu_block = nullptr;
+// set when a kernel does something a GPU would not define (e.g. a partial shuffle mask)
+inline std::atomic<int> gl_emu_fault{0};
 
 inline void __syncthreads() { gl_emu_block->block->arrive_and_wait(); }
 
@@ -57,14 +59,16 @@ inline T gl_emu_exchange(T v, int src_lane) {
 }
 
 template <typename T>
-inline T __shfl_down_sync(unsigned, T v, int offset) {
+inline T __shfl_down_sync(unsigned mask, T v, int offset) {
+    if (mask != 0xffffffffu) gl_emu_fault = 1;  // every lane of our warps takes part
     int lane = threadIdx.x % 32;
     int src = lane + offset < 32 ? lane + offset : lane;
     return gl_emu_exchange(v, src);
 }
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int mask) {
+inline T __shfl_xor_sync(unsigned members, T v, int mask) {
+    if (members != 0xffffffffu) gl_emu_fault = 1;
     int lane = threadIdx.x % 32;
     return gl_emu_exchange(v, lane ^ mask);
 }
@@ -85,7 +89,8 @@ void gl_emu_call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
 }
 
 template <typename... A>
-void gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** args) {
+int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** args) {
+    gl_emu_fault = 0;
     gridDim.x = grid;
     blockDim.x = threads;
     for (unsigned b = 0; b < grid; ++b) {
@@ -107,4 +112,5 @@ void gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void**
         for (auto& th : pool) th.join();
         gl_emu_block = nullptr;
     }
+    return gl_emu_fault.load();
 }

@@ -80,8 +80,8 @@ def emulator_source() -> str:
     parts = ['#include "cuda_emulator.h"', _cuda_backend.kernel_source(), MATH_WRAPPERS]
     for i, name in enumerate(_cuda_backend.all_kernel_names()):
         parts.append(
-            f'extern "C" void gl_emu_k{i}(unsigned g, unsigned t, void** a) '
-            f"{{ gl_emu_launch(&{name}, g, t, a); }}"
+            f'extern "C" int gl_emu_k{i}(unsigned g, unsigned t, void** a) '
+            f"{{ return gl_emu_launch(&{name}, g, t, a); }}"
         )
     return "\n".join(parts) + "\n"
 
@@ -139,6 +139,7 @@ class EmulatorRuntime:
 
     def kernel(self, name: str, x):
         fn = getattr(self.lib, f"gl_emu_k{self.index[name]}")
+        fn.restype = ctypes.c_int
 
         def launch(grid, block, args):
             self.launches.append(name)
@@ -153,6 +154,9 @@ class EmulatorRuntime:
                     a = np.asarray(a)
                     holders.append(_CTYPE[a.dtype](a.item()))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-            fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+            fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+            if fault:
+                msg = f"{name}: the emulator saw an operation a GPU leaves undefined"
+                raise RuntimeError(msg)
 
         return launch
