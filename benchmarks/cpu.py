@@ -95,14 +95,22 @@ def torch_fns():
 
 
 def median_ms(fn, repeat, warmup=2):
+    return interleaved_ms({"f": fn}, repeat, warmup)["f"]
+
+
+def interleaved_ms(fns: dict, repeat: int, warmup: int = 2) -> dict:
+    """Median milliseconds of each function, timed in rounds (one call of each per round) so
+    that a noisy, shared machine's slow spells hit every contender alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(repeat):
@@ -138,7 +146,7 @@ def inputs(loss, rng):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--losses", nargs="*", default=list(gl.LOSSES))
     args = ap.parse_args(argv)
@@ -152,8 +160,15 @@ def main(argv=None):
     for loss in args.losses:
         p, y, floor_bytes = inputs(loss, rng)
         fn = gl.LOSSES[loss]
-        ours = median_ms(lambda: fn.value_and_grad(p, y), args.repeat)
-        naive = median_ms(lambda: NAIVE[loss](p, y), args.repeat)
+        contenders = {
+            "ours": lambda: fn.value_and_grad(p, y),
+            "naive": lambda: NAIVE[loss](p, y),
+        }
+        if torch is not None:
+            tp, ty = torch.from_numpy(p), torch.from_numpy(y)
+            contenders["torch"] = lambda: torch_impl[loss](tp, ty)
+        ms = interleaved_ms(contenders, args.repeat)
+        ours, naive = ms["ours"], ms["naive"]
         row = {
             "loss": loss,
             "op": "value_and_grad",
@@ -166,8 +181,7 @@ def main(argv=None):
         row["fraction_of_floor"] = round(row["floor_ms"] / ours, 3)
         row["speedup_vs_naive"] = round(naive / ours, 2)
         if torch is not None:
-            tp, ty = torch.from_numpy(p), torch.from_numpy(y)
-            row["torch_ms"] = round(median_ms(lambda: torch_impl[loss](tp, ty), args.repeat), 3)
+            row["torch_ms"] = round(ms["torch"], 3)
             row["speedup_vs_torch"] = round(row["torch_ms"] / ours, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _api
+from . import _api, _pool
 
 _NO_RANGE = (0.0, 0.0, False)  # a range that was not checked
 BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a block's
@@ -48,16 +48,16 @@ def _num_threads() -> int:
         return os.cpu_count() or 1
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_executor_now: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss")
-        return _pool
+    global _executor_now
+    with _executor_lock:
+        if _executor_now is None or _executor_now._max_workers != workers:
+            _executor_now = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss")
+        return _executor_now
 
 
 def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list:
@@ -246,9 +246,9 @@ def _elementwise(call):
     # Fortran-ordered data: work on transposed views so that blocks are contiguous runs.
     flip = p.ndim > 1 and p.flags.f_contiguous and not p.flags.c_contiguous
     order = "F" if flip else "C"
-    grad = np.empty(shape, p.dtype, order=order) if call.want_grad else None
+    grad = _pool.empty(shape, p.dtype, order=order) if call.want_grad else None
     per_elem = (
-        np.empty(shape, p.dtype, order=order)
+        _pool.empty(shape, p.dtype, order=order)
         if call.want_value and call.reduction == "none"
         else None
     )
@@ -469,10 +469,12 @@ def _categorical(call):
         denom = float(N)
     gscale = _grad_scale(call, denom)
 
-    grad = np.empty(p.shape, p.dtype) if call.want_grad else None
+    grad = _pool.empty(p.shape, p.dtype) if call.want_grad else None
     G = None if grad is None else np.moveaxis(grad, call.axis, -1)
     per_sample = (
-        np.empty(sample_shape, p.dtype) if call.want_value and call.reduction == "none" else None
+        _pool.empty(sample_shape, p.dtype)
+        if call.want_value and call.reduction == "none"
+        else None
     )
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw)

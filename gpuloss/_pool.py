@@ -1,0 +1,85 @@
+"""Reuse of large output buffers on the CPU.
+
+A fresh multi-megabyte array costs the kernel a page fault and a page of zeros for every
+4 KiB (or 2 MiB) it touches: for a 64 MB gradient that is about as long as reading the inputs.
+A training loop asks for a gradient of the same size again and again, so the buffers of
+gradients the caller has dropped are kept (up to GPULOSS_POOL_BYTES, default 1 GiB; 0
+disables) and handed out again, already mapped.
+
+A buffer is reused only when nothing refers to it any more: every NumPy view of an array,
+however derived, holds a reference to the array that owns the memory (NumPy collapses `.base`
+to the owner), so the owner's reference count says whether any view is alive.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+
+MIN_BYTES = 1 << 20  # below this, malloc is cheap and the pool would only hold memory
+_lock = threading.Lock()
+_owners: list[np.ndarray] = []  # uint8 arrays owned by the pool
+
+
+# The liveness test reads CPython reference counts; elsewhere (PyPy, free-threaded builds,
+# where counts are deferred or split between threads) the pool stays off.
+_COUNTS_ARE_EXACT = sys.implementation.name == "cpython" and getattr(
+    sys, "_is_gil_enabled", lambda: True
+)()
+
+
+def _limit() -> int:
+    if not _COUNTS_ARE_EXACT:
+        return 0
+    return int(os.environ.get("GPULOSS_POOL_BYTES", 1 << 30))
+
+
+def _is_free(i: int) -> bool:
+    """Whether only the pool refers to _owners[i] (the list and getrefcount's argument)."""
+    return sys.getrefcount(_owners[i]) <= 2
+
+
+def empty(shape, dtype, order="C") -> np.ndarray:
+    """Like np.empty, but large arrays reuse the memory of dropped ones."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    limit = _limit()
+    if nbytes < MIN_BYTES or nbytes > limit:
+        return np.empty(shape, dtype, order=order)
+    with _lock:
+        owner = None
+        for i in range(len(_owners)):
+            if _owners[i].nbytes == nbytes and _is_free(i):
+                owner = _owners[i]
+                break
+        if owner is None:
+            owner = np.empty(nbytes, np.uint8)
+            _owners.append(owner)
+            _trim(limit)
+    flat = owner.view(dtype)
+    if order == "F":
+        return flat.reshape(shape[::-1]).T
+    return flat.reshape(shape)
+
+
+def _trim(limit: int) -> None:
+    """Forget free buffers, oldest first, while the pool holds more than `limit` bytes."""
+    total = sum(o.nbytes for o in _owners)
+    i = 0
+    while total > limit and i < len(_owners):
+        if _is_free(i):
+            total -= _owners[i].nbytes
+            del _owners[i]
+        else:
+            i += 1
+
+
+def clear() -> None:
+    """Drop every free buffer (the ones in use stay with their arrays)."""
+    with _lock:
+        for i in reversed(range(len(_owners))):
+            if _is_free(i):
+                del _owners[i]
