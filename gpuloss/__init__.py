@@ -8,11 +8,13 @@
 
 from ._dispatch import preferred_namespace
 from ._losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
+from ._streaming import StreamingLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LOSSES",
+    "StreamingLoss",
     "__version__",
     "bce",
     "bce_with_logits",

@@ -26,6 +26,8 @@ class Call:
 
     `axis` is non-negative and only meaningful for cce*; `labels` says that a cce* target
     holds class indices; `eps` is resolved to a number for bce/cce and None otherwise.
+    With `parts` (always with reduction "mean") the value is the float64 pair
+    [Σ w·l, Σ of the mean's weights], the state that streaming and Dask add up.
     """
 
     loss: str
@@ -43,6 +45,7 @@ class Call:
     labels: bool = False
     want_value: bool = True
     want_grad: bool = False
+    parts: bool = False  # return [Σ w·l, the mean's denominator] (float64) as the value
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -160,7 +163,7 @@ def _check_ignore_index(ignore_index):
     return int(ignore_index)
 
 
-def prepare(loss, pred, target, options, *, want_value, want_grad) -> Call:
+def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
     """Check every argument that can be checked without reading the data."""
     pred = _dispatch.as_array(pred, "pred")
     xp_pred = None if isinstance(pred, np.ndarray) else _dispatch.array_namespace(pred, {})
@@ -264,10 +267,11 @@ def prepare(loss, pred, target, options, *, want_value, want_grad) -> Call:
         loss=loss,
         pred=pred,
         target=target,
-        reduction=reduction,
+        reduction="mean" if parts else reduction,
         validate=validate,
         want_value=want_value,
         want_grad=want_grad,
+        parts=parts,
         **fields,
     )
 

@@ -209,13 +209,18 @@ def _outputs(cp, call, shape_none):
 def _finish(rt, call, partials, nblocks, denom, denom_dev):
     if not (call.want_value and call.reduction != "none"):
         return None
-    out = rt.xp.empty((), call.pred.dtype)
-    rt.kernel(finish_name(call.pred.dtype), call.pred)(
+    # with parts: the float64 sum, then [sum, denominator], all on the device
+    dtype = _F64 if call.parts else call.pred.dtype
+    out = rt.xp.empty((), dtype)
+    rt.kernel(finish_name(dtype), call.pred)(
         (1,),
         (BLOCK_THREADS,),
-        (partials, np.int32(nblocks), np.int32(call.reduction == "mean"), np.float64(denom),
-         denom_dev, _raw(out)),
+        (partials, np.int32(nblocks), np.int32(call.reduction == "mean" and not call.parts),
+         np.float64(denom), denom_dev, _raw(out)),
     )
+    if call.parts:
+        d = denom_dev * denom if isinstance(denom_dev, rt.xp.ndarray) else rt.xp.full(1, denom)
+        return rt.xp.concatenate([out.reshape(1), d.astype(_F64).reshape(1)])
     return out
 
 

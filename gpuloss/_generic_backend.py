@@ -30,7 +30,7 @@ def _compute(call: _api.Call):
     else:
         value, grad = _elementwise(call, xp, cdt)
     dtype = call.pred.dtype
-    if value is not None:
+    if value is not None and not call.parts:
         value = xp.astype(value, dtype)
     if grad is not None:
         grad = xp.astype(grad, dtype)
@@ -64,14 +64,16 @@ def _reduce(call, xp, per_item, weight_sum):
     if call.reduction == "none":
         return per_item
     total = xp.sum(xp.astype(per_item, xp.float64))
+    if call.parts:
+        return xp.stack([total, xp.astype(weight_sum, xp.float64)])
     return total if call.reduction == "sum" else total / weight_sum
 
 
 def _for_mean(call, xp, w):
     """Weights rescaled by their maximum when they would under- or overflow in float32 (the
     mean does not change; see the NumPy backend)."""
-    if w is None or call.reduction != "mean" or math.prod(w.shape) == 0:
-        return w
+    if w is None or call.reduction != "mean" or call.parts or math.prod(w.shape) == 0:
+        return w  # partial states keep the weights' own scale, so that they add up
     top = float(xp.max(w))
     if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
         return w / top

@@ -177,8 +177,8 @@ def _for_mean(w: np.ndarray, call) -> np.ndarray:
 
     The mean Σ w l / Σ w does not change, but w l stays representable (weights of 1e-200
     would otherwise round to 0 and turn the mean into 0 / 1e-200)."""
-    if call.reduction != "mean" or w.size == 0:
-        return w
+    if call.reduction != "mean" or call.parts or w.size == 0:
+        return w  # partial states keep the weights' own scale, so that they add up
     top = float(np.max(w))
     if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
         return w / top
@@ -196,7 +196,9 @@ def _finish(call, total: float, denom: float, grad, per_sample):
     """Package the value (0-d array or per-sample array) and gradient in pred's dtype."""
     dtype = call.pred.dtype
     value = None
-    if call.want_value:
+    if call.parts:
+        value = np.array([total, denom], dtype=_F64)
+    elif call.want_value:
         if call.reduction == "none":
             value = per_sample
         elif call.reduction == "sum":

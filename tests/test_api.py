@@ -12,8 +12,8 @@ import pytest
 import gpuloss as gl
 from gpuloss import _losses
 
-PUBLIC = ("LOSSES", "__version__", "bce", "bce_with_logits", "cce", "cce_with_logits", "mse",
-          "preferred_namespace")
+PUBLIC = ("LOSSES", "StreamingLoss", "__version__", "bce", "bce_with_logits", "cce",
+          "cce_with_logits", "mse", "preferred_namespace")
 
 
 def test_all_is_sorted_and_lists_every_public_name():
@@ -55,7 +55,7 @@ def test_docstrings_carry_the_math_and_the_gradient_scale(name):
 
 def _doctests():
     finder = doctest.DocTestFinder()
-    tests = finder.find(gl, "gpuloss")
+    tests = finder.find(gl, "gpuloss") + finder.find(gl.StreamingLoss, "gpuloss.StreamingLoss")
     for fn in gl.LOSSES.values():
         tests += finder.find(fn.__doc__, f"gpuloss.{fn.name}", globs={})
     return [t for t in tests if t.examples]
