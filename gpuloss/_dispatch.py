@@ -59,6 +59,8 @@ def array_namespace(pred, others: dict):
     for name, arr in others.items():
         if arr is None:
             continue
+        if lib == "dask" and name != "target" and library_name(arr) == "numpy":
+            continue  # small NumPy weights go along with every chunk
         if library_name(arr) != lib:
             msg = (
                 f"Arrays from different libraries in one call: pred is a {lib} array, "
@@ -84,6 +86,8 @@ def backend_for(pred):
     """
     if isinstance(pred, np.ndarray):
         return importlib.import_module("gpuloss._numpy_backend").compute
+    if array_api_compat.is_dask_array(pred):
+        return importlib.import_module("gpuloss._dask_backend").compute
     if array_api_compat.is_cupy_array(pred):
         return importlib.import_module("gpuloss._cuda_backend").compute
     if _on_cuda(pred):
