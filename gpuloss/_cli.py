@@ -2,13 +2,24 @@
 
     gpuloss demo    all five losses with gradients on generated data, on the best device
                     here, each cross-checked against a second implementation, as a table
+    gpuloss score   a loss over files (.npy, file.npz:key, file.parquet:column), streamed
+                    in chunks through the chosen device, so files larger than memory work
+    gpuloss info    versions, backends, GPU and driver, kernel folders
+    gpuloss bench   the benchmarks for this device
+
+Exit status: 0 on success, 2 with a one-line message (no traceback) for a missing file, an
+unknown loss, a shape mismatch, a bad option or a domain error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -100,15 +111,261 @@ def demo(args) -> int:
     return 1 if failures else 0
 
 
+
+# ---------------------------------------------------------------------------------------------
+# score
+
+
+class UsageError(ValueError):
+    """A mistake in the command line: reported in one line, exit status 2."""
+
+
+def _device(choice: str):
+    from . import preferred_namespace
+
+    if choice == "cpu":
+        return np, "cpu"
+    xp = preferred_namespace()
+    if choice == "cuda" and xp is np:
+        raise UsageError("--device cuda: no usable CUDA GPU here (CuPy missing, no driver or "
+                         "no device); use --device cpu")
+    if xp is np:
+        return np, "cpu"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return xp, f"cuda ({props['name'].decode()})"
+
+
+def _load_small(spec, name):
+    from . import _io
+
+    src = _io.open_input(spec, name)
+    try:
+        return src.read(0, src.rows) if src.shape else src.read(0, 1)
+    finally:
+        src.close()
+
+
+def score(args) -> int:
+    from . import LOSSES, StreamingLoss, _io
+
+    fn = LOSSES[args.loss]
+    pred = _io.open_input(args.pred, "pred")
+    target = _io.open_input(args.target, "target")
+    sources = [pred, target]
+    tmp_out = None
+    try:
+        if pred.rows != target.rows:
+            raise UsageError(f"Shape mismatch: pred has {pred.rows} rows ({args.pred}), target "
+                             f"has {target.rows} rows ({args.target}).")
+        opts = {}
+        for flag, key in (("class_weight", "class_weight"), ("pos_weight", "pos_weight")):
+            if getattr(args, flag) is not None:
+                opts[key] = _load_small(getattr(args, flag), key)
+        for key in ("ignore_index", "label_smoothing", "axis", "eps"):
+            value = getattr(args, key)
+            if value is not None:
+                opts[key] = value
+        if not args.validate:
+            opts["validate"] = False
+        unknown = sorted(set(opts) - set(fn.options))
+        if unknown:
+            flag = "--" + unknown[0].replace("_", "-")
+            raise UsageError(f"{flag} does not apply to {args.loss}")
+        weight = None
+        if args.sample_weight is not None:
+            weight = _io.open_input(args.sample_weight, "sample_weight")
+            sources.append(weight)
+            if weight.rows != pred.rows:  # not one weight per row: broadcast it whole
+                weight_all, weight = _load_small(args.sample_weight, "sample_weight"), None
+            else:
+                weight_all = None
+        reduction = args.reduction
+        if reduction == "none" and args.per_sample is None:
+            raise UsageError("--reduction none needs --per-sample OUT.npy to write to")
+        xp, device = _device(args.device)
+        stream = StreamingLoss(fn, reduction="sum" if reduction == "none" else reduction,
+                               **opts)
+        per_sample = None
+        rows = pred.rows
+        chunk = max(1, args.chunk_size)
+        start_time = time.perf_counter()
+        progress = _progress(rows)
+        n_loss = 0
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            p = xp.asarray(pred.read(start, stop))
+            t = xp.asarray(target.read(start, stop))
+            w = None
+            if weight is not None:
+                w = xp.asarray(weight.read(start, stop))
+            elif args.sample_weight is not None:
+                w = xp.asarray(weight_all)
+            stream.update(p, t, sample_weight=w)
+            if args.per_sample is not None:
+                per = fn(p, t, reduction="none", sample_weight=w, **opts)
+                if per_sample is None:
+                    tmp_out = f"{args.per_sample}.tmp-{os.getpid()}"
+                    per_sample = np.lib.format.open_memmap(
+                        tmp_out, mode="w+", dtype=per.dtype, shape=(rows, *per.shape[1:]))
+                per_sample[start:stop] = per.get() if hasattr(per, "get") else per
+            n_loss += _count(fn.name, p, opts)
+            if progress is not None:
+                progress.update(stop - start)
+        value = float(stream.compute())
+        seconds = time.perf_counter() - start_time
+        if progress is not None:
+            progress.close()
+        if per_sample is not None:
+            per_sample.flush()
+            del per_sample
+            os.replace(tmp_out, args.per_sample)  # complete, or not there at all
+            tmp_out = None
+    finally:
+        for src in sources:
+            src.close()
+        if tmp_out is not None and os.path.exists(tmp_out):
+            os.remove(tmp_out)
+    if args.json:
+        print(json.dumps({"loss": value if math.isfinite(value) else None, "n": n_loss,
+                          "device": device, "seconds": round(seconds, 6)}))
+    else:
+        label = f"{args.loss} ({'sum' if reduction == 'none' else reduction})"
+        print(f"{'loss':10s} {label}\n{'value':10s} {value:.10g}\n{'n':10s} {n_loss}\n"
+              f"{'device':10s} {device}\n{'seconds':10s} {seconds:.3f}")
+        if args.per_sample:
+            print(f"{'per-sample':10s} {args.per_sample}")
+    return 0
+
+
+def _count(loss, p, opts):
+    """Loss elements in a chunk: every element (mse, bce*) or every sample (cce*)."""
+    if loss.startswith("cce"):
+        return int(np.prod(p.shape)) // max(1, p.shape[opts.get("axis", -1)])
+    return int(np.prod(p.shape))
+
+
+def _progress(rows):
+    """A progress bar on stderr that shows only for runs over a second."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=rows, unit="rows", file=sys.stderr, delay=1.0, dynamic_ncols=True,
+                leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# info and bench
+
+
+def info(args) -> int:
+    import array_api_compat
+
+    from . import __version__, _cuda_backend
+
+    lines = [("gpuloss", __version__), ("python", sys.version.split()[0]),
+             ("numpy", np.__version__), ("array-api-compat", array_api_compat.__version__)]
+    gpu = "none"
+    try:
+        import cupy
+
+        lines.append(("cupy", cupy.__version__))
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+            names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
+                     for i in range(count)]
+            driver = cupy.cuda.runtime.driverGetVersion()
+            gpu = f"{', '.join(names)} (driver {driver // 1000}.{driver % 1000 // 10})"
+        except Exception as exc:  # no driver, no device: say why
+            gpu = f"none usable ({type(exc).__name__}: {str(exc)[:80]})"
+    except ImportError:
+        lines.append(("cupy", "not installed"))
+    for mod in ("torch", "dask", "pyarrow"):
+        try:
+            lines.append((mod, __import__(mod).__version__))
+        except ImportError:
+            lines.append((mod, "not installed"))
+    backends = ["numpy (CPU)", "generic array API"]
+    if not gpu.startswith("none"):
+        backends.append("cuda (CuPy kernels)")
+    lines += [("backends", ", ".join(backends)), ("gpu", gpu),
+              ("kernel sources", str(_cuda_backend.kernel_dir())),
+              ("kernel cache", os.environ.get("CUPY_CACHE_DIR",
+                                              str(Path.home() / ".cupy" / "kernel_cache")))]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:{width}s}  {value}")
+    return 0
+
+
+def bench(args) -> int:
+    from . import preferred_namespace
+
+    if preferred_namespace() is np:
+        from ._bench_cpu import main as run
+    else:
+        from ._bench_gpu import main as run
+    return run(args.bench_args)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"gpuloss: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gpuloss", description="Fused losses and gradients.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import LOSSES
+
+    parser = _Parser(prog="gpuloss", description="Fused losses and gradients.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p_demo = sub.add_parser("demo", help="all five losses with gradients, cross-checked")
     p_demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    p_score = sub.add_parser("score", help="a loss over files, streamed in chunks")
+    p_score.add_argument("loss", choices=list(LOSSES))
+    p_score.add_argument("pred", help="predictions: FILE.npy, FILE.npz:KEY or FILE.parquet:COLUMN")
+    p_score.add_argument("target", help="targets, same forms")
+    p_score.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
+    p_score.add_argument("--sample-weight", metavar="FILE")
+    p_score.add_argument("--class-weight", metavar="FILE")
+    p_score.add_argument("--pos-weight", metavar="FILE")
+    p_score.add_argument("--ignore-index", type=int)
+    p_score.add_argument("--label-smoothing", type=float)
+    p_score.add_argument("--axis", type=int)
+    p_score.add_argument("--eps", type=float)
+    p_score.add_argument("--no-validate", dest="validate", action="store_false",
+                         help="skip the domain checks (bad values give NaN)")
+    p_score.add_argument("--chunk-size", type=int, default=1 << 20, metavar="ROWS",
+                         help="rows per chunk (default 1048576)")
+    p_score.add_argument("--per-sample", metavar="OUT.npy",
+                         help="write the per-sample losses (reduction 'none') here")
+    p_score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p_score.add_argument("--json", action="store_true",
+                         help='print {"loss", "n", "device", "seconds"}')
+    p_score.set_defaults(func=score)
+
+    p_info = sub.add_parser("info", help="versions, backends, GPU, kernel folders")
+    p_info.set_defaults(func=info)
+    p_bench = sub.add_parser("bench", help="the benchmarks for this device (options: "
+                             "gpuloss bench --help)", add_help=False)
+    p_bench.set_defaults(func=bench)
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra  # the benchmark's own options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"gpuloss: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

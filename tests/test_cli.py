@@ -31,3 +31,192 @@ def test_unknown_command_exits_2():
     with pytest.raises(SystemExit) as exc:
         _cli.main(["frobnicate"])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# gpuloss score / info / bench
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from conftest import make_inputs, require  # noqa: E402
+from reference import ALL, CATEGORICAL  # noqa: E402
+
+import gpuloss as gl  # noqa: E402
+
+
+def _score(capsys, *argv):
+    code = _cli.main(["score", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _files(tmp_path, loss, rows=1000, labels=True):
+    rng = np.random.default_rng(0)
+    pred, target = make_inputs(loss, rng, (rows, 5), dtype=np.float32, labels=labels)
+    if target.dtype.kind == "f":
+        target = target.astype(np.float32)
+    np.save(tmp_path / "pred.npy", pred)
+    np.save(tmp_path / "target.npy", target)
+    return pred, target, tmp_path / "pred.npy", tmp_path / "target.npy"
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_score_streams_to_the_in_memory_result(tmp_path, capsys, loss):
+    pred, target, p, t = _files(tmp_path, loss)
+    code, out, err = _score(capsys, loss, p, t, "--chunk-size", 77, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"loss", "n", "device", "seconds"}
+    assert result["device"] == "cpu" or result["device"].startswith("cuda")
+    assert result["n"] == (1000 if loss in CATEGORICAL else 5000)
+    np.testing.assert_allclose(result["loss"], gl.LOSSES[loss](pred.astype(np.float64),
+                                                              target), rtol=1e-6)
+
+
+def test_score_options_weights_and_per_sample_file(tmp_path, capsys):
+    pred, target, p, t = _files(tmp_path, "cce_with_logits")
+    cw = np.linspace(0.5, 1.5, 5)
+    sw = np.random.default_rng(1).uniform(0, 2, 1000)
+    np.save(tmp_path / "cw.npy", cw)
+    np.save(tmp_path / "sw.npy", sw)
+    out_file = tmp_path / "per.npy"
+    code, out, err = _score(capsys, "cce_with_logits", p, t, "--class-weight", tmp_path / "cw.npy",
+                            "--sample-weight", tmp_path / "sw.npy", "--label-smoothing", 0.1,
+                            "--ignore-index", 3, "--chunk-size", 128, "--per-sample", out_file,
+                            "--json")
+    assert code == 0, err
+    opts = dict(class_weight=cw, sample_weight=sw, label_smoothing=0.1, ignore_index=3)
+    want = gl.cce_with_logits(pred.astype(np.float64), target, **opts)
+    np.testing.assert_allclose(json.loads(out)["loss"], want, rtol=1e-6)
+    per = np.load(out_file)
+    np.testing.assert_allclose(per, gl.cce_with_logits(pred, target, reduction="none", **opts),
+                               rtol=1e-6)
+    assert not list(tmp_path.glob("*.tmp-*"))
+    # reduction sum, table output
+    code, out, _ = _score(capsys, "cce_with_logits", p, t, "--reduction", "sum")
+    assert code == 0 and "value" in out and "cce_with_logits (sum)" in out
+
+
+def test_score_npz_and_parquet_inputs(tmp_path, capsys):
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
+    pred, target, _, _ = _files(tmp_path, "bce_with_logits")
+    np.savez(tmp_path / "data.npz", z=pred, y=target)
+    table = pa.table({"z": pa.array(list(pred), type=pa.list_(pa.float32())),
+                      "y": pa.array(list(target), type=pa.list_(pa.float32()))})
+    pq.write_table(table, tmp_path / "data.parquet", row_group_size=300)
+    want = gl.bce_with_logits(pred.astype(np.float64), target)
+    for spec in ("npz", "parquet"):
+        f = tmp_path / f"data.{spec}"
+        code, out, err = _score(capsys, "bce_with_logits", f"{f}:z", f"{f}:y", "--chunk-size",
+                                128, "--json")
+        assert code == 0, err
+        np.testing.assert_allclose(json.loads(out)["loss"], want, rtol=1e-6)
+    pq.write_table(pa.table({"p": pred[:, 0]}), tmp_path / "flat.parquet")
+    code, out, err = _score(capsys, "mse", f"{tmp_path / 'flat.parquet'}:p",
+                            f"{tmp_path / 'flat.parquet'}:p", "--json")
+    assert code == 0 and json.loads(out)["loss"] == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["mse", "{d}/missing.npy", "{t}"], "pred: no such file"),
+    (["huber", "{p}", "{t}"], "invalid choice: 'huber'"),
+    (["mse", "{p}", "{short}"], "Shape mismatch: pred has 1000 rows"),
+    (["bce_with_logits", "{p}", "{t}", "--label-smoothing", "2"], "label_smoothing must lie in"),
+    (["bce", "{p}", "{t}"], "pred must hold probabilities"),
+    (["mse", "{p}", "{t}", "--pos-weight", "{t}"], "--pos-weight does not apply to mse"),
+    (["mse", "{d}/data.npz:nokey", "{t}"], "has no array 'nokey'; it has: a"),
+    (["mse", "{d}/data.parquet:nocol", "{t}"], "has no column 'nocol'; it has: a"),
+    (["mse", "{d}/data.txt", "{t}"], "is not a .npy, .npz or .parquet file"),
+    (["mse", "{p}", "{t}", "--reduction", "none"], "--reduction none needs --per-sample"),
+    (["mse", "{d}/broken.npy", "{t}"], "cannot read"),
+])
+def test_score_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
+    _, _, p, t = _files(tmp_path, "mse")
+    np.save(tmp_path / "short.npy", np.zeros((10, 5), np.float32))
+    np.savez(tmp_path / "data.npz", a=np.zeros(3))
+    pq.write_table(pa.table({"a": [1.0]}), tmp_path / "data.parquet")
+    (tmp_path / "data.txt").write_text("1 2 3")
+    (tmp_path / "broken.npy").write_bytes(b"not an npy file")
+    values = {"d": tmp_path, "p": p, "t": t, "short": tmp_path / "short.npy"}
+    argv = [a.format(**values) for a in argv]
+    with pytest.raises(SystemExit) if argv[0] == "huber" else _nothing():
+        code, out, err = _score(capsys, *argv)
+        assert code == 2
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    if argv[0] == "huber":
+        assert message in capsys.readouterr().err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_failed_run_leaves_no_per_sample_file(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0.1, 0.9, (1000,)).astype(np.float32)
+    y = rng.uniform(0, 1, 1000).astype(np.float32)
+    y[900] = 1.5  # a domain error in a late chunk
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "y.npy", y)
+    code, _, err = _score(capsys, "bce", tmp_path / "p.npy", tmp_path / "y.npy", "--chunk-size",
+                          100, "--per-sample", tmp_path / "out.npy")
+    assert code == 2 and "target must hold targets" in err
+    assert not (tmp_path / "out.npy").exists() and not list(tmp_path.glob("out.npy*"))
+
+
+def test_streaming_memory_is_bounded_by_the_chunk_not_the_file(tmp_path):
+    """Scoring files 16x larger than a chunk's memory: peak RSS grows with the chunk only."""
+    import subprocess
+    import sys
+
+    rows = 1 << 22  # 16 MiB per float32 file
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal(rows, dtype=np.float32))
+    np.save(tmp_path / "tiny_a.npy", np.zeros(10, np.float32))
+    np.save(tmp_path / "tiny_b.npy", np.zeros(10, np.float32))
+    # VmHWM (peak RSS of this process image; ru_maxrss would carry the forked parent's)
+    code = (
+        "import sys\n"
+        "from gpuloss._cli import main\n"
+        "assert main(sys.argv[1:]) == 0\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print('PEAK', hwm.split()[1])\n"
+    )
+
+    def peak_kib(a, b, chunk):
+        done = subprocess.run([sys.executable, "-c", code, "score", "mse", str(a), str(b),
+                               "--chunk-size", str(chunk), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split("PEAK")[1])
+
+    base = peak_kib(tmp_path / "tiny_a.npy", tmp_path / "tiny_b.npy", 10)
+    streamed = peak_kib(tmp_path / "a.npy", tmp_path / "b.npy", rows // 16)
+    whole = peak_kib(tmp_path / "a.npy", tmp_path / "b.npy", rows)
+    files_kib = 2 * rows * 4 // 1024
+    assert streamed - base < files_kib / 4, (base, streamed, whole)
+    assert whole - base > files_kib / 2  # the measurement can tell the two apart
+
+
+def test_info_and_bench(capsys, tmp_path):
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "gpuloss" in out and "backends" in out and "kernel sources" in out
+    assert _cli.main(["bench", "--losses", "mse", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mse" in out and list(tmp_path.glob("*.json"))
+
+
+def test_no_progress_bar_for_short_runs(tmp_path, capsys):
+    _, _, p, t = _files(tmp_path, "mse")
+    code, _, err = _score(capsys, "mse", p, t)
+    assert code == 0 and err == ""

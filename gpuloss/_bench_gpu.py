@@ -1,0 +1,246 @@
+"""GPU benchmark: gpuloss value_and_grad vs naive CuPy vs PyTorch eager (and torch.compile)
+vs the memory-bandwidth floor, timed with CUDA events, medians after warm-up, inputs rotated
+so that caches don't flatter. Run as `gpuloss bench` on a GPU machine, or
+`python benchmarks/gpu.py [--out benchmarks/results] [--torch-compile] [--quick]`; writes
+<out>/gpu-<card>-<date>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+import gpuloss as gl
+from gpuloss import _cuda_backend
+
+ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
+ROW_SHAPES = ((1 << 22, 10), (65536, 1024), (8192, 32768), (4096, 131072))
+
+
+def time_ms(cp, fn, inputs, warmup=3, repeat=15):
+    """Median of CUDA-event timings, cycling through several input sets."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    times = []
+    for i in range(repeat):
+        args = inputs[i % len(inputs)]
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn(*args)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def copy_bandwidth(cp):
+    n = 1 << 28  # 1 GiB of float32
+    src = cp.ones(n, cp.float32)
+    dst = cp.empty_like(src)
+    ms = time_ms(cp, lambda a, b: b.__setitem__(slice(None), a), [(src, dst)], repeat=20)
+    del src, dst
+    return 2 * 4 * n / (ms / 1e3)
+
+
+# the seed formulas, written in CuPy as a user would
+def naive(cp, loss):
+    if loss == "mse":
+        return lambda p, y: (cp.mean((p - y) ** 2), 2 * (p - y) / p.size)
+    if loss == "bce":
+        def f(p, y):
+            eps = np.finfo(p.dtype).eps
+            p = cp.clip(p, eps, 1 - eps)
+            return (-cp.mean(y * cp.log(p) + (1 - y) * cp.log(1 - p)),
+                    (-y / p + (1 - y) / (1 - p)) / p.size)
+        return f
+    if loss == "bce_with_logits":
+        def f(z, y):
+            s = 1 / (1 + cp.exp(-z))
+            return -cp.mean(y * cp.log(s) + (1 - y) * cp.log(1 - s)), (s - y) / z.size
+        return f
+    if loss == "cce":
+        def f(p, t):
+            eps = np.finfo(p.dtype).eps
+            onehot = cp.eye(p.shape[1], dtype=p.dtype)[t]
+            p = cp.clip(p, eps, 1 - eps)
+            return -cp.mean(cp.sum(onehot * cp.log(p), axis=1)), -onehot / p / p.shape[0]
+        return f
+
+    def f(z, t):
+        e = cp.exp(z - z.max(axis=1, keepdims=True))
+        s = e / e.sum(axis=1, keepdims=True)
+        onehot = cp.eye(z.shape[1], dtype=z.dtype)[t]
+        return -cp.mean(cp.log(s[cp.arange(z.shape[0]), t])), (s - onehot) / z.shape[0]
+    return f
+
+
+def torch_fn(torch, loss):
+    F = torch.nn.functional
+    fns = {
+        "mse": F.mse_loss,
+        "bce": F.binary_cross_entropy,
+        "bce_with_logits": F.binary_cross_entropy_with_logits,
+        "cce": lambda x, t: F.nll_loss(torch.log(x), t),
+        "cce_with_logits": F.cross_entropy,
+    }
+
+    def run(x, y, fn=fns[loss]):
+        x = x.detach().requires_grad_()
+        out = fn(x, y)
+        out.backward()
+        return out, x.grad
+
+    return run
+
+
+def make_inputs(cp, loss, shape, dtype, sets):
+    rng = cp.random.default_rng(0)
+    out = []
+    for _ in range(sets):
+        if loss in ("mse", "bce", "bce_with_logits"):
+            if loss == "mse":
+                p = rng.standard_normal(shape, dtype=cp.float32)
+                y = rng.standard_normal(shape, dtype=cp.float32)
+            elif loss == "bce":
+                p = rng.uniform(0.01, 0.99, shape).astype(cp.float32)
+                y = (rng.random(shape) < 0.5).astype(cp.float32)
+            else:
+                p = 3 * rng.standard_normal(shape, dtype=cp.float32)
+                y = (rng.random(shape) < 0.5).astype(cp.float32)
+            out.append((p.astype(dtype), y.astype(dtype)))
+        else:
+            z = 2 * rng.standard_normal(shape, dtype=cp.float32)
+            t = rng.integers(0, shape[1], shape[0]).astype(cp.int64)
+            if loss == "cce":
+                e = cp.exp(z - z.max(1, keepdims=True))
+                z = e / e.sum(1, keepdims=True)
+            out.append((z.astype(dtype), t))
+    return out
+
+
+def floor_bytes(loss, shape, dtype):
+    size = np.dtype(dtype).itemsize
+    if loss in ("mse", "bce", "bce_with_logits"):
+        return 3 * size * shape[0]  # read pred, read target, write grad
+    N, K = shape
+    if loss == "cce_with_logits":
+        return 2 * size * N * K + 8 * N  # read logits once, write grad, read labels
+    return size * N * K + 2 * size * N + 8 * N  # write grad, gather p_y, read labels
+
+
+class CountingRuntime(_cuda_backend.CupyRuntime):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def kernel(self, name, x):
+        k = super().kernel(name, x)
+
+        def launch(*a):
+            self.count += 1
+            return k(*a)
+
+        return launch
+
+
+def launches_per_call(loss, p, y):
+    from gpuloss import _api
+
+    rt = CountingRuntime()
+    call = _api.prepare(loss, p, y, {}, want_value=True, want_grad=True)
+    _cuda_backend.compute(call, rt)
+    return rt.count
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="gpuloss bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--torch-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller sets")
+    args = ap.parse_args(argv)
+    import cupy as cp
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    card = props["name"].decode()
+    bandwidth = copy_bandwidth(cp)
+    cases = [(loss, (n,), "float32") for loss in ("mse", "bce", "bce_with_logits")
+             for n in ELEMENTWISE_SIZES]
+    cases += [(loss, shape, "float32") for loss in ("cce", "cce_with_logits")
+              for shape in ROW_SHAPES]
+    cases += [(loss, (1 << 26,), "float16") for loss in ("mse", "bce", "bce_with_logits")]
+    cases += [(loss, (65536, 1024), "float16") for loss in ("cce", "cce_with_logits")]
+    repeat = 7 if args.quick else 15
+    rows = []
+    for loss, shape, dtype in cases:
+        row = {"loss": loss, "op": "value_and_grad", "dtype": dtype, "shape": list(shape)}
+        try:
+            sets = 2 if np.prod(shape) * 4 > (1 << 28) else 4
+            inputs = make_inputs(cp, loss, shape, dtype, sets)
+            fn = gl.LOSSES[loss].value_and_grad
+            row["ms"] = round(time_ms(cp, fn, inputs, repeat=repeat), 4)
+            row["floor_ms"] = round(1e3 * floor_bytes(loss, shape, dtype) / bandwidth, 4)
+            row["fraction_of_floor"] = round(row["floor_ms"] / row["ms"], 3)
+            row["launches"] = launches_per_call(loss, *inputs[0])
+            row["naive_cupy_ms"] = round(time_ms(cp, naive(cp, loss), inputs, repeat=repeat), 4)
+            if torch is not None and torch.cuda.is_available():
+                tin = [tuple(torch.from_dlpack(a) for a in pair) for pair in inputs]
+                tf = torch_fn(torch, loss)
+                row["torch_ms"] = round(time_ms(cp, tf, tin, repeat=repeat), 4)
+                if args.torch_compile:
+                    try:
+                        cf = torch.compile(tf)
+                        row["torch_compile_ms"] = round(time_ms(cp, cf, tin, repeat=repeat), 4)
+                    except Exception as exc:  # noqa: BLE001 - record why it did not compile
+                        row["torch_compile_error"] = str(exc)[:200]
+            # agreement with the NumPy backend on the first input set
+            p, y = (a.get() for a in inputs[0])
+            if np.prod(shape) <= (1 << 22):
+                want = gl.LOSSES[loss](p, y)
+                got = float(fn(*inputs[0])[0])
+                row["rel_diff_vs_numpy"] = abs(got - float(want)) / abs(float(want))
+            del inputs
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        cp.get_default_memory_pool().free_all_blocks()
+    result = {
+        "device": card,
+        "cupy": cp.__version__,
+        "cuda": cp.cuda.runtime.runtimeGetVersion(),
+        "torch": None if torch is None else torch.__version__,
+        "date": dt.date.today().isoformat(),
+        "copy_GBps": round(bandwidth / 1e9, 1),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
+    path = out / f"gpu-{slug}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{card}: copy {result['copy_GBps']} GB/s")
+    print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'floor':>8s} {'frac':>5s} "
+          f"{'naive':>9s} {'torch':>9s} {'launch':>6s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['loss']:16s} {r['dtype']:8s} ERROR {r['error']}")
+            continue
+        print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
+              f"{r['ms']:9.4f} {r['floor_ms']:8.4f} {r['fraction_of_floor']:5.2f} "
+              f"{r['naive_cupy_ms']:9.4f} {r.get('torch_ms', float('nan')):9.4f} "
+              f"{r['launches']:6d}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
