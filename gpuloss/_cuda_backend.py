@@ -193,10 +193,53 @@ def _blocks_for(rt, count: int, per_block: int, x) -> int:
 
 def compute(call: _api.Call, runtime=None):
     rt = runtime or _default_runtime()
-    with rt.device(call.pred):
-        if call.loss.startswith("cce"):
-            return _categorical(rt, call)
-        return _elementwise(rt, call)
+    try:
+        with rt.device(call.pred):
+            if call.loss.startswith("cce"):
+                return _categorical(rt, call)
+            return _elementwise(rt, call)
+    except (TypeError, ValueError):
+        raise  # the caller's arguments or data: already explained
+    except Exception as exc:
+        explained = explain_device_error(exc, call)
+        if explained is exc:
+            raise
+        raise explained from exc
+
+
+def explain_device_error(exc: BaseException, call: _api.Call) -> BaseException:
+    """A clear error for what went wrong on the device side, saying what is missing and what
+    to do; other exceptions come back unchanged."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    where = f"gpuloss.{call.loss} on pred {tuple(call.pred.shape)} {call.pred.dtype}"
+    if name == "OutOfMemoryError":
+        return MemoryError(
+            f"Out of GPU memory in {where}: {text} Score the data in chunks with "
+            "gpuloss.StreamingLoss (or `gpuloss score --chunk-size ROWS`), or release CuPy's "
+            "cached blocks with cupy.get_default_memory_pool().free_all_blocks()."
+        )
+    if name == "CompileException" or "nvrtc" in text.lower():
+        return RuntimeError(
+            f"gpuloss could not compile its CUDA kernels with NVRTC ({text}). Install the NVRTC "
+            "library that matches CuPy (CUDA 12: pip install nvidia-cuda-nvrtc-cu12; CUDA 13: "
+            "pip install nvidia-cuda-nvrtc) or a CUDA toolkit. NumPy inputs are not affected."
+        )
+    if isinstance(exc, OSError) and ("cache" in text.lower() or
+                                     isinstance(exc, PermissionError)):
+        import os
+
+        folder = os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache")
+        return RuntimeError(
+            f"CuPy could not write its kernel cache in {folder} ({text}). Set CUPY_CACHE_DIR to "
+            "a writable folder."
+        )
+    if name in ("CUDARuntimeError", "CUDADriverError"):
+        return RuntimeError(
+            f"The CUDA device failed in {where}: {text}. Check the GPU and its driver "
+            "(nvidia-smi); NumPy inputs are not affected."
+        )
+    return exc
 
 
 def _outputs(cp, call, shape_none):

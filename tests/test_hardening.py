@@ -90,3 +90,61 @@ def test_peak_memory_is_inputs_plus_gradient(loss):
     inputs = pred.nbytes + target.nbytes
     extra = peak - before  # what the call allocated, the gradient included
     assert extra <= 0.1 * (inputs + grad.nbytes) + grad.nbytes, (extra, grad.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# device faults: clear errors from the CUDA backend (driven by the CPU emulator)
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    import kernel_host
+
+    return kernel_host.build(tmp_path_factory.mktemp("kernels_hardening"))
+
+
+def _faulty_runtime(host_lib, exc):
+    import kernel_host
+
+    class Faulty(kernel_host.EmulatorRuntime):
+        def kernel(self, name, x):
+            raise exc
+
+    return Faulty(host_lib)
+
+
+def _cupy_errors():
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import compiler, memory, runtime
+
+    return {
+        "oom": (memory.OutOfMemoryError(1 << 34, 1 << 30, 0), MemoryError,
+                r"Out of GPU memory in gpuloss.mse.*17,179,869,184 bytes.*StreamingLoss"),
+        "nvrtc": (OSError("libnvrtc.so.12: cannot open shared object file"), RuntimeError,
+                  r"could not compile its CUDA kernels with NVRTC.*nvidia-cuda-nvrtc"),
+        "compile": (compiler.CompileException("error: expected ';'", "src", "k", {}),
+                    RuntimeError, r"could not compile its CUDA kernels"),
+        "cache": (PermissionError(13, "Permission denied", "/readonly/kernel_cache"),
+                  RuntimeError, r"kernel cache.*CUPY_CACHE_DIR"),
+        "gone": (runtime.CUDARuntimeError(100), RuntimeError,
+                 r"CUDA device failed in gpuloss.mse.*no CUDA-capable device.*NumPy inputs"),
+    }
+
+
+@pytest.mark.parametrize("fault", ["oom", "nvrtc", "compile", "cache", "gone"])
+def test_device_faults_give_clear_errors_and_numpy_keeps_working(host_lib, fault):
+    from gpuloss import _api, _cuda_backend
+
+    exc, kind, pattern = _cupy_errors()[fault]
+    call = _api.prepare("mse", np.zeros(8), np.zeros(8), {}, want_value=True, want_grad=True)
+    with pytest.raises(kind, match=pattern):
+        _cuda_backend.compute(call, _faulty_runtime(host_lib, exc))
+    assert float(gl.mse(np.ones(8), np.zeros(8))) == 1.0  # CPU inputs are unaffected
+
+
+def test_other_device_errors_pass_through_unchanged(host_lib):
+    from gpuloss import _api, _cuda_backend
+
+    call = _api.prepare("mse", np.zeros(8), np.zeros(8), {}, want_value=True, want_grad=True)
+    with pytest.raises(KeyError, match="something else"):
+        _cuda_backend.compute(call, _faulty_runtime(host_lib, KeyError("something else")))
