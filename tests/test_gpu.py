@@ -168,3 +168,100 @@ def test_jax_cuda_through_dlpack(cp):
     want = gl.bce_with_logits.value_and_grad(pred, target.astype(np.float32))
     _close(np.asarray(v), want[0], np.float32)
     _close(np.asarray(g), want[1], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening on the GPU: threads, streams, memory, the fuzz generator
+
+
+def test_gpu_threads_and_streams_match_one_thread(cp):
+    import threading
+
+    rng = np.random.default_rng(7)
+    cases = []
+    for i in range(40):
+        loss = ALL[i % len(ALL)]
+        pred, target = make_inputs(loss, rng, (int(rng.integers(1, 5000)), 7), dtype=np.float32)
+        cases.append((loss, cp.asarray(pred), cp.asarray(target)))
+    want = [tuple(a.get().tobytes() for a in gl.LOSSES[l].value_and_grad(p, t))
+            for l, p, t in cases]
+    errors, got = [], [[None] * len(cases) for _ in range(8)]
+
+    def worker(k):
+        try:
+            with cp.cuda.Stream(non_blocking=True) as stream:  # each thread on its own stream
+                for i in np.random.default_rng(k).permutation(len(cases)):
+                    loss, p, t = cases[i]
+                    v, g = gl.LOSSES[loss].value_and_grad(p, t)
+                    stream.synchronize()
+                    got[k][i] = (v.get().tobytes(), g.get().tobytes())
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert all(got[k] == want for k in range(8))
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce_with_logits", "cce_with_logits"])
+def test_gpu_peak_memory_is_inputs_plus_gradient(cp, loss):
+    n = 1 << 26
+    rng = cp.random.default_rng(8)
+    if loss == "cce_with_logits":
+        pred = rng.standard_normal((n // 64, 64), dtype=cp.float32)
+        target = rng.integers(0, 64, n // 64)
+    else:
+        pred = rng.standard_normal(n, dtype=cp.float32)
+        target = rng.random(n, dtype=cp.float32)
+    gl.LOSSES[loss].value_and_grad(pred[:1000], target[:1000])  # compile first
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    before = pool.used_bytes()
+    peak = before
+    value, grad = gl.LOSSES[loss].value_and_grad(pred, target)
+    cp.cuda.Device().synchronize()
+    peak = max(peak, pool.total_bytes())
+    extra = pool.total_bytes() - before
+    assert extra <= grad.nbytes + (4 << 20), (extra, grad.nbytes)
+
+
+def test_gpu_fuzz_generator_agrees_with_numpy(cp):
+    """The CPU fuzz generator's cases, on CuPy: the same outcome as the NumPy backend."""
+    from hypothesis import HealthCheck, given, settings
+    from test_fuzz import _run, cases
+
+    def to_gpu(x):
+        return cp.asarray(x) if isinstance(x, np.ndarray) and x.dtype != object else x
+
+    @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases())
+    def check(case):
+        loss, entry, pred, target, opts = case
+        if pred.dtype == object or target.dtype == object:
+            return
+        try:
+            want = _run(loss, entry, pred, target, opts)
+        except (TypeError, ValueError) as exc:
+            with pytest.raises(type(exc)):
+                _run(loss, entry, to_gpu(pred), to_gpu(target),
+                     {k: to_gpu(v) for k, v in opts.items()})
+            return
+        got = _run(loss, entry, to_gpu(pred), to_gpu(target),
+                   {k: to_gpu(v) for k, v in opts.items()})
+        for w, g in zip(want, got):
+            if w is None:
+                continue
+            rtol = {np.float16: 5e-3, np.float32: 1e-5, np.float64: 1e-10}[pred.dtype.type]
+            w = np.asarray(w, np.float64)
+            g = np.asarray(g.get(), np.float64)
+            finite = np.isfinite(w)
+            scale = float(np.abs(w[finite]).max()) if finite.any() else 0.0
+            np.testing.assert_allclose(g[finite], w[finite], rtol=rtol, atol=rtol * scale)
+            assert np.array_equal(np.isnan(w), np.isnan(g))
+
+    check()
