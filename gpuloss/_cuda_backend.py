@@ -38,8 +38,9 @@ PRED_DTYPES = (_F16, _F32, _F64)
 TARGET_DTYPES = (_F16, _F32, _F64, np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_))
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 LOSS_CODE = {"mse": 0, "bce": 1, "bce_with_logits": 2}
-# (threads per row, values cached per thread): rows up to threads * cache are read once
-ROW_CONFIGS = ((32, 4), (32, 32), (256, 32), (256, 0))
+# (threads per row, values cached per thread): rows up to threads * cache are read once;
+# small rows share a warp (no idle lanes at K = 10), large ones get a whole block
+ROW_CONFIGS = ((4, 4), (8, 4), (16, 4), (32, 4), (32, 32), (256, 32), (256, 0))
 FLAG_PRED, FLAG_TARGET, FLAG_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
 
 

@@ -145,9 +145,9 @@ __global__ void gpuloss_finish(const double* __restrict__ partials, int count, i
 // ---------------------------------------------------------------------------------------------
 // cce_with_logits (LOGITS 1) and cce (LOGITS 0) over rows of K classes, classes contiguous.
 //
-// ROW_THREADS threads (a warp, or a whole block) share one row; each keeps up to CACHE
-// values of the row in registers, so rows of K <= ROW_THREADS * CACHE are read once. With
-// CACHE == 0 the row is read twice (the second read mostly hits L2).
+// ROW_THREADS threads (a few lanes for small K, a warp, or a whole block) share one row; each
+// keeps up to CACHE values of the row in registers, so rows of K <= ROW_THREADS * CACHE are
+// read once. With CACHE == 0 the row is read twice (the second read mostly hits L2).
 //
 // Targets: labels (LABELS 1, class indices of type TL) or probabilities (LABELS 0, type TT).
 // Per sample i and class k the coefficient c_k is (see gpuloss_math.cuh):
@@ -155,10 +155,16 @@ __global__ void gpuloss_finish(const double* __restrict__ partials, int count, i
 //   probabilities: cw_k (t_k (1 - s) + s / K)
 // loss_i = w_i sum_k c_k (-log p_k),   grad_ik = w_i / D * d/dz_k (...)
 
+// Rows of ROW_THREADS < 32 threads are aligned groups of lanes inside a warp: a butterfly with
+// offsets below ROW_THREADS stays inside the group. Rows of a whole block (ROW_THREADS > 32)
+// combine their warps' results through shared memory.
+#define GL_FIRST_OFFSET(ROW_THREADS) ((ROW_THREADS) < 32 ? (ROW_THREADS) / 2 : 16)
+
 template <int ROW_THREADS>
 __device__ __forceinline__ double gl_row_sum(double v, double* scratch) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if (ROW_THREADS == 32) return v;
+    for (int offset = GL_FIRST_OFFSET(ROW_THREADS); offset > 0; offset >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (ROW_THREADS <= 32) return v;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
@@ -170,13 +176,13 @@ __device__ __forceinline__ double gl_row_sum(double v, double* scratch) {
 
 template <int ROW_THREADS, typename C>
 __device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scratch_s) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
+    for (int offset = GL_FIRST_OFFSET(ROW_THREADS); offset > 0; offset >>= 1) {
         GlLse<C> b;
         b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
         b.rest = __shfl_xor_sync(0xffffffffu, a.rest, offset);
         a = gl_lse_merge(a, b);
     }
-    if (ROW_THREADS == 32) return a;
+    if (ROW_THREADS <= 32) return a;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) {

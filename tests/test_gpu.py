@@ -72,7 +72,7 @@ def test_gpu_large_inputs_many_blocks_bit_identical(cp, loss):
     _close(first[1].get(), want[1], np.float32)
 
 
-@pytest.mark.parametrize("K", [3, 100, 1000, 5000, 9000, 40000])
+@pytest.mark.parametrize("K", [3, 10, 30, 60, 100, 1000, 5000, 9000, 40000])
 @pytest.mark.parametrize("loss", CATEGORICAL)
 def test_gpu_row_kernels_by_class_count(cp, loss, K):
     rng = np.random.default_rng(2)
