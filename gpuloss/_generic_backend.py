@@ -97,7 +97,7 @@ def _elementwise(call, xp, cdt):
         W = xp.astype(xp.broadcast_to(sw, shape), cdt)
         if call.validate:
             _check_weight(xp, sw, "sample_weight")
-        weight_sum = xp.sum(xp.astype(xp.broadcast_to(sw, shape), xp.float64))
+        weight_sum = xp.sum(xp.astype(W, xp.float64))  # the weights as the products use them
     else:
         weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
     if call.validate:
@@ -153,7 +153,9 @@ def _categorical(call, xp, cdt):
     if call.class_weight is not None:
         if call.validate:
             _check_weight(xp, call.class_weight, "class_weight")
-        cw = xp.astype(_for_mean(call, xp, call.class_weight), cdt)
+        # only with class indices are class weights in the mean's denominator
+        cw = call.class_weight if not call.labels else _for_mean(call, xp, call.class_weight)
+        cw = xp.astype(cw, cdt)
     w = xp.ones(sample_shape, dtype=cdt, device=array_api_compat.device(Z))
     if call.sample_weight is not None:
         if call.validate:
@@ -176,7 +178,7 @@ def _categorical(call, xp, cdt):
         classes = xp.arange(K, device=array_api_compat.device(Z))
         T = xp.astype(xp.expand_dims(t, axis=-1) == classes, cdt)  # one-hot
         cwy = xp.ones_like(w) if cw is None else xp.sum(T * cw, axis=-1)
-        weight_sum = xp.sum(xp.astype(w * cwy, xp.float64))
+        weight_sum = xp.sum(xp.astype(w, xp.float64) * xp.astype(cwy, xp.float64))
     else:
         T = xp.astype(xp.permute_dims(call.target, perm), cdt)
         if call.validate:

@@ -161,15 +161,23 @@ def _check_unit_interval(name, what, ranges):
         _api.raise_outside_unit_interval(name, what, lo, hi)
 
 
-def _weight_total(w: np.ndarray, shape, name: str, validate: bool) -> float:
-    """Σ of `w` broadcast to `shape`, without materialising the broadcast."""
+def _weight_total(w: np.ndarray, shape, name: str, validate: bool, cdt) -> float:
+    """Σ of `w` broadcast to `shape`, without materialising the broadcast, of the weights as
+    the per-element products use them (in the compute dtype), so that numerator and
+    denominator of the mean agree."""
     if validate and w.size:
         lo = float(np.min(w))
         if not lo >= 0:  # also catches NaN
             _api.raise_bad_weights(name, lo)
     padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
     repeats = math.prod(s for s, ws in zip(shape, padded) if ws == 1)
-    return float(np.sum(w, dtype=_F64)) * repeats
+    flat = w.reshape(-1)
+    step = 1 << 20  # cast in slices: no full-size temporary
+    total = math.fsum(
+        float(np.add.reduce(flat[i : i + step].astype(cdt), dtype=_F64))
+        for i in range(0, flat.size, step)
+    )
+    return total * repeats
 
 
 def _for_mean(w: np.ndarray, call) -> np.ndarray:
@@ -241,7 +249,7 @@ def _elementwise(call):
 
     denom = float(n)
     if w is not None:
-        wsum = _weight_total(w, shape, "sample_weight", call.validate)
+        wsum = _weight_total(w, shape, "sample_weight", call.validate, cdt)
         denom = wsum
     gscale = _grad_scale(call, denom)
 
@@ -452,7 +460,9 @@ def _categorical(call):
 
     cw = None
     if call.class_weight is not None:
-        cw = _for_mean(np.asarray(call.class_weight), call)
+        cw = np.asarray(call.class_weight)
+        if call.labels:  # only then are class weights in the mean's denominator
+            cw = _for_mean(cw, call)
         _check_weights(cw, "class_weight", call.validate)
         cw = cw.astype(cdt)
     sw = call.sample_weight
@@ -466,7 +476,7 @@ def _categorical(call):
     if call.labels:
         denom = _label_prepass(call, T, K, cw, SW)
     elif sw is not None:
-        denom = _weight_total(sw, sample_shape, "sample_weight", False)
+        denom = _weight_total(sw, sample_shape, "sample_weight", False, cdt)
     else:
         denom = float(N)
     gscale = _grad_scale(call, denom)
@@ -542,10 +552,10 @@ def _label_prepass(call, labels, K, cw, SW) -> float:
     if call.reduction != "mean":
         return 0.0
     w = counted.astype(_F64)
-    if cw is not None:
+    if cw is not None:  # cw is already in the compute dtype
         w *= cw[np.clip(labels, 0, max(K - 1, 0))] if K else 0
-    if SW is not None:
-        w *= SW
+    if SW is not None:  # the weights as the per-sample products use them
+        w *= SW.astype(cw.dtype if cw is not None else _compute_dtype(call.pred.dtype))
     return float(np.sum(w, dtype=_F64))
 
 

@@ -30,6 +30,25 @@ def reference(
     pred = np.asarray(pred)
     if eps is None:
         eps = float(np.finfo(pred.dtype).eps)
+    # for the mean, weights of an extreme scale are first divided by their maximum (the mean
+    # does not change; as the backends do), then they enter the computation in the compute
+    # dtype (float32 for float16/32 data)
+    if reduction == "mean":
+        labels = loss in CATEGORICAL and np.issubdtype(np.asarray(target).dtype, np.integer)
+        def rescaled(w):
+            w = np.asarray(w, np.float64)
+            top = float(np.max(w)) if w.size else 0.0
+            return w / top if np.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20 else w
+        if sample_weight is not None:
+            sample_weight = rescaled(sample_weight)
+        if class_weight is not None and labels:
+            class_weight = rescaled(class_weight)
+    compute = np.float64 if pred.dtype == np.float64 else np.float32
+    with np.errstate(over="ignore"):
+        sample_weight, pos_weight, class_weight = (
+            None if w is None else np.asarray(w, np.float64).astype(compute).astype(np.float64)
+            for w in (sample_weight, pos_weight, class_weight)
+        )
     p = pred.astype(np.float64)
     y = np.asarray(target)
     if loss in ELEMENTWISE:
@@ -86,20 +105,6 @@ def reference(
         return per
     if reduction == "sum":
         return per.sum()
-    if sample_weight is not None or class_weight is not None:
-        # the mean does not depend on the weights' scale: take it out, so that subnormal
-        # weights (5e-324 * l rounds) do not skew the reference itself
-        scaled = {k: v for k, v in dict(sample_weight=sample_weight,
-                                         class_weight=class_weight).items() if v is not None}
-        tops = {k: float(np.max(v)) for k, v in scaled.items() if np.size(v)}
-        if any(0 < t < 1e-250 or t > 1e250 for t in tops.values()):
-            kwargs = dict(sample_weight=sample_weight, pos_weight=pos_weight,
-                          class_weight=class_weight, ignore_index=ignore_index,
-                          label_smoothing=label_smoothing, axis=axis, eps=eps)
-            for k, t in tops.items():
-                if t > 0:
-                    kwargs[k] = np.asarray(scaled[k], np.float64) / t
-            return reference(loss, pred, target, reduction="mean", **kwargs)
     return per.sum() / denom if denom > 0 else np.nan
 
 

@@ -240,3 +240,17 @@ def test_generic_backend_edges_match_numpy(xp):
     got = gl.bce_with_logits.value_and_grad(to_xp(xp, zl), to_xp(xp, yl), reduction="none")
     np.testing.assert_allclose(to_numpy(got[0]), want[0], rtol=1e-12)
     np.testing.assert_allclose(to_numpy(got[1]), want[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("loss", CATEGORICAL)
+def test_extreme_class_weights_with_probability_targets(loss):
+    """Class weights are not in the mean's denominator for probability targets, so their
+    scale must survive (only weights in the denominator may be rescaled internally)."""
+    rng = np.random.default_rng(10)
+    pred, target = make_inputs(loss, rng, (6, 3), labels=False)
+    for scale in (1e-30, 1e30):
+        cw = np.array([1.0, 2.0, 0.5]) * scale
+        got = gl.LOSSES[loss](pred, target, class_weight=cw)
+        np.testing.assert_allclose(got, scale * gl.LOSSES[loss](pred, target,
+                                                                 class_weight=cw / scale),
+                                   rtol=1e-12)
