@@ -243,6 +243,16 @@ def explain_device_error(exc: BaseException, call: _api.Call) -> BaseException:
     return exc
 
 
+def _pass_buffers(cp, call, nblocks):
+    """One float64 partial per block (when a sum is wanted), the error flag (when
+    validating), and the clipping bounds [eps, 1 - eps] (0, 0 where unused)."""
+    want_sum = call.want_value and call.reduction != "none"
+    partials = cp.empty(nblocks, np.float64) if want_sum else _NULL
+    flags = cp.zeros(1, np.int32) if call.validate else _NULL
+    lo, hi = (call.eps, 1.0 - call.eps) if call.eps is not None else (0.0, 0.0)
+    return partials, flags, lo, hi
+
+
 def _outputs(cp, call, shape_none):
     dtype = call.pred.dtype
     grad = cp.empty(call.pred.shape, dtype) if call.want_grad else None
@@ -293,11 +303,7 @@ def _elementwise(rt, call):
     grad, per = _outputs(cp, call, shape)
     want_sum = call.want_value and call.reduction != "none"
     nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
-    partials = cp.empty(nblocks, np.float64) if want_sum else null
-    flags = cp.zeros(1, np.int32) if call.validate else null
-    lo = hi = 0.0
-    if call.eps is not None:
-        lo, hi = call.eps, 1.0 - call.eps
+    partials, flags, lo, hi = _pass_buffers(cp, call, nblocks)
     if n:
         rt.kernel(elementwise_name(call.loss, p.dtype, y.dtype), call.pred)(
             (nblocks,),
@@ -354,11 +360,7 @@ def _categorical(rt, call):
     config = row_config(K)
     per_block = BLOCK_THREADS // config[0]
     nblocks = _blocks_for(rt, rows, per_block, call.pred)
-    partials = cp.empty(nblocks, np.float64) if want_sum else null
-    flags = cp.zeros(1, np.int32) if call.validate else null
-    lo = hi = 0.0
-    if call.eps is not None:
-        lo, hi = call.eps, 1.0 - call.eps
+    partials, flags, lo, hi = _pass_buffers(cp, call, nblocks)
     has_ignore = call.ignore_index is not None
     if rows:
         rt.kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), call.pred)(
