@@ -15,9 +15,6 @@ import numpy as np
 
 from . import _api
 
-_NAMES = ("pred", "target", "sample_weight", "pos_weight")
-
-
 def _dask():
     import dask.array as da
 

@@ -8,9 +8,6 @@ import numpy as np
 
 from . import _api, _dispatch
 
-_PER_UPDATE = ("sample_weight",)
-
-
 class StreamingLoss:
     """Accumulate a loss batch by batch; partial states from many workers merge exactly.
 

@@ -114,7 +114,7 @@ def _faulty_runtime(host_lib, exc):
 
 
 def _cupy_errors():
-    cupy = pytest.importorskip("cupy")
+    pytest.importorskip("cupy")
     from cupy.cuda import compiler, memory, runtime
 
     return {

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 from conftest import make_inputs, to_xp
-from reference import ALL, CATEGORICAL
+from reference import CATEGORICAL
 from test_losses import _cases, _options
 
 import gpuloss as gl
