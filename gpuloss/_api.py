@@ -160,7 +160,11 @@ def _check_ignore_index(ignore_index):
             f"{type(ignore_index).__name__} {ignore_index!r}."
         )
         raise TypeError(msg)
-    return int(ignore_index)
+    ignore_index = int(ignore_index)
+    if not -(2**63) <= ignore_index < 2**63:  # class indices are at most int64
+        msg = f"ignore_index must fit in int64 (as class indices do), got {ignore_index}."
+        raise ValueError(msg)
+    return ignore_index
 
 
 def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
@@ -294,9 +298,17 @@ def raise_bad_labels(lo, hi, num_classes, ignore_index):
     raise ValueError(msg)
 
 
-def raise_bad_weights(name, lo):
-    msg = f"{name} must be non-negative and not NaN; found minimum {lo:.6g}."
+def raise_bad_weights(name, lo, hi):
+    msg = (
+        f"{name} must be non-negative and not NaN or infinite; found values in "
+        f"[{lo:.6g}, {hi:.6g}]."
+    )
     raise ValueError(msg)
+
+
+def weights_ok(lo: float, hi: float) -> bool:
+    """The weights' rule (as scikit-learn's): every weight finite and >= 0 (NaN fails)."""
+    return lo >= 0 and hi < float("inf")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from . import _api
 
 OPTIONS = ("-std=c++17",)
-BLOCK_THREADS = 256
+BLOCK_THREADS = 256  # = GL_BLOCK_THREADS, the kernels' __launch_bounds__
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _NULL = np.uint64(0)  # a null pointer argument for an absent optional array
 
@@ -41,7 +41,11 @@ LOSS_CODE = {"mse": 0, "bce": 1, "bce_with_logits": 2}
 # (threads per row, values cached per thread): rows up to threads * cache are read once;
 # small rows share a warp (no idle lanes at K = 10), large ones get a whole block
 ROW_CONFIGS = ((4, 4), (8, 4), (16, 4), (32, 4), (32, 32), (256, 32), (256, 0))
-FLAG_PRED, FLAG_TARGET, FLAG_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
+# the kernels' GL_FLAG_* bits
+FLAG_PRED, FLAG_TARGET, FLAG_SAMPLE_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
+FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
+WEIGHT_FLAGS = {"sample_weight": FLAG_SAMPLE_WEIGHT, "pos_weight": FLAG_POS_WEIGHT,
+                "class_weight": FLAG_CLASS_WEIGHT}
 
 
 def kernel_dir() -> Path:
@@ -69,20 +73,22 @@ def compute_type(dtype) -> np.dtype:
 
 def elementwise_name(loss, pred_dtype, target_dtype) -> str:
     tp, ty = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
-    tw = C_TYPE[compute_type(pred_dtype)]
-    return f"gpuloss_elementwise<{LOSS_CODE[loss]}, {tp}, {ty}, {tw}>"
+    return f"gpuloss_elementwise<{LOSS_CODE[loss]}, {tp}, {ty}>"
 
 
 def finish_name(pred_dtype) -> str:
     return f"gpuloss_finish<{C_TYPE[np.dtype(pred_dtype)]}>"
 
 
+def check_name(weights: bool, dtype) -> str:
+    return f"gpuloss_check<{int(weights)}, {C_TYPE[np.dtype(dtype)]}>"
+
+
 def rows_name(loss, labels, config, pred_dtype, target_dtype) -> str:
     threads, cache = config
     tp, tt = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
-    tw = C_TYPE[compute_type(pred_dtype)]
     logits = int(loss == "cce_with_logits")
-    return f"gpuloss_rows<{logits}, {int(labels)}, {threads}, {cache}, {tp}, {tt}, {tw}>"
+    return f"gpuloss_rows<{logits}, {int(labels)}, {threads}, {cache}, {tp}, {tt}>"
 
 
 def all_kernel_names() -> list[str]:
@@ -93,12 +99,35 @@ def all_kernel_names() -> list[str]:
             for y in TARGET_DTYPES:
                 names.append(elementwise_name(loss, p, y))
     names += [finish_name(p) for p in PRED_DTYPES]
+    names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
     for loss in ("cce", "cce_with_logits"):
         for config in ROW_CONFIGS:
             for p in PRED_DTYPES:
                 names += [rows_name(loss, True, config, p, t) for t in LABEL_DTYPES]
                 names.append(rows_name(loss, False, config, p, p))
     return names
+
+
+def kernel_group(name: str) -> str:
+    """The module a kernel is compiled in: its template and the first C type it names (the
+    data's), so that one NVRTC run per group builds every variant a workload needs, once per
+    process (and CuPy's disk cache keeps it across processes)."""
+    template, args = name.split("<", 1)
+    ctype = next(a.strip() for a in args.rstrip(">").split(",") if not a.strip().isdigit())
+    return f"{template}<{ctype}>"
+
+
+def kernel_groups() -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in all_kernel_names():
+        groups.setdefault(kernel_group(name), []).append(name)
+    return groups
+
+
+def compute_is_float32(name: str) -> bool:
+    """True for kernels that compute in float (float16/float32 data): those flush subnormals
+    on the device (CuPy compiles with -ftz=true); float64 kernels never do."""
+    return "double" not in kernel_group(name)
 
 
 def row_config(K: int) -> tuple[int, int]:
@@ -134,13 +163,21 @@ class CupyRuntime:
     def to_host(self, x):
         return x.get()
 
+    def astype(self, x, dtype):
+        """A cast on the device (CuPy compiles it with -ftz=true, as every kernel)."""
+        return x.astype(dtype)
+
 
 @functools.cache
-def _cupy_kernel(name: str, device_id: int):
+def _cupy_module(group: str, device_id: int):
     import cupy
 
-    module = cupy.RawModule(code=kernel_source(), options=OPTIONS, name_expressions=[name])
-    return module.get_function(name)
+    names = kernel_groups()[group]
+    return cupy.RawModule(code=kernel_source(), options=OPTIONS, name_expressions=names)
+
+
+def _cupy_kernel(name: str, device_id: int):
+    return _cupy_module(kernel_group(name), device_id).get_function(name)
 
 
 @functools.cache
@@ -161,15 +198,12 @@ def _raw(x):
     return x.view(np.uint16) if x.dtype == _F16 else x
 
 
-def _broadcast_pattern(cp, w, shape, dtype):
+def _broadcast_pattern(cp, w, shape):
     """(weights, div, mod) with element i of `shape` using weights[(i // div) % mod].
 
     Works without a copy when the weight's non-unit axes are one contiguous run of the data's
-    axes; other broadcasts are materialised once.
+    axes; other broadcasts are materialised once. `w` is already float64.
     """
-    w = cp.asarray(w)
-    if w.dtype != dtype:
-        w = w.astype(dtype)
     padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
     axes = [i for i, s in enumerate(padded) if s != 1]
     if not axes:
@@ -190,6 +224,38 @@ def _device_sum(cp, x):
 
 def _blocks_for(rt, count: int, per_block: int, x) -> int:
     return max(1, min(-(-count // per_block), rt.grid_cap(x)))
+
+
+def _check_stored(rt, call, a, weights: bool, bit: int, flags):
+    """Launch gpuloss_check on `a` as stored (before any conversion, which would flush float32
+    subnormals on the device); integer and boolean arrays are checked as float64 (exact)."""
+    cp = rt.xp
+    if a.size == 0:
+        return
+    if a.dtype not in PRED_DTYPES:
+        a = a.astype(_F64)
+    a = cp.ascontiguousarray(a).reshape(-1)
+    rt.kernel(check_name(weights, a.dtype), call.pred)(
+        (_blocks_for(rt, a.size, BLOCK_THREADS, call.pred),),
+        (BLOCK_THREADS,),
+        (_raw(a), np.int64(a.size), np.int32(bit), flags),
+    )
+
+
+def _weights(rt, call, name, shape, flags):
+    """The weight option `name` as float64 on the device, as (weights, div, mod) for `shape`
+    (null when absent), validated as stored when asked."""
+    w = getattr(call, name)
+    if w is None:
+        return _NULL, 1, 1
+    w = rt.xp.asarray(w)
+    if call.validate:
+        _check_stored(rt, call, w, True, WEIGHT_FLAGS[name], flags)
+    if w.dtype != _F64:
+        w = rt.astype(w, _F64)  # float32 subnormals flush here on the device
+    if shape is None:  # class_weight: one per class, as it is
+        return rt.xp.ascontiguousarray(w), 1, w.size
+    return _broadcast_pattern(rt.xp, w, shape)
 
 
 def compute(call: _api.Call, runtime=None):
@@ -243,21 +309,15 @@ def explain_device_error(exc: BaseException, call: _api.Call) -> BaseException:
     return exc
 
 
-def _pass_buffers(cp, call, nblocks):
-    """One float64 partial per block (when a sum is wanted), the error flag (when
-    validating), and the clipping bounds [eps, 1 - eps] (0, 0 where unused)."""
+def _partials(cp, call, nblocks):
+    """One float64 partial per block, when a sum is wanted (null otherwise)."""
     want_sum = call.want_value and call.reduction != "none"
-    partials = cp.empty(nblocks, np.float64) if want_sum else _NULL
-    flags = cp.zeros(1, np.int32) if call.validate else _NULL
-    lo, hi = (call.eps, 1.0 - call.eps) if call.eps is not None else (0.0, 0.0)
-    return partials, flags, lo, hi
+    return cp.empty(nblocks, np.float64) if want_sum else _NULL
 
 
-def _outputs(cp, call, shape_none):
-    dtype = call.pred.dtype
-    grad = cp.empty(call.pred.shape, dtype) if call.want_grad else None
-    per = cp.empty(shape_none, dtype) if call.want_value and call.reduction == "none" else None
-    return grad, per
+def _clip_bounds(call):
+    """The clipping bounds [eps, 1 - eps] of bce/cce (0, 0 where unused)."""
+    return (call.eps, 1.0 - call.eps) if call.eps is not None else (0.0, 0.0)
 
 
 def _finish(rt, call, partials, nblocks, denom, denom_dev):
@@ -283,27 +343,28 @@ def _elementwise(rt, call):
     shape = tuple(call.pred.shape)
     n = math.prod(shape)
     cdt = compute_type(call.pred.dtype)
+    flags = cp.zeros(1, np.int32) if call.validate else _NULL
     p = cp.ascontiguousarray(call.pred)
     y = call.target
-    if y.dtype not in TARGET_DTYPES:
+    if y.dtype not in TARGET_DTYPES:  # other integer dtypes: exact in the compute type
         y = y.astype(cdt)
     y = cp.ascontiguousarray(y)
-    null = _NULL
-    w, w_div, w_mod = null, 1, 1
-    denom, denom_dev = float(n), null
-    if call.sample_weight is not None:
-        w, w_div, w_mod = _broadcast_pattern(cp, call.sample_weight, shape, cdt)
-        if call.reduction == "mean":
-            repeats = n // max(w.size, 1) if w.size else 0
-            denom_dev = _device_sum(cp, w)
-            denom = float(repeats)
-    pw, pw_div, pw_mod = null, 1, 1
-    if call.pos_weight is not None:
-        pw, pw_div, pw_mod = _broadcast_pattern(cp, call.pos_weight, shape, cdt)
-    grad, per = _outputs(cp, call, shape)
-    want_sum = call.want_value and call.reduction != "none"
+    w, w_div, w_mod = _weights(rt, call, "sample_weight", shape, flags)
+    pw, pw_div, pw_mod = _weights(rt, call, "pos_weight", shape, flags)
+    denom, denom_dev = float(n), _NULL
+    if call.sample_weight is not None and call.reduction == "mean":
+        denom = float(n // max(w.size, 1)) if w.size else 0.0
+        denom_dev = _device_sum(cp, w)
+    check = 0
+    if call.validate:
+        check = {"mse": 0, "bce": FLAG_PRED | FLAG_TARGET, "bce_with_logits": FLAG_TARGET}
+        check = check[call.loss]
+    grad = cp.empty(shape, call.pred.dtype) if call.want_grad else None
+    per = cp.empty(shape, call.pred.dtype) if call.want_value and call.reduction == "none" \
+        else None
     nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
-    partials, flags, lo, hi = _pass_buffers(cp, call, nblocks)
+    partials = _partials(cp, call, nblocks)
+    lo, hi = _clip_bounds(call)
     if n:
         rt.kernel(elementwise_name(call.loss, p.dtype, y.dtype), call.pred)(
             (nblocks,),
@@ -311,15 +372,15 @@ def _elementwise(rt, call):
             (_raw(p), _raw(y), w, np.int64(w_div), np.int64(w_mod), pw, np.int64(pw_div),
              np.int64(pw_mod), np.int64(n), np.int32(call.reduction == "mean"),
              np.float64(denom), denom_dev, np.float64(lo), np.float64(hi),
-             np.float64(call.label_smoothing), np.int32(call.validate),
-             _raw(grad) if grad is not None else null, _raw(per) if per is not None else null,
+             np.float64(call.label_smoothing), np.int32(check),
+             _raw(grad) if grad is not None else _NULL, _raw(per) if per is not None else _NULL,
              partials, flags),
         )
-    elif want_sum:
-        partials = cp.zeros(1, np.float64)
-    if call.validate and n:
+    elif isinstance(partials, cp.ndarray):
+        partials, nblocks = cp.zeros(1, np.float64), 1
+    if call.validate:
         _raise_flags(cp, call, int(rt.to_host(flags)[0]))
-    value = _finish(rt, call, partials, nblocks if n else 1, denom, denom_dev)
+    value = _finish(rt, call, partials, nblocks, denom, denom_dev)
     return (per if call.reduction == "none" else value), grad
 
 
@@ -330,24 +391,28 @@ def _categorical(rt, call):
     sample_shape = tuple(z.shape[:-1])
     rows = math.prod(sample_shape)
     z = cp.ascontiguousarray(z)
-    cdt = compute_type(z.dtype)
-    null = _NULL
+    flags = cp.zeros(1, np.int32) if call.validate else _NULL
+    check = 0
+    if call.validate:
+        check = FLAG_LABEL | (FLAG_PRED if call.loss == "cce" else 0)
     if call.labels:
         t = call.target if call.target.dtype in LABEL_DTYPES else call.target.astype(np.int64)
         t = cp.ascontiguousarray(t)
     else:
         t = cp.moveaxis(call.target, call.axis, -1)
-        t = cp.ascontiguousarray(t.astype(z.dtype) if t.dtype != z.dtype else t)
-    sw, sw_div, sw_mod = null, 1, 1
-    if call.sample_weight is not None:
-        sw, sw_div, sw_mod = _broadcast_pattern(cp, call.sample_weight, sample_shape, cdt)
-    cw = null
-    cw_sum_dev = null
-    if call.class_weight is not None:
-        cw = cp.ascontiguousarray(cp.asarray(call.class_weight).astype(cdt))
-        if call.labels and call.label_smoothing:
-            cw_sum_dev = _device_sum(cp, cw)
-    denom, denom_dev = float(rows), null
+        if t.dtype != z.dtype:  # converted on the device: checked as stored, beforehand
+            if call.validate:
+                _check_stored(rt, call, t, False, FLAG_TARGET, flags)
+            t = rt.astype(t, z.dtype)
+        elif call.validate:
+            check |= FLAG_TARGET
+        t = cp.ascontiguousarray(t)
+    sw, sw_div, sw_mod = _weights(rt, call, "sample_weight", sample_shape, flags)
+    cw, _, _ = _weights(rt, call, "class_weight", None, flags)
+    cw_sum_dev = _NULL
+    if call.class_weight is not None and call.labels and call.label_smoothing:
+        cw_sum_dev = _device_sum(cp, cw)
+    denom, denom_dev = float(rows), _NULL
     if call.reduction == "mean":
         denom, denom_dev = _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows)
     grad_full = cp.empty(z.shape, call.pred.dtype) if call.want_grad else None
@@ -356,11 +421,11 @@ def _categorical(rt, call):
         if call.want_value and call.reduction == "none"
         else None
     )
-    want_sum = call.want_value and call.reduction != "none"
     config = row_config(K)
     per_block = BLOCK_THREADS // config[0]
     nblocks = _blocks_for(rt, rows, per_block, call.pred)
-    partials, flags, lo, hi = _pass_buffers(cp, call, nblocks)
+    partials = _partials(cp, call, nblocks)
+    lo, hi = _clip_bounds(call)
     has_ignore = call.ignore_index is not None
     if rows:
         rt.kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), call.pred)(
@@ -370,21 +435,22 @@ def _categorical(rt, call):
              np.int64(sw_mod), cw, cw_sum_dev, np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),
              np.int32(call.reduction == "mean"), np.float64(denom), denom_dev, np.float64(lo),
-             np.float64(hi), np.int32(call.validate),
-             _raw(grad_full) if grad_full is not None else null,
-             _raw(per) if per is not None else null, partials, flags),
+             np.float64(hi), np.int32(check),
+             _raw(grad_full) if grad_full is not None else _NULL,
+             _raw(per) if per is not None else _NULL, partials, flags),
         )
-    elif want_sum:
-        partials = cp.zeros(1, np.float64)
-    if call.validate and rows:
+    elif isinstance(partials, cp.ndarray):
+        partials, nblocks = cp.zeros(1, np.float64), 1
+    if call.validate:
         _raise_flags(cp, call, int(rt.to_host(flags)[0]))
-    value = _finish(rt, call, partials, nblocks if rows else 1, denom, denom_dev)
+    value = _finish(rt, call, partials, nblocks, denom, denom_dev)
     grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
     return (per if call.reduction == "none" else value), grad
 
 
 def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):
-    """The mean's denominator, as (host factor, device scalar or null): never a host wait."""
+    """The mean's denominator, as (host factor, device scalar or null): never a host wait.
+    Weights are float64 here (see _weights)."""
     if not call.labels:
         if call.sample_weight is None:
             return float(rows), _NULL
@@ -395,28 +461,28 @@ def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):
     if call.ignore_index is not None:
         w = w * (t != call.ignore_index)
     if call.class_weight is not None:
-        w = w * cw.astype(np.float64)[cp.clip(t, 0, max(K - 1, 0))]
+        # with no classes every counted label is invalid (NaN, or an error): nothing to gather
+        w = w * cw[cp.clip(t, 0, K - 1)] if K else w * 0.0
     if call.sample_weight is not None:
         idx = (cp.arange(rows) // sw_div) % sw_mod
-        w = w * sw.astype(np.float64)[idx].reshape(t.shape)
+        w = w * sw[idx].reshape(t.shape)
     return 1.0, _device_sum(cp, w)
 
 
 def _raise_flags(cp, call, flags: int):
-    """Turn the kernel's error bits into the same errors as the CPU backends (the ranges
+    """Turn the kernels' error bits into the same errors as the CPU backends (the ranges
     shown are computed only here, on the failure path)."""
     if not flags:
         return
 
     def rng(x):
+        x = x.astype(_F64)  # float64 is never flushed: subnormals show as they are
         return float(cp.nanmin(x)), float(cp.nanmax(x))
 
-    if flags & FLAG_WEIGHT:
-        for name in ("sample_weight", "pos_weight", "class_weight"):
-            w = getattr(call, name)
-            if w is not None and (bool(cp.any(w < 0)) or bool(cp.any(cp.isnan(w)))):
-                lo = float(cp.min(w))
-                _api.raise_bad_weights(name, lo)
+    for name, bit in WEIGHT_FLAGS.items():
+        if flags & bit:
+            w = getattr(call, name).astype(_F64)
+            _api.raise_bad_weights(name, float(cp.min(w)), float(cp.max(w)))
     if flags & FLAG_LABEL:
         t = call.target
         counted = t if call.ignore_index is None else t[t != call.ignore_index]
@@ -435,16 +501,25 @@ def _raise_flags(cp, call, flags: int):
 
 def compute_foreign(call: _api.Call):
     """Run a call whose arrays live on a CUDA device but are not CuPy arrays: view them as
-    CuPy arrays through DLPack (no copy) and hand the results back in the caller's library."""
+    CuPy arrays through DLPack (no copy) and hand the results back in the caller's library.
+
+    PyTorch tensors are detached first (torch refuses to export a tensor that requires grad),
+    and the kernels run on torch's current stream, so that torch's caching allocator cannot
+    hand an input's memory to other work while a kernel still reads it."""
+    import contextlib
+    import dataclasses
+
     import array_api_compat
     import cupy as cp
 
     xp = array_api_compat.array_namespace(call.pred)
 
     def to_cupy(x):
-        return None if x is None else cp.from_dlpack(x)
-
-    import dataclasses
+        if x is None:
+            return None
+        if hasattr(x, "detach"):
+            x = x.detach()
+        return cp.from_dlpack(x)
 
     inner = dataclasses.replace(
         call,
@@ -454,7 +529,14 @@ def compute_foreign(call: _api.Call):
         pos_weight=to_cupy(call.pos_weight),
         class_weight=to_cupy(call.class_weight),
     )
-    value, grad = compute(inner)
+    stream = contextlib.nullcontext()
+    if array_api_compat.is_torch_array(call.pred):
+        import torch
+
+        current = torch.cuda.current_stream(call.pred.device)
+        stream = cp.cuda.ExternalStream(current.cuda_stream, inner.pred.device.id)
+    with stream:
+        value, grad = compute(inner)
 
     def back(x):
         return None if x is None else xp.from_dlpack(x)

@@ -53,10 +53,11 @@ def _check_unit(xp, x, name, what):
 
 
 def _check_weight(xp, w, name):
+    """Weights as given (before any rescaling or cast): finite and non-negative."""
     if math.prod(w.shape):
-        lo = float(xp.min(w))
-        if not lo >= 0:
-            _api.raise_bad_weights(name, lo)
+        lo, hi = float(xp.min(w)), float(xp.max(w))
+        if not _api.weights_ok(lo, hi):
+            _api.raise_bad_weights(name, lo, hi)
 
 
 def _reduce(call, xp, per_item, weight_sum):
@@ -93,18 +94,18 @@ def _elementwise(call, xp, cdt):
     Y = xp.astype(call.target, cdt)
     W = None
     if call.sample_weight is not None:
+        if call.validate:
+            _check_weight(xp, call.sample_weight, "sample_weight")
         sw = _for_mean(call, xp, call.sample_weight)
         W = xp.astype(xp.broadcast_to(sw, shape), cdt)
-        if call.validate:
-            _check_weight(xp, sw, "sample_weight")
         weight_sum = xp.sum(xp.astype(W, xp.float64))  # the weights as the products use them
     else:
         weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
     if call.validate:
         if call.loss == "bce":
             _check_unit(xp, P, "pred", "probabilities")
-        if call.loss.startswith("bce"):
-            _check_unit(xp, Y, "target", "targets")
+        if call.loss.startswith("bce"):  # as stored, before any conversion
+            _check_unit(xp, call.target, "target", "targets")
 
     if call.loss == "mse":
         d = P - Y
@@ -181,8 +182,8 @@ def _categorical(call, xp, cdt):
         weight_sum = xp.sum(xp.astype(w, xp.float64) * xp.astype(cwy, xp.float64))
     else:
         T = xp.astype(xp.permute_dims(call.target, perm), cdt)
-        if call.validate:
-            _check_unit(xp, T, "target", "probabilities")
+        if call.validate:  # as stored, before any conversion
+            _check_unit(xp, call.target, "target", "probabilities")
         weight_sum = xp.sum(xp.astype(w, xp.float64))
 
     cw_vec = xp.ones(K, dtype=cdt, device=array_api_compat.device(Z)) if cw is None else cw
@@ -191,6 +192,8 @@ def _categorical(call, xp, cdt):
             _check_unit(xp, Z, "pred", "probabilities")
         pc = xp.clip(Z, call.eps, 1 - call.eps)
         C = T * cw_vec
+        if call.labels and K:  # NaN anywhere in a row: that row's loss and gradient are NaN
+            w = xp.where(xp.any(xp.isnan(Z), axis=-1), nan, w)
         loss = -xp.sum(C * xp.log(pc), axis=-1)
         grad = -C / pc
     else:
@@ -210,10 +213,14 @@ def _categorical(call, xp, cdt):
             # PyTorch: (1 - ls) * nll + ls / K * sum_k cw_k (-log p_k), with the mean over
             # sum of cw[y]; equal to cross-entropy against c_k y'_k, with
             # c y' = (1 - ls) cw[y] onehot + ls / K cw.
-            C = (1 - ls) * xp.expand_dims(cwy, axis=-1) * T + (ls / K if K else 0.0) * cw_vec
+            C = (1 - ls) * xp.expand_dims(cwy, axis=-1) * T
+            if ls:  # unsmoothed, the other classes' weights are not used at all
+                C = C + (ls / K if K else 0.0) * cw_vec
         else:
             C = cw_vec * (T * (1 - ls) + (ls / K if K else 0.0))
-        loss = -xp.sum(C * logp, axis=-1)
+        # a class that carries no weight adds 0, also at a -inf (masked) logit; NaN stays
+        loss = -xp.sum(C * xp.where((C == 0) & ~xp.isnan(logp), xp.zeros_like(logp), logp),
+                       axis=-1)
         # softmax * sum(C) - C as p (sum(C) - C) - C (1 - p): no cancellation near p = 1
         grad = soft * (xp.sum(C, axis=-1, keepdims=True) - C) - C * one_minus_soft
     value = _reduce(call, xp, loss * w, weight_sum)

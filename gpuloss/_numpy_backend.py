@@ -161,14 +161,10 @@ def _check_unit_interval(name, what, ranges):
         _api.raise_outside_unit_interval(name, what, lo, hi)
 
 
-def _weight_total(w: np.ndarray, shape, name: str, validate: bool, cdt) -> float:
+def _weight_total(w: np.ndarray, shape, cdt) -> float:
     """Σ of `w` broadcast to `shape`, without materialising the broadcast, of the weights as
     the per-element products use them (in the compute dtype), so that numerator and
     denominator of the mean agree."""
-    if validate and w.size:
-        lo = float(np.min(w))
-        if not lo >= 0:  # also catches NaN
-            _api.raise_bad_weights(name, lo)
     padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
     repeats = math.prod(s for s, ws in zip(shape, padded) if ws == 1)
     flat = w.reshape(-1)
@@ -189,15 +185,16 @@ def _for_mean(w: np.ndarray, call) -> np.ndarray:
         return w  # partial states keep the weights' own scale, so that they add up
     top = float(np.max(w))
     if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
-        return w / top
+        return w.astype(_F64) / top  # in float64: float32 weights keep their precision
     return w
 
 
 def _check_weights(w, name, validate):
+    """Weights as given (before any rescaling or cast): finite and non-negative."""
     if validate and w is not None and w.size:
-        lo = float(np.min(w))
-        if not lo >= 0:
-            _api.raise_bad_weights(name, lo)
+        lo, hi = float(np.min(w)), float(np.max(w))
+        if not _api.weights_ok(lo, hi):
+            _api.raise_bad_weights(name, lo, hi)
 
 
 def _finish(call, total: float, denom: float, grad, per_sample):
@@ -242,14 +239,16 @@ def _elementwise(call):
     w = call.sample_weight
     pw = call.pos_weight
     if w is not None:
-        w = _for_mean(np.asarray(w), call)
+        w = np.asarray(w)
+        _check_weights(w, "sample_weight", call.validate)
+        w = _for_mean(w, call)
     if pw is not None:
         pw = np.asarray(pw)
         _check_weights(pw, "pos_weight", call.validate)
 
     denom = float(n)
     if w is not None:
-        wsum = _weight_total(w, shape, "sample_weight", call.validate, cdt)
+        wsum = _weight_total(w, shape, cdt)
         denom = wsum
     gscale = _grad_scale(call, denom)
 
@@ -292,6 +291,8 @@ def _elementwise(call):
                 gb = G[ix] if G.dtype == cdt else scratch.get("g", pb.shape, cdt)
             lb = scratch.get("l", pb.shape, cdt) if (want_sum or L is not None) else None
             result = kernel(pb, yb, wb, pwb, gb, lb, scratch, consts)
+            if call.validate and len(result) > 2 and Y.dtype != cdt:
+                result = (*result[:2], _min_max(Y[ix]))  # the targets as stored, not as cast
             if G is not None and gb is not G[ix]:
                 np.copyto(G[ix], gb, casting="unsafe")
             if L is not None:
@@ -461,14 +462,15 @@ def _categorical(call):
     cw = None
     if call.class_weight is not None:
         cw = np.asarray(call.class_weight)
+        _check_weights(cw, "class_weight", call.validate)
         if call.labels:  # only then are class weights in the mean's denominator
             cw = _for_mean(cw, call)
-        _check_weights(cw, "class_weight", call.validate)
         cw = cw.astype(cdt)
     sw = call.sample_weight
     if sw is not None:
-        sw = _for_mean(np.asarray(sw), call)
+        sw = np.asarray(sw)
         _check_weights(sw, "sample_weight", call.validate)
+        sw = _for_mean(sw, call)
         SW = np.broadcast_to(sw, sample_shape)
     else:
         SW = None
@@ -476,7 +478,7 @@ def _categorical(call):
     if call.labels:
         denom = _label_prepass(call, T, K, cw, SW)
     elif sw is not None:
-        denom = _weight_total(sw, sample_shape, "sample_weight", False, cdt)
+        denom = _weight_total(sw, sample_shape, cdt)
     else:
         denom = float(N)
     gscale = _grad_scale(call, denom)
@@ -522,6 +524,8 @@ def _categorical(call):
             if want_sum or per_sample is not None:
                 lb = scratch.get("l", (R,), cdt)
             result = kernel(pb, tb, swb, gb, lb, scratch, consts)
+            if call.validate and not call.labels and T.dtype != cdt:
+                result = (*result[:2], _min_max(T[ix]))  # the targets as stored, not as cast
             if G is not None and not direct:
                 np.copyto(G[ix], gb.reshape(G[ix].shape), casting="unsafe")
             if per_sample is not None:
@@ -577,6 +581,7 @@ def _row_weights(labels, swb, k):
 def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # log p = z - logsumexp(z);  l = (1 - ls) cw[y] (-log p_y) + ls/K Σ_k cw_k (-log p_k)
     # g_k = sw/D [ (1 - ls) cw[y] (softmax_k - [k = y]) + ls/K (softmax_k Σ cw - cw_k) ]
+    # A NaN logit or an invalid label (NaN weight) makes the row's loss and gradient NaN.
     R, K = Z.shape
     safe, cwy, w = _row_weights(labels, swb, k)
     rows = np.arange(R)
@@ -592,7 +597,8 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     total = 0.0
     if L is not None:
         np.subtract(lse, S[rows, safe], out=L)  # -log p_y
-        np.multiply(L, c_true, out=L)
+        # the label's term; when it carries no weight it adds 0, even at a -inf logit
+        np.copyto(L, np.where((c_true == 0) & ~np.isnan(L), 0, L * c_true))
         if ls:
             dot = S.sum(axis=1) if k.cw is None else S @ k.cw
             L += (ls / K) * (k.cw_sum * lse - dot)
@@ -601,7 +607,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             total = _sum_f64(L)
     if G is not None:
         gw = w * k.gscale
-        c_sum = c_true + ls / K * k.cw_sum
+        c_sum = c_true + ls / K * k.cw_sum if ls else c_true  # unsmoothed: no other cw
         e_label = E[rows, safe].astype(_F64)
         np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
@@ -609,7 +615,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             G -= (gw * (ls / K))[:, None] * cw
         # the label's column as p (c_sum - c) - c (1 - p), 1 - p = (se - e) / se in float64:
         # no cancellation when the label is predicted with confidence
-        c_label = c_true + ls / K * (1 if cwy is None else cwy)
+        c_label = c_true + ls / K * (1 if cwy is None else cwy) if ls else c_true
         G[rows, safe] = gw * ((e_label / se) * (c_sum - c_label) - c_label * (se - e_label) / se)
     return (total,)
 
@@ -638,7 +644,10 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     total = 0.0
     if L is not None:
         np.multiply(lse, csum, out=L)
-        L -= np.einsum("ij,ij->i", C, S)
+        dot = np.einsum("ij,ij->i", C, S)
+        if np.isnan(dot).any():  # rare: 0 * -inf, a masked logit that carries no weight, adds 0
+            dot = np.einsum("ij,ij->i", C, np.where(C == 0, 0, S))
+        L -= dot
         np.multiply(L, w, out=L)
         if k.want_sum:
             total = _sum_f64(L)
@@ -658,11 +667,15 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
 
 def _cce_block(P, labels, swb, G, L, s, k):
     # p' = clip(p, eps, 1 - eps);  l = -cw[y] log p'_y ;  g = -sw cw[y] / (p'_y D) at k = y, else 0
+    # A NaN anywhere in the row or an invalid label (NaN weight) makes the row's loss and its
+    # whole gradient row NaN, as for cce_with_logits.
     R, K = P.shape
-    prange = _min_max(P) if k.validate else _NO_RANGE
+    prange = _min_max(P)  # also says whether a NaN is present, whatever `validate`
     safe, cwy, w = _row_weights(labels, swb, k)
-    if prange[2]:  # NaN anywhere in a row propagates, even off the label's column
+    if prange[2]:
         w[np.isnan(P).any(axis=1)] = np.nan
+    if not k.validate:
+        prange = _NO_RANGE
     rows = np.arange(R)
     py = np.clip(P[rows, safe], k.lo, k.hi)
     c = w if cwy is None else w * cwy
@@ -676,6 +689,9 @@ def _cce_block(P, labels, swb, G, L, s, k):
     if G is not None:
         G.fill(0)
         G[rows, safe] = -(c * k.gscale) / py
+        nan_rows = np.isnan(w)
+        if nan_rows.any():
+            G[nan_rows] = np.nan
     return (total, prange, _NO_RANGE)
 
 

@@ -1,17 +1,23 @@
-// gpuloss CUDA kernels. Built once per process by gpuloss/_cuda_backend.py as one
-// cupy.RawModule from gpuloss_math.cuh followed by this file (the #include below is replaced
-// by the header's text, so CuPy's kernel cache sees every change).
+// gpuloss CUDA kernels. Built by gpuloss/_cuda_backend.py as cupy.RawModules from
+// gpuloss_math.cuh followed by this file (the #include below is replaced by the header's text,
+// so CuPy's kernel cache sees every change).
 //
 // Every kernel reads its inputs once and writes the gradient once. Loss sums are kept in
 // double, one partial per block written to `partials`, and added by gpuloss_finish in a fixed
 // order: no float atomics, bit-identical results run to run. Domain checks set bits in one
-// int flag with atomicOr (order-free), read by the host once when validate=True.
+// int flag with atomicOr (order-free), read by the host once when validate=True. Values are
+// checked as stored, before any conversion (see gpuloss_math.cuh on flush-to-zero); weights
+// are checked whole by gpuloss_check, so an empty batch still validates its weights.
 #include "gpuloss_math.cuh"
 
-#define GL_FLAG_PRED 1     // a probability outside [0, 1]
-#define GL_FLAG_TARGET 2   // a target outside [0, 1]
-#define GL_FLAG_WEIGHT 4   // a negative or NaN weight
-#define GL_FLAG_LABEL 8    // a class index outside [0, K) that is not ignore_index
+#define GL_BLOCK_THREADS 256  // every launch uses this block size (the backend's BLOCK_THREADS)
+
+#define GL_FLAG_PRED 1            // a probability outside [0, 1]
+#define GL_FLAG_TARGET 2          // a target outside [0, 1]
+#define GL_FLAG_SAMPLE_WEIGHT 4   // a negative, NaN or infinite sample_weight
+#define GL_FLAG_LABEL 8           // a class index outside [0, K) that is not ignore_index
+#define GL_FLAG_POS_WEIGHT 16     // the same for pos_weight
+#define GL_FLAG_CLASS_WEIGHT 32   // the same for class_weight
 
 template <typename T>
 struct GlCompute {
@@ -47,15 +53,59 @@ __device__ __forceinline__ void gl_write<unsigned short, float>(unsigned short* 
     a[i] = gl_float_to_half(v);
 }
 
-// a weight broadcast to the data: element i uses weight[(i / div) % mod]
-template <typename C, typename W>
-__device__ __forceinline__ C gl_weight(const W* w, long long i, long long div, long long mod) {
-    return w == 0 ? C(1) : gl_read<C>(w, (i / div) % mod);
+// The type that holds a stored value exactly, for domain checks before any conversion:
+// float16 widens to float exactly (its subnormals are float normals), integers to double.
+template <typename S>
+struct GlExact {
+    typedef double type;
+};
+template <>
+struct GlExact<float> {
+    typedef float type;
+};
+template <>
+struct GlExact<unsigned short> {
+    typedef float type;
+};
+template <>
+struct GlExact<unsigned char> {
+    typedef float type;
+};
+
+template <typename S>
+__device__ __forceinline__ bool gl_stored_outside_unit(const S* a, long long i) {
+    return gl_outside_unit(gl_read<typename GlExact<S>::type>(a, i));
 }
 
-template <typename C>
-__device__ __forceinline__ int gl_bad_weight(C w) {
-    return (w < C(0) || w != w) ? GL_FLAG_WEIGHT : 0;
+// a weight broadcast to the data: element i uses weight[(i / div) % mod]. Weights are float64
+// on the device, so that no weight over- or underflows on its way in.
+__device__ __forceinline__ double gl_weight(const double* w, long long i, long long div,
+                                            long long mod) {
+    return w == 0 ? 1.0 : w[(i / div) % mod];
+}
+
+// The mean's 1/D (0 when nothing was counted) or 1; D = denom, times *denom_dev when a
+// weights' sum was computed on the device (so the host never waits for it).
+__device__ __forceinline__ double gl_grad_scale(int mean, double denom,
+                                                const double* denom_dev) {
+    double d = (denom_dev ? *denom_dev : 1.0) * denom;
+    return mean ? (d > 0.0 ? 1.0 / d : 0.0) : 1.0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Domain check of a whole array as stored, before any conversion: weights (negative, NaN or
+// infinite: WEIGHTS 1) or probabilities (outside [0, 1]: WEIGHTS 0). Sets `bit` in *flags.
+template <int WEIGHTS, typename S>
+__global__ void __launch_bounds__(GL_BLOCK_THREADS)
+gpuloss_check(const S* __restrict__ a, long long n, int bit, int* __restrict__ flags) {
+    typedef typename GlExact<S>::type E;
+    bool bad = false;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        E v = gl_read<E>(a, i);
+        bad |= WEIGHTS ? gl_bad_weight(v) : gl_outside_unit(v);
+    }
+    if (bad) atomicOr(flags, bit);
 }
 
 // Sum of `v` over the block, in a fixed order (warp shuffles, then the warps' sums in
@@ -79,21 +129,21 @@ __device__ __forceinline__ double gl_block_sum(double v) {
 // ---------------------------------------------------------------------------------------------
 // mse (LOSS 0), bce (LOSS 1), bce_with_logits (LOSS 2): one loss per element.
 //
-// grad[i] = w_i * dl/dp_i * gscale, per_elem[i] = w_i * l_i, partials[block] = sum of w_i l_i.
-// gscale is 1/D for the mean (0 when D == 0) and 1 otherwise; D = denom, times *denom_dev
-// when a weights' sum was computed on the device (so the host never waits for it).
-template <int LOSS, typename TP, typename TY, typename TW>
-__global__ void gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
-                                    const TW* __restrict__ weight, long long w_div,
-                                    long long w_mod, const TW* __restrict__ pos_weight,
-                                    long long pw_div, long long pw_mod, long long n,
-                                    int mean, double denom, const double* __restrict__ denom_dev,
-                                    double lo, double hi, double smoothing, int check,
-                                    TP* __restrict__ grad, TP* __restrict__ per_elem,
-                                    double* __restrict__ partials, int* __restrict__ flags) {
+// grad[i] = dl/dp_i * (w_i / D), per_elem[i] = w_i * l_i, partials[block] = sum of w_i l_i.
+// w_i / D and w_i l_i are formed in double: weights of 1e30 or 1e-40 neither overflow nor
+// vanish (the CPU backend rescales such weights to the same effect). `check` holds the
+// GL_FLAG_* bits to test here (pred and target, as stored).
+template <int LOSS, typename TP, typename TY>
+__global__ void __launch_bounds__(GL_BLOCK_THREADS)
+gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
+                    const double* __restrict__ weight, long long w_div, long long w_mod,
+                    const double* __restrict__ pos_weight, long long pw_div, long long pw_mod,
+                    long long n, int mean, double denom, const double* __restrict__ denom_dev,
+                    double lo, double hi, double smoothing, int check, TP* __restrict__ grad,
+                    TP* __restrict__ per_elem, double* __restrict__ partials,
+                    int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
-    double d = (denom_dev ? *denom_dev : 1.0) * denom;
-    C gscale = mean ? (d > 0.0 ? (C)(1.0 / d) : C(0)) : C(1);
+    double gscale = gl_grad_scale(mean, denom, denom_dev);
     C clo = (C)lo, chi = (C)hi, s = (C)smoothing;
     double acc = 0.0;
     int bad = 0;
@@ -101,24 +151,31 @@ __global__ void gpuloss_elementwise(const TP* __restrict__ pred, const TY* __res
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         C p = gl_read<C>(pred, i);
         C y = gl_read<C>(target, i);
-        C w = gl_weight<C>(weight, i, w_div, w_mod);
         C dl, l;
-        if (check) bad |= gl_bad_weight(w);
         if (LOSS == 0) {
             l = gl_mse(p, y, &dl);
         } else if (LOSS == 1) {
-            if (check) bad |= (gl_outside_unit(p) ? GL_FLAG_PRED : 0) |
-                              (gl_outside_unit(y) ? GL_FLAG_TARGET : 0);
+            if (check & GL_FLAG_PRED) bad |= gl_outside_unit(p) ? GL_FLAG_PRED : 0;
+            if (check & GL_FLAG_TARGET)
+                bad |= gl_stored_outside_unit(target, i) ? GL_FLAG_TARGET : 0;
             l = gl_bce(p, y, clo, chi, &dl);
         } else {
-            C c = gl_weight<C>(pos_weight, i, pw_div, pw_mod);
-            if (check) bad |= (gl_outside_unit(y) ? GL_FLAG_TARGET : 0) | gl_bad_weight(c);
+            C c = (C)gl_weight(pos_weight, i, pw_div, pw_mod);
+            if (check & GL_FLAG_TARGET)
+                bad |= gl_stored_outside_unit(target, i) ? GL_FLAG_TARGET : 0;
             if (s != C(0)) y = gl_smooth_binary(y, s);
             l = gl_bce_logits(p, y, c, &dl);
         }
-        if (grad) gl_write(grad, i, dl * w * gscale);
-        if (per_elem) gl_write(per_elem, i, l * w);
-        acc += (double)(l * w);
+        double lw = (double)l;
+        C wscale = (C)gscale;
+        if (weight) {
+            double w = gl_weight(weight, i, w_div, w_mod);
+            lw *= w;
+            wscale = (C)(w * gscale);
+        }
+        if (grad) gl_write(grad, i, dl * wscale);
+        if (per_elem) gl_write(per_elem, i, (C)lw);
+        acc += lw;
     }
     if (partials) {
         acc = gl_block_sum(acc);
@@ -130,7 +187,8 @@ __global__ void gpuloss_elementwise(const TP* __restrict__ pred, const TY* __res
 // Adds the per-block partials in a fixed order and writes the reduced value:
 // sum, or sum / D for the mean (NaN when D == 0, as NumPy). One block.
 template <typename TP>
-__global__ void gpuloss_finish(const double* __restrict__ partials, int count, int mean,
+__global__ void __launch_bounds__(GL_BLOCK_THREADS)
+gpuloss_finish(const double* __restrict__ partials, int count, int mean,
                                double denom, const double* __restrict__ denom_dev,
                                TP* __restrict__ out) {
     double v = 0.0;
@@ -200,15 +258,17 @@ __device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scra
     return t;
 }
 
-// c_k of class k for one row (see above); checks probability targets when asked
-template <int LABELS, typename C, typename TT, typename TW>
+// c_k of class k for one row (see above); checks probability targets (as stored) when asked
+template <int LABELS, typename C, typename TT>
 __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long long k,
-                                         long long label, C cw_label, const TW* class_weight,
-                                         C s, C inv_k, int check, int* bad) {
-    C cwk = class_weight ? gl_read<C>(class_weight, k) : C(1);
+                                         long long label, C cw_label,
+                                         const double* class_weight, C s, C inv_k, int check,
+                                         int* bad) {
+    C cwk = class_weight ? (C)class_weight[k] : C(1);
     if (LABELS) return gl_label_coef(k == label, cw_label, cwk, s, inv_k);
+    if ((check & GL_FLAG_TARGET) && gl_stored_outside_unit(target, base + k))
+        *bad |= GL_FLAG_TARGET;
     C t = gl_read<C>(target, base + k);
-    if (check && gl_outside_unit(t)) *bad |= GL_FLAG_TARGET;
     return cwk * (t * (C(1) - s) + s * inv_k);
 }
 
@@ -223,18 +283,19 @@ __device__ __forceinline__ C gl_row_term(C z, C c, GlLse<C> lse, C log_s, C c_su
     return gl_cce_term(z, c, lo, hi, g);
 }
 
-template <int LOGITS, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT,
-          typename TW>
-__global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target,
-                             long long rows, long long K, const TW* __restrict__ sample_weight,
-                             long long sw_div, long long sw_mod,
-                             const TW* __restrict__ class_weight,
-                             const double* __restrict__ cw_sum_dev,
-                             long long ignore_index, int has_ignore, double smoothing,
-                             int mean, double denom, const double* __restrict__ denom_dev,
-                             double lo, double hi, int check, TP* __restrict__ grad,
-                             TP* __restrict__ per_sample, double* __restrict__ partials,
-                             int* __restrict__ flags) {
+// Weights (sample_weight per row, class_weight per class) are float64 on the device. A row
+// whose label is out of range (validate=False) or, for cce with labels, whose probabilities
+// hold a NaN, gets a NaN weight: its loss and its whole gradient row are NaN, as on the CPU.
+template <int LOGITS, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT>
+__global__ void __launch_bounds__(GL_BLOCK_THREADS)
+gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long long rows,
+             long long K, const double* __restrict__ sample_weight, long long sw_div,
+             long long sw_mod, const double* __restrict__ class_weight,
+             const double* __restrict__ cw_sum_dev, long long ignore_index, int has_ignore,
+             double smoothing, int mean, double denom, const double* __restrict__ denom_dev,
+             double lo, double hi, int check, TP* __restrict__ grad,
+             TP* __restrict__ per_sample, double* __restrict__ partials,
+             int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
     __shared__ double scratch_d[32];
     __shared__ C scratch_m[32];
@@ -242,8 +303,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
     const int rows_per_block = blockDim.x / ROW_THREADS;
     const int lane = threadIdx.x % ROW_THREADS;
     const int slot = threadIdx.x / ROW_THREADS;
-    double dd = (denom_dev ? *denom_dev : 1.0) * denom;
-    C gscale = mean ? (dd > 0.0 ? (C)(1.0 / dd) : C(0)) : C(1);
+    double gscale = gl_grad_scale(mean, denom, denom_dev);
     C s = (C)smoothing, inv_k = K > 0 ? C(1) / (C)K : C(0);
     C clo = (C)lo, chi = (C)hi;
     double acc = 0.0;
@@ -255,8 +315,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
         long long row = (step * gridDim.x + blockIdx.x) * rows_per_block + slot;
         bool live = row < rows;
         long long base = (live ? row : 0) * K;
-        C w = live ? gl_weight<C>(sample_weight, row, sw_div, sw_mod) : C(0);
-        if (check && live) bad |= gl_bad_weight(w);
+        double w = live ? gl_weight(sample_weight, row, sw_div, sw_mod) : 0.0;
         long long label = 0;
         C cw_label = C(1);
         if (LABELS && live) {
@@ -264,12 +323,12 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             bool ignored = has_ignore && label == ignore_index;
             bool in_range = label >= 0 && label < K;
             if (ignored) {
-                w = C(0);
+                w = 0.0;
             } else if (!in_range) {
-                if (check) bad |= GL_FLAG_LABEL;
-                w = (C)GL_NAN;  // a bad label gives NaN, never an out-of-bounds read
+                if (check & GL_FLAG_LABEL) bad |= GL_FLAG_LABEL;
+                w = (double)GL_NAN;  // a bad label gives NaN, never an out-of-bounds read
             }
-            if (in_range && class_weight) cw_label = gl_read<C>(class_weight, label);
+            if (in_range && class_weight) cw_label = (C)class_weight[label];
         }
         // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets);
         // the first CACHE values each thread reads stay in registers for pass 2
@@ -277,6 +336,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
         C cc[CACHE > 0 ? CACHE : 1];
         GlLse<C> part = gl_lse_empty<C>();
         C c_sum = C(0);
+        bool has_nan = false;
 #pragma unroll
         for (int j = 0; j < CACHE; ++j) {
             long long k = lane + (long long)j * ROW_THREADS;
@@ -285,7 +345,9 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
                 cc[j] = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
                                                inv_k, check, &bad);
                 if (LOGITS) part = gl_lse_push(part, zc[j]);
-                if (!LOGITS && check && gl_outside_unit(zc[j])) bad |= GL_FLAG_PRED;
+                if (!LOGITS && (check & GL_FLAG_PRED) && gl_outside_unit(zc[j]))
+                    bad |= GL_FLAG_PRED;
+                has_nan |= zc[j] != zc[j];
                 c_sum += cc[j];
             }
         }
@@ -294,30 +356,34 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          check, &bad);
             if (LOGITS) part = gl_lse_push(part, z);
-            if (!LOGITS && check && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
+            if (!LOGITS && (check & GL_FLAG_PRED) && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
+            has_nan |= z != z;
             c_sum += c;
         }
         GlLse<C> lse = part;
         C log_s = C(0);
-        if (LOGITS) {
-            lse = gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s);
+        if (LOGITS) {  // a NaN logit makes the log-sum-exp, and with it the whole row, NaN
+            lse = gl_lse_finish(gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s));
             log_s = gl_lse_log_sum(lse);
         }
         if (LABELS) {
             C cw_sum = cw_sum_dev ? (C)*cw_sum_dev : (C)K;
             c_sum = (C(1) - s) * cw_label + s * inv_k * cw_sum;
+            if (!LOGITS && gl_row_sum<ROW_THREADS>(has_nan ? 1.0 : 0.0, scratch_d) > 0.0)
+                w = (double)GL_NAN;  // a NaN probability off the label's column counts too
         } else {
             c_sum = (C)gl_row_sum<ROW_THREADS>((double)c_sum, scratch_d);
         }
         // pass 2: loss terms and gradient, from registers where cached
         double row_loss = 0.0;
-        C gw = w * gscale;
+        C gw = (C)(w * gscale);
 #pragma unroll
         for (int j = 0; j < CACHE; ++j) {
             long long k = lane + (long long)j * ROW_THREADS;
             if (k < K) {
                 C g;
-                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, log_s, c_sum, clo, chi, &g);
+                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, log_s, c_sum, clo,
+                                                        chi, &g);
                 if (grad && live) gl_write(grad, base + k, g * gw);
             }
         }
@@ -330,7 +396,7 @@ __global__ void gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__
             row_loss += (double)gl_row_term<LOGITS>(z, c, lse, log_s, c_sum, clo, chi, &g);
             if (grad && live) gl_write(grad, base + k, g * gw);
         }
-        row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * (double)w;
+        row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * w;
         if (live && lane == 0) {
             if (per_sample) gl_write(per_sample, row, (C)row_loss);
             acc += row_loss;

@@ -10,12 +10,18 @@
 #define GL_FN __host__ __device__ __forceinline__
 #define GL_INF __int_as_float(0x7f800000)
 #define GL_NAN __int_as_float(0x7fc00000)
+GL_FN unsigned int gl_float_bits(float x) { return __float_as_uint(x); }
 #else
 #include <math.h>
 #include <string.h>
 #define GL_FN inline
 #define GL_INF INFINITY
 #define GL_NAN NAN
+GL_FN unsigned int gl_float_bits(float x) {
+    unsigned int u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
 #endif
 
 // ---- the math library, picked by type (no reliance on C++ overloads under NVRTC) ----------
@@ -36,11 +42,25 @@ GL_FN T gl_clip(T x, T lo, T hi) {
     return x < lo ? lo : (x > hi ? hi : x);
 }
 
-// true when x lies in [0, 1]; NaN counts as inside, so it propagates instead of raising
-template <typename T>
-GL_FN bool gl_outside_unit(T x) {
-    return x < T(0) || x > T(1);
+// ---- domain checks, independent of flush-to-zero ---------------------------------------------
+// CuPy compiles every kernel with -ftz=true: a float32 comparison sees a subnormal as zero, so
+// -1e-40 < 0 is false there. float values are therefore judged on their bits (a reinterpreting
+// move never flushes); double arithmetic is never flushed.
+
+// true when x lies outside [0, 1]; NaN counts as inside, so it propagates instead of raising
+GL_FN bool gl_outside_unit(float x) {
+    unsigned int u = gl_float_bits(x), mag = u & 0x7fffffffu;
+    if (mag > 0x7f800000u) return false;                 // NaN
+    return (u >> 31) ? mag != 0u : u > 0x3f800000u;      // below -0, or above 1.0f
 }
+GL_FN bool gl_outside_unit(double x) { return x < 0.0 || x > 1.0; }
+
+// true for a weight that is negative, NaN or infinite (scikit-learn's rule); -0 is a zero
+GL_FN bool gl_bad_weight(float w) {
+    unsigned int u = gl_float_bits(w), mag = u & 0x7fffffffu;
+    return mag >= 0x7f800000u || ((u >> 31) && mag != 0u);
+}
+GL_FN bool gl_bad_weight(double w) { return !(w >= 0.0) || w - w != 0.0; }
 
 // ---- mse: l = (p - y)^2, dl/dp = 2 (p - y) ---------------------------------------------------
 template <typename T>
@@ -118,8 +138,19 @@ GL_FN GlLse<T> gl_lse_merge(GlLse<T> a, GlLse<T> b) {
         a = b;
         b = t;
     }
-    if (b.m == -GL_INF) return a;
+    if (b.m == -GL_INF) {  // b summed nothing, or only NaN: keep the NaN
+        if (b.rest != b.rest) a.rest = b.rest;
+        return a;
+    }
     a.rest = a.rest + (b.rest + T(1)) * gl_exp(b.m - a.m);
+    return a;
+}
+
+// the row's statistics once every value is in: a +inf logit makes the row NaN (inf - inf),
+// as the max-shifted formula does on the CPU
+template <typename T>
+GL_FN GlLse<T> gl_lse_finish(GlLse<T> a) {
+    if (a.m == GL_INF) a.rest = GL_NAN;
     return a;
 }
 
@@ -133,7 +164,9 @@ GL_FN T gl_lse_log_sum(GlLse<T> a) {
 // one class's share of the loss: c_k (-log p_k) = c_k ((m - z_k) + log_s)
 template <typename T>
 GL_FN T gl_xent_term(T z, T m, T log_s, T c) {
-    return c == T(0) ? T(0) : c * ((m - z) + log_s);
+    // a class that carries no weight adds 0 -- or NaN when the row holds a NaN (log_s is NaN
+    // then), so a NaN is never dropped; a -inf (masked) logit adds exactly 0
+    return c == T(0) ? T(0) * log_s : c * ((m - z) + log_s);
 }
 
 // the gradient d/dz_k of sum_j c_j (-log p_j) = softmax_k sum_j c_j - c_k, written as
@@ -152,7 +185,8 @@ GL_FN T gl_xent_grad(T z, T m, T rest, T c_sum, T c) {
 // c_k = (1 - s) cw[y] [k == y] + s / K cw_k
 template <typename T>
 GL_FN T gl_label_coef(bool is_label, T cw_label, T cw_k, T s, T inv_k) {
-    return (is_label ? (T(1) - s) * cw_label : T(0)) + s * inv_k * cw_k;
+    T own = is_label ? (T(1) - s) * cw_label : T(0);
+    return s == T(0) ? own : own + s * inv_k * cw_k;  // unsmoothed: cw_k is not used at all
 }
 
 // ---- cce on probabilities, evaluated at p' = clip(p, lo, hi) ---------------------------------
@@ -161,7 +195,8 @@ template <typename T>
 GL_FN T gl_cce_term(T p, T c, T lo, T hi, T* dl_dp) {
     T pc = gl_clip(p, lo, hi);
     *dl_dp = -c / pc;
-    return c == T(0) ? T(0) : -c * gl_log(pc);
+    T lp = gl_log(pc);  // finite for every clipped p'; NaN only for a NaN p
+    return c == T(0) ? T(0) * lp : -c * lp;
 }
 
 // ---- float16 storage, computed in float (IEEE binary16, round to nearest even) --------------

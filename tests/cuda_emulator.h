@@ -5,6 +5,11 @@
 // __syncthreads is a real barrier and warp shuffles exchange values through a per-warp slot
 // array between two warp barriers. __shared__ becomes `static`: one instance, reused by the
 // blocks in turn, as a GPU's shared memory is (uninitialised at each block's start).
+//
+// The device's floating-point rules (see tests/kernel_host.py for the build modes): a launch
+// with `ftz` set runs each emulated thread with flush-to-zero and denormals-are-zero, as CuPy's
+// -ftz=true compiles float arithmetic; fused multiply-add contraction is a compiler flag.
+// Each launch also checks its block size against the kernel's __launch_bounds__.
 #pragma once
 
 #include <atomic>
@@ -14,8 +19,22 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+inline void gl_emu_flush_to_zero() { _mm_setcsr(_mm_getcsr() | 0x8040u); }  // FTZ | DAZ
+#elif defined(__aarch64__)
+inline void gl_emu_flush_to_zero() {
+    unsigned long fpcr;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
+    __asm__ volatile("msr fpcr, %0" : : "r"(fpcr | (1ul << 24)));  // FZ
+}
+#else
+#error "the emulator's flush-to-zero mode needs x86-64 or AArch64"
+#endif
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -26,9 +45,10 @@ struct dim3 {
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(n)  // checked at launch against the bound the source declares
 
-inline thread_local dim3 threadIdx;
-inline dim3 blockIdx, blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
 
 struct GlEmuBlock {
     std::unique_ptr<std::barrier<>> block;
@@ -88,29 +108,50 @@ void gl_emu_call(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
     kernel(*static_cast<std::remove_reference_t<A>*>(args[I])...);
 }
 
+// The kernel's C signature, for the launcher to check each argument's width against: per
+// parameter its size in bytes and its kind ('p' pointer, 'f' floating, 'i' integer).
+template <typename T>
+constexpr char gl_emu_kind() {
+    return std::is_pointer<T>::value ? 'p' : (std::is_floating_point<T>::value ? 'f' : 'i');
+}
 template <typename... A>
-int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** args) {
+int gl_emu_signature(void (*)(A...), int* sizes, char* kinds) {
+    int i = 0;
+    ((sizes[i] = (int)sizeof(A), kinds[i] = gl_emu_kind<A>(), ++i), ...);
+    return (int)sizeof...(A);
+}
+
+// Fault codes: 1 an operation a GPU leaves undefined (a partial shuffle mask), 2 a block
+// larger than the kernel's __launch_bounds__ (the launch would fail on the device).
+template <typename... A>
+int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** args, int ftz,
+                  unsigned max_threads) {
     gl_emu_fault = 0;
+    if (threads > max_threads || threads == 0 || grid == 0) return 2;
     gridDim.x = grid;
     blockDim.x = threads;
-    for (unsigned b = 0; b < grid; ++b) {
-        blockIdx.x = b;
-        GlEmuBlock blk;
-        blk.block = std::make_unique<std::barrier<>>(threads);
-        for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-            blk.warps.push_back(std::make_unique<std::barrier<>>(32));
-        blk.slots.assign(threads, 0);
-        gl_emu_block = &blk;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-            pool.emplace_back([=] {
-                threadIdx.x = t;
+    GlEmuBlock blk;
+    blk.block = std::make_unique<std::barrier<>>(threads);
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+        blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+    blk.slots.assign(threads, 0);
+    gl_emu_block = &blk;
+    // one std::thread per thread of a block; they run the blocks one after another, all of a
+    // block's threads done (a barrier) before the next block starts with the same shared memory
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([=, &blk] {
+            if (ftz) gl_emu_flush_to_zero();
+            threadIdx.x = t;
+            for (unsigned b = 0; b < grid; ++b) {
+                blockIdx.x = b;
                 gl_emu_call(kernel, args, std::index_sequence_for<A...>{});
-            });
-        }
-        for (auto& th : pool) th.join();
-        gl_emu_block = nullptr;
+                blk.block->arrive_and_wait();
+            }
+        });
     }
+    for (auto& th : pool) th.join();
+    gl_emu_block = nullptr;
     return gl_emu_fault.load();
 }

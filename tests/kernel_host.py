@@ -2,21 +2,31 @@
 and every CUDA kernel instantiation through the CPU emulator in cuda_emulator.h.
 
 `EmulatorRuntime` plugs into gpuloss._cuda_backend in place of CuPy, so the backend's own
-launch code runs the real kernels on NumPy arrays."""
+launch code runs the real kernels on NumPy arrays. `emulated_compute` is the one stable entry
+point for checking a change to the CUDA path without a GPU:
+
+    from kernel_host import emulated_compute
+    value, grad = emulated_compute("bce", "value_and_grad", p, y, sample_weight=w)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
+import platform
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from gpuloss import _cuda_backend
+import gpuloss
+from gpuloss import _api, _cuda_backend
 
 HERE = Path(__file__).resolve().parent
 
@@ -67,6 +77,8 @@ extern "C" void gl_outside_unit_##S(const T* x, long long n, int* out) {        
 }
 GL_EXPORT_MATH(float, f32)
 GL_EXPORT_MATH(double, f64)
+// a * b + c as the build compiles it: one rounding when contracted into an FMA, two otherwise
+extern "C" float gl_emu_fma_probe(float a, float b, float c) { return a * b + c; }
 extern "C" void gl_half_to_float_n(const unsigned short* h, long long n, float* out) {
     for (long long i = 0; i < n; ++i) out[i] = gl_half_to_float(h[i]);
 }
@@ -76,36 +88,79 @@ extern "C" void gl_float_to_half_n(const float* f, long long n, unsigned short* 
 """
 
 
-def emulator_source() -> str:
-    parts = ['#include "cuda_emulator.h"', _cuda_backend.kernel_source(), MATH_WRAPPERS]
-    for i, name in enumerate(_cuda_backend.all_kernel_names()):
+MODES = ("device", "ieee")
+# device: the rules CuPy compiles with (-ftz=true for float arithmetic, FMA contraction on);
+# ieee: strict IEEE arithmetic (no flushing, no contraction), to tell the two apart
+_CONTRACT = {"device": ["-ffp-contract=fast"], "ieee": ["-ffp-contract=off"]}
+FLT_TINY = float(np.finfo(np.float32).tiny)
+
+
+def launch_bounds(source: str | None = None) -> dict[str, int]:
+    """Each __global__ template's __launch_bounds__, read from the kernel source (the macros
+    it names resolved), so that the emulator refuses a launch the device would refuse."""
+    source = source or _cuda_backend.kernel_source()
+    macros = dict(re.findall(r"^#define\s+(\w+)\s+(\d+)", source, flags=re.M))
+    kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\((\w+)\)\s+)?(\w+)\s*\(",
+                         source)
+    bounds = {}
+    for bound, name in kernels:
+        if not bound:
+            raise RuntimeError(f"kernel {name} declares no __launch_bounds__")
+        bounds[name] = int(macros.get(bound, bound))
+    return bounds
+
+
+def _fma_flags() -> list[str]:
+    # x86-64's baseline has no FMA instruction: without -mfma nothing would be contracted
+    return ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+def emulator_source(mode: str = "device", names=None, source: str | None = None) -> str:
+    """The emulator library's translation unit: the kernels, the math wrappers, and per kernel
+    a launcher (gl_emu_k<i>) and its signature (gl_emu_sig<i>)."""
+    source = source or _cuda_backend.kernel_source()
+    bounds = launch_bounds(source)
+    parts = ['#include "cuda_emulator.h"', source, MATH_WRAPPERS]
+    for i, name in enumerate(names or _cuda_backend.all_kernel_names()):
+        ftz = int(mode == "device" and _cuda_backend.compute_is_float32(name))
+        bound = bounds[name.split("<", 1)[0]]
         parts.append(
             f'extern "C" int gl_emu_k{i}(unsigned g, unsigned t, void** a) '
-            f"{{ return gl_emu_launch(&{name}, g, t, a); }}"
+            f"{{ return gl_emu_launch(&{name}, g, t, a, {ftz}, {bound}u); }}\n"
+            f'extern "C" int gl_emu_sig{i}(int* sizes, char* kinds) '
+            f"{{ return gl_emu_signature(&{name}, sizes, kinds); }}"
         )
     return "\n".join(parts) + "\n"
 
 
-def build(folder: Path) -> ctypes.CDLL:
-    """Compile the emulator library once per source text (cached under `folder`)."""
-    source = emulator_source()
+def _compile(cxx_args: list[str], source: str, out: Path, shared: bool) -> None:
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        msg = "g++ is needed to compile kernels/ for the host tests"
+        raise RuntimeError(msg)
+    src = out.with_suffix(".cpp")
+    src.write_text(source)
+    cmd = [cxx, "-std=c++20", "-pthread", "-fno-fast-math", "-Wall", "-Wno-unused-function",
+           f"-I{HERE}", *(["-shared", "-fPIC"] if shared else []), *cxx_args, str(src), "-o",
+           str(out) + ".tmp"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"g++ failed:\n{done.stderr[-5000:]}")
+    os.replace(str(out) + ".tmp", out)
+
+
+def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
+    """Compile the emulator library once per source text and mode (cached under `folder`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    source = emulator_source(mode)
     emulator = (HERE / "cuda_emulator.h").read_text()
-    digest = hashlib.sha256((source + emulator).encode()).hexdigest()[:16]
-    lib_path = folder / f"gpuloss_host_{digest}.so"
+    # -O2: GCC contracts a * b + c into an FMA only from -O2 on
+    flags = ["-O2", *_CONTRACT[mode], *(_fma_flags() if mode == "device" else [])]
+    digest = hashlib.sha256((source + emulator + " ".join(flags)).encode()).hexdigest()[:16]
+    lib_path = Path(folder) / f"gpuloss_host_{mode}_{digest}.so"
     if not lib_path.exists():
-        cxx = os.environ.get("CXX") or shutil.which("g++")
-        if cxx is None:
-            msg = "g++ is needed to compile kernels/ for the host tests"
-            raise RuntimeError(msg)
-        src = folder / f"gpuloss_host_{digest}.cpp"
-        src.write_text(source)
-        cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-fno-fast-math",
-               "-ffp-contract=off", "-Wall", "-Wno-unused-function", f"-I{HERE}", str(src),
-               "-o", str(lib_path) + ".tmp"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"g++ failed:\n{done.stderr[-5000:]}")
-        os.replace(str(lib_path) + ".tmp", lib_path)
+        _compile(flags, source, lib_path, shared=True)
     return ctypes.CDLL(str(lib_path))
 
 
@@ -113,18 +168,38 @@ _CTYPE = {
     np.dtype(np.int64): ctypes.c_longlong,
     np.dtype(np.int32): ctypes.c_int,
     np.dtype(np.float64): ctypes.c_double,
+    np.dtype(np.float32): ctypes.c_float,
     np.dtype(np.uint64): ctypes.c_uint64,
 }
 
 
+def flush_float32(x: np.ndarray) -> np.ndarray:
+    """float32 subnormals replaced by zeros of the same sign, as -ftz=true computes."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        return x
+    with np.errstate(invalid="ignore"):
+        tiny = np.abs(x) < FLT_TINY
+    return np.where(tiny, np.copysign(np.float32(0), x), x)
+
+
+class ArgumentMismatch(RuntimeError):
+    """A kernel argument whose width or kind differs from the kernel's C parameter."""
+
+
 class EmulatorRuntime:
-    """Runs _cuda_backend on the CPU: NumPy arrays as device arrays, kernels from g++."""
+    """Runs _cuda_backend on the CPU: NumPy arrays as device arrays, kernels from g++.
+
+    Each launch checks every argument against the kernel's C signature (count, kind, width)
+    and its block size against the kernel's __launch_bounds__. In mode "device" float kernels
+    flush subnormals (see cuda_emulator.h) and so do the runtime's own casts, as CuPy's."""
 
     xp = np
 
-    def __init__(self, lib: ctypes.CDLL, grid_cap: int = 3):
+    def __init__(self, lib: ctypes.CDLL, grid_cap: int = 3, mode: str = "device"):
         self.lib = lib
         self.cap = grid_cap
+        self.ftz = mode == "device"
         self.index = {n: i for i, n in enumerate(_cuda_backend.all_kernel_names())}
         self.launches: list[str] = []
 
@@ -137,26 +212,195 @@ class EmulatorRuntime:
     def to_host(self, x):
         return np.asarray(x)
 
+    def astype(self, x, dtype):
+        if self.ftz:  # a float32 operand or result of a device cast is flushed
+            out = flush_float32(x).astype(dtype)
+            return flush_float32(out)
+        return np.asarray(x).astype(dtype)
+
+    def signature(self, name: str) -> list[tuple[str, int]]:
+        i = self.index[name]
+        sizes, kinds = (ctypes.c_int * 64)(), ctypes.create_string_buffer(64)
+        count = getattr(self.lib, f"gl_emu_sig{i}")(sizes, kinds)
+        return [(kinds.raw[j : j + 1].decode(), sizes[j]) for j in range(count)]
+
     def kernel(self, name: str, x):
         fn = getattr(self.lib, f"gl_emu_k{self.index[name]}")
         fn.restype = ctypes.c_int
+        signature = self.signature(name)
 
         def launch(grid, block, args):
             self.launches.append(name)
+            if len(args) != len(signature):
+                raise ArgumentMismatch(
+                    f"{name}: {len(args)} arguments for {len(signature)} parameters")
             holders = []
-            for a in args:
+            for j, (a, (kind, size)) in enumerate(zip(args, signature)):
                 if isinstance(a, np.ndarray):
+                    if kind != "p":
+                        raise ArgumentMismatch(f"{name}: argument {j} is an array, parameter "
+                                               f"{j} a {size}-byte {kind!r} value")
                     if not (a.flags.c_contiguous or a.ndim == 0):
                         msg = f"kernel argument must be contiguous, got strides {a.strides}"
                         raise ValueError(msg)
                     holders.append(ctypes.c_void_p(a.ctypes.data))
-                else:
-                    a = np.asarray(a)
-                    holders.append(_CTYPE[a.dtype](a.item()))
+                    continue
+                if not isinstance(a, np.generic):
+                    raise ArgumentMismatch(f"{name}: argument {j} is a Python "
+                                           f"{type(a).__name__}; pass a NumPy scalar of the C "
+                                           f"parameter's width ({size} bytes)")
+                got = "p" if a.dtype == np.uint64 and kind == "p" else a.dtype.kind
+                got = {"u": "i", "b": "i"}.get(got, got)
+                if got != kind or a.dtype.itemsize != size:
+                    what = {"p": "pointer", "f": "float", "i": "integer"}[kind]
+                    raise ArgumentMismatch(
+                        f"{name}: argument {j} is {a.dtype} ({a.dtype.itemsize} bytes), the "
+                        f"C parameter is a {size}-byte {what}")
+                holders.append(_CTYPE[a.dtype](a.item()))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
             fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+            if fault == 2:
+                msg = f"{name}: block of {block[0]} threads exceeds its __launch_bounds__"
+                raise RuntimeError(msg)
             if fault:
                 msg = f"{name}: the emulator saw an operation a GPU leaves undefined"
                 raise RuntimeError(msg)
 
         return launch
+
+
+# ---------------------------------------------------------------------------------------------
+# one stable entry point: the CUDA launch code on the emulated device, NumPy in, NumPy out
+
+
+def cache_dir() -> Path:
+    folder = os.environ.get("GPULOSS_EMULATOR_CACHE")
+    path = Path(folder) if folder else Path(tempfile.gettempdir()) / f"gpuloss-emu-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def _runtime(mode: str) -> EmulatorRuntime:
+    return EmulatorRuntime(build(cache_dir(), mode), mode=mode)
+
+
+def emulated_compute(loss, entry, pred, target, *, mode="device", **options):
+    """Run gpuloss.<loss> through the CUDA backend's own launch code on the emulated device.
+
+    `entry` is "call", "grad" or "value_and_grad"; options are the loss's keyword options.
+    Returns what that entry point returns, as NumPy arrays; errors are the ones the CUDA
+    backend raises. The first call compiles the emulator (about 10 s, then cached)."""
+    if entry not in ("call", "grad", "value_and_grad"):
+        raise ValueError(f"entry must be 'call', 'grad' or 'value_and_grad', got {entry!r}")
+    fn = gpuloss.LOSSES[loss]
+    unknown = sorted(set(options) - set(fn.options))
+    if unknown:
+        raise TypeError(f"{loss}() got an unexpected keyword argument {unknown[0]!r}")
+    call = _api.prepare(loss, pred, target, options, want_value=entry != "grad",
+                        want_grad=entry != "call")
+    value, grad = _cuda_backend.compute(call, _runtime(mode))
+    if entry == "call":
+        return value
+    if entry == "grad":
+        return grad
+    return value, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# sanitizer builds: a standalone program (sanitizers need their runtime from the start) that
+# launches one kernel of each family on the emulator and checks the sums
+
+SANITIZE = {
+    "thread": ["-fsanitize=thread"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+}
+
+SANITIZER_MAIN = r"""
+#include <cstdio>
+#include <cmath>
+#include <vector>
+template <typename... A>
+static int run(void (*k)(A...), unsigned g, unsigned t, A... a) {
+    void* args[] = {(void*)&a...};
+    return gl_emu_launch(k, g, t, args, 1, GL_BLOCK_THREADS);
+}
+static int close_to(double got, double want, const char* what) {
+    if (std::fabs(got - want) <= 1e-4 * std::fabs(want) + 1e-6) return 0;
+    std::printf("%s: got %.9g, want %.9g\n", what, got, want);
+    return 1;
+}
+int main() {
+    int bad = 0;
+    const long long n = 1500;  // 3 blocks of 256 threads, several grid-stride steps
+    std::vector<float> p(n), y(n), g(n);
+    std::vector<double> parts(3);
+    double want = 0;
+    for (long long i = 0; i < n; ++i) {
+        p[i] = 0.001f * (float)(i % 97);
+        y[i] = 0.002f * (float)(i % 13);
+        want += ((double)p[i] - y[i]) * ((double)p[i] - y[i]);
+    }
+    bad |= run(&gpuloss_elementwise<0, float, float>, 3, 256, (const float*)p.data(),
+               (const float*)y.data(), (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
+               1ll, 1ll, n, 0, 1.0, (const double*)nullptr, 0.0, 0.0, 0.0, 0, g.data(),
+               (float*)nullptr, parts.data(), (int*)nullptr);
+    float total = 0;
+    bad |= run(&gpuloss_finish<float>, 1, 256, (const double*)parts.data(), 3, 0, 1.0,
+               (const double*)nullptr, &total);
+    bad |= close_to(total, want, "mse sum");
+    // rows: a whole block per row (barriers between warps), and 4 lanes per row
+    const long long Ks[2] = {300, 10};
+    for (int v = 0; v < 2; ++v) {
+        long long K = Ks[v], rows = 24;
+        std::vector<float> z(rows * K), gz(rows * K);
+        std::vector<long long> t(rows);
+        double want_rows = 0;
+        for (long long r = 0; r < rows; ++r) {
+            t[r] = (r * 7) % K;
+            double m = -1e300, s = 0;
+            for (long long k = 0; k < K; ++k)
+                z[r * K + k] = 0.01f * (float)((r * 31 + k * 17) % 101);
+            for (long long k = 0; k < K; ++k) m = std::fmax(m, (double)z[r * K + k]);
+            for (long long k = 0; k < K; ++k) s += std::exp((double)z[r * K + k] - m);
+            want_rows += m + std::log(s) - z[r * K + t[r]];
+        }
+        std::vector<double> rparts(3);
+        if (v == 0)
+            bad |= run(&gpuloss_rows<1, 1, 256, 32, float, long long>, 3, 256,
+                       (const float*)z.data(), (const long long*)t.data(), rows, K,
+                       (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
+                       (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,
+                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
+        else
+            bad |= run(&gpuloss_rows<1, 1, 4, 4, float, long long>, 3, 256,
+                       (const float*)z.data(), (const long long*)t.data(), rows, K,
+                       (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
+                       (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,
+                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
+        bad |= close_to(rparts[0] + rparts[1] + rparts[2], want_rows, "cce_with_logits sum");
+    }
+    std::printf(bad ? "FAILED\n" : "ok\n");
+    return bad ? 3 : 0;
+}
+"""
+
+
+def sanitizer_program(folder: Path, kind: str, source: str | None = None) -> Path:
+    """Build the sanitizer check program (`kind` "thread" or "address"), cached by source."""
+    text = '#include "cuda_emulator.h"\n' + (source or _cuda_backend.kernel_source()) + \
+        SANITIZER_MAIN
+    emulator = (HERE / "cuda_emulator.h").read_text()
+    flags = ["-O1", "-g", *SANITIZE[kind]]
+    digest = hashlib.sha256((text + emulator + " ".join(flags)).encode()).hexdigest()[:16]
+    exe = Path(folder) / f"gpuloss_{kind}san_{digest}"
+    if not exe.exists():
+        _compile(flags, text, exe, shared=False)
+    return exe
+
+
+def run_sanitized(exe: Path, kind: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["TSAN_OPTIONS" if kind == "thread" else "ASAN_OPTIONS"] = "halt_on_error=1:exitcode=66"
+    env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
+    return subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)

@@ -25,10 +25,10 @@ from gpuloss import _api, _cuda_backend
 
 
 @pytest.fixture(scope="session")
-def host_lib(tmp_path_factory):
+def host_lib():
     import kernel_host
 
-    return kernel_host.build(tmp_path_factory.mktemp("kernels"))
+    return kernel_host.build(kernel_host.cache_dir())  # device mode, shared with test_emulated
 
 
 @pytest.fixture

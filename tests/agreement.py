@@ -1,0 +1,67 @@
+"""What "the CUDA path agrees with the NumPy path" means, for the emulated device
+(tests/test_emulated.py) and for a real one (tests/test_gpu.py).
+
+The device computes float16/float32 data in float with flush-to-zero (CuPy compiles every
+kernel, its own casts included, with -ftz=true; README "Numerics on the GPU"): a float32
+subnormal (|x| < 1.18e-38) counts as zero where it enters float arithmetic, and a subnormal
+float32 result becomes zero. So the NumPy reference is computed on the inputs as the device
+sees them (`device_view`), and float32 results are compared after the same flush. float64
+is never flushed. Everything else must agree: NaN and infinities exactly where the reference
+has them, finite values within the GPU tests' tolerances, errors of the same type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLT_TINY = float(np.finfo(np.float32).tiny)
+RTOL = {"float16": 5e-3, "float32": 1e-5, "float64": 1e-10}
+
+
+def flush(x, float32_only=True):
+    """Subnormal float32 values (or, for any float array with float32_only=False, values
+    below float32's smallest normal) replaced by zeros of the same sign."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        return x
+    if float32_only and x.dtype != np.float32:
+        return x
+    with np.errstate(invalid="ignore"):
+        tiny = np.abs(x) < FLT_TINY
+    if not tiny.any():
+        return x
+    return np.where(tiny, np.copysign(np.zeros((), x.dtype), x), x).astype(x.dtype)
+
+
+def device_view(pred, target, opts):
+    """(pred, target, opts) as a float32 kernel computes with them: pred and float32 weights
+    flushed; float targets flushed on their conversion to float (any float dtype). float64
+    data (float64 kernels) is returned unchanged."""
+    if not isinstance(pred, np.ndarray) or pred.dtype not in (np.float16, np.float32):
+        return pred, target, opts
+    opts = dict(opts)
+    for key in ("sample_weight", "pos_weight", "class_weight"):
+        if isinstance(opts.get(key), np.ndarray):
+            opts[key] = flush(opts[key])  # weights are float64 on the device: float32 flushes
+    return flush(pred), flush(target, float32_only=False), opts
+
+
+def assert_agree(got, want, dtype, what=""):
+    """`got` (device) agrees with `want` (NumPy on the device view)."""
+    dtype = np.dtype(dtype)
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert got.dtype == want.dtype, (what, got.dtype, want.dtype)
+    got = np.asarray(flush(got), np.float64)
+    want = np.asarray(flush(want), np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), (what, "NaN differs", got, want)
+    assert np.array_equal(np.isposinf(got), np.isposinf(want)), (what, "+inf differs", got, want)
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)), (what, "-inf differs", got, want)
+    finite = np.isfinite(want)
+    if not finite.any():
+        return
+    rtol = RTOL[dtype.name]
+    scale = float(np.abs(want[finite]).max())
+    if dtype == np.float16:
+        scale = max(scale, 1e-3)  # float16 stores the float32 result rounded
+    np.testing.assert_allclose(got[finite], want[finite], rtol=rtol, atol=rtol * scale,
+                               err_msg=what)
