@@ -3,6 +3,7 @@
     python benchmarks/device_checks.py variants   # (a) every kernel variant, tiny inputs
     python benchmarks/device_checks.py ftz        # (b) flush-to-zero and subnormal probes
     python benchmarks/device_checks.py torch      # (d) torch: requires grad, a side stream
+    python benchmarks/device_checks.py one_each   # (e) one launch per family, for sanitizers
 
 Each stage prints one summary line ("stage X: ...") and exits non-zero on a disagreement,
 so that a timeout later in the run still leaves this evidence in the log.
@@ -182,6 +183,22 @@ def torch_checks() -> int:
     return 1 if bad else 0
 
 
+def one_each() -> int:
+    """One small launch of each kernel family (for compute-sanitizer racecheck/memcheck)."""
+    import cupy as cp
+
+    rng = np.random.default_rng(2)
+    p = cp.asarray(rng.uniform(0.1, 0.9, 3000).astype(np.float32))
+    gl.bce.value_and_grad(p, p, sample_weight=cp.ones(3000, cp.float32))  # check, pass, finish
+    for K in (10, 300, 9000):  # lanes per row, a block per row, a row read twice
+        z = cp.asarray(rng.standard_normal((40, K)).astype(np.float32))
+        gl.cce_with_logits.value_and_grad(z, cp.asarray(rng.integers(0, K, 40)))
+    cp.cuda.Device().synchronize()
+    print("stage e: one launch of each kernel family done")
+    return 0
+
+
 if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "variants"
-    sys.exit({"variants": variants, "ftz": ftz, "torch": torch_checks}[stage]())
+    stages = {"variants": variants, "ftz": ftz, "torch": torch_checks, "one_each": one_each}
+    sys.exit(stages[stage]())

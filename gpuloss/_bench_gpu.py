@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -63,10 +64,15 @@ def naive(cp, loss):
             s = 1 / (1 + cp.exp(-z))
             return -cp.mean(y * cp.log(s) + (1 - y) * cp.log(1 - s)), (s - y) / z.size
         return f
+    def one_hot(t, like):  # scattered, not cp.eye(K)[t]: eye(131072) alone is 64 GiB
+        out = cp.zeros_like(like)
+        out[cp.arange(like.shape[0]), t] = 1
+        return out
+
     if loss == "cce":
         def f(p, t):
             eps = np.finfo(p.dtype).eps
-            onehot = cp.eye(p.shape[1], dtype=p.dtype)[t]
+            onehot = one_hot(t, p)
             p = cp.clip(p, eps, 1 - eps)
             return -cp.mean(cp.sum(onehot * cp.log(p), axis=1)), -onehot / p / p.shape[0]
         return f
@@ -74,9 +80,82 @@ def naive(cp, loss):
     def f(z, t):
         e = cp.exp(z - z.max(axis=1, keepdims=True))
         s = e / e.sum(axis=1, keepdims=True)
-        onehot = cp.eye(z.shape[1], dtype=z.dtype)[t]
-        return -cp.mean(cp.log(s[cp.arange(z.shape[0]), t])), (s - onehot) / z.shape[0]
+        return -cp.mean(cp.log(s[cp.arange(z.shape[0]), t])), (s - one_hot(t, z)) / z.shape[0]
     return f
+
+
+# ---------------------------------------------------------------------------------------------
+# The design card's kernels: the best single pass that cupy.ReductionKernel allows, for the
+# elementwise losses. A ReductionKernel over an (R, C) view of the data reduces over axis 0
+# into C float64 partials; its map expression computes loss and gradient from the shared
+# math header and writes the gradient through a raw output (each _j is mapped exactly once);
+# a second launch adds the C partials. Compared with the fused RawModule kernels in the GPU
+# benchmark and tests (CARD_PREAMBLE itself compiles with NVRTC in the CPU tests).
+
+CARD_HELPERS = r"""
+template <typename T, typename G>
+__device__ double gl_card_mse(T pred_v, T target_v, double gscale_v, G& grad_out,
+                              ptrdiff_t j) {
+    T dl;
+    T l = gl_mse(pred_v, target_v, &dl);
+    grad_out[j] = dl * (T)gscale_v;
+    return (double)l;
+}
+template <typename T, typename G>
+__device__ double gl_card_bce(T pred_v, T target_v, double gscale_v, G& grad_out,
+                              ptrdiff_t j) {
+    const T eps_v = sizeof(T) == 4 ? (T)1.1920928955078125e-07 : (T)2.220446049250313e-16;
+    T dl;
+    T l = gl_bce(pred_v, target_v, eps_v, (T)1 - eps_v, &dl);
+    grad_out[j] = dl * (T)gscale_v;
+    return (double)l;
+}
+template <typename T, typename G>
+__device__ double gl_card_bce_with_logits(T pred_v, T target_v, double gscale_v, G& grad_out,
+                                          ptrdiff_t j) {
+    T dl;
+    T l = gl_bce_logits(pred_v, target_v, (T)1, &dl);
+    grad_out[j] = dl * (T)gscale_v;
+    return (double)l;
+}
+"""
+
+
+def card_preamble() -> str:
+    header = (_cuda_backend.kernel_dir() / "gpuloss_math.cuh").read_text()
+    return header.replace("#pragma once", "") + CARD_HELPERS
+
+
+@functools.cache
+def _card_kernel(loss):
+    import cupy as cp
+
+    return cp.ReductionKernel(
+        "T pred_v, T target_v, float64 gscale_v",
+        "raw T grad_out, float64 partial_out",
+        f"gl_card_{loss}(pred_v, target_v, gscale_v, grad_out, _j)",
+        "a + b",
+        "partial_out = a",
+        "0",
+        f"gpuloss_card_{loss}",
+        reduce_type="float64",
+        preamble=card_preamble(),
+    )
+
+
+def card_value_and_grad(cp, loss):
+    """(mean loss, gradient) of an elementwise loss from cupy.ReductionKernel alone."""
+
+    def run(p, y):
+        n = p.size
+        cols = next(c for c in (4096, 1024, 256, 64, 16, 4, 1) if n % c == 0)
+        grad = cp.empty_like(p)
+        partial = cp.empty(cols, cp.float64)
+        _card_kernel(loss)(p.reshape(-1, cols), y.reshape(-1, cols), 1.0 / n,
+                           grad.reshape(-1, cols), partial, axis=0)
+        return (partial.sum() / n).astype(p.dtype), grad
+
+    return run
 
 
 def torch_fn(torch, loss):
@@ -191,6 +270,11 @@ def main(argv=None):
             row["fraction_of_floor"] = round(row["floor_ms"] / row["ms"], 3)
             row["launches"] = launches_per_call(loss, *inputs[0])
             row["naive_cupy_ms"] = round(time_ms(cp, naive(cp, loss), inputs, repeat=repeat), 4)
+            if loss in ("mse", "bce", "bce_with_logits") and dtype != "float16":
+                card = card_value_and_grad(cp, loss)
+                row["reduction_kernel_ms"] = round(time_ms(cp, card, inputs, repeat=repeat), 4)
+                row["speedup_vs_reduction_kernel"] = round(row["reduction_kernel_ms"] /
+                                                           row["ms"], 2)
             if torch is not None and torch.cuda.is_available():
                 tin = [tuple(torch.from_dlpack(a) for a in pair) for pair in inputs]
                 tf = torch_fn(torch, loss)

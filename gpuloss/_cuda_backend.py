@@ -108,13 +108,21 @@ def all_kernel_names() -> list[str]:
     return names
 
 
-def kernel_group(name: str) -> str:
-    """The module a kernel is compiled in: its template and the first C type it names (the
-    data's), so that one NVRTC run per group builds every variant a workload needs, once per
-    process (and CuPy's disk cache keeps it across processes)."""
+def _template_args(name: str) -> tuple[str, list[str]]:
     template, args = name.split("<", 1)
-    ctype = next(a.strip() for a in args.rstrip(">").split(",") if not a.strip().isdigit())
-    return f"{template}<{ctype}>"
+    return template, [a.strip() for a in args.rstrip(">").split(",")]
+
+
+def kernel_group(name: str) -> str:
+    """The module a kernel is compiled in, so that one NVRTC run builds the variants a
+    workload needs (about a second; CuPy's disk cache keeps it across processes) and a run
+    over everything compiles each variant once: for the row kernels, one loss and target kind
+    with its 7 row layouts; for the others, one data type."""
+    template, args = _template_args(name)
+    types = [a for a in args if not a.isdigit()]
+    if template == "gpuloss_rows":
+        return f"{template}<{args[0]}, {args[1]}, {', '.join(types)}>"
+    return f"{template}<{types[0]}>"
 
 
 def kernel_groups() -> dict[str, list[str]]:
@@ -125,9 +133,11 @@ def kernel_groups() -> dict[str, list[str]]:
 
 
 def compute_is_float32(name: str) -> bool:
-    """True for kernels that compute in float (float16/float32 data): those flush subnormals
-    on the device (CuPy compiles with -ftz=true); float64 kernels never do."""
-    return "double" not in kernel_group(name)
+    """True for kernels whose data (their first type argument) computes in float: float16 and
+    float32. Those flush subnormals on the device (CuPy compiles with -ftz=true); float64
+    kernels never do."""
+    _, args = _template_args(name)
+    return next(a for a in args if not a.isdigit()) != "double"
 
 
 def row_config(K: int) -> tuple[int, int]:

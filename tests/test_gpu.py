@@ -132,6 +132,22 @@ def test_gpu_more_than_2_31_elements(cp):
     assert float(v) == pytest.approx(0.25, rel=1e-7)
     assert float(g[-1]) == pytest.approx(1.0 / n, rel=1e-6)
     del p, y, g
+    cp.get_default_memory_pool().free_all_blocks()  # 27 GB back for the tests after this one
+
+
+@pytest.mark.parametrize("loss", ELEMENTWISE)
+def test_design_card_reduction_kernel_matches_the_fused_kernels(cp, loss):
+    """The benchmark's cupy.ReductionKernel baseline computes the same numbers."""
+    from gpuloss._bench_gpu import card_value_and_grad
+
+    rng = np.random.default_rng(10)
+    for dtype in (np.float32, np.float64):
+        pred, target = make_inputs(loss, rng, (1 << 16,), dtype=dtype)
+        p, t = cp.asarray(pred), cp.asarray(target.astype(dtype))
+        v, g = card_value_and_grad(cp, loss)(p, t)
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(p, t)
+        _close(v.get(), want_v.get(), dtype)
+        _close(g.get(), want_g.get(), dtype)
 
 
 def test_torch_cuda_through_dlpack(cp):

@@ -71,6 +71,32 @@ def test_every_kernel_compiles_with_nvrtc_for_sm80_and_sm90():
         assert "warning" not in log.lower(), log
 
 
+def test_design_card_reduction_kernel_code_compiles_with_nvrtc():
+    """The cupy.ReductionKernel baseline of the GPU benchmark: its preamble and the calls its
+    map expression makes (with a pointer standing in for the raw CArray output) compile with
+    NVRTC under CuPy's options, for float and double."""
+    from gpuloss import _bench_gpu
+
+    nvrtc = require("cupy").cuda.nvrtc
+    probe = """
+    template <typename T>
+    __global__ void gl_card_probe(const T* p, const T* y, T* g, double* out) {
+        out[0] = gl_card_mse(p[0], y[0], 0.5, g, 0) + gl_card_bce(p[1], y[1], 0.5, g, 1) +
+                 gl_card_bce_with_logits(p[2], y[2], 0.5, g, 2);
+    }
+    """
+    prog = nvrtc.createProgram(_bench_gpu.card_preamble() + probe, "card.cu", [], [])
+    names = ["gl_card_probe<float>", "gl_card_probe<double>"]
+    for name in names:
+        nvrtc.addNameExpression(prog, name)
+    try:
+        nvrtc.compileProgram(prog, ["-arch=sm_90", *_cuda_backend.OPTIONS, "-ftz=true"])
+    except Exception as exc:  # the log says why
+        pytest.fail(f"{exc}\n{nvrtc.getProgramLog(prog)}")
+    assert all(nvrtc.getLoweredName(prog, n) for n in names)
+    assert "warning" not in nvrtc.getProgramLog(prog).lower()
+
+
 # ---------------------------------------------------------------------------------------------
 # the math header, on the host
 
