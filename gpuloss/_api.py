@@ -291,6 +291,12 @@ def raise_outside_unit_interval(name, what, lo, hi):
 
 def raise_bad_labels(lo, hi, num_classes, ignore_index):
     ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+    if num_classes == 0:
+        msg = (
+            f"target holds class indices in [{lo}, {hi}], but pred has no classes (its class "
+            f"axis has length 0), so no class index is valid{ignored}."
+        )
+        raise ValueError(msg)
     msg = (
         f"target holds class indices in [{lo}, {hi}], outside [0, {num_classes - 1}]{ignored} "
         f"for pred with {num_classes} classes."

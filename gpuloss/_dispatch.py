@@ -31,7 +31,7 @@ def as_array(x, name: str, like=None, xp=None):
         raise TypeError(msg)
     if _is_array(x):
         return np.asarray(x) if isinstance(x, np.generic) else x
-    if isinstance(x, (str, bytes)):
+    if x is None or isinstance(x, (str, bytes)):
         msg = f"Expected {name} to be an array or a number, got {type(x).__name__} {x!r}."
         raise TypeError(msg)
     if xp is None or xp is _NUMPY_NS:

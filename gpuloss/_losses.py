@@ -6,6 +6,8 @@ This module is the one place to learn what a loss does. The backends (`_numpy_ba
 
 from __future__ import annotations
 
+import difflib
+
 from ._api import Loss
 
 _REDUCTION = """\
@@ -283,6 +285,31 @@ cce_with_logits = Loss(
     """,
 )
 
-LOSSES = {
-    loss.name: loss for loss in (mse, bce, bce_with_logits, cce, cce_with_logits)
+# what other libraries call these losses, for the KeyError's suggestion
+_PEER_NAMES = {
+    "crossentropy": "cce_with_logits", "cross_entropy": "cce_with_logits",
+    "categorical_crossentropy": "cce", "sparse_categorical_crossentropy": "cce",
+    "softmax_cross_entropy": "cce_with_logits", "binary_crossentropy": "bce",
+    "binary_cross_entropy": "bce", "binary_cross_entropy_with_logits": "bce_with_logits",
+    "sigmoid_binary_cross_entropy": "bce_with_logits", "log_loss": "bce",
+    "mse_loss": "mse", "mean_squared_error": "mse", "squared_error": "mse", "l2_loss": "mse",
 }
+
+
+class _Losses(dict):
+    """Every loss by its name: ``gl.LOSSES["mse"] is gl.mse``. An unknown name raises a
+    KeyError that lists the names and suggests the closest one."""
+
+    def __missing__(self, name):
+        guess = _PEER_NAMES.get(str(name).lower())
+        if guess is None:
+            close = difflib.get_close_matches(str(name).lower(), list(self), n=1, cutoff=0.5)
+            guess = close[0] if close else None
+        hint = f" Did you mean {guess!r}?" if guess else ""
+        msg = f"No loss named {name!r}; the losses are {', '.join(self)}.{hint}"
+        raise KeyError(msg)
+
+
+LOSSES = _Losses(
+    (loss.name, loss) for loss in (mse, bce, bce_with_logits, cce, cce_with_logits)
+)

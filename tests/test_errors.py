@@ -210,3 +210,39 @@ def test_arrays_on_different_devices():
 def test_masked_arrays_are_refused():
     with pytest.raises(TypeError, match="masked array"):
         gl.mse(np.ma.masked_array([1.0, 2.0], mask=[0, 1]), np.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# names and degenerate inputs
+
+
+def test_an_unknown_loss_name_lists_the_names_and_suggests_one():
+    with pytest.raises(KeyError, match=r"No loss named 'crossentropy'; the losses are mse, bce, "
+                                       r"bce_with_logits, cce, cce_with_logits\. Did you mean "
+                                       r"'cce_with_logits'\?"):
+        gl.LOSSES["crossentropy"]
+    with pytest.raises(KeyError, match="Did you mean 'bce_with_logits'"):
+        gl.LOSSES["bce_logit"]
+    with pytest.raises(KeyError, match=r"cce_with_logits\.\"?$"):  # nothing close: no guess
+        gl.LOSSES["qqqq"]
+    assert gl.LOSSES.get("qqqq") is None and "mse" in gl.LOSSES
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_none_is_named_as_none(loss):
+    pred, target = _valid(loss)
+    with pytest.raises(TypeError, match="Expected pred to be an array or a number, got "
+                                        "NoneType None"):
+        gl.LOSSES[loss](None, target)
+    with pytest.raises(TypeError, match="Expected target to be an array or a number, got "
+                                        "NoneType None"):
+        gl.LOSSES[loss](pred, None)
+
+
+@pytest.mark.parametrize("loss", CATEGORICAL)
+def test_no_classes_says_so(xp, loss):
+    pred, target = to_xp(xp, np.zeros((2, 0))), to_xp(xp, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"pred has no classes \(its class axis has length "
+                                         r"0\), so no class index is valid") as info:
+        gl.LOSSES[loss](pred, target)
+    assert "[0, -1]" not in str(info.value)
