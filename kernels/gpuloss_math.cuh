@@ -11,6 +11,9 @@
 #define GL_INF __int_as_float(0x7f800000)
 #define GL_NAN __int_as_float(0x7fc00000)
 GL_FN unsigned int gl_float_bits(float x) { return __float_as_uint(x); }
+GL_FN unsigned long long gl_double_bits(double x) {
+    return (unsigned long long)__double_as_longlong(x);
+}
 #else
 #include <math.h>
 #include <string.h>
@@ -19,6 +22,11 @@ GL_FN unsigned int gl_float_bits(float x) { return __float_as_uint(x); }
 #define GL_NAN NAN
 GL_FN unsigned int gl_float_bits(float x) {
     unsigned int u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+GL_FN unsigned long long gl_double_bits(double x) {
+    unsigned long long u;
     memcpy(&u, &x, sizeof u);
     return u;
 }
@@ -44,8 +52,9 @@ GL_FN T gl_clip(T x, T lo, T hi) {
 
 // ---- domain checks, independent of flush-to-zero ---------------------------------------------
 // CuPy compiles every kernel with -ftz=true: a float32 comparison sees a subnormal as zero, so
-// -1e-40 < 0 is false there. float values are therefore judged on their bits (a reinterpreting
-// move never flushes); double arithmetic is never flushed.
+// -1e-40 < 0 is false there. Values are therefore judged on their bits (a reinterpreting move
+// never flushes) -- doubles too, which the device never flushes but a host emulating
+// flush-to-zero (x86's DAZ) would.
 
 // true when x lies outside [0, 1]; NaN counts as inside, so it propagates instead of raising
 GL_FN bool gl_outside_unit(float x) {
@@ -53,14 +62,21 @@ GL_FN bool gl_outside_unit(float x) {
     if (mag > 0x7f800000u) return false;                 // NaN
     return (u >> 31) ? mag != 0u : u > 0x3f800000u;      // below -0, or above 1.0f
 }
-GL_FN bool gl_outside_unit(double x) { return x < 0.0 || x > 1.0; }
+GL_FN bool gl_outside_unit(double x) {
+    unsigned long long u = gl_double_bits(x), mag = u & 0x7fffffffffffffffull;
+    if (mag > 0x7ff0000000000000ull) return false;                  // NaN
+    return (u >> 63) ? mag != 0ull : u > 0x3ff0000000000000ull;     // below -0, or above 1.0
+}
 
 // true for a weight that is negative, NaN or infinite (scikit-learn's rule); -0 is a zero
 GL_FN bool gl_bad_weight(float w) {
     unsigned int u = gl_float_bits(w), mag = u & 0x7fffffffu;
     return mag >= 0x7f800000u || ((u >> 31) && mag != 0u);
 }
-GL_FN bool gl_bad_weight(double w) { return !(w >= 0.0) || w - w != 0.0; }
+GL_FN bool gl_bad_weight(double w) {
+    unsigned long long u = gl_double_bits(w), mag = u & 0x7fffffffffffffffull;
+    return mag >= 0x7ff0000000000000ull || ((u >> 63) && mag != 0ull);
+}
 
 // ---- mse: l = (p - y)^2, dl/dp = 2 (p - y) ---------------------------------------------------
 template <typename T>

@@ -74,6 +74,9 @@ extern "C" void gl_cce_term_##S(const T* p, const T* c, long long n, T lo, T hi,
 }                                                                                             \\
 extern "C" void gl_outside_unit_##S(const T* x, long long n, int* out) {                     \\
     for (long long i = 0; i < n; ++i) out[i] = gl_outside_unit(x[i]);                         \\
+}                                                                                             \\
+extern "C" void gl_bad_weight_##S(const T* x, long long n, int* out) {                       \\
+    for (long long i = 0; i < n; ++i) out[i] = gl_bad_weight(x[i]);                           \\
 }
 GL_EXPORT_MATH(float, f32)
 GL_EXPORT_MATH(double, f64)

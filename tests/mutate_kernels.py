@@ -3,7 +3,9 @@
 Changes one operator or constant at a time in kernels/*.cu and *.cuh, runs the CPU kernel
 tests, and reports every mutation that no test noticed. Usage:
 
-    python tests/mutate_kernels.py [--sample N] [--seed S]
+    python tests/mutate_kernels.py [--sample N] [--seed S] [--grep TEXT]
+
+--grep keeps only the sites on lines containing TEXT (to aim at a change).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SWAPS = [
     (r"\bC\(0\)", "C(1)"),
     (r"\b0\.5\b", "0.25"),
     (r"\b1\.0\b", "2.0"),
-    (r"\b0x[0-9a-f]+u?\b", None),  # hex constants: flip the lowest bit
+    (r"\b0x[0-9a-f]+(?:ull|u)?\b", None),  # hex constants: flip the lowest bit
     (r"\b(1[0-9]|2[0-9]|3[0-9]|[2-9])\b", None),  # small integers: add one
 ]
 
@@ -61,8 +63,8 @@ def mutate(original, site):
     a, b, old, repl = site
     if repl is None:
         if old.startswith("0x"):
-            digits = old.rstrip("u")
-            new = hex(int(digits, 16) ^ 1) + ("u" if old.endswith("u") else "")
+            digits = old.rstrip("ul")
+            new = hex(int(digits, 16) ^ 1) + old[len(digits):]
         else:
             new = str(int(old) + 1)
     else:
@@ -71,8 +73,11 @@ def mutate(original, site):
 
 
 def run_tests():
+    # the kernel tests and the emulated defect/twin tests (the fuzz and sanitizer runs are
+    # left out: too slow to repeat per mutation)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "test_kernels.py"), "-k", "not nvrtc and not wheel"]
+           str(ROOT / "tests" / "test_kernels.py"), str(ROOT / "tests" / "test_emulated.py"),
+           "-k", "not nvrtc and not wheel and not fuzz and not sanitize and not device_script"]
     try:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               timeout=240).returncode
@@ -84,8 +89,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sample", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grep", default=None)
     args = ap.parse_args()
     all_sites = [(f, s) for f in FILES for s in sites(f.read_text())]
+    if args.grep:
+        def line_of(f, s):
+            text = f.read_text()
+            return text[text.rfind("\n", 0, s[0]) + 1 : text.find("\n", s[0])]
+
+        all_sites = [(f, s) for f, s in all_sites if args.grep in line_of(f, s)]
     random.Random(args.seed).shuffle(all_sites)
     survivors, tried = [], 0
     for path, site in all_sites[: args.sample]:

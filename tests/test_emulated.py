@@ -153,6 +153,52 @@ def test_defect_4_no_classes_with_class_weight(loss):
         assert got[1].shape == want[1].shape == (2, 0)
 
 
+def _routes(v, dtype):
+    """Every place a value is validated: (loss, pred, target, options) with `v` in it."""
+    a = np.array([0.5, v], dtype)
+    half = np.full(2, 0.5, np.float32)
+    return [
+        ("bce", a, np.array([0.5, 0.5]), {}),                        # pred, in the pass
+        ("cce", np.array([[1.0, v]], dtype), np.array([0]), {}),      # pred, row kernel
+        ("bce", half, a, {}),                                         # target, as stored
+        ("bce_with_logits", half, a, {}),
+        ("cce_with_logits", np.zeros((1, 2), np.float32), a.reshape(1, 2), {}),  # cast first
+        ("cce", np.full((1, 2), 0.5, dtype), a.reshape(1, 2), {}),   # same dtype: in the pass
+    ]
+
+
+def _weight_routes(v, dtype):
+    w = np.array([1.0, v], dtype)
+    return [
+        ("mse", np.zeros(2, np.float32), np.zeros(2), {"sample_weight": w}),
+        ("bce_with_logits", np.zeros(2, np.float64), np.zeros(2), {"pos_weight": w}),
+        ("cce_with_logits", np.zeros((3, 2), np.float32), np.array([0, 1, 0]),
+         {"class_weight": w}),
+        ("cce", np.full((2, 2), 0.5), np.full((2, 2), 0.5), {"sample_weight": w}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_every_validation_route_at_the_boundaries(dtype):
+    """Each value on each route is accepted or rejected the same way by the emulated CUDA
+    path and the NumPy backend, and as the rules say (judged as stored, FTZ or not)."""
+    f = np.finfo(dtype)
+    sub, up = f.smallest_subnormal, np.nextafter(dtype(1), dtype(2))
+    cases = [(v, True, _routes) for v in (0.0, -0.0, 1.0, sub, np.nan)]
+    cases += [(v, False, _routes) for v in (-sub, up, np.inf, -np.inf)]
+    cases += [(v, True, _weight_routes) for v in (0.0, -0.0, sub, f.max)]
+    cases += [(v, False, _weight_routes) for v in (-sub, np.inf, -np.inf, np.nan)]
+    for v, ok, routes in cases:
+        for loss, pred, target, opts in routes(v, dtype):
+            for run in (lambda: emulated_compute(loss, "call", pred, target, **opts),
+                        lambda: gl.LOSSES[loss](pred, target, **opts)):
+                if ok:
+                    run()
+                else:
+                    with pytest.raises(ValueError, match="must"):
+                        run()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K", [3, 40, 300, 9000])  # 4 lanes, a warp, a block, read twice
 def test_defect_5_a_nan_logit_makes_its_row_nan(dtype, K):

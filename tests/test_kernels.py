@@ -191,6 +191,28 @@ def test_math_smoothing_and_unit_check(host_lib, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_math_domain_checks_at_the_bit_boundaries(host_lib, dtype):
+    """gl_outside_unit and gl_bad_weight on the neighbours of every boundary, and on NaN of
+    every kind (float is judged on its bits: -ftz=true would flush the comparisons)."""
+    f = np.finfo(dtype)
+    nans = {np.float32: [0x7F800001, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF],
+            np.float64: [0x7FF0000000000001, 0x7FF8000000000000, 0xFFF8000000000000]}[dtype]
+    nan = np.array(nans, {np.float32: np.uint32, np.float64: np.uint64}[dtype]).view(dtype)
+    x = np.concatenate([np.array([
+        0.0, -0.0, f.smallest_subnormal, -f.smallest_subnormal, f.tiny, -f.tiny,
+        f.smallest_subnormal * 3, -f.smallest_subnormal * 3,
+        np.nextafter(dtype(1), dtype(0)), 1.0, np.nextafter(dtype(1), dtype(2)), 0.5, -0.5,
+        f.max, -f.max, np.inf, -np.inf], dtype), nan])
+    with np.errstate(invalid="ignore"):
+        want_outside = ~np.isnan(x) & ((x < 0) | (x > 1))
+        want_bad = np.isnan(x) | np.isinf(x) | (x < 0)
+    for fn, want in (("gl_outside_unit", want_outside), ("gl_bad_weight", want_bad)):
+        flags = np.empty(x.size, np.int32)
+        _fn(host_lib, fn, dtype)(_p(x), ctypes.c_longlong(x.size), _p(flags))
+        assert flags.astype(bool).tolist() == want.tolist(), (fn, x[flags != want])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_math_logsumexp_push_and_merge(host_lib, dtype):
     rng = np.random.default_rng(1)
     z = (5 * rng.standard_normal((20, 9))).astype(dtype)
