@@ -141,15 +141,18 @@ def _compile(cxx_args: list[str], source: str, out: Path, shared: bool) -> None:
     if cxx is None:
         msg = "g++ is needed to compile kernels/ for the host tests"
         raise RuntimeError(msg)
-    src = out.with_suffix(".cpp")
+    # per-process names, then an atomic rename: processes building at once do not collide
+    src = out.with_name(f"{out.name}.{os.getpid()}.cpp")
+    tmp = f"{out}.{os.getpid()}.tmp"
     src.write_text(source)
     cmd = [cxx, "-std=c++20", "-pthread", "-fno-fast-math", "-Wall", "-Wno-unused-function",
            f"-I{HERE}", *(["-shared", "-fPIC"] if shared else []), *cxx_args, str(src), "-o",
-           str(out) + ".tmp"]
+           tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    src.unlink(missing_ok=True)
     if done.returncode != 0:
         raise RuntimeError(f"g++ failed:\n{done.stderr[-5000:]}")
-    os.replace(str(out) + ".tmp", out)
+    os.replace(tmp, out)
 
 
 def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
