@@ -70,13 +70,11 @@ def _to_numpy(x):
 
 
 def demo(args) -> int:
-    from . import LOSSES, preferred_namespace
+    from . import LOSSES
 
-    xp = preferred_namespace()
-    device = "cpu (NumPy)"
-    if xp is not np:
-        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-        device = f"cuda ({props['name'].decode()})"
+    xp, device = _device(args.device)
+    if xp is np:
+        device = "cpu (NumPy)"
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
     print(f"gpuloss demo on {device}, {dtype.name}; cross-check: "
@@ -245,7 +243,9 @@ def _count(loss, p, opts):
 
 
 def _progress(rows):
-    """A progress bar on stderr that shows only for runs over a second."""
+    """A progress bar on stderr, only on a terminal and only for runs over a second."""
+    if not sys.stderr.isatty():
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
@@ -277,7 +277,7 @@ def info(args) -> int:
             driver = cupy.cuda.runtime.driverGetVersion()
             gpu = f"{', '.join(names)} (driver {driver // 1000}.{driver % 1000 // 10})"
         except Exception as exc:  # no driver, no device: say why
-            gpu = f"none usable ({type(exc).__name__}: {str(exc)[:80]})"
+            gpu = f"none usable ({_gpu_reason(exc)})"
     except ImportError:
         lines.append(("cupy", "not installed"))
     for mod in ("torch", "dask", "pyarrow"):
@@ -298,6 +298,18 @@ def info(args) -> int:
     return 0
 
 
+def _gpu_reason(exc: BaseException) -> str:
+    """Why CuPy sees no GPU, in words, cut at a word boundary."""
+    import textwrap
+
+    text = str(exc).strip() or type(exc).__name__
+    if "InsufficientDriver" in text or "NoDriver" in text or "libcuda" in text:
+        return "no NVIDIA driver"
+    if "NoDevice" in text:
+        return "no CUDA device"
+    return textwrap.shorten(f"{type(exc).__name__}: {text}", width=100, placeholder=" ...")
+
+
 def bench(args) -> int:
     from . import preferred_namespace
 
@@ -316,35 +328,69 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"gpuloss: error: {message}\n")
 
 
+_SCORE_EXAMPLES = """examples:
+  gpuloss score mse pred.npy target.npy --json
+  gpuloss score cce_with_logits d.parquet:logits d.parquet:label --class-weight cw.npy
+  gpuloss score bce p.npy y.npy --reduction none --per-sample losses.npy
+"""
+
+
 def main(argv=None) -> int:
-    from . import LOSSES
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        print("gpuloss: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `gpuloss demo | head -1`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
+
+
+def _main(argv=None) -> int:
+    from . import LOSSES, __version__
 
     parser = _Parser(prog="gpuloss", description="Fused losses and gradients.")
+    parser.add_argument("--version", action="version", version=f"gpuloss {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p_demo = sub.add_parser("demo", help="all five losses with gradients, cross-checked")
-    p_demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
+                        help="data type of the generated data (default float32)")
+    p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p_demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to compute: auto (a GPU if usable), cpu or cuda")
     p_demo.set_defaults(func=demo)
 
-    p_score = sub.add_parser("score", help="a loss over files, streamed in chunks")
-    p_score.add_argument("loss", choices=list(LOSSES))
+    p_score = sub.add_parser("score", help="a loss over files, streamed in chunks",
+                             epilog=_SCORE_EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_score.add_argument("loss", choices=list(LOSSES), help="the loss: %(choices)s")
     p_score.add_argument("pred", help="predictions: FILE.npy, FILE.npz:KEY or FILE.parquet:COLUMN")
     p_score.add_argument("target", help="targets, same forms")
-    p_score.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"])
-    p_score.add_argument("--sample-weight", metavar="FILE")
-    p_score.add_argument("--class-weight", metavar="FILE")
-    p_score.add_argument("--pos-weight", metavar="FILE")
-    p_score.add_argument("--ignore-index", type=int)
-    p_score.add_argument("--label-smoothing", type=float)
-    p_score.add_argument("--axis", type=int)
-    p_score.add_argument("--eps", type=float)
+    p_score.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"],
+                         help="all losses: mean (default), sum, or none (needs --per-sample)")
+    p_score.add_argument("--sample-weight", metavar="FILE",
+                         help="all losses: one weight per row, or one array for every chunk")
+    p_score.add_argument("--class-weight", metavar="FILE",
+                         help="cce, cce_with_logits: one weight per class, shape (K,)")
+    p_score.add_argument("--pos-weight", metavar="FILE",
+                         help="bce_with_logits: weight of the positive term")
+    p_score.add_argument("--ignore-index", type=int,
+                         help="cce, cce_with_logits with class indices: a label to skip")
+    p_score.add_argument("--label-smoothing", type=float,
+                         help="bce_with_logits, cce_with_logits: in [0, 1]")
+    p_score.add_argument("--axis", type=int, help="cce, cce_with_logits: the class axis "
+                         "(default -1)")
+    p_score.add_argument("--eps", type=float,
+                         help="bce, cce: clip probabilities to [eps, 1 - eps]")
     p_score.add_argument("--no-validate", dest="validate", action="store_false",
-                         help="skip the domain checks (bad values give NaN)")
+                         help="all losses: skip the domain checks (bad values give NaN)")
     p_score.add_argument("--chunk-size", type=int, default=1 << 20, metavar="ROWS",
                          help="rows per chunk (default 1048576)")
     p_score.add_argument("--per-sample", metavar="OUT.npy",
                          help="write the per-sample losses (reduction 'none') here")
-    p_score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p_score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="where to compute: auto (a GPU if usable), cpu or cuda")
     p_score.add_argument("--json", action="store_true",
                          help='print {"loss", "n", "device", "seconds"}')
     p_score.set_defaults(func=score)
@@ -362,8 +408,11 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # not the user's mistake: main() ends quietly
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        message = str(text).splitlines()[0] if str(text) else type(exc).__name__
         print(f"gpuloss: error: {message}", file=sys.stderr)
         return 2
 

@@ -220,3 +220,128 @@ def test_no_progress_bar_for_short_runs(tmp_path, capsys):
     _, _, p, t = _files(tmp_path, "mse")
     code, _, err = _score(capsys, "mse", p, t)
     assert code == 0 and err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line's edges
+
+
+def test_version(capsys):
+    from gpuloss import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gpuloss {__version__}"
+
+
+def test_demo_takes_a_device(capsys, monkeypatch):
+    assert _cli.main(["demo", "--device", "cpu", "--dtype", "float64"]) == 0
+    assert "gpuloss demo on cpu (NumPy)" in capsys.readouterr().out
+    monkeypatch.setattr("gpuloss.preferred_namespace", lambda: np)  # as on a machine sans GPU
+    assert _cli.main(["demo", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: no usable CUDA GPU" in err
+
+
+def test_ctrl_c_ends_with_one_line_and_130(capsys, monkeypatch, tmp_path):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cli, "score", interrupted)
+    _, _, p, t = _files(tmp_path, "mse")
+    assert _cli.main(["score", "mse", str(p), str(t)]) == 130
+    assert capsys.readouterr().err == "gpuloss: interrupted\n"
+
+
+def test_ctrl_c_in_a_real_run_leaves_no_temporary_file(tmp_path):
+    import signal
+    import time
+
+    rows = 1 << 22
+    np.save(tmp_path / "p.npy", np.zeros(rows, np.float32))
+    np.save(tmp_path / "t.npy", np.zeros(rows, np.float32))
+    proc = subprocess.Popen(  # 262,144 chunks of 16 rows: about 25 s, long enough
+        [sys.executable, "-m", "gpuloss", "score", "mse", str(tmp_path / "p.npy"),
+         str(tmp_path / "t.npy"), "--reduction", "none", "--per-sample",
+         str(tmp_path / "out.npy"), "--chunk-size", "16", "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "gpuloss: interrupted" and "Traceback" not in err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.npy", "t.npy"]
+
+
+def test_a_closed_pipe_ends_quietly():
+    done = subprocess.run(f"{sys.executable} -m gpuloss demo --device cpu | head -1",
+                          shell=True, capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith("gpuloss demo on cpu")
+    assert done.stderr == ""
+
+
+def test_every_score_option_says_what_it_does_and_for_which_losses(capsys):
+    with pytest.raises(SystemExit):
+        _cli.main(["score", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for flag, losses in (("--class-weight", "cce, cce_with_logits"),
+                         ("--pos-weight", "bce_with_logits"), ("--eps", "bce, cce"),
+                         ("--label-smoothing", "bce_with_logits, cce_with_logits"),
+                         ("--ignore-index", "cce, cce_with_logits"),
+                         ("--sample-weight", "all losses")):
+        assert losses in out.split(flag, 2)[2][:200], flag
+    parser_help = [a for a in _score_parser()._actions if not a.help and a.dest != "help"]
+    assert parser_help == []
+
+
+def _score_parser():
+    import argparse
+
+    captured = {}
+    real = argparse.ArgumentParser.parse_known_args
+
+    def grab(self, *a, **k):
+        captured.setdefault("root", self)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_known_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            _cli.main(["score"])
+    finally:
+        argparse.ArgumentParser.parse_known_args = real
+    sub = next(a for a in captured["root"]._actions if a.dest == "command")
+    return sub.choices["score"]
+
+
+def test_the_progress_bar_shows_only_on_a_terminal(monkeypatch):
+    class Tty:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+
+    assert _cli._progress(10) is None  # pytest's captured stderr is no terminal
+    monkeypatch.setattr(sys, "stderr", Tty())
+    bar = _cli._progress(10)
+    assert bar is not None
+    bar.close()
+
+
+def test_info_says_why_there_is_no_gpu():
+    class CUDARuntimeError(Exception):
+        pass
+
+    no_driver = CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is "
+                                 "insufficient for CUDA runtime version")
+    assert _cli._gpu_reason(no_driver) == "no NVIDIA driver"
+    assert _cli._gpu_reason(CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device")) == \
+        "no CUDA device"
+    long = _cli._gpu_reason(RuntimeError("word " * 60))
+    assert long.endswith(" ...") and len(long) <= 100 and "wor ..." not in long
