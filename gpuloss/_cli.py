@@ -180,15 +180,20 @@ def score(args) -> int:
         reduction = args.reduction
         if reduction == "none" and args.per_sample is None:
             raise UsageError("--reduction none needs --per-sample OUT.npy to write to")
+        if args.per_sample is not None:
+            folder = Path(args.per_sample).parent
+            if not folder.is_dir():
+                raise UsageError(f"--per-sample {args.per_sample}: the folder {folder} does "
+                                 "not exist")
         xp, device = _device(args.device)
         stream = StreamingLoss(fn, reduction="sum" if reduction == "none" else reduction,
                                **opts)
         per_sample = None
         rows = pred.rows
-        chunk = max(1, args.chunk_size)
+        chunk = args.chunk_size or _rows_per_chunk(args.chunk_mb, sources)
         start_time = time.perf_counter()
         progress = _progress(rows)
-        n_loss = 0
+        n_loss = nan_rows = 0
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
             p = xp.asarray(pred.read(start, stop))
@@ -198,9 +203,14 @@ def score(args) -> int:
                 w = xp.asarray(weight.read(start, stop))
             elif args.sample_weight is not None:
                 w = xp.asarray(weight_all)
-            stream.update(p, t, sample_weight=w)
-            if args.per_sample is not None:
+            part = StreamingLoss(fn, reduction=stream.reduction, **opts)
+            part.update(p, t, sample_weight=w)
+            stream.merge(part)
+            per = None
+            if args.per_sample is not None or math.isnan(part.state[0]):
                 per = fn(p, t, reduction="none", sample_weight=w, **opts)
+                nan_rows += _nan_rows(per, stop - start)
+            if args.per_sample is not None:
                 if per_sample is None:
                     tmp_out = f"{args.per_sample}.tmp-{os.getpid()}"
                     per_sample = np.lib.format.open_memmap(
@@ -224,15 +234,51 @@ def score(args) -> int:
         if tmp_out is not None and os.path.exists(tmp_out):
             os.remove(tmp_out)
     if args.json:
-        print(json.dumps({"loss": value if math.isfinite(value) else None, "n": n_loss,
-                          "device": device, "seconds": round(seconds, 6)}))
+        result = {"loss": value if math.isfinite(value) else None, "n": n_loss,
+                  "nan_rows": nan_rows, "device": device, "seconds": round(seconds, 6)}
+        if args.per_sample:
+            result["per_sample"] = str(Path(args.per_sample).resolve())
+        print(json.dumps(result))
     else:
         label = f"{args.loss} ({'sum' if reduction == 'none' else reduction})"
         print(f"{'loss':10s} {label}\n{'value':10s} {value:.10g}\n{'n':10s} {n_loss}\n"
-              f"{'device':10s} {device}\n{'seconds':10s} {seconds:.3f}")
+              f"{'nan rows':10s} {nan_rows}\n{'device':10s} {device}\n"
+              f"{'seconds':10s} {seconds:.3f}")
         if args.per_sample:
-            print(f"{'per-sample':10s} {args.per_sample}")
+            print(f"{'per-sample':10s} {Path(args.per_sample).resolve()}")
     return 0
+
+
+def _rows_per_chunk(megabytes: float, sources) -> int:
+    """Rows per chunk so that one chunk of every input takes about `megabytes` MiB."""
+    row_bytes = 0
+    for src in sources:
+        width = int(np.prod(src.shape[1:], dtype=np.int64)) if len(src.shape) > 1 else 1
+        row_bytes += np.dtype(src.dtype).itemsize * width
+    return max(1, int(megabytes * (1 << 20)) // max(row_bytes, 1))
+
+
+def _nan_rows(per, rows: int) -> int:
+    """Rows (first axis) of a chunk whose loss is NaN anywhere."""
+    per = per.get() if hasattr(per, "get") else np.asarray(per)
+    if per.ndim == 0:
+        return int(np.isnan(per))
+    return int(np.isnan(per.reshape(rows, -1)).any(axis=1).sum())
+
+
+def _positive(kind):
+    """An argparse type: a positive int or float."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 def _count(loss, p, opts):
@@ -385,14 +431,18 @@ def _main(argv=None) -> int:
                          help="bce, cce: clip probabilities to [eps, 1 - eps]")
     p_score.add_argument("--no-validate", dest="validate", action="store_false",
                          help="all losses: skip the domain checks (bad values give NaN)")
-    p_score.add_argument("--chunk-size", type=int, default=1 << 20, metavar="ROWS",
-                         help="rows per chunk (default 1048576)")
+    p_score.add_argument("--chunk-mb", type=_positive(float), default=64, metavar="MIB",
+                         help="memory for one chunk of all inputs together (default 64); "
+                              "the rows per chunk follow from the rows' width")
+    p_score.add_argument("--chunk-size", type=_positive(int), default=None, metavar="ROWS",
+                         help="rows per chunk, instead of --chunk-mb")
     p_score.add_argument("--per-sample", metavar="OUT.npy",
                          help="write the per-sample losses (reduction 'none') here")
     p_score.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="where to compute: auto (a GPU if usable), cpu or cuda")
     p_score.add_argument("--json", action="store_true",
-                         help='print {"loss", "n", "device", "seconds"}')
+                         help='print {"loss", "n", "nan_rows", "device", "seconds"} '
+                              '(and "per_sample", the file written)')
     p_score.set_defaults(func=score)
 
     p_info = sub.add_parser("info", help="versions, backends, GPU, kernel folders")

@@ -67,7 +67,8 @@ def test_score_streams_to_the_in_memory_result(tmp_path, capsys, loss):
     code, out, err = _score(capsys, loss, p, t, "--chunk-size", 77, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert set(result) == {"loss", "n", "device", "seconds"}
+    assert set(result) == {"loss", "n", "nan_rows", "device", "seconds"}
+    assert result["nan_rows"] == 0
     assert result["device"] == "cpu" or result["device"].startswith("cuda")
     assert result["n"] == (1000 if loss in CATEGORICAL else 5000)
     np.testing.assert_allclose(result["loss"], gl.LOSSES[loss](pred.astype(np.float64),
@@ -345,3 +346,47 @@ def test_info_says_why_there_is_no_gpu():
         "no CUDA device"
     long = _cli._gpu_reason(RuntimeError("word " * 60))
     assert long.endswith(" ...") and len(long) <= 100 and "wor ..." not in long
+
+
+@pytest.mark.parametrize("loss", ["mse", "cce_with_logits"])
+def test_score_counts_the_rows_whose_loss_is_nan(tmp_path, capsys, loss):
+    pred, target, p, t = _files(tmp_path, loss)
+    pred[[3, 500, 501, 999]] = np.nan  # rows in three different chunks
+    np.save(p, pred)
+    code, out, err = _score(capsys, loss, p, t, "--chunk-size", 100, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["nan_rows"] == 4 and result["loss"] is None
+    code, out, _ = _score(capsys, loss, p, t, "--chunk-size", 100)
+    assert "nan rows   4" in out
+
+
+def test_score_chunks_by_a_memory_budget_and_refuses_empty_chunks(tmp_path, capsys):
+    class Source:
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = shape, np.dtype(dtype)
+
+    wide = [Source((10**6, 64), np.float32), Source((10**6,), np.int64)]
+    assert _cli._rows_per_chunk(64, wide) == (64 << 20) // (64 * 4 + 8)
+    assert _cli._rows_per_chunk(1, [Source((10, 10**7), np.float64)]) == 1  # never 0 rows
+    _, _, p, t = _files(tmp_path, "mse")
+    for flag, value in (("--chunk-size", 0), ("--chunk-size", -5), ("--chunk-mb", 0)):
+        with pytest.raises(SystemExit) as exc:
+            _score(capsys, "mse", p, t, flag, value)
+        assert exc.value.code == 2
+        assert "must be positive" in capsys.readouterr().err
+
+
+def test_score_says_where_the_per_sample_file_went(tmp_path, capsys, monkeypatch):
+    _, _, p, t = _files(tmp_path, "bce")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _score(capsys, "bce", p, t, "--reduction", "none", "--per-sample",
+                            "losses.npy", "--json")
+    assert code == 0, err
+    assert json.loads(out)["per_sample"] == str(tmp_path / "losses.npy")
+    assert np.load(tmp_path / "losses.npy").shape == (1000, 5)
+    code, out, err = _score(capsys, "bce", p, t, "--reduction", "none", "--per-sample",
+                            "missing/losses.npy")
+    assert code == 2
+    assert err == ("gpuloss: error: --per-sample missing/losses.npy: the folder missing does "
+                   "not exist\n")
