@@ -7,9 +7,7 @@ without a GPU, or `python benchmarks/cpu.py`.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import gpuloss as gl
+from gpuloss import _bench_io
 
 N_ELEM = 1 << 24  # mse, bce, bce_with_logits
 N_ROWS, N_CLASSES = 262144, 64  # cce, cce_with_logits
@@ -144,11 +143,10 @@ def inputs(loss, rng):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="gpuloss bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--losses", nargs="*", default=list(gl.LOSSES))
+    ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds (default 15)")
     ap.add_argument("--quick", action="store_true", help="5 rounds instead of --repeat")
+    _bench_io.add_common_args(ap, "cpu", gl.LOSSES)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeat = 5
@@ -186,7 +184,7 @@ def main(argv=None):
             row["torch_ms"] = round(ms["torch"], 3)
             row["speedup_vs_torch"] = round(row["torch_ms"] / ours, 2)
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        _bench_io.progress(row)
 
     # accuracy bar: float32 mse at n = 10^7 against float64
     a = rng.standard_normal(10_000_000, dtype=np.float32)
@@ -206,19 +204,20 @@ def main(argv=None):
         "mse_float32_1e7_rel_err": mse_rel_err,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\ncopy bandwidth {result['copy_GBps']} GB/s; mse float32 n=1e7 rel. error "
-          f"{mse_rel_err:.2e}")
-    print(f"{'loss':16s} {'ms':>8s} {'floor':>7s} {'frac':>5s} {'naive':>8s} {'x':>5s} "
-          f"{'torch':>8s} {'x':>5s}")
-    for r in rows:
-        print(f"{r['loss']:16s} {r['ms']:8.2f} {r['floor_ms']:7.2f} {r['fraction_of_floor']:5.2f} "
-              f"{r['naive_numpy_ms']:8.2f} {r['speedup_vs_naive']:5.1f} "
-              f"{r.get('torch_ms', float('nan')):8.2f} {r.get('speedup_vs_torch', float('nan')):5.1f}")
-    print(f"wrote {path}")
+    name = f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json"
+
+    def table():
+        print(f"copy bandwidth {result['copy_GBps']} GB/s; mse float32 n=1e7 rel. error "
+              f"{mse_rel_err:.2e}")
+        print(f"{'loss':16s} {'ms':>8s} {'floor':>7s} {'frac':>5s} {'naive':>8s} {'x':>5s} "
+              f"{'torch':>8s} {'x':>5s}")
+        for r in rows:
+            print(f"{r['loss']:16s} {r['ms']:8.2f} {r['floor_ms']:7.2f} "
+                  f"{r['fraction_of_floor']:5.2f} {r['naive_numpy_ms']:8.2f} "
+                  f"{r['speedup_vs_naive']:5.1f} {r.get('torch_ms', float('nan')):8.2f} "
+                  f"{r.get('speedup_vs_torch', float('nan')):5.1f}")
+
+    _bench_io.finish(result, _bench_io.output_path(args.out, name), args.json, table)
     return 0
 
 

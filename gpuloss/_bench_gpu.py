@@ -7,17 +7,14 @@ so that caches don't flatter. Run as `gpuloss bench` on a GPU machine, or
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import functools
-import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _cuda_backend
+from gpuloss import _bench_io, _cuda_backend
 
 ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
 ROW_SHAPES = ((1 << 22, 10), (65536, 1024), (8192, 32768), (4096, 131072))
@@ -237,10 +234,11 @@ def launches_per_call(loss, p, y):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="gpuloss bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--torch-compile", action="store_true")
+    ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time torch.compile of PyTorch's loss")
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller sets")
+    _bench_io.add_common_args(ap, "gpu", gl.LOSSES)
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -260,6 +258,8 @@ def main(argv=None):
     repeat = 7 if args.quick else 15
     rows = []
     for loss, shape, dtype in cases:
+        if loss not in args.losses:
+            continue
         row = {"loss": loss, "op": "value_and_grad", "dtype": dtype, "shape": list(shape)}
         try:
             sets = 2 if np.prod(shape) * 4 > (1 << 28) else 4
@@ -295,7 +295,7 @@ def main(argv=None):
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        _bench_io.progress(row)
         cp.get_default_memory_pool().free_all_blocks()
     result = {
         "device": card,
@@ -306,23 +306,23 @@ def main(argv=None):
         "copy_GBps": round(bandwidth / 1e9, 1),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
-    path = out / f"gpu-{slug}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n{card}: copy {result['copy_GBps']} GB/s")
-    print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'floor':>8s} {'frac':>5s} "
-          f"{'naive':>9s} {'torch':>9s} {'launch':>6s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['loss']:16s} {r['dtype']:8s} ERROR {r['error']}")
-            continue
-        print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
-              f"{r['ms']:9.4f} {r['floor_ms']:8.4f} {r['fraction_of_floor']:5.2f} "
-              f"{r['naive_cupy_ms']:9.4f} {r.get('torch_ms', float('nan')):9.4f} "
-              f"{r['launches']:6d}")
-    print(f"wrote {path}")
+
+    def table():
+        print(f"{card}: copy {result['copy_GBps']} GB/s")
+        print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'floor':>8s} "
+              f"{'frac':>5s} {'naive':>9s} {'torch':>9s} {'launch':>6s}")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['loss']:16s} {r['dtype']:8s} ERROR {r['error']}")
+                continue
+            print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
+                  f"{r['ms']:9.4f} {r['floor_ms']:8.4f} {r['fraction_of_floor']:5.2f} "
+                  f"{r['naive_cupy_ms']:9.4f} {r.get('torch_ms', float('nan')):9.4f} "
+                  f"{r['launches']:6d}")
+
+    path = _bench_io.output_path(args.out, f"gpu-{slug}-{result['date']}.json")
+    _bench_io.finish(result, path, args.json, table)
     return 0
 
 

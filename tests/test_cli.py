@@ -390,3 +390,18 @@ def test_score_says_where_the_per_sample_file_went(tmp_path, capsys, monkeypatch
     assert code == 2
     assert err == ("gpuloss: error: --per-sample missing/losses.npy: the folder missing does "
                    "not exist\n")
+
+
+def test_bench_out_is_a_file_or_a_folder_and_json_goes_to_stdout(capsys, tmp_path):
+    target = tmp_path / "deep" / "mine.json"
+    assert _cli.main(["bench", "--losses", "mse", "--quick", "--out", str(target),
+                      "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # stdout is exactly the JSON result
+    assert [r["loss"] for r in result["rows"]] == ["mse"]
+    assert json.loads(target.read_text()) == result and '"loss": "mse"' in err
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["bench", "--losses", "crossentropy"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'crossentropy'" in err
