@@ -8,12 +8,14 @@
 
 from ._dispatch import preferred_namespace
 from ._losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
+from ._score import ScoreResult, score_files
 from ._streaming import StreamingLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LOSSES",
+    "ScoreResult",
     "StreamingLoss",
     "__version__",
     "bce",
@@ -22,4 +24,5 @@ __all__ = [
     "cce_with_logits",
     "mse",
     "preferred_namespace",
+    "score_files",
 ]

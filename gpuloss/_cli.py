@@ -119,151 +119,56 @@ class UsageError(ValueError):
 
 
 def _device(choice: str):
-    from . import preferred_namespace
+    from ._score import device_namespace
 
-    if choice == "cpu":
-        return np, "cpu"
-    xp = preferred_namespace()
-    if choice == "cuda" and xp is np:
-        raise UsageError("--device cuda: no usable CUDA GPU here (CuPy missing, no driver or "
-                         "no device); use --device cpu")
-    if xp is np:
-        return np, "cpu"
-    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-    return xp, f"cuda ({props['name'].decode()})"
-
-
-def _load_small(spec, name):
-    from . import _io
-
-    src = _io.open_input(spec, name)
     try:
-        return src.read(0, src.rows) if src.shape else src.read(0, 1)
-    finally:
-        src.close()
+        return device_namespace(choice)
+    except ValueError:
+        raise UsageError("--device cuda: no usable CUDA GPU here (CuPy missing, no driver or "
+                         "no device); use --device cpu") from None
 
 
 def score(args) -> int:
-    from . import LOSSES, StreamingLoss, _io
+    """`gpuloss score`: the flags checked as flags, then gpuloss.score_files."""
+    from . import LOSSES
+    from ._score import score_files
 
     fn = LOSSES[args.loss]
-    pred = _io.open_input(args.pred, "pred")
-    target = _io.open_input(args.target, "target")
-    sources = [pred, target]
-    tmp_out = None
-    try:
-        if pred.rows != target.rows:
-            raise UsageError(f"Shape mismatch: pred has {pred.rows} rows ({args.pred}), target "
-                             f"has {target.rows} rows ({args.target}).")
-        opts = {}
-        for flag, key in (("class_weight", "class_weight"), ("pos_weight", "pos_weight")):
-            if getattr(args, flag) is not None:
-                opts[key] = _load_small(getattr(args, flag), key)
-        for key in ("ignore_index", "label_smoothing", "axis", "eps"):
-            value = getattr(args, key)
-            if value is not None:
-                opts[key] = value
-        if not args.validate:
-            opts["validate"] = False
-        unknown = sorted(set(opts) - set(fn.options))
-        if unknown:
-            flag = "--" + unknown[0].replace("_", "-")
-            raise UsageError(f"{flag} does not apply to {args.loss}")
-        weight = None
-        if args.sample_weight is not None:
-            weight = _io.open_input(args.sample_weight, "sample_weight")
-            sources.append(weight)
-            if weight.rows != pred.rows:  # not one weight per row: broadcast it whole
-                weight_all, weight = _load_small(args.sample_weight, "sample_weight"), None
-            else:
-                weight_all = None
-        reduction = args.reduction
-        if reduction == "none" and args.per_sample is None:
-            raise UsageError("--reduction none needs --per-sample OUT.npy to write to")
-        if args.per_sample is not None:
-            folder = Path(args.per_sample).parent
-            if not folder.is_dir():
-                raise UsageError(f"--per-sample {args.per_sample}: the folder {folder} does "
-                                 "not exist")
-        xp, device = _device(args.device)
-        stream = StreamingLoss(fn, reduction="sum" if reduction == "none" else reduction,
-                               **opts)
-        per_sample = None
-        rows = pred.rows
-        chunk = args.chunk_size or _rows_per_chunk(args.chunk_mb, sources)
-        start_time = time.perf_counter()
-        progress = _progress(rows)
-        n_loss = nan_rows = 0
-        for start in range(0, rows, chunk):
-            stop = min(rows, start + chunk)
-            p = xp.asarray(pred.read(start, stop))
-            t = xp.asarray(target.read(start, stop))
-            w = None
-            if weight is not None:
-                w = xp.asarray(weight.read(start, stop))
-            elif args.sample_weight is not None:
-                w = xp.asarray(weight_all)
-            part = StreamingLoss(fn, reduction=stream.reduction, **opts)
-            part.update(p, t, sample_weight=w)
-            stream.merge(part)
-            per = None
-            if args.per_sample is not None or math.isnan(part.state[0]):
-                per = fn(p, t, reduction="none", sample_weight=w, **opts)
-                nan_rows += _nan_rows(per, stop - start)
-            if args.per_sample is not None:
-                if per_sample is None:
-                    tmp_out = f"{args.per_sample}.tmp-{os.getpid()}"
-                    per_sample = np.lib.format.open_memmap(
-                        tmp_out, mode="w+", dtype=per.dtype, shape=(rows, *per.shape[1:]))
-                per_sample[start:stop] = per.get() if hasattr(per, "get") else per
-            n_loss += _count(fn.name, p, opts)
-            if progress is not None:
-                progress.update(stop - start)
-        value = float(stream.compute())
-        seconds = time.perf_counter() - start_time
-        if progress is not None:
-            progress.close()
-        if per_sample is not None:
-            per_sample.flush()
-            del per_sample
-            os.replace(tmp_out, args.per_sample)  # complete, or not there at all
-            tmp_out = None
-    finally:
-        for src in sources:
-            src.close()
-        if tmp_out is not None and os.path.exists(tmp_out):
-            os.remove(tmp_out)
+    opts = {}
+    for key in ("class_weight", "pos_weight", "ignore_index", "label_smoothing", "axis", "eps"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if not args.validate:
+        opts["validate"] = False
+    unknown = sorted(set(opts) - set(fn.options))
+    if unknown:
+        raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to {args.loss}")
+    if args.reduction == "none" and args.per_sample is None:
+        raise UsageError("--reduction none needs --per-sample OUT.npy to write to")
+    if args.per_sample is not None and not Path(args.per_sample).parent.is_dir():
+        raise UsageError(f"--per-sample {args.per_sample}: the folder "
+                         f"{Path(args.per_sample).parent} does not exist")
+    _device(args.device)  # a missing GPU is the user's flag
+    result = score_files(fn, args.pred, args.target, reduction=args.reduction,
+                         sample_weight=args.sample_weight, per_sample=args.per_sample,
+                         device=args.device, chunk_mb=args.chunk_mb, chunk_size=args.chunk_size,
+                         progress=True, **opts)
+    value = result.loss
     if args.json:
-        result = {"loss": value if math.isfinite(value) else None, "n": n_loss,
-                  "nan_rows": nan_rows, "device": device, "seconds": round(seconds, 6)}
-        if args.per_sample:
-            result["per_sample"] = str(Path(args.per_sample).resolve())
-        print(json.dumps(result))
+        out = {"loss": value if math.isfinite(value) else None, "n": result.n,
+               "nan_rows": result.nan_rows, "device": result.device,
+               "seconds": round(result.seconds, 6)}
+        if result.per_sample:
+            out["per_sample"] = result.per_sample
+        print(json.dumps(out))
     else:
-        label = f"{args.loss} ({'sum' if reduction == 'none' else reduction})"
-        print(f"{'loss':10s} {label}\n{'value':10s} {value:.10g}\n{'n':10s} {n_loss}\n"
-              f"{'nan rows':10s} {nan_rows}\n{'device':10s} {device}\n"
-              f"{'seconds':10s} {seconds:.3f}")
-        if args.per_sample:
-            print(f"{'per-sample':10s} {Path(args.per_sample).resolve()}")
+        label = f"{args.loss} ({'sum' if args.reduction == 'none' else args.reduction})"
+        print(f"{'loss':10s} {label}\n{'value':10s} {value:.10g}\n{'n':10s} {result.n}\n"
+              f"{'nan rows':10s} {result.nan_rows}\n{'device':10s} {result.device}\n"
+              f"{'seconds':10s} {result.seconds:.3f}")
+        if result.per_sample:
+            print(f"{'per-sample':10s} {result.per_sample}")
     return 0
-
-
-def _rows_per_chunk(megabytes: float, sources) -> int:
-    """Rows per chunk so that one chunk of every input takes about `megabytes` MiB."""
-    row_bytes = 0
-    for src in sources:
-        width = int(np.prod(src.shape[1:], dtype=np.int64)) if len(src.shape) > 1 else 1
-        row_bytes += np.dtype(src.dtype).itemsize * width
-    return max(1, int(megabytes * (1 << 20)) // max(row_bytes, 1))
-
-
-def _nan_rows(per, rows: int) -> int:
-    """Rows (first axis) of a chunk whose loss is NaN anywhere."""
-    per = per.get() if hasattr(per, "get") else np.asarray(per)
-    if per.ndim == 0:
-        return int(np.isnan(per))
-    return int(np.isnan(per.reshape(rows, -1)).any(axis=1).sum())
 
 
 def _positive(kind):
@@ -279,25 +184,6 @@ def _positive(kind):
         return value
 
     return parse
-
-
-def _count(loss, p, opts):
-    """Loss elements in a chunk: every element (mse, bce*) or every sample (cce*)."""
-    if loss.startswith("cce"):
-        return int(np.prod(p.shape)) // max(1, p.shape[opts.get("axis", -1)])
-    return int(np.prod(p.shape))
-
-
-def _progress(rows):
-    """A progress bar on stderr, only on a terminal and only for runs over a second."""
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=rows, unit="rows", file=sys.stderr, delay=1.0, dynamic_ncols=True,
-                leave=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 import gpuloss as gl
 from gpuloss import _losses
 
-PUBLIC = ("LOSSES", "StreamingLoss", "__version__", "bce", "bce_with_logits", "cce",
-          "cce_with_logits", "mse", "preferred_namespace")
+PUBLIC = ("LOSSES", "ScoreResult", "StreamingLoss", "__version__", "bce", "bce_with_logits",
+          "cce", "cce_with_logits", "mse", "preferred_namespace", "score_files")
 
 
 def test_all_is_sorted_and_lists_every_public_name():

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import gpuloss as gl
 from gpuloss import _cli
 
 
@@ -41,8 +42,6 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import make_inputs, require  # noqa: E402
 from reference import ALL, CATEGORICAL  # noqa: E402
-
-import gpuloss as gl  # noqa: E402
 
 
 def _score(capsys, *argv):
@@ -328,9 +327,11 @@ def test_the_progress_bar_shows_only_on_a_terminal(monkeypatch):
         def flush(self):
             pass
 
-    assert _cli._progress(10) is None  # pytest's captured stderr is no terminal
+    from gpuloss import _score
+
+    assert _score.progress_bar(10) is None  # pytest's captured stderr is no terminal
     monkeypatch.setattr(sys, "stderr", Tty())
-    bar = _cli._progress(10)
+    bar = _score.progress_bar(10)
     assert bar is not None
     bar.close()
 
@@ -367,8 +368,10 @@ def test_score_chunks_by_a_memory_budget_and_refuses_empty_chunks(tmp_path, caps
             self.shape, self.dtype = shape, np.dtype(dtype)
 
     wide = [Source((10**6, 64), np.float32), Source((10**6,), np.int64)]
-    assert _cli._rows_per_chunk(64, wide) == (64 << 20) // (64 * 4 + 8)
-    assert _cli._rows_per_chunk(1, [Source((10, 10**7), np.float64)]) == 1  # never 0 rows
+    from gpuloss._score import rows_per_chunk
+
+    assert rows_per_chunk(64, wide) == (64 << 20) // (64 * 4 + 8)
+    assert rows_per_chunk(1, [Source((10, 10**7), np.float64)]) == 1  # never 0 rows
     _, _, p, t = _files(tmp_path, "mse")
     for flag, value in (("--chunk-size", 0), ("--chunk-size", -5), ("--chunk-mb", 0)):
         with pytest.raises(SystemExit) as exc:
@@ -405,3 +408,31 @@ def test_bench_out_is_a_file_or_a_folder_and_json_goes_to_stdout(capsys, tmp_pat
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'crossentropy'" in err
+
+
+def test_score_files_is_the_python_side_of_gpuloss_score(tmp_path, capsys):
+    pred, target, p, t = _files(tmp_path, "cce_with_logits")
+    w = np.random.default_rng(3).uniform(0.5, 2, 1000)
+    np.save(tmp_path / "w.npy", w)
+    cw = np.array([1.0, 2.0, 0.5, 1.0, 1.5])
+    result = gl.score_files("cce_with_logits", p, t, sample_weight=tmp_path / "w.npy",
+                            class_weight=cw, label_smoothing=0.1, chunk_size=128,
+                            device="cpu")
+    assert isinstance(result, gl.ScoreResult)
+    want = gl.cce_with_logits(pred.astype(np.float64), target, sample_weight=w,
+                              class_weight=cw, label_smoothing=0.1)
+    np.testing.assert_allclose(result.loss, want, rtol=1e-6)
+    assert (result.n, result.nan_rows, result.device, result.per_sample) == (1000, 0, "cpu",
+                                                                              None)
+    out = tmp_path / "per.npy"
+    result = gl.score_files("cce_with_logits", p, t, reduction="none", per_sample=out)
+    np.testing.assert_allclose(np.load(out), gl.cce_with_logits(pred, target, reduction="none"),
+                               rtol=1e-6)
+    assert result.per_sample == str(out.resolve())
+    for bad, message in (({"chunk_size": 0}, "chunk_size must be positive"),
+                         ({"pos_weight": cw}, "pos_weight does not apply to cce_with_logits"),
+                         ({"reduction": "none"}, "needs per_sample"),
+                         ({"device": "tpu"}, "device must be")):
+        with pytest.raises(ValueError, match=message):
+            gl.score_files("cce_with_logits", p, t, **bad)
+    assert capsys.readouterr().err == ""  # no progress bar unless asked (and on a terminal)

@@ -1,0 +1,217 @@
+"""Scoring files: `gpuloss.score_files`, the Python side of `gpuloss score`.
+
+Inputs are read one chunk at a time (.npy in row ranges straight from the file, .npz members
+whole, Parquet columns batch by batch), so memory is bounded by the chunk, not the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What `score_files` found.
+
+    Attributes:
+        loss: the reduced loss over every row (the sum when `reduction="none"`); NaN when a
+            row's loss is NaN.
+        n: loss elements counted (every element for mse/bce*, every sample for cce*).
+        nan_rows: rows (first axis) whose loss is NaN.
+        device: where it was computed: ``"cpu"`` or ``"cuda (<card>)"``.
+        seconds: wall time of the scoring loop.
+        per_sample: the absolute path of the per-sample file written, or None.
+    """
+
+    loss: float
+    n: int
+    nan_rows: int
+    device: str
+    seconds: float
+    per_sample: str | None = None
+
+
+def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per_sample=None,
+                device="auto", chunk_mb=64.0, chunk_size=None, progress=False, **options):
+    """Score a loss over files, chunk by chunk, on the CPU or a GPU.
+
+    Args:
+        loss: a loss name (``"mse"``, ``"cce_with_logits"``, ...) or loss object.
+        pred, target: ``"FILE.npy"``, ``"FILE.npz:KEY"`` or ``"FILE.parquet:COLUMN"``;
+            the first axis is the rows.
+        reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (needs `per_sample`).
+        sample_weight: a file spec as above: one weight per row (read chunk by chunk), or an
+            array broadcast to every chunk (loaded whole).
+        per_sample: a ``.npy`` path to write the per-sample losses to (the
+            ``reduction="none"`` result); written under a temporary name and renamed when
+            complete, so the file is whole or absent.
+        device: ``"auto"`` (a GPU if usable), ``"cpu"`` or ``"cuda"``.
+        chunk_mb: memory for one chunk of all inputs together, in MiB (default 64).
+        chunk_size: rows per chunk, instead of `chunk_mb`.
+        progress: a progress bar on stderr (on a terminal, for runs over a second).
+        **options: the loss's options; ``class_weight`` and ``pos_weight`` may be arrays or
+            file specs.
+
+    Returns:
+        A `ScoreResult`.
+
+    Raises:
+        ValueError: a missing or unreadable file, rows that differ, an option that does not
+            apply to the loss, a domain error, and every error the loss itself raises.
+    """
+    from . import LOSSES, StreamingLoss, _io
+
+    fn = LOSSES[loss] if isinstance(loss, str) else loss
+    for name, value in (("chunk_mb", chunk_mb), ("chunk_size", chunk_size)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}.")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+    if reduction == "none" and per_sample is None:
+        raise ValueError("reduction 'none' needs per_sample (a .npy path) to write to.")
+    if per_sample is not None:
+        folder = Path(per_sample).parent
+        if not folder.is_dir():
+            raise ValueError(f"per_sample {per_sample}: the folder {folder} does not exist.")
+    unknown = sorted(set(options) - set(fn.options))
+    if unknown:
+        raise ValueError(f"{unknown[0]} does not apply to {fn.name}.")
+    opts = dict(options)
+    for key in ("class_weight", "pos_weight"):
+        if isinstance(opts.get(key), (str, Path)):
+            opts[key] = _load_small(str(opts[key]), key)
+
+    src_pred = _io.open_input(str(pred), "pred")
+    src_target = _io.open_input(str(target), "target")
+    sources = [src_pred, src_target]
+    tmp_out = None
+    try:
+        if src_pred.rows != src_target.rows:
+            raise ValueError(f"Shape mismatch: pred has {src_pred.rows} rows ({pred}), target "
+                             f"has {src_target.rows} rows ({target}).")
+        weight = weight_all = None
+        if sample_weight is not None:
+            weight = _io.open_input(str(sample_weight), "sample_weight")
+            sources.append(weight)
+            if weight.rows != src_pred.rows:  # not one weight per row: broadcast it whole
+                weight_all, weight = _load_small(str(sample_weight), "sample_weight"), None
+        xp, where = device_namespace(device)
+        stream = StreamingLoss(fn, reduction="sum" if reduction == "none" else reduction,
+                               **opts)
+        rows = src_pred.rows
+        chunk = int(chunk_size) if chunk_size else rows_per_chunk(chunk_mb, sources)
+        bar = progress_bar(rows) if progress else None
+        written = None
+        n_loss = nan_rows = 0
+        start_time = time.perf_counter()
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            p = xp.asarray(src_pred.read(start, stop))
+            t = xp.asarray(src_target.read(start, stop))
+            w = None
+            if weight is not None:
+                w = xp.asarray(weight.read(start, stop))
+            elif weight_all is not None:
+                w = xp.asarray(weight_all)
+            part = StreamingLoss(fn, reduction=stream.reduction, **opts)
+            part.update(p, t, sample_weight=w)
+            stream.merge(part)
+            if per_sample is not None or math.isnan(part.state[0]):
+                per = fn(p, t, reduction="none", sample_weight=w, **opts)
+                nan_rows += _nan_rows(per, stop - start)
+                if per_sample is not None:
+                    if written is None:
+                        tmp_out = f"{per_sample}.tmp-{os.getpid()}"
+                        written = np.lib.format.open_memmap(
+                            tmp_out, mode="w+", dtype=per.dtype, shape=(rows, *per.shape[1:]))
+                    written[start:stop] = per.get() if hasattr(per, "get") else per
+            n_loss += _count(fn.name, p, opts)
+            if bar is not None:
+                bar.update(stop - start)
+        value = float(stream.compute())
+        seconds = time.perf_counter() - start_time
+        if bar is not None:
+            bar.close()
+        if written is not None:
+            written.flush()
+            del written
+            os.replace(tmp_out, per_sample)  # complete, or not there at all
+            tmp_out = None
+    finally:
+        for src in sources:
+            src.close()
+        if tmp_out is not None and os.path.exists(tmp_out):
+            os.remove(tmp_out)
+    path = str(Path(per_sample).resolve()) if per_sample is not None else None
+    return ScoreResult(value, n_loss, nan_rows, where, seconds, path)
+
+
+def device_namespace(choice: str):
+    """(array namespace, description) for ``"auto"``, ``"cpu"`` or ``"cuda"``."""
+    from . import preferred_namespace
+
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}.")
+    if choice == "cpu":
+        return np, "cpu"
+    xp = preferred_namespace()
+    if choice == "cuda" and xp is np:
+        raise ValueError("device cuda: no usable CUDA GPU here (CuPy missing, no driver or no "
+                         "device); use cpu.")
+    if xp is np:
+        return np, "cpu"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return xp, f"cuda ({props['name'].decode()})"
+
+
+def _load_small(spec, name):
+    from . import _io
+
+    src = _io.open_input(spec, name)
+    try:
+        return src.read(0, src.rows) if src.shape else src.read(0, 1)
+    finally:
+        src.close()
+
+
+def rows_per_chunk(megabytes: float, sources) -> int:
+    """Rows per chunk so that one chunk of every input takes about `megabytes` MiB."""
+    row_bytes = 0
+    for src in sources:
+        width = int(np.prod(src.shape[1:], dtype=np.int64)) if len(src.shape) > 1 else 1
+        row_bytes += np.dtype(src.dtype).itemsize * width
+    return max(1, int(megabytes * (1 << 20)) // max(row_bytes, 1))
+
+
+def _nan_rows(per, rows: int) -> int:
+    """Rows (first axis) of a chunk whose loss is NaN anywhere."""
+    per = per.get() if hasattr(per, "get") else np.asarray(per)
+    if per.ndim == 0:
+        return int(np.isnan(per))
+    return int(np.isnan(per.reshape(rows, -1)).any(axis=1).sum())
+
+
+def _count(loss, p, opts):
+    """Loss elements in a chunk: every element (mse, bce*) or every sample (cce*)."""
+    if loss.startswith("cce"):
+        return int(np.prod(p.shape)) // max(1, p.shape[opts.get("axis", -1)])
+    return int(np.prod(p.shape))
+
+
+def progress_bar(rows):
+    """A progress bar on stderr, only on a terminal and only for runs over a second."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=rows, unit="rows", file=sys.stderr, delay=1.0, dynamic_ncols=True,
+                leave=False)
