@@ -20,14 +20,21 @@ import numpy as np
 class ScoreResult:
     """What `score_files` found.
 
-    Attributes:
-        loss: the reduced loss over every row (the sum when `reduction="none"`); NaN when a
-            row's loss is NaN.
-        n: loss elements counted (every element for mse/bce*, every sample for cce*).
-        nan_rows: rows (first axis) whose loss is NaN.
-        device: where it was computed: ``"cpu"`` or ``"cuda (<card>)"``.
-        seconds: wall time of the scoring loop.
-        per_sample: the absolute path of the per-sample file written, or None.
+    Attributes
+    ----------
+    loss : float
+        The reduced loss over every row (the sum when ``reduction="none"``); NaN when a
+        row's loss is NaN.
+    n : int
+        Loss elements counted: every element for mse and bce*, every sample for cce*.
+    nan_rows : int
+        Rows (first axis) whose loss is NaN.
+    device : str
+        Where it was computed: ``"cpu"`` or ``"cuda (<card>)"``.
+    seconds : float
+        Wall time of the scoring loop.
+    per_sample : str or None
+        The absolute path of the per-sample file written, or None.
     """
 
     loss: float
@@ -42,29 +49,51 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
                 device="auto", chunk_mb=64.0, chunk_size=None, progress=False, **options):
     """Score a loss over files, chunk by chunk, on the CPU or a GPU.
 
-    Args:
-        loss: a loss name (``"mse"``, ``"cce_with_logits"``, ...) or loss object.
-        pred, target: ``"FILE.npy"``, ``"FILE.npz:KEY"`` or ``"FILE.parquet:COLUMN"``;
-            the first axis is the rows.
-        reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (needs `per_sample`).
-        sample_weight: a file spec as above: one weight per row (read chunk by chunk), or an
-            array broadcast to every chunk (loaded whole).
-        per_sample: a ``.npy`` path to write the per-sample losses to (the
-            ``reduction="none"`` result); written under a temporary name and renamed when
-            complete, so the file is whole or absent.
-        device: ``"auto"`` (a GPU if usable), ``"cpu"`` or ``"cuda"``.
-        chunk_mb: memory for one chunk of all inputs together, in MiB (default 64).
-        chunk_size: rows per chunk, instead of `chunk_mb`.
-        progress: a progress bar on stderr (on a terminal, for runs over a second).
-        **options: the loss's options; ``class_weight`` and ``pos_weight`` may be arrays or
-            file specs.
+    The Python side of ``gpuloss score``: memory is bounded by the chunk, not the files.
 
-    Returns:
-        A `ScoreResult`.
+    Parameters
+    ----------
+    loss : str or loss object
+        A loss name (``"mse"``, ``"cce_with_logits"``, ...) or one of the loss objects.
+    pred, target : str or path
+        ``"FILE.npy"``, ``"FILE.npz:KEY"`` or ``"FILE.parquet:COLUMN"``; the first axis is
+        the rows.
+    reduction : {"mean", "sum", "none"}
+        ``"none"`` needs `per_sample`, and `loss` is then the sum.
+    sample_weight : str or path, optional
+        A file spec as above: one weight per row (read chunk by chunk), or an array
+        broadcast to every chunk (loaded whole).
+    per_sample : str or path, optional
+        A ``.npy`` path for the per-sample losses (the ``reduction="none"`` result), written
+        under a temporary name and renamed when complete: the file is whole or absent.
+    device : {"auto", "cpu", "cuda"}
+        ``"auto"`` takes a GPU if one is usable.
+    chunk_mb : float
+        Memory for one chunk of all inputs together, in MiB (default 64).
+    chunk_size : int, optional
+        Rows per chunk, instead of `chunk_mb`.
+    progress : bool
+        A progress bar on stderr (on a terminal, for runs over a second).
+    **options
+        The loss's options; ``class_weight`` and ``pos_weight`` may be arrays or file specs.
 
-    Raises:
-        ValueError: a missing or unreadable file, rows that differ, an option that does not
-            apply to the loss, a domain error, and every error the loss itself raises.
+    Returns
+    -------
+    ScoreResult
+
+    Raises
+    ------
+    ValueError
+        A missing or unreadable file, rows that differ, an option that does not apply to the
+        loss, a domain error, and every error the loss itself raises.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib, gpuloss as gl
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> np.save(folder / "p.npy", np.array([0.5, 1.5])); np.save(folder / "y.npy", np.zeros(2))
+    >>> gl.score_files("mse", folder / "p.npy", folder / "y.npy").loss
+    1.25
     """
     from . import LOSSES, StreamingLoss, _io
 

@@ -56,6 +56,7 @@ def test_docstrings_carry_the_math_and_the_gradient_scale(name):
 def _doctests():
     finder = doctest.DocTestFinder()
     tests = finder.find(gl, "gpuloss") + finder.find(gl.StreamingLoss, "gpuloss.StreamingLoss")
+    tests += finder.find(gl.score_files, "gpuloss.score_files")
     for fn in gl.LOSSES.values():
         tests += finder.find(fn.__doc__, f"gpuloss.{fn.name}", globs={})
     return [t for t in tests if t.examples]
