@@ -62,3 +62,34 @@ def test_plots_regenerate(tmp_path, monkeypatch):
     assert plots.cpu_plots() is not None, "a CPU benchmark result is recorded"
     made = {p.name for p in tmp_path.glob("*.png")}
     assert {"curves-mse.png", "curves-bce.png", "cpu-speedup.png", "cpu-floor.png"} <= made
+
+
+def test_the_option_matrix_matches_the_losses():
+    """docs/options.md: a ✓ exactly where the loss takes the option."""
+    text = (ROOT / "docs" / "options.md").read_text()
+    table = text.split("## Which option applies to which loss", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")][1:]
+    assert header == list(gl.LOSSES)
+    seen = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        option = cells[0].split("`")[1]
+        seen.add(option)
+        for loss, cell in zip(header, cells[1:]):
+            assert ("✓" in cell) == (option in gl.LOSSES[loss].options), (option, loss)
+    assert seen == {o for fn in gl.LOSSES.values() for o in fn.options}
+
+
+def test_the_cli_reference_lists_every_score_flag():
+    from gpuloss import _cli
+
+    import contextlib
+    import io
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        _cli.main(["score", "--help"])
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", buffer.getvalue())) - {"--help"}
+    assert flags and all(f"`{flag}" in text for flag in flags), flags
