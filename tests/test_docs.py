@@ -82,10 +82,10 @@ def test_the_option_matrix_matches_the_losses():
 
 
 def test_the_cli_reference_lists_every_score_flag():
-    from gpuloss import _cli
-
     import contextlib
     import io
+
+    from gpuloss import _cli
 
     text = (ROOT / "docs" / "cli.md").read_text()
     buffer = io.StringIO()
