@@ -27,9 +27,10 @@ _RETURNS = """\
     -------
     loss : array
         0-d array (reduction 'mean' or 'sum') or per-{unit} losses ('none'), in pred's
-        dtype, library and device. ``float(loss)`` works.
+        dtype, library and device. ``float(loss)`` works."""
 
-    ``.grad`` returns the gradient with respect to pred (pred's shape and dtype);
+_ENTRY_POINTS = """\
+``.grad`` returns the gradient with respect to pred (pred's shape and dtype);
     ``.value_and_grad`` returns ``(loss, grad)`` from one pass over the data. The gradient
     is the derivative of exactly what the call returns: it carries the 1/n of the mean, and
     for 'none' it is the derivative of the sum of the returned array."""
@@ -40,14 +41,14 @@ mse = Loss(
     (),
     rf"""Mean squared error and its gradient.
 
-    .. math::
+    $$
+    \ell_i = w_i\,(p_i - y_i)^2, \qquad
+    L = \frac{{\sum_i \ell_i}}{{\sum_i w_i}}, \qquad
+    \frac{{\partial L}}{{\partial p_i}} = \frac{{2\,w_i\,(p_i - y_i)}}{{\sum_j w_j}}
+    $$
 
-        \ell_i = w_i\,(p_i - y_i)^2, \qquad
-        L = \frac{{\sum_i \ell_i}}{{\sum_i w_i}}, \qquad
-        \frac{{\partial L}}{{\partial p_i}} = \frac{{2\,w_i\,(p_i - y_i)}}{{\sum_j w_j}}
-
-    Without weights (all :math:`w_i = 1`) the mean divides by n, the number of elements, and
-    the gradient is :math:`2 (p_i - y_i) / n`.
+    Without weights (all \(w_i = 1\)) the mean divides by n, the number of elements, and
+    the gradient is \(2 (p_i - y_i) / n\).
 
     Parameters
     ----------
@@ -62,6 +63,8 @@ mse = Loss(
 
     Notes
     -----
+    {_ENTRY_POINTS}
+
     Like ``torch.nn.functional.mse_loss`` and ``sklearn.metrics.mean_squared_error``
     (``sample_weight`` as in scikit-learn).
 
@@ -81,18 +84,18 @@ bce = Loss(
     ("eps",),
     rf"""Binary cross-entropy on probabilities, and its gradient.
 
-    Probabilities are first clipped, :math:`p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)`,
-    and the loss **and** the gradient are evaluated at :math:`p'` (so the gradient never
+    Probabilities are first clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\),
+    and the loss **and** the gradient are evaluated at \(p'\) (so the gradient never
     vanishes silently at 0 or 1):
 
-    .. math::
+    $$
+    \ell_i = -w_i \left[ y_i \log p'_i + (1 - y_i) \log(1 - p'_i) \right], \qquad
+    \frac{{\partial L}}{{\partial p_i}}
+      = \frac{{w_i}}{{\sum_j w_j}} \left( -\frac{{y_i}}{{p'_i}} + \frac{{1 - y_i}}{{1 - p'_i}} \right)
+      = \frac{{w_i}}{{\sum_j w_j}} \, \frac{{p'_i - y_i}}{{p'_i (1 - p'_i)}}
+    $$
 
-        \ell_i = -w_i \left[ y_i \log p'_i + (1 - y_i) \log(1 - p'_i) \right], \qquad
-        \frac{{\partial L}}{{\partial p_i}}
-          = \frac{{w_i}}{{\sum_j w_j}} \left( -\frac{{y_i}}{{p'_i}} + \frac{{1 - y_i}}{{1 - p'_i}} \right)
-          = \frac{{w_i}}{{\sum_j w_j}} \, \frac{{p'_i - y_i}}{{p'_i (1 - p'_i)}}
-
-    and :math:`L = \sum_i \ell_i / \sum_i w_i` (the mean divides by n when unweighted).
+    and \(L = \sum_i \ell_i / \sum_i w_i\) (the mean divides by n when unweighted).
 
     Parameters
     ----------
@@ -109,9 +112,11 @@ bce = Loss(
 
     Notes
     -----
+    {_ENTRY_POINTS}
+
     Matches ``torch.nn.functional.binary_cross_entropy`` away from the clipping bounds
     (PyTorch clamps the log at -100 instead) and ``sklearn.metrics.log_loss`` for binary
-    problems. Prefer :func:`bce_with_logits` when you have logits: it needs no clipping.
+    problems. Prefer `bce_with_logits` when you have logits: it needs no clipping.
 
     Examples
     --------
@@ -130,19 +135,19 @@ bce_with_logits = Loss(
     ("pos_weight", "label_smoothing"),
     rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
 
-    With :math:`y' = y (1 - \lambda) + \lambda / 2` (label smoothing :math:`\lambda`),
-    positive-class weight :math:`c` (``pos_weight``) and
-    :math:`\mathrm{{softplus}}(z) = \log(1 + e^z)`:
+    With \(y' = y (1 - \lambda) + \lambda / 2\) (label smoothing \(\lambda\)),
+    positive-class weight \(c\) (``pos_weight``) and
+    \(\mathrm{{softplus}}(z) = \log(1 + e^z)\):
 
-    .. math::
+    $$
+    \ell_i = w_i \left[ (1 - y'_i)\,\mathrm{{softplus}}(z_i)
+             + c_i\, y'_i\, \mathrm{{softplus}}(-z_i) \right], \qquad
+    \frac{{\partial L}}{{\partial z_i}} = \frac{{w_i}}{{\sum_j w_j}}
+        \left[ (1 - y'_i)\,\sigma(z_i) - c_i\, y'_i\, \sigma(-z_i) \right]
+    $$
 
-        \ell_i = w_i \left[ (1 - y'_i)\,\mathrm{{softplus}}(z_i)
-                 + c_i\, y'_i\, \mathrm{{softplus}}(-z_i) \right], \qquad
-        \frac{{\partial L}}{{\partial z_i}} = \frac{{w_i}}{{\sum_j w_j}}
-            \left[ (1 - y'_i)\,\sigma(z_i) - c_i\, y'_i\, \sigma(-z_i) \right]
-
-    With :math:`c = 1` the gradient is the familiar :math:`(\sigma(z_i) - y_i) / n`.
-    The loss is computed as :math:`\mathrm{{softplus}}(z) = \max(z, 0) + \log(1 + e^{{-|z|}})`,
+    With \(c = 1\) the gradient is the familiar \((\sigma(z_i) - y_i) / n\).
+    The loss is computed as \(\mathrm{{softplus}}(z) = \max(z, 0) + \log(1 + e^{{-|z|}})\),
     which never overflows, and both terms are non-negative so nothing cancels: results are
     exact for every finite logit, up to the dtype's maximum. No clipping.
 
@@ -164,6 +169,8 @@ bce_with_logits = Loss(
 
     Notes
     -----
+    {_ENTRY_POINTS}
+
     Matches ``torch.nn.functional.binary_cross_entropy_with_logits`` (``weight`` there is
     our ``sample_weight``, but PyTorch's mean divides by n even when weighted; ours divides
     by Σ w, as scikit-learn does).
@@ -184,17 +191,17 @@ cce = Loss(
     ("class_weight", "ignore_index", "axis", "eps"),
     rf"""Categorical cross-entropy on probabilities, and its gradient.
 
-    Probabilities are clipped, :math:`p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)`, and
-    loss and gradient are evaluated at :math:`p'`. With class weights :math:`c_k`:
+    Probabilities are clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\), and
+    loss and gradient are evaluated at \(p'\). With class weights \(c_k\):
 
-    .. math::
+    $$
+    \ell_i = -w_i \sum_k c_k\, y_{{ik}} \log p'_{{ik}}, \qquad
+    \frac{{\partial L}}{{\partial p_{{ik}}}} = -\frac{{w_i}}{{D}}\,\frac{{c_k\, y_{{ik}}}}{{p'_{{ik}}}}
+    $$
 
-        \ell_i = -w_i \sum_k c_k\, y_{{ik}} \log p'_{{ik}}, \qquad
-        \frac{{\partial L}}{{\partial p_{{ik}}}} = -\frac{{w_i}}{{D}}\,\frac{{c_k\, y_{{ik}}}}{{p'_{{ik}}}}
-
-    Integer targets :math:`t_i` mean one-hot :math:`y`; then
-    :math:`D = \sum_i w_i c_{{t_i}}` over the samples not equal to ``ignore_index``
-    (PyTorch's ``cross_entropy`` convention). Probability targets: :math:`D = \sum_i w_i`
+    Integer targets \(t_i\) mean one-hot \(y\); then
+    \(D = \sum_i w_i c_{{t_i}}\) over the samples not equal to ``ignore_index``
+    (PyTorch's ``cross_entropy`` convention). Probability targets: \(D = \sum_i w_i\)
     (N, the number of samples, when unweighted).
 
     Parameters
@@ -218,6 +225,10 @@ cce = Loss(
 
 {_RETURNS.format(unit="sample")}
 
+    Notes
+    -----
+    {_ENTRY_POINTS}
+
     Examples
     --------
     >>> import numpy as np, gpuloss as gl
@@ -235,22 +246,22 @@ cce_with_logits = Loss(
     ("class_weight", "ignore_index", "label_smoothing", "axis"),
     rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
 
-    With :math:`\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}` (computed with the
-    row maximum subtracted, so it never overflows), class weights :math:`c_k` and label
-    smoothing :math:`\lambda`:
+    With \(\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}\) (computed with the
+    row maximum subtracted, so it never overflows), class weights \(c_k\) and label
+    smoothing \(\lambda\):
 
-    .. math::
+    $$
+    \ell_i = -w_i \sum_k c_k\, y'_{{ik}} \log p_{{ik}}, \qquad
+    \frac{{\partial L}}{{\partial z_{{ik}}}} = \frac{{w_i}}{{D}}
+        \Big( \mathrm{{softmax}}(z_i)_k \sum_j c_j y'_{{ij}} - c_k\, y'_{{ik}} \Big)
+    $$
 
-        \ell_i = -w_i \sum_k c_k\, y'_{{ik}} \log p_{{ik}}, \qquad
-        \frac{{\partial L}}{{\partial z_{{ik}}}} = \frac{{w_i}}{{D}}
-            \Big( \mathrm{{softmax}}(z_i)_k \sum_j c_j y'_{{ij}} - c_k\, y'_{{ik}} \Big)
-
-    Unweighted one-hot targets give the familiar :math:`(\mathrm{{softmax}}(z_i)_k - y_{{ik}})/N`.
-    Probability targets are smoothed as :math:`y' = y (1 - \lambda) + \lambda / K`, and
-    :math:`D = \sum_i w_i` (N unweighted). Integer targets follow PyTorch's
-    ``cross_entropy`` exactly: :math:`\ell_i = w_i[(1-\lambda) c_{{t_i}} (-\log p_{{i t_i}})
-    + \frac{{\lambda}}{{K}} \sum_k c_k (-\log p_{{ik}})]` and
-    :math:`D = \sum_i w_i c_{{t_i}}` over samples not equal to ``ignore_index``.
+    Unweighted one-hot targets give the familiar \((\mathrm{{softmax}}(z_i)_k - y_{{ik}})/N\).
+    Probability targets are smoothed as \(y' = y (1 - \lambda) + \lambda / K\), and
+    \(D = \sum_i w_i\) (N unweighted). Integer targets follow PyTorch's
+    ``cross_entropy`` exactly: \(\ell_i = w_i[(1-\lambda) c_{{t_i}} (-\log p_{{i t_i}})
+    + \frac{{\lambda}}{{K}} \sum_k c_k (-\log p_{{ik}})]\) and
+    \(D = \sum_i w_i c_{{t_i}}\) over samples not equal to ``ignore_index``.
 
     Parameters
     ----------
@@ -272,6 +283,10 @@ cce_with_logits = Loss(
         The class axis (use ``axis=1`` for PyTorch's (N, C, d1, ...) layout).
 
 {_RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {_ENTRY_POINTS}
 
     Examples
     --------

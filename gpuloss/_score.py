@@ -50,6 +50,8 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     """Score a loss over files, chunk by chunk, on the CPU or a GPU.
 
     The Python side of ``gpuloss score``: memory is bounded by the chunk, not the files.
+    Other keyword arguments are the loss's options; ``class_weight`` and ``pos_weight`` may
+    be arrays or file specs.
 
     Parameters
     ----------
@@ -74,8 +76,6 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         Rows per chunk, instead of `chunk_mb`.
     progress : bool
         A progress bar on stderr (on a terminal, for runs over a second).
-    **options
-        The loss's options; ``class_weight`` and ``pos_weight`` may be arrays or file specs.
 
     Returns
     -------

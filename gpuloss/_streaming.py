@@ -19,13 +19,14 @@ class StreamingLoss:
 
     With CuPy batches the state stays on the GPU until ``compute()``.
 
+    Keyword arguments are the loss's options (``reduction``, ``class_weight``,
+    ``label_smoothing``, ...), fixed for the stream; ``sample_weight`` goes to ``update``,
+    batch by batch.
+
     Parameters
     ----------
     loss : str or gpuloss loss
         ``"mse"``, ``"bce"``, ... or the loss object itself.
-    **options
-        The loss's options (``reduction``, ``class_weight``, ``label_smoothing``, ...), fixed
-        for the stream. ``sample_weight`` goes to ``update``, batch by batch.
 
     Examples
     --------

@@ -48,6 +48,40 @@ def test_site_builds_strictly_with_every_public_name(tmp_path):
     for name in gl.LOSSES:  # the docstring itself is rendered, math included
         first_line = gl.LOSSES[name].__doc__.strip().splitlines()[0]
         assert first_line.split(",")[0] in api
+    _check_rendered_api(api)
+    _check_offline(tmp_path / "site")
+
+
+def _check_offline(site: Path):
+    """Every page loads its scripts, styles and fonts from the site itself (MathJax is
+    vendored, Google Fonts off), and the plotting script is not published."""
+    assert not (site / "plots.py").exists()
+    assert (site / "js" / "mathjax" / "tex-mml-chtml.js").is_file()
+    fonts = list((site / "js" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*"))
+    assert len(fonts) > 10
+    for page in site.rglob("*.html"):
+        html = page.read_text()
+        remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?:[^"]+)"', html)
+        assert not remote, f"{page.relative_to(site)} loads {remote}"
+
+
+def _check_rendered_api(api: str):
+    """What a reader of the API page sees: Markdown rendered, formulas typeset, no reST
+    left over, no builtin docstrings, one row per returned value."""
+    for raw in (":math:", ".. math::", ":func:", ":class:", ":meth:", "``"):
+        assert raw not in api, f"raw reST {raw!r} on the API page"
+    for builtin in ("__weakref__", "__module__", "__dict__", "dict() -&gt;",
+                    "Return repr(self)", "Initialize self."):
+        assert builtin not in api, f"a builtin member or docstring on the API page: {builtin}"
+    starts = sorted((api.find(f'id="gpuloss.{n}"'), n) for n in gl.__all__)
+    sections = {n: api[a:b] for (a, n), (b, _) in zip(starts, starts[1:] + [(len(api), "")])}
+    for name in gl.LOSSES:
+        section = sections[name]
+        assert 'class="arithmatex"' in section, f"{name}: no typeset formula"
+        returns = section.split("Returns:", 1)[1].split("</table>", 1)[0]
+        assert returns.count('class="doc-section-item"') == 1, f"{name}: Returns rows"
+    for name, section in sections.items():  # a **kwargs is never a required parameter
+        assert "**options" not in section or "required" not in section.split("**options")[1][:300]
 
 
 def test_plots_regenerate(tmp_path, monkeypatch):
