@@ -92,7 +92,50 @@ def backend_for(pred):
         return importlib.import_module("gpuloss._cuda_backend").compute
     if _on_cuda(pred):
         return importlib.import_module("gpuloss._cuda_backend").compute_foreign
+    if _torch_cpu_without_graph(pred):
+        return _compute_torch_cpu
     return importlib.import_module("gpuloss._generic_backend").compute
+
+
+_NUMPY_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
+
+
+def _torch_cpu_without_graph(x) -> bool:
+    """A torch CPU tensor of a NumPy dtype whose result needs no autograd graph (it does not
+    require grad, or grad mode is off): the NumPy backend can compute on views of it."""
+    if not array_api_compat.is_torch_array(x) or x.device.type != "cpu":
+        return False
+    if str(x.dtype) not in _NUMPY_DTYPES:
+        return False
+    import torch
+
+    return not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _compute_torch_cpu(call):
+    """The NumPy backend on zero-copy NumPy views of torch CPU tensors; results come back as
+    tensors (views of the NumPy results, no copy). Targets and weights get no gradient."""
+    import dataclasses
+
+    import torch
+
+    def view(x):
+        return None if x is None else x.detach().numpy()
+
+    inner = dataclasses.replace(
+        call,
+        pred=view(call.pred),
+        target=view(call.target),
+        sample_weight=view(call.sample_weight),
+        pos_weight=view(call.pos_weight),
+        class_weight=view(call.class_weight),
+    )
+    value, grad = importlib.import_module("gpuloss._numpy_backend").compute(inner)
+
+    def back(x):
+        return None if x is None else torch.from_numpy(np.asarray(x))
+
+    return back(value), back(grad)
 
 
 _DLPACK_CUDA = 2  # kDLCUDA in the DLPack device enum
