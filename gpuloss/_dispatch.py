@@ -90,26 +90,44 @@ def backend_for(pred):
         return importlib.import_module("gpuloss._dask_backend").compute
     if array_api_compat.is_cupy_array(pred):
         return importlib.import_module("gpuloss._cuda_backend").compute
+    plain = None  # how to compute on this array without an autograd graph
     if _on_cuda(pred):
-        return importlib.import_module("gpuloss._cuda_backend").compute_foreign
-    if _torch_cpu_without_graph(pred):
-        return _compute_torch_cpu
-    return importlib.import_module("gpuloss._generic_backend").compute
+        plain = importlib.import_module("gpuloss._cuda_backend").compute_foreign
+    elif _torch_cpu(pred):
+        plain = _compute_torch_cpu
+    if plain is None:
+        return importlib.import_module("gpuloss._generic_backend").compute
+    if _needs_graph(pred):
+        return functools.partial(_compute_torch_with_graph, plain=plain)
+    return plain
 
 
 _NUMPY_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
 
 
-def _torch_cpu_without_graph(x) -> bool:
-    """A torch CPU tensor of a NumPy dtype whose result needs no autograd graph (it does not
-    require grad, or grad mode is off): the NumPy backend can compute on views of it."""
-    if not array_api_compat.is_torch_array(x) or x.device.type != "cpu":
-        return False
-    if str(x.dtype) not in _NUMPY_DTYPES:
+def _torch_cpu(x) -> bool:
+    """A torch CPU tensor of a NumPy dtype: the NumPy backend computes on views of it."""
+    return (array_api_compat.is_torch_array(x) and x.device.type == "cpu"
+            and str(x.dtype) in _NUMPY_DTYPES)
+
+
+def _needs_graph(x) -> bool:
+    """A torch tensor whose loss must be attached to autograd."""
+    if not array_api_compat.is_torch_array(x) or not x.requires_grad:
         return False
     import torch
 
-    return not (x.requires_grad and torch.is_grad_enabled())
+    return torch.is_grad_enabled()
+
+
+def _compute_torch_with_graph(call, plain):
+    """The call of a loss (not .grad or .value_and_grad, which return plain tensors) on a
+    tensor that requires grad: value attached to autograd, fused pass once."""
+    if call.want_grad or not call.want_value:
+        return plain(call)
+    from . import _torch_autograd
+
+    return _torch_autograd.compute_with_graph(call, plain)
 
 
 def _compute_torch_cpu(call):

@@ -38,18 +38,96 @@ def test_which_tensors_take_the_numpy_backend(torch):
     z = torch.zeros(4, 3)
     assert _dispatch.backend_for(z) is _dispatch._compute_torch_cpu
     needs_graph = z.clone().requires_grad_()
-    assert _dispatch.backend_for(needs_graph) is not _dispatch._compute_torch_cpu
+    route = _dispatch.backend_for(needs_graph)
+    assert route.func is _dispatch._compute_torch_with_graph
+    assert route.keywords["plain"] is _dispatch._compute_torch_cpu
     with torch.no_grad():
         assert _dispatch.backend_for(needs_graph) is _dispatch._compute_torch_cpu
 
 
-def test_a_tensor_that_needs_a_graph_still_gets_its_gradient(torch):
-    rng = np.random.default_rng(12)
-    pred, target = make_inputs("cce_with_logits", rng, (50, 4))
-    z = torch.from_numpy(pred).requires_grad_()
-    gl.cce_with_logits(z, torch.from_numpy(target)).backward()
-    np.testing.assert_allclose(z.grad.numpy(), gl.cce_with_logits.grad(pred, target),
-                               rtol=1e-12)
+# ---------------------------------------------------------------------------------------------
+# autograd: loss.backward() on the fused pass
+
+
+def _options(loss, rng, shape):
+    """A few option sets per loss (weights, smoothing, class weights), as NumPy arrays."""
+    sets = [{}, {"reduction": "sum"}, {"reduction": "none"}]
+    if loss in CATEGORICAL:
+        sets.append({"sample_weight": rng.uniform(0.5, 2, shape[0]),
+                     "class_weight": rng.uniform(0.5, 2, shape[1])})
+        if loss == "cce_with_logits":
+            sets.append({"label_smoothing": 0.1, "reduction": "none"})
+    else:
+        sets.append({"sample_weight": rng.uniform(0.5, 2, shape)})
+        if loss == "bce_with_logits":
+            sets.append({"pos_weight": rng.uniform(0.5, 2, shape[1]), "label_smoothing": 0.1})
+    return sets
+
+
+def _tensors(torch, opts):
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_backward_is_the_fused_gradient_and_passes_gradcheck(torch, loss):
+    rng = np.random.default_rng(13)
+    shape = (6, 4)
+    pred, target = make_inputs(loss, rng, shape)
+    t = torch.from_numpy(np.asarray(target))
+    for opts in _options(loss, rng, shape):
+        z = torch.from_numpy(pred.copy()).requires_grad_()
+        out = gl.LOSSES[loss](z, t, **_tensors(torch, opts))
+        assert out.requires_grad and out.grad_fn is not None
+        # one pred-sized tensor kept for backward: no logits, no softmax copy
+        saved = out.grad_fn.saved_tensors
+        assert len(saved) == 1 and saved[0].shape == z.shape
+        weights = torch.from_numpy(rng.uniform(0.5, 2, tuple(out.shape)))
+        (out * weights).sum().backward()
+        # the derivative of sum(weights * loss): the gradient scaled per sample
+        want = gl.LOSSES[loss].grad(pred, target, **opts)
+        w = weights.numpy()
+        if opts.get("reduction") == "none" and loss in CATEGORICAL:
+            w = w[..., None]
+        np.testing.assert_allclose(z.grad.numpy(), want * w, rtol=1e-12, atol=1e-15)
+        zz = torch.from_numpy(pred.copy()).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda x, o=opts: gl.LOSSES[loss](x, t, **_tensors(torch, o)), (zz,),
+            eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_matches_pytorchs_own_losses(torch):
+    F = torch.nn.functional
+    rng = np.random.default_rng(14)
+    peers = {
+        "mse": F.mse_loss,
+        "bce": F.binary_cross_entropy,
+        "bce_with_logits": F.binary_cross_entropy_with_logits,
+        "cce": lambda p, t: F.nll_loss(torch.log(p), t),
+        "cce_with_logits": F.cross_entropy,
+    }
+    for loss, peer in peers.items():
+        pred, target = make_inputs(loss, rng, (32, 5))
+        ours = torch.from_numpy(pred.copy()).requires_grad_()
+        theirs = torch.from_numpy(pred.copy()).requires_grad_()
+        t = torch.from_numpy(np.asarray(target))
+        a, b = gl.LOSSES[loss](ours, t), peer(theirs, t)
+        a.backward()
+        b.backward()
+        np.testing.assert_allclose(a.item(), b.item(), rtol=1e-12)
+        np.testing.assert_allclose(ours.grad.numpy(), theirs.grad.numpy(), rtol=1e-10,
+                                   atol=1e-14)
+
+
+def test_no_graph_under_no_grad_and_plain_tensors_from_grad(torch):
+    z = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        assert not gl.cce_with_logits(z, t).requires_grad
+    for result in (gl.cce_with_logits.grad(z, t), *gl.cce_with_logits.value_and_grad(z, t)):
+        assert isinstance(result, torch.Tensor) and not result.requires_grad
+    assert z.grad is None
+    gl.cce_with_logits(z, t).backward()  # a training step: loss.backward() just works
+    assert z.grad is not None and z.grad.shape == z.shape
 
 
 def test_the_inputs_are_viewed_not_copied_and_never_modified(torch, monkeypatch):
