@@ -7,6 +7,7 @@ their one pass and raise with the helpers at the end of this module.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import numbers
 from dataclasses import dataclass
@@ -46,6 +47,14 @@ class Call:
     want_value: bool = True
     want_grad: bool = False
     parts: bool = False  # return [Σ w·l, the mean's denominator] (float64) as the value
+
+    def with_arrays(self, convert) -> Call:
+        """This call with `convert` applied to every array it holds (absent ones stay None):
+        how a backend views another library's arrays as its own."""
+        fields = ("pred", "target", "sample_weight", "pos_weight", "class_weight")
+        return dataclasses.replace(
+            self, **{f: None if getattr(self, f) is None else convert(getattr(self, f))
+                     for f in fields})
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -377,7 +386,8 @@ class Loss:
         )
         return entry
 
-    def _run(self, pred, target, options, *, want_value, want_grad):
+    def prepare(self, pred, target, options, *, want_value, want_grad) -> Call:
+        """The checked call of one entry point (an unknown option is a TypeError)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             msg = (
@@ -385,9 +395,12 @@ class Loss:
                 f"it accepts {', '.join(self.options)}."
             )
             raise TypeError(msg)
-        call = prepare(
+        return prepare(
             self.name, pred, target, options, want_value=want_value, want_grad=want_grad
         )
+
+    def _run(self, pred, target, options, *, want_value, want_grad):
+        call = self.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
         return _dispatch.backend_for(call.pred)(call)
 
 

@@ -46,6 +46,8 @@ FLAG_PRED, FLAG_TARGET, FLAG_SAMPLE_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
 FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
 WEIGHT_FLAGS = {"sample_weight": FLAG_SAMPLE_WEIGHT, "pos_weight": FLAG_POS_WEIGHT,
                 "class_weight": FLAG_CLASS_WEIGHT}
+# what the elementwise kernel checks in its pass (weights are checked by gpuloss_check)
+_ELEMENTWISE_CHECKS = {"mse": 0, "bce": FLAG_PRED | FLAG_TARGET, "bce_with_logits": FLAG_TARGET}
 
 
 def kernel_dir() -> Path:
@@ -365,10 +367,7 @@ def _elementwise(rt, call):
     if call.sample_weight is not None and call.reduction == "mean":
         denom = float(n // max(w.size, 1)) if w.size else 0.0
         denom_dev = _device_sum(cp, w)
-    check = 0
-    if call.validate:
-        check = {"mse": 0, "bce": FLAG_PRED | FLAG_TARGET, "bce_with_logits": FLAG_TARGET}
-        check = check[call.loss]
+    check = _ELEMENTWISE_CHECKS[call.loss] if call.validate else 0
     grad = cp.empty(shape, call.pred.dtype) if call.want_grad else None
     per = cp.empty(shape, call.pred.dtype) if call.want_value and call.reduction == "none" \
         else None
@@ -486,7 +485,7 @@ def _raise_flags(cp, call, flags: int):
         return
 
     def rng(x):
-        x = x.astype(_F64)  # float64 is never flushed: subnormals show as they are
+        x = x.astype(_F64)  # nanmin/nanmax of any dtype (on a GPU the cast flushes subnormals)
         return float(cp.nanmin(x)), float(cp.nanmax(x))
 
     for name, bit in WEIGHT_FLAGS.items():
@@ -517,28 +516,12 @@ def compute_foreign(call: _api.Call):
     and the kernels run on torch's current stream, so that torch's caching allocator cannot
     hand an input's memory to other work while a kernel still reads it."""
     import contextlib
-    import dataclasses
 
     import array_api_compat
     import cupy as cp
 
     xp = array_api_compat.array_namespace(call.pred)
-
-    def to_cupy(x):
-        if x is None:
-            return None
-        if hasattr(x, "detach"):
-            x = x.detach()
-        return cp.from_dlpack(x)
-
-    inner = dataclasses.replace(
-        call,
-        pred=to_cupy(call.pred),
-        target=to_cupy(call.target),
-        sample_weight=to_cupy(call.sample_weight),
-        pos_weight=to_cupy(call.pos_weight),
-        class_weight=to_cupy(call.class_weight),
-    )
+    inner = call.with_arrays(lambda x: cp.from_dlpack(x.detach() if hasattr(x, "detach") else x))
     stream = contextlib.nullcontext()
     if array_api_compat.is_torch_array(call.pred):
         import torch

@@ -133,21 +133,9 @@ def _compute_torch_with_graph(call, plain):
 def _compute_torch_cpu(call):
     """The NumPy backend on zero-copy NumPy views of torch CPU tensors; results come back as
     tensors (views of the NumPy results, no copy). Targets and weights get no gradient."""
-    import dataclasses
-
     import torch
 
-    def view(x):
-        return None if x is None else x.detach().numpy()
-
-    inner = dataclasses.replace(
-        call,
-        pred=view(call.pred),
-        target=view(call.target),
-        sample_weight=view(call.sample_weight),
-        pos_weight=view(call.pos_weight),
-        class_weight=view(call.class_weight),
-    )
+    inner = call.with_arrays(lambda x: x.detach().numpy())
     value, grad = importlib.import_module("gpuloss._numpy_backend").compute(inner)
 
     def back(x):

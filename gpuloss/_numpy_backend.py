@@ -597,8 +597,10 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     total = 0.0
     if L is not None:
         np.subtract(lse, S[rows, safe], out=L)  # -log p_y
-        # the label's term; when it carries no weight it adds 0, even at a -inf logit
-        np.copyto(L, np.where((c_true == 0) & ~np.isnan(L), 0, L * c_true))
+        if np.any(c_true == 0):  # rare: a label term with no weight adds 0, even at -inf
+            np.copyto(L, np.where((c_true == 0) & ~np.isnan(L), 0, L * c_true))
+        else:
+            np.multiply(L, c_true, out=L)
         if ls:
             dot = S.sum(axis=1) if k.cw is None else S @ k.cw
             L += (ls / K) * (k.cw_sum * lse - dot)

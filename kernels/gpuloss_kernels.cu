@@ -144,6 +144,7 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
                     int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
+    C gscale_c = (C)gscale;  // unweighted: dl/dp times this, as the CPU backend does
     C clo = (C)lo, chi = (C)hi, s = (C)smoothing;
     double acc = 0.0;
     int bad = 0;
@@ -167,7 +168,7 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
             l = gl_bce_logits(p, y, c, &dl);
         }
         double lw = (double)l;
-        C wscale = (C)gscale;
+        C wscale = gscale_c;
         if (weight) {
             double w = gl_weight(weight, i, w_div, w_mod);
             lw *= w;
