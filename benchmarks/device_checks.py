@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _api, _cuda_backend
+from gpuloss import _api
+from gpuloss.backends import cuda as _cuda_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from agreement import assert_agree, device_view  # noqa: E402 - the tests' definition of agreeing

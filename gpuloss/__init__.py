@@ -7,11 +7,10 @@
 """
 
 from ._dispatch import preferred_namespace
-from ._losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
 from ._score import ScoreResult, score_files
 from ._streaming import StreamingLoss
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
 
 __all__ = [
     "LOSSES",

@@ -1,68 +1,29 @@
-"""The delegation layer: argument checks, option defaults and routing to a backend.
+"""The delegation layer: the Loss objects' machinery, argument checks that need no data, option
+defaults and routing to a backend.
 
-Everything a backend receives has been checked here, except what needs the data itself
-(probabilities in [0, 1], labels in range, non-negative weights): backends check that inside
-their one pass and raise with the helpers at the end of this module.
+Every loss is declared once, in `gpuloss.losses`, as a `Loss` with its family, its options
+(`Option`: default, check, doc) and its kernel functor; everything here reads those
+declarations. What needs the data itself (probabilities in [0, 1], labels in range,
+non-negative weights) is checked by the backends inside their one pass, with the errors of
+`gpuloss._call`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _dispatch
+from . import _call, _dispatch
+from ._call import CATEGORICAL, Call
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = ("float16", "float32", "float64")
-
-
-@dataclass(frozen=True)
-class Call:
-    """One checked call, as the backends see it.
-
-    `axis` is non-negative and only meaningful for cce*; `labels` says that a cce* target
-    holds class indices; `eps` is resolved to a number for bce/cce and None otherwise.
-    With `parts` (always with reduction "mean") the value is the float64 pair
-    [Σ w·l, Σ of the mean's weights], the state that streaming and Dask add up.
-    """
-
-    loss: str
-    pred: Any
-    target: Any
-    reduction: str
-    sample_weight: Any = None
-    pos_weight: Any = None
-    class_weight: Any = None
-    ignore_index: int | None = None
-    label_smoothing: float = 0.0
-    axis: int = -1
-    eps: float | None = None
-    validate: bool = True
-    labels: bool = False
-    want_value: bool = True
-    want_grad: bool = False
-    parts: bool = False  # return [Σ w·l, the mean's denominator] (float64) as the value
-
-    def with_arrays(self, convert) -> Call:
-        """This call with `convert` applied to every array it holds (absent ones stay None):
-        how a backend views another library's arrays as its own."""
-        fields = ("pred", "target", "sample_weight", "pos_weight", "class_weight")
-        return dataclasses.replace(
-            self, **{f: None if getattr(self, f) is None else convert(getattr(self, f))
-                     for f in fields})
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one loss per sample: pred's shape, without the class axis for cce*."""
-        shape = tuple(self.pred.shape)
-        if self.loss.startswith("cce"):
-            return shape[: self.axis] + shape[self.axis + 1 :]
-        return shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +62,7 @@ def _shape(x) -> tuple[int, ...]:
 # argument checks
 
 
-def _check_pred(pred, xp, loss):
+def _check_pred(pred, xp, loss: Loss):
     kind = dtype_kind(xp, pred.dtype)
     if kind != "float" or dtype_name(pred.dtype) not in _FLOAT_DTYPES:
         msg = (
@@ -109,8 +70,8 @@ def _check_pred(pred, xp, loss):
             f"got {dtype_name(pred.dtype)}."
         )
         raise TypeError(msg)
-    if loss.startswith("cce") and pred.ndim < 1:
-        msg = f"{loss} needs pred with a class axis (ndim >= 1), got a 0-d array."
+    if loss.family == CATEGORICAL and pred.ndim < 1:
+        msg = f"{loss.name} needs pred with a class axis (ndim >= 1), got a 0-d array."
         raise ValueError(msg)
 
 
@@ -147,14 +108,19 @@ def _check_axis(axis, ndim):
     return int(axis) % ndim
 
 
-def _check_number(value, name, lo, hi, closed):
+def _check_number(value, name, lo, hi, closed, hi_closed=None):
+    """A finite real number in the interval from lo to hi (closed at each finite end as
+    asked; an infinite end is open)."""
+    hi_closed = (closed if hi_closed is None else hi_closed) and math.isfinite(hi)
+    closed = closed and math.isfinite(lo)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a real number, got {type(value).__name__} {value!r}."
         raise TypeError(msg)
     value = float(value)
-    inside = (lo <= value <= hi) if closed else (lo < value < hi)
-    if not inside:
-        interval = f"[{lo}, {hi}]" if closed else f"({lo}, {hi})"
+    above = value >= lo if closed else value > lo
+    below = value <= hi if hi_closed else value < hi
+    if not (above and below):  # NaN fails both
+        interval = f"{'[' if closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
         msg = f"{name} must lie in {interval}; got {value!r}."
         raise ValueError(msg)
     return value
@@ -176,8 +142,73 @@ def _check_ignore_index(ignore_index):
     return ignore_index
 
 
-def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
-    """Check every argument that can be checked without reading the data."""
+# ---------------------------------------------------------------------------------------------
+# options: what a loss accepts, declared once
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a loss: its default, how it is checked, what it means.
+
+    `kind` says how the option travels: "number" and "bool" are the loss's own scalars (the
+    functor's parameters); "array" options are arrays broadcast like pred (pos_weight) or one
+    per class (class_weight); the others are the structural options the families share.
+    `check(value, pred_dtype_name)` returns the checked value or raises, naming the option.
+    """
+
+    name: str
+    default: Any
+    kind: str
+    doc: str
+    check: Callable[[Any, str], Any] | None = None
+
+
+def number(name, default, doc, lo=-math.inf, hi=math.inf, *, closed=True, hi_closed=None):
+    """A real-number option in the interval from lo to hi."""
+    return Option(name, default, "number", doc,
+                  lambda v, _: _check_number(v, name, lo, hi, closed, hi_closed))
+
+
+def flag(name, default, doc):
+    """A True/False option."""
+
+    def check(value, _):
+        if not isinstance(value, (bool, np.bool_)):
+            msg = f"{name} must be True or False, got {value!r}."
+            raise TypeError(msg)
+        return bool(value)
+
+    return Option(name, default, "bool", doc, check)
+
+
+def _clip_eps(value, dtype):
+    if value is None:
+        value = float(np.finfo(dtype).eps)
+    return _check_number(value, "eps", 0.0, 0.5, closed=False)
+
+
+REDUCTION = Option("reduction", "mean", "choice", "'mean', 'sum' or 'none'")
+SAMPLE_WEIGHT = Option("sample_weight", None, "array", "non-negative weights per element or sample")
+VALIDATE = Option("validate", True, "bool", "check the values' domain")
+POS_WEIGHT = Option("pos_weight", None, "array", "weight of the positive term, broadcast like pred")
+CLASS_WEIGHT = Option("class_weight", None, "array", "one weight per class, shape (K,)")
+IGNORE_INDEX = Option("ignore_index", None, "int", "a class index whose samples are skipped")
+AXIS = Option("axis", -1, "int", "the class axis")
+LABEL_SMOOTHING = Option(
+    "label_smoothing", 0.0, "number", "in [0, 1]",
+    lambda v, _: _check_number(v, "label_smoothing", 0.0, 1.0, closed=True))
+CLIP_EPS = Option("eps", None, "number", "clip probabilities to [eps, 1 - eps], eps in (0, 0.5); "
+                  "default finfo(pred.dtype).eps", _clip_eps)
+COMMON = (REDUCTION, SAMPLE_WEIGHT, VALIDATE)
+_STRUCTURAL = ("reduction", "sample_weight", "validate", "pos_weight", "class_weight",
+               "ignore_index", "axis")
+
+
+def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
+    """Check every argument that can be checked without reading the data. `loss` is a Loss
+    or the name of one."""
+    if isinstance(loss, str):
+        loss = _BY_NAME[loss]
     pred = _dispatch.as_array(pred, "pred")
     xp_pred = None if isinstance(pred, np.ndarray) else _dispatch.array_namespace(pred, {})
     arrays = {"target": target}
@@ -199,66 +230,20 @@ def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) 
 
     shape = _shape(pred)
     fields: dict[str, Any] = {}
-    if loss.startswith("cce"):
-        axis = _check_axis(options.get("axis", -1), len(shape))
-        sample_shape = shape[:axis] + shape[axis + 1 :]
-        kind = dtype_kind(xp, target.dtype)
-        if kind == "int":
-            if _shape(target) != sample_shape:
-                msg = (
-                    f"Shape mismatch: integer (class index) target must have pred's shape "
-                    f"without axis {axis}, i.e. {sample_shape}; got target shape "
-                    f"{_shape(target)} for pred shape {shape}."
-                )
-                raise ValueError(msg)
-            fields["labels"] = True
-        elif kind == "float":
-            if _shape(target) != shape:
-                hint = (
-                    " (class indices need an integer dtype)"
-                    if _shape(target) == sample_shape
-                    else ""
-                )
-                msg = (
-                    f"Shape mismatch: pred has shape {shape}, target has shape "
-                    f"{_shape(target)}; probability targets must match pred{hint}."
-                )
-                raise ValueError(msg)
-        else:
-            msg = (
-                f"Expected target to hold class indices (integer dtype) or probabilities "
-                f"(floating dtype), got {dtype_name(target.dtype)}."
-            )
-            raise TypeError(msg)
-        fields["axis"] = axis
-        ignore_index = _check_ignore_index(options.get("ignore_index"))
-        if ignore_index is not None and not fields.get("labels"):
-            msg = (
-                "ignore_index applies only to integer (class index) targets; "
-                f"target has dtype {dtype_name(target.dtype)}."
-            )
-            raise ValueError(msg)
-        fields["ignore_index"] = ignore_index
-        class_weight = arrays.get("class_weight")
-        if class_weight is not None:
-            _check_real(class_weight, "class_weight", xp)
-            if _shape(class_weight) != (shape[axis],):
-                msg = (
-                    f"class_weight must have shape ({shape[axis]},) (one weight per class), "
-                    f"got {_shape(class_weight)}."
-                )
-                raise ValueError(msg)
-            fields["class_weight"] = class_weight
+    if loss.family == CATEGORICAL:
+        sample_shape = _check_categorical(loss, shape, target, arrays, options, xp, fields)
     else:
         sample_shape = shape
         if _shape(target) != shape:
             msg = f"Shape mismatch: pred has shape {shape}, target has shape {_shape(target)}."
             raise ValueError(msg)
+        if loss.target_rule == _call.SIGN and dtype_kind(xp, target.dtype) == "bool":
+            target = xp.astype(target, xp.int8) * 2 - 1  # False -> -1, True -> +1
 
     sample_weight = arrays.get("sample_weight")
     if sample_weight is not None:
         _check_real(sample_weight, "sample_weight", xp)
-        what = "the per-sample shape" if loss.startswith("cce") else "pred's shape"
+        what = "the per-sample shape" if loss.family == CATEGORICAL else "pred's shape"
         _check_broadcastable(sample_weight, "sample_weight", sample_shape, what)
         fields["sample_weight"] = sample_weight
     pos_weight = arrays.get("pos_weight")
@@ -266,21 +251,36 @@ def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) 
         _check_real(pos_weight, "pos_weight", xp)
         _check_broadcastable(pos_weight, "pos_weight", shape, "pred's shape")
         fields["pos_weight"] = pos_weight
-    if "label_smoothing" in options:
-        fields["label_smoothing"] = _check_number(
-            options["label_smoothing"], "label_smoothing", 0.0, 1.0, closed=True
-        )
-    if loss in ("bce", "cce"):
-        eps = options.get("eps")
-        if eps is None:
-            eps = float(np.finfo(dtype_name(pred.dtype)).eps)
-        fields["eps"] = _check_number(eps, "eps", 0.0, 0.5, closed=False)
 
+    # the loss's own scalar options (and eps, label_smoothing), checked by their declaration
+    checked = {}
+    for opt in loss.declared:
+        if opt.check is not None and opt.name not in _STRUCTURAL:
+            checked[opt.name] = opt.check(options.get(opt.name, opt.default),
+                                          dtype_name(pred.dtype))
+    if "eps" in checked and loss.clips:
+        fields["eps"] = checked["eps"]
+    if "label_smoothing" in checked:
+        fields["label_smoothing"] = checked["label_smoothing"]
+    for key in ("axis", "ignore_index"):
+        if key in fields:
+            checked[key] = fields[key]
+
+    pred_rule = loss.pred_rule(checked) if callable(loss.pred_rule) else loss.pred_rule
+    target_rule = loss.target_rule
+    if loss.family == CATEGORICAL:
+        target_rule = None if fields.get("labels") else _call.UNIT
     return Call(
-        loss=loss,
+        loss=loss.name,
         pred=pred,
         target=target,
         reduction="mean" if parts else reduction,
+        family=loss.family,
+        kernel=loss.kernel,
+        kernel_params=tuple(float(v) for v in loss.kernel_params(checked)),
+        options=checked,
+        pred_rule=pred_rule,
+        target_rule=target_rule,
         validate=validate,
         want_value=want_value,
         want_grad=want_grad,
@@ -289,48 +289,65 @@ def prepare(loss, pred, target, options, *, want_value, want_grad, parts=False) 
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# data-dependent errors, raised by the backends
-
-
-def raise_outside_unit_interval(name, what, lo, hi):
-    msg = f"{name} must hold {what} in [0, 1]; found values in [{lo:.6g}, {hi:.6g}]."
-    raise ValueError(msg)
-
-
-def raise_bad_labels(lo, hi, num_classes, ignore_index):
-    ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
-    if num_classes == 0:
+def _check_categorical(loss, shape, target, arrays, options, xp, fields):
+    """The class axis, the target's kind (class indices or probabilities), ignore_index and
+    class_weight of a categorical loss; returns the per-sample shape."""
+    axis = _check_axis(options.get("axis", -1), len(shape))
+    sample_shape = shape[:axis] + shape[axis + 1 :]
+    kind = dtype_kind(xp, target.dtype)
+    if kind == "int":
+        if _shape(target) != sample_shape:
+            msg = (
+                f"Shape mismatch: integer (class index) target must have pred's shape "
+                f"without axis {axis}, i.e. {sample_shape}; got target shape "
+                f"{_shape(target)} for pred shape {shape}."
+            )
+            raise ValueError(msg)
+        fields["labels"] = True
+    elif kind == "float":
+        if _shape(target) != shape:
+            hint = (
+                " (class indices need an integer dtype)"
+                if _shape(target) == sample_shape
+                else ""
+            )
+            msg = (
+                f"Shape mismatch: pred has shape {shape}, target has shape "
+                f"{_shape(target)}; probability targets must match pred{hint}."
+            )
+            raise ValueError(msg)
+    else:
         msg = (
-            f"target holds class indices in [{lo}, {hi}], but pred has no classes (its class "
-            f"axis has length 0), so no class index is valid{ignored}."
+            f"Expected target to hold class indices (integer dtype) or probabilities "
+            f"(floating dtype), got {dtype_name(target.dtype)}."
+        )
+        raise TypeError(msg)
+    fields["axis"] = axis
+    ignore_index = _check_ignore_index(options.get("ignore_index"))
+    if ignore_index is not None and not fields.get("labels"):
+        msg = (
+            "ignore_index applies only to integer (class index) targets; "
+            f"target has dtype {dtype_name(target.dtype)}."
         )
         raise ValueError(msg)
-    msg = (
-        f"target holds class indices in [{lo}, {hi}], outside [0, {num_classes - 1}]{ignored} "
-        f"for pred with {num_classes} classes."
-    )
-    raise ValueError(msg)
-
-
-def raise_bad_weights(name, lo, hi):
-    msg = (
-        f"{name} must be non-negative and not NaN or infinite; found values in "
-        f"[{lo:.6g}, {hi:.6g}]."
-    )
-    raise ValueError(msg)
-
-
-def weights_ok(lo: float, hi: float) -> bool:
-    """The weights' rule (as scikit-learn's): every weight finite and >= 0 (NaN fails)."""
-    return lo >= 0 and hi < float("inf")
+    fields["ignore_index"] = ignore_index
+    class_weight = arrays.get("class_weight")
+    if class_weight is not None:
+        _check_real(class_weight, "class_weight", xp)
+        if _shape(class_weight) != (shape[axis],):
+            msg = (
+                f"class_weight must have shape ({shape[axis]},) (one weight per class), "
+                f"got {_shape(class_weight)}."
+            )
+            raise ValueError(msg)
+        fields["class_weight"] = class_weight
+    return sample_shape
 
 
 # ---------------------------------------------------------------------------------------------
 # the public loss objects
 
-
-_COMMON = ("reduction", "sample_weight", "validate")
+_BY_NAME: dict[str, Loss] = {}  # every declared loss, for unpickling by name
 
 
 class Loss:
@@ -338,11 +355,26 @@ class Loss:
 
     All three take the same arguments; `.value_and_grad` returns ``(loss, grad)`` from one
     pass over the data.
+
+    A declaration (see `gpuloss.losses`) gives the loss's `family` (ELEMENTWISE or
+    CATEGORICAL), its `kernel` functor in kernels/gpuloss_math.cuh, its own `options` (after
+    the common reduction, sample_weight, validate), its domain rules (`pred_rule` may depend
+    on the options), and `kernel_params`, the functor's scalar parameters from the checked
+    options (default: the "number" and "bool" options in order).
     """
 
-    def __init__(self, name: str, options: tuple[str, ...], doc: str):
+    def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
+                 doc: str, pred_rule=None, target_rule=None, kernel_params=None):
         self.name = name
-        self.options = _COMMON + options
+        self.family = family
+        self.kernel = kernel
+        self.declared = COMMON + tuple(options)
+        self.options = tuple(o.name for o in self.declared)
+        self.pred_rule = pred_rule
+        self.target_rule = target_rule
+        self.clips = any(o is CLIP_EPS for o in options)
+        own = [o.name for o in options if o.kind in ("number", "bool")]
+        self.kernel_params = kernel_params or (lambda o: tuple(float(o[k]) for k in own))
         self.__doc__ = doc
         self.__name__ = self.__qualname__ = name
         self.__module__ = "gpuloss"
@@ -350,12 +382,14 @@ class Loss:
             inspect.Parameter("pred", inspect.Parameter.POSITIONAL_OR_KEYWORD),
             inspect.Parameter("target", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         ] + [
-            inspect.Parameter(o, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULTS[o])
-            for o in self.options
+            inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+            for o in self.declared
         ]
         self.__signature__ = inspect.Signature(params)
         self.grad = self._entry_point("grad", want_value=False, want_grad=True)
         self.value_and_grad = self._entry_point("value_and_grad", want_value=True, want_grad=True)
+        _call.declare_kernel(kernel, family)
+        _BY_NAME[name] = self
 
     def __call__(self, pred, target, **options):
         return self._run(pred, target, options, want_value=True, want_grad=False)[0]
@@ -386,7 +420,7 @@ class Loss:
         )
         return entry
 
-    def prepare(self, pred, target, options, *, want_value, want_grad) -> Call:
+    def prepare(self, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
         """The checked call of one entry point (an unknown option is a TypeError)."""
         unknown = sorted(set(options) - set(self.options))
         if unknown:
@@ -396,28 +430,20 @@ class Loss:
             )
             raise TypeError(msg)
         return prepare(
-            self.name, pred, target, options, want_value=want_value, want_grad=want_grad
+            self, pred, target, options, want_value=want_value, want_grad=want_grad, parts=parts
         )
 
     def _run(self, pred, target, options, *, want_value, want_grad):
         call = self.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
-        return _dispatch.backend_for(call.pred)(call)
+        return _dispatch.backend_for(call.pred, rerun=run)(call)
 
 
-_DEFAULTS = {
-    "reduction": "mean",
-    "sample_weight": None,
-    "validate": True,
-    "pos_weight": None,
-    "class_weight": None,
-    "ignore_index": None,
-    "label_smoothing": 0.0,
-    "axis": -1,
-    "eps": None,
-}
+def run(name, pred, target, options, *, want_value, want_grad, parts=False):
+    """Check and compute one call of the loss `name` (what Dask runs on each chunk)."""
+    call = _BY_NAME[name].prepare(pred, target, options, want_value=want_value,
+                                  want_grad=want_grad, parts=parts)
+    return _dispatch.backend_for(call.pred, rerun=run)(call)
 
 
 def _by_name(name):
-    from . import LOSSES
-
-    return LOSSES[name]
+    return _BY_NAME[name]

@@ -14,7 +14,8 @@ import statistics
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _bench_io, _cuda_backend
+from gpuloss import _bench_io
+from gpuloss.backends import cuda as _cuda_backend
 
 ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
 ROW_SHAPES = ((1 << 22, 10), (65536, 1024), (8192, 32768), (4096, 131072))

@@ -51,7 +51,8 @@ def _second_opinion(loss, pred, target):
     demo ran on a GPU, the generic array-API backend when it ran on NumPy."""
     import array_api_compat.numpy as xp_np
 
-    from . import _api, _generic_backend
+    from . import _api
+    from .backends import generic as _generic_backend
 
     if isinstance(pred, np.ndarray):
         call = _api.prepare(
@@ -59,7 +60,7 @@ def _second_opinion(loss, pred, target):
         )
         value, grad = _generic_backend.compute(call)
         return float(value), np.asarray(grad)
-    from . import LOSSES
+    from .losses import LOSSES
 
     value, grad = LOSSES[loss].value_and_grad(_to_numpy(pred), _to_numpy(target))
     return float(value), grad
@@ -70,7 +71,7 @@ def _to_numpy(x):
 
 
 def demo(args) -> int:
-    from . import LOSSES
+    from .losses import LOSSES
 
     xp, device = _device(args.device)
     if xp is np:
@@ -130,8 +131,8 @@ def _device(choice: str):
 
 def score(args) -> int:
     """`gpuloss score`: the flags checked as flags, then gpuloss.score_files."""
-    from . import LOSSES
     from ._score import score_files
+    from .losses import LOSSES
 
     fn = LOSSES[args.loss]
     opts = {}
@@ -193,7 +194,8 @@ def _positive(kind):
 def info(args) -> int:
     import array_api_compat
 
-    from . import __version__, _cuda_backend
+    from ._version import __version__
+    from .backends import cuda as _cuda_backend
 
     lines = [("gpuloss", __version__), ("python", sys.version.split()[0]),
              ("numpy", np.__version__), ("array-api-compat", array_api_compat.__version__)]
@@ -243,7 +245,7 @@ def _gpu_reason(exc: BaseException) -> str:
 
 
 def bench(args) -> int:
-    from . import preferred_namespace
+    from ._dispatch import preferred_namespace
 
     if preferred_namespace() is np:
         from ._bench_cpu import main as run
@@ -280,7 +282,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from . import LOSSES, __version__
+    from ._version import __version__
+    from .losses import LOSSES
 
     parser = _Parser(prog="gpuloss", description="Fused losses and gradients.")
     parser.add_argument("--version", action="version", version=f"gpuloss {__version__}")

@@ -1,7 +1,7 @@
 """Find the inputs' array library and device, and pick the backend that computes.
 
 NumPy arrays, Python lists and scalars go to the NumPy backend. CuPy arrays go to the CUDA
-backend (`gpuloss._cuda_backend`) when it can run here. Every other array-API array (PyTorch,
+backend (`gpuloss.backends.cuda`) when it can run here. Every other array-API array (PyTorch,
 JAX, array-api-strict, ...) goes to the generic array-API backend and gets its own library's
 arrays back. Backends are imported only when an input needs them, so `import gpuloss` works
 with no CuPy, no CUDA and no GPU.
@@ -77,26 +77,29 @@ def array_namespace(pred, others: dict):
     return xp
 
 
-def backend_for(pred):
+def backend_for(pred, rerun=None):
     """The function that computes a checked call for `pred`'s library.
 
     This is the one seam where CuPy arrays, and other arrays that live on a CUDA device
     (PyTorch, JAX: through DLPack, without a copy), route to the fused CUDA kernels; other
-    arrays take the generic array-API implementation.
+    arrays take the generic array-API implementation. Dask arrays go to the Dask layer, which
+    runs `rerun` (`gpuloss._api.run`: check and dispatch) on each chunk: handed in, so that
+    nothing here imports the layers above.
     """
     if isinstance(pred, np.ndarray):
-        return importlib.import_module("gpuloss._numpy_backend").compute
+        return importlib.import_module("gpuloss.backends.numpy").compute
     if array_api_compat.is_dask_array(pred):
-        return importlib.import_module("gpuloss._dask_backend").compute
+        compute = importlib.import_module("gpuloss._dask").compute
+        return functools.partial(compute, rerun=rerun)
     if array_api_compat.is_cupy_array(pred):
-        return importlib.import_module("gpuloss._cuda_backend").compute
+        return importlib.import_module("gpuloss.backends.cuda").compute
     plain = None  # how to compute on this array without an autograd graph
     if _on_cuda(pred):
-        plain = importlib.import_module("gpuloss._cuda_backend").compute_foreign
+        plain = importlib.import_module("gpuloss.backends.cuda").compute_foreign
     elif _torch_cpu(pred):
         plain = _compute_torch_cpu
     if plain is None:
-        return importlib.import_module("gpuloss._generic_backend").compute
+        return importlib.import_module("gpuloss.backends.generic").compute
     if _needs_graph(pred):
         return functools.partial(_compute_torch_with_graph, plain=plain)
     return plain
@@ -125,9 +128,7 @@ def _compute_torch_with_graph(call, plain):
     tensor that requires grad: value attached to autograd, fused pass once."""
     if call.want_grad or not call.want_value:
         return plain(call)
-    from . import _torch_autograd
-
-    return _torch_autograd.compute_with_graph(call, plain)
+    return importlib.import_module("gpuloss._torch").compute_with_graph(call, plain)
 
 
 def _compute_torch_cpu(call):
@@ -136,7 +137,7 @@ def _compute_torch_cpu(call):
     import torch
 
     inner = call.with_arrays(lambda x: x.detach().numpy())
-    value, grad = importlib.import_module("gpuloss._numpy_backend").compute(inner)
+    value, grad = importlib.import_module("gpuloss.backends.numpy").compute(inner)
 
     def back(x):
         return None if x is None else torch.from_numpy(np.asarray(x))

@@ -95,7 +95,9 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     >>> gl.score_files("mse", folder / "p.npy", folder / "y.npy").loss
     1.25
     """
-    from . import LOSSES, StreamingLoss, _io
+    from . import _io
+    from ._streaming import StreamingLoss
+    from .losses import LOSSES
 
     fn = LOSSES[loss] if isinstance(loss, str) else loss
     for name, value in (("chunk_mb", chunk_mb), ("chunk_size", chunk_size)):
@@ -184,7 +186,7 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
 
 def device_namespace(choice: str):
     """(array namespace, description) for ``"auto"``, ``"cpu"`` or ``"cuda"``."""
-    from . import preferred_namespace
+    from ._dispatch import preferred_namespace
 
     if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}.")

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _api, _dispatch
 
+
 class StreamingLoss:
     """Accumulate a loss batch by batch; partial states from many workers merge exactly.
 
@@ -41,7 +42,7 @@ class StreamingLoss:
     """
 
     def __init__(self, loss, **options):
-        from . import LOSSES
+        from .losses import LOSSES
 
         if isinstance(loss, str):
             if loss not in LOSSES:
@@ -75,10 +76,9 @@ class StreamingLoss:
         opts = dict(self.options)
         if sample_weight is not None:
             opts["sample_weight"] = sample_weight
-        call = _api.prepare(
-            self.loss.name, pred, target, opts, want_value=True, want_grad=False, parts=True
-        )
-        parts, _ = _dispatch.backend_for(call.pred)(call)
+        call = self.loss.prepare(pred, target, opts, want_value=True, want_grad=False,
+                                 parts=True)
+        parts, _ = _dispatch.backend_for(call.pred, rerun=_api.run)(call)
         self._state = parts if self._state is None else self._state + parts
         self.batches += 1
         return self
@@ -130,7 +130,7 @@ class StreamingLoss:
         }
 
     def __setstate__(self, d):
-        from . import LOSSES
+        from .losses import LOSSES
 
         self.loss = LOSSES[d["loss"]]
         self.reduction = d["reduction"]

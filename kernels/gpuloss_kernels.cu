@@ -76,6 +76,10 @@ template <typename S>
 __device__ __forceinline__ bool gl_stored_outside_unit(const S* a, long long i) {
     return gl_outside_unit(gl_read<typename GlExact<S>::type>(a, i));
 }
+template <typename S>
+__device__ __forceinline__ bool gl_stored_violates(int rule, const S* a, long long i) {
+    return gl_violates(rule, gl_read<typename GlExact<S>::type>(a, i));
+}
 
 // a weight broadcast to the data: element i uses weight[(i / div) % mod]. Weights are float64
 // on the device, so that no weight over- or underflows on its way in.
@@ -127,46 +131,37 @@ __device__ __forceinline__ double gl_block_sum(double v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mse (LOSS 0), bce (LOSS 1), bce_with_logits (LOSS 2): one loss per element.
+// Every elementwise loss: one loss per element, computed by the functor F (gpuloss_math.cuh).
 //
 // grad[i] = dl/dp_i * (w_i / D), per_elem[i] = w_i * l_i, partials[block] = sum of w_i l_i.
 // w_i / D and w_i l_i are formed in double: weights of 1e30 or 1e-40 neither overflow nor
-// vanish (the CPU backend rescales such weights to the same effect). `check` holds the
-// GL_FLAG_* bits to test here (pred and target, as stored).
-template <int LOSS, typename TP, typename TY>
+// vanish (the CPU backend rescales such weights to the same effect). a0..a3 are the loss's
+// scalar parameters; pred_rule and target_rule the GL_RULE_* to check (0: none), on the values
+// as stored.
+template <typename F, typename TP, typename TY>
 __global__ void __launch_bounds__(GL_BLOCK_THREADS)
 gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
                     const double* __restrict__ weight, long long w_div, long long w_mod,
                     const double* __restrict__ pos_weight, long long pw_div, long long pw_mod,
                     long long n, int mean, double denom, const double* __restrict__ denom_dev,
-                    double lo, double hi, double smoothing, int check, TP* __restrict__ grad,
-                    TP* __restrict__ per_elem, double* __restrict__ partials,
-                    int* __restrict__ flags) {
+                    double a0, double a1, double a2, double a3, int pred_rule, int target_rule,
+                    TP* __restrict__ grad, TP* __restrict__ per_elem,
+                    double* __restrict__ partials, int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
     C gscale_c = (C)gscale;  // unweighted: dl/dp times this, as the CPU backend does
-    C clo = (C)lo, chi = (C)hi, s = (C)smoothing;
+    const C a[4] = {(C)a0, (C)a1, (C)a2, (C)a3};
     double acc = 0.0;
     int bad = 0;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        C p = gl_read<C>(pred, i);
+        C p = gl_read<C>(pred, i);  // exact: float16 widens exactly, so p is p as stored
         C y = gl_read<C>(target, i);
-        C dl, l;
-        if (LOSS == 0) {
-            l = gl_mse(p, y, &dl);
-        } else if (LOSS == 1) {
-            if (check & GL_FLAG_PRED) bad |= gl_outside_unit(p) ? GL_FLAG_PRED : 0;
-            if (check & GL_FLAG_TARGET)
-                bad |= gl_stored_outside_unit(target, i) ? GL_FLAG_TARGET : 0;
-            l = gl_bce(p, y, clo, chi, &dl);
-        } else {
-            C c = (C)gl_weight(pos_weight, i, pw_div, pw_mod);
-            if (check & GL_FLAG_TARGET)
-                bad |= gl_stored_outside_unit(target, i) ? GL_FLAG_TARGET : 0;
-            if (s != C(0)) y = gl_smooth_binary(y, s);
-            l = gl_bce_logits(p, y, c, &dl);
-        }
+        if (pred_rule && gl_violates(pred_rule, p)) bad |= GL_FLAG_PRED;
+        if (target_rule && gl_stored_violates(target_rule, target, i)) bad |= GL_FLAG_TARGET;
+        C c = pos_weight ? (C)gl_weight(pos_weight, i, pw_div, pw_mod) : C(1);
+        C dl;
+        C l = F::eval(p, y, c, a, &dl);
         double lw = (double)l;
         C wscale = gscale_c;
         if (weight) {
@@ -202,7 +197,8 @@ gpuloss_finish(const double* __restrict__ partials, int count, int mean,
 }
 
 // ---------------------------------------------------------------------------------------------
-// cce_with_logits (LOGITS 1) and cce (LOGITS 0) over rows of K classes, classes contiguous.
+// Every categorical loss over rows of K classes, classes contiguous, computed by the row
+// functor F (GlCceLogits: softmax fused, F::logits; GlCce: on probabilities).
 //
 // ROW_THREADS threads (a few lanes for small K, a warp, or a whole block) share one row; each
 // keeps up to CACHE values of the row in registers, so rows of K <= ROW_THREADS * CACHE are
@@ -273,31 +269,21 @@ __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long 
     return cwk * (t * (C(1) - s) + s * inv_k);
 }
 
-// class k's loss term and its gradient (before the sample's weight and the mean's 1/D)
-template <int LOGITS, typename C>
-__device__ __forceinline__ C gl_row_term(C z, C c, GlLse<C> lse, C log_s, C c_sum, C lo, C hi,
-                                         C* g) {
-    if (LOGITS) {
-        *g = gl_xent_grad(z, lse.m, lse.rest, c_sum, c);
-        return gl_xent_term(z, lse.m, log_s, c);
-    }
-    return gl_cce_term(z, c, lo, hi, g);
-}
-
 // Weights (sample_weight per row, class_weight per class) are float64 on the device. A row
 // whose label is out of range (validate=False) or, for cce with labels, whose probabilities
 // hold a NaN, gets a NaN weight: its loss and its whole gradient row are NaN, as on the CPU.
-template <int LOGITS, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT>
+template <typename F, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT>
 __global__ void __launch_bounds__(GL_BLOCK_THREADS)
 gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long long rows,
              long long K, const double* __restrict__ sample_weight, long long sw_div,
              long long sw_mod, const double* __restrict__ class_weight,
              const double* __restrict__ cw_sum_dev, long long ignore_index, int has_ignore,
              double smoothing, int mean, double denom, const double* __restrict__ denom_dev,
-             double lo, double hi, int check, TP* __restrict__ grad,
+             double a0, double a1, int check, TP* __restrict__ grad,
              TP* __restrict__ per_sample, double* __restrict__ partials,
              int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
+    const bool LOGITS = F::logits;
     __shared__ double scratch_d[32];
     __shared__ C scratch_m[32];
     __shared__ C scratch_s[32];
@@ -306,7 +292,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
     const int slot = threadIdx.x / ROW_THREADS;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
     C s = (C)smoothing, inv_k = K > 0 ? C(1) / (C)K : C(0);
-    C clo = (C)lo, chi = (C)hi;
+    const C a[2] = {(C)a0, (C)a1};
     double acc = 0.0;
     int bad = 0;
     // every thread of a block runs the same number of iterations (block-wide barriers inside)
@@ -346,7 +332,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                 cc[j] = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
                                                inv_k, check, &bad);
                 if (LOGITS) part = gl_lse_push(part, zc[j]);
-                if (!LOGITS && (check & GL_FLAG_PRED) && gl_outside_unit(zc[j]))
+                if ((check & GL_FLAG_PRED) && gl_outside_unit(zc[j]))
                     bad |= GL_FLAG_PRED;
                 has_nan |= zc[j] != zc[j];
                 c_sum += cc[j];
@@ -357,7 +343,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          check, &bad);
             if (LOGITS) part = gl_lse_push(part, z);
-            if (!LOGITS && (check & GL_FLAG_PRED) && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
+            if ((check & GL_FLAG_PRED) && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
             has_nan |= z != z;
             c_sum += c;
         }
@@ -383,8 +369,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             long long k = lane + (long long)j * ROW_THREADS;
             if (k < K) {
                 C g;
-                row_loss += (double)gl_row_term<LOGITS>(zc[j], cc[j], lse, log_s, c_sum, clo,
-                                                        chi, &g);
+                row_loss += (double)F::term(zc[j], cc[j], lse, log_s, c_sum, a, &g);
                 if (grad && live) gl_write(grad, base + k, g * gw);
             }
         }
@@ -394,7 +379,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          0, &ignored_bad);
             C g;
-            row_loss += (double)gl_row_term<LOGITS>(z, c, lse, log_s, c_sum, clo, chi, &g);
+            row_loss += (double)F::term(z, c, lse, log_s, c_sum, a, &g);
             if (grad && live) gl_write(grad, base + k, g * gw);
         }
         row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * w;

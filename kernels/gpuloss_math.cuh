@@ -3,7 +3,15 @@
 // This header is the single source of truth for the CUDA kernels (gpuloss_kernels.cu) and is
 // also compiled with g++ by the test suite and checked against float64 references, so a
 // changed operator or constant here fails the CPU tests. The formulas are the ones documented
-// in gpuloss/_losses.py. T is float (for float16/float32 data) or double.
+// in gpuloss/losses/. T is float (for float16/float32 data) or double.
+//
+// Each loss is a functor the generic kernels are templated on (its name is the `kernel` of the
+// loss's declaration):
+//   elementwise: static T eval(T p, T y, T c, const T* a, T* dl_dp) returns l(p, y) and writes
+//                dl/dp; a[0..3] are the loss's scalar parameters, c the per-element positive
+//                weight (bce_with_logits' pos_weight; 1 where a loss has none).
+//   rows:        enum { logits }; static T term(z, c, lse, log_s, c_sum, a, g): one class's
+//                share of the sample's loss and its derivative (see GlCce, GlCceLogits).
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -78,6 +86,27 @@ GL_FN bool gl_bad_weight(double w) {
     return mag >= 0x7ff0000000000000ull || ((u >> 63) && mag != 0ull);
 }
 
+// the domain rules of gpuloss/_call.py (0: no rule), judged on the bits; NaN always passes
+#define GL_RULE_UNIT 1    // in [0, 1]
+#define GL_RULE_NONNEG 2  // >= 0, -0 included
+#define GL_RULE_SIGN 3    // exactly -1 or +1
+GL_FN bool gl_violates(int rule, float x) {
+    unsigned int u = gl_float_bits(x), mag = u & 0x7fffffffu;
+    if (mag > 0x7f800000u) return false;  // NaN
+    if (rule == GL_RULE_UNIT) return gl_outside_unit(x);
+    if (rule == GL_RULE_NONNEG) return (u >> 31) && mag != 0u;
+    if (rule == GL_RULE_SIGN) return mag != 0x3f800000u;
+    return false;
+}
+GL_FN bool gl_violates(int rule, double x) {
+    unsigned long long u = gl_double_bits(x), mag = u & 0x7fffffffffffffffull;
+    if (mag > 0x7ff0000000000000ull) return false;  // NaN
+    if (rule == GL_RULE_UNIT) return gl_outside_unit(x);
+    if (rule == GL_RULE_NONNEG) return (u >> 63) && mag != 0ull;
+    if (rule == GL_RULE_SIGN) return mag != 0x3ff0000000000000ull;
+    return false;
+}
+
 // ---- mse: l = (p - y)^2, dl/dp = 2 (p - y) ---------------------------------------------------
 template <typename T>
 GL_FN T gl_mse(T p, T y, T* dl_dp) {
@@ -117,6 +146,27 @@ template <typename T>
 GL_FN T gl_smooth_binary(T y, T s) {
     return y * (T(1) - s) + s * T(0.5);
 }
+
+// ---- the elementwise functors of the first three losses -------------------------------------
+struct GlMse {
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        return gl_mse(p, y, g);
+    }
+};
+struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        return gl_bce(p, y, a[0], a[1], g);
+    }
+};
+struct GlBceLogits {  // a = {label smoothing}
+    template <typename T>
+    GL_FN static T eval(T z, T y, T c, const T* a, T* g) {
+        if (a[0] != T(0)) y = gl_smooth_binary(y, a[0]);
+        return gl_bce_logits(z, y, c, g);
+    }
+};
 
 // ---- softmax cross-entropy on logits --------------------------------------------------------
 // A row's log-sum-exp is kept as (m, rest): the running maximum, and the sum of exp(z - m)
@@ -214,6 +264,25 @@ GL_FN T gl_cce_term(T p, T c, T lo, T hi, T* dl_dp) {
     T lp = gl_log(pc);  // finite for every clipped p'; NaN only for a NaN p
     return c == T(0) ? T(0) * lp : -c * lp;
 }
+
+// ---- the row functors: one class's term of a sample's loss, and its derivative --------------
+// z: the class's prediction, c: its coefficient, lse/log_s: the row's log-sum-exp (logits
+// only), c_sum: the row's sum of c, a: the loss's scalar parameters
+struct GlCce {  // on probabilities; a = {lo, hi}
+    enum { logits = 0 };
+    template <typename T>
+    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+        return gl_cce_term(z, c, a[0], a[1], g);
+    }
+};
+struct GlCceLogits {  // softmax fused
+    enum { logits = 1 };
+    template <typename T>
+    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+        *g = gl_xent_grad(z, lse.m, lse.rest, c_sum, c);
+        return gl_xent_term(z, lse.m, log_s, c);
+    }
+};
 
 // ---- float16 storage, computed in float (IEEE binary16, round to nearest even) --------------
 GL_FN float gl_half_to_float(unsigned short h) {

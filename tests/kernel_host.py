@@ -1,7 +1,7 @@
 """Build kernels/ for the host with g++ and run it: the math header's functions over arrays,
 and every CUDA kernel instantiation through the CPU emulator in cuda_emulator.h.
 
-`EmulatorRuntime` plugs into gpuloss._cuda_backend in place of CuPy, so the backend's own
+`EmulatorRuntime` plugs into gpuloss.backends.cuda in place of CuPy, so the backend's own
 launch code runs the real kernels on NumPy arrays. `emulated_compute` is the one stable entry
 point for checking a change to the CUDA path without a GPU:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import gpuloss
-from gpuloss import _cuda_backend
+from gpuloss.backends import cuda as _cuda_backend
 
 HERE = Path(__file__).resolve().parent
 
@@ -343,9 +343,9 @@ int main() {
         y[i] = 0.002f * (float)(i % 13);
         want += ((double)p[i] - y[i]) * ((double)p[i] - y[i]);
     }
-    bad |= run(&gpuloss_elementwise<0, float, float>, 3, 256, (const float*)p.data(),
+    bad |= run(&gpuloss_elementwise<GlMse, float, float>, 3, 256, (const float*)p.data(),
                (const float*)y.data(), (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
-               1ll, 1ll, n, 0, 1.0, (const double*)nullptr, 0.0, 0.0, 0.0, 0, g.data(),
+               1ll, 1ll, n, 0, 1.0, (const double*)nullptr, 0.0, 0.0, 0.0, 0.0, 0, 0, g.data(),
                (float*)nullptr, parts.data(), (int*)nullptr);
     float total = 0;
     bad |= run(&gpuloss_finish<float>, 1, 256, (const double*)parts.data(), 3, 0, 1.0,
@@ -369,13 +369,13 @@ int main() {
         }
         std::vector<double> rparts(3);
         if (v == 0)
-            bad |= run(&gpuloss_rows<1, 1, 256, 32, float, long long>, 3, 256,
+            bad |= run(&gpuloss_rows<GlCceLogits, 1, 256, 32, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,
                        0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
         else
-            bad |= run(&gpuloss_rows<1, 1, 4, 4, float, long long>, 3, 256,
+            bad |= run(&gpuloss_rows<GlCceLogits, 1, 4, 4, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuloss as gl
-from gpuloss import _losses
+from gpuloss import losses as _losses
 
 PUBLIC = ("LOSSES", "ScoreResult", "StreamingLoss", "__version__", "bce", "bce_with_logits",
           "cce", "cce_with_logits", "mse", "preferred_namespace", "score_files")

@@ -23,7 +23,7 @@ from kernel_host import emulated_compute
 from test_fuzz import _run, cases
 
 import gpuloss as gl
-from gpuloss import _cuda_backend
+from gpuloss.backends import cuda as _cuda_backend
 
 EXAMPLES = int(os.environ.get("GPULOSS_EMULATED_FUZZ_EXAMPLES", "2000"))
 

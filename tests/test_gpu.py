@@ -317,7 +317,7 @@ def test_torch_cuda_runs_on_torchs_current_stream(cp):
         seen.append(cp.cuda.get_current_stream().ptr)
         return real_compute(call, runtime)
 
-    import gpuloss._cuda_backend as cb
+    import gpuloss.backends.cuda as cb
 
     cb.compute = spy
     try:
@@ -338,6 +338,6 @@ def test_torch_cuda_runs_on_torchs_current_stream(cp):
 
 
 def _cuda_backend_compute():
-    import gpuloss._cuda_backend as cb
+    import gpuloss.backends.cuda as cb
 
     return cb.compute

@@ -133,7 +133,8 @@ def _cupy_errors():
 
 @pytest.mark.parametrize("fault", ["oom", "nvrtc", "compile", "cache", "gone"])
 def test_device_faults_give_clear_errors_and_numpy_keeps_working(host_lib, fault):
-    from gpuloss import _api, _cuda_backend
+    from gpuloss import _api
+    from gpuloss.backends import cuda as _cuda_backend
 
     exc, kind, pattern = _cupy_errors()[fault]
     call = _api.prepare("mse", np.zeros(8), np.zeros(8), {}, want_value=True, want_grad=True)
@@ -143,7 +144,8 @@ def test_device_faults_give_clear_errors_and_numpy_keeps_working(host_lib, fault
 
 
 def test_other_device_errors_pass_through_unchanged(host_lib):
-    from gpuloss import _api, _cuda_backend
+    from gpuloss import _api
+    from gpuloss.backends import cuda as _cuda_backend
 
     call = _api.prepare("mse", np.zeros(8), np.zeros(8), {}, want_value=True, want_grad=True)
     with pytest.raises(KeyError, match="something else"):

@@ -21,7 +21,8 @@ from reference import ALL, CATEGORICAL, ELEMENTWISE
 from test_losses import REDUCTIONS, _cases, _options
 
 import gpuloss as gl
-from gpuloss import _api, _cuda_backend
+from gpuloss import _api
+from gpuloss.backends import cuda as _cuda_backend
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,7 @@ def test_dtypes_value_and_grad(loss, dtype):
 @pytest.mark.parametrize("loss", ALL)
 def test_many_blocks_and_threads(loss, reduction, monkeypatch):
     """Inputs spanning many blocks (and threads) give the single-block result."""
-    from gpuloss import _numpy_backend
+    from gpuloss.backends import numpy as _numpy_backend
 
     rng = np.random.default_rng(4)
     shape = (3000, 37)

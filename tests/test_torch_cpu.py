@@ -131,7 +131,7 @@ def test_no_graph_under_no_grad_and_plain_tensors_from_grad(torch):
 
 
 def test_the_inputs_are_viewed_not_copied_and_never_modified(torch, monkeypatch):
-    from gpuloss import _numpy_backend
+    from gpuloss.backends import numpy as _numpy_backend
 
     seen = {}
     real = _numpy_backend.compute

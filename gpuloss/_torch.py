@@ -18,7 +18,7 @@ def compute_with_graph(call, compute):
     pass and keeps only the gradient (one pred-sized tensor: no logits, no softmax copy).
     """
     value, grad = compute(dataclasses.replace(call, want_value=True, want_grad=True))
-    axis = call.axis if call.loss.startswith("cce") and call.reduction == "none" else None
+    axis = call.axis if call.categorical and call.reduction == "none" else None
     return _attach().apply(call.pred, value, grad, axis), None
 
 

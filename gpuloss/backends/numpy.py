@@ -12,8 +12,9 @@ Per-element arithmetic is done in float32 for float16/float32 inputs and in floa
 float64 inputs. Sums over the batch are float64. Row sums over the K classes of one sample
 (cce*) use NumPy's pairwise float32/float64 summation.
 
-The formulas are the ones documented in `gpuloss._losses`; each block function below says in
-one comment line what it computes.
+The formulas are the ones documented in `gpuloss.losses`; each block function below says in
+one comment line what it computes. Adding an elementwise loss adds one block function to
+`_ELEMENTWISE`; the domain checks, weights, reductions and threads are the driver's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _api, _pool
+from .. import _call, _pool
 
 _NO_RANGE = (0.0, 0.0, False)  # a range that was not checked
 BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a block's
@@ -155,12 +156,6 @@ def _merge_ranges(ranges) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_unit_interval(name, what, ranges):
-    lo, hi = _merge_ranges(ranges)
-    if lo < 0 or hi > 1:  # NaN compares False: NaN propagates instead of raising
-        _api.raise_outside_unit_interval(name, what, lo, hi)
-
-
 def _weight_total(w: np.ndarray, shape, cdt) -> float:
     """Σ of `w` broadcast to `shape`, without materialising the broadcast, of the weights as
     the per-element products use them (in the compute dtype), so that numerator and
@@ -193,8 +188,8 @@ def _check_weights(w, name, validate):
     """Weights as given (before any rescaling or cast): finite and non-negative."""
     if validate and w is not None and w.size:
         lo, hi = float(np.min(w)), float(np.max(w))
-        if not _api.weights_ok(lo, hi):
-            _api.raise_bad_weights(name, lo, hi)
+        if not _call.weights_ok(lo, hi):
+            _call.raise_bad_weights(name, lo, hi)
 
 
 def _finish(call, total: float, denom: float, grad, per_sample):
@@ -220,11 +215,35 @@ def _grad_scale(call, denom: float) -> float:
     return 1.0 / denom if denom > 0 else 0.0
 
 
-def compute(call: _api.Call):
+def compute(call: _call.Call):
     with np.errstate(all="ignore"):
-        if call.loss.startswith("cce"):
+        if call.categorical:
             return _categorical(call)
         return _elementwise(call)
+
+
+def _rule_range(rule, x) -> tuple[float, float, bool]:
+    """What `_check_rule` needs of one block: its range, or for SIGN one offending value."""
+    if rule != _call.SIGN:
+        return _min_max(x)
+    bad = (x != 1) & (x != -1)
+    if bad.any():
+        values = x[bad].astype(_F64)
+        values = values[~np.isnan(values)]  # NaN passes: it propagates
+        if values.size:
+            return (float(values[0]), float(values[0]), True)
+    return None
+
+
+def _check_rule(call, name, rule, ranges):
+    if rule == _call.SIGN:
+        for r in ranges:
+            if r is not None:
+                _call.raise_domain(call, name, rule, r[0], r[1])
+        return
+    lo, hi = _merge_ranges(ranges)
+    if lo < 0 or (rule == _call.UNIT and hi > 1):  # NaN compares False: it propagates
+        _call.raise_domain(call, name, rule, lo, hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +294,8 @@ def _elementwise(call):
     kernel = _ELEMENTWISE[call.loss]
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum)
+    pred_rule = call.pred_rule if call.validate else None
+    target_rule = call.target_rule if call.validate else None
 
     if n == 0:
         results = []
@@ -284,28 +305,29 @@ def _elementwise(call):
             ix = index[i]
             pb = scratch.load("p", P[ix], cdt)
             yb = scratch.load("y", Y[ix], cdt)
+            # domain checks on the values as stored (pb is exact: float16 widens exactly)
+            pr = _rule_range(pred_rule, pb) if pred_rule else None
+            tr = _rule_range(target_rule, Y[ix]) if target_rule else None
             wb = None if W is None else scratch.load("w", W[ix], cdt)
             pwb = None if PW is None else scratch.load("pw", PW[ix], cdt)
             gb = None
             if G is not None:
                 gb = G[ix] if G.dtype == cdt else scratch.get("g", pb.shape, cdt)
             lb = scratch.get("l", pb.shape, cdt) if (want_sum or L is not None) else None
-            result = kernel(pb, yb, wb, pwb, gb, lb, scratch, consts)
-            if call.validate and len(result) > 2 and Y.dtype != cdt:
-                result = (*result[:2], _min_max(Y[ix]))  # the targets as stored, not as cast
+            total = kernel(pb, yb, wb, pwb, gb, lb, scratch, consts)
             if G is not None and gb is not G[ix]:
                 np.copyto(G[ix], gb, casting="unsafe")
             if L is not None:
                 np.copyto(L[ix], lb, casting="unsafe")
-            return result
+            return total, pr, tr
 
         results = run_blocks(len(index), work)
 
-    if call.validate and results:
-        if call.loss == "bce":
-            _check_unit_interval("pred", "probabilities", [r[1] for r in results])
-        if call.loss.startswith("bce"):
-            _check_unit_interval("target", "targets", [r[2] for r in results])
+    if results:
+        if pred_rule:
+            _check_rule(call, "pred", pred_rule, [r[1] for r in results])
+        if target_rule:
+            _check_rule(call, "target", target_rule, [r[2] for r in results])
     total = math.fsum(r[0] for r in results) if want_sum else 0.0
     return _finish(call, total, denom, grad, per_elem)
 
@@ -349,13 +371,12 @@ def _mse_block(P, Y, W, PW, G, L, s, k):
         np.multiply(d, k.two_gscale, out=G)
         if W is not None:
             np.multiply(G, W, out=G)
-    return (total,)
+    return total
 
 
 def _bce_block(P, Y, W, PW, G, L, s, k):
     # p' = clip(p, eps, 1 - eps);  l = -w [y log p' + (1 - y) log(1 - p')]
     # g = w (p' - y) / (p' (1 - p')) / D, the seed's -y/p + (1-y)/(1-p) over one denominator
-    ranges = (_min_max(P), _min_max(Y)) if k.validate else (_NO_RANGE, _NO_RANGE)
     pc = s.get("pc", P.shape, k.cdt)
     np.clip(P, k.lo, k.hi, out=pc)
     total = 0.0
@@ -383,14 +404,13 @@ def _bce_block(P, Y, W, PW, G, L, s, k):
         np.multiply(G, k.gscale, out=G)
         if W is not None:
             np.multiply(G, W, out=G)
-    return (total, *ranges)
+    return total
 
 
 def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     # y' = y (1 - ls) + ls/2;  l = w [(1 - y') softplus(z) + pos_weight y' softplus(-z)]
     # g = w [(1 - y') sigmoid(z) - pos_weight y' sigmoid(-z)] / D   (= sigmoid(z) - y' unweighted)
     # Each term is non-negative, so nothing cancels: exact for every finite z.
-    yrange = _min_max(Y) if k.validate else _NO_RANGE
     if k.smooth:
         ys = s.get("ys", Z.shape, k.cdt)
         np.multiply(Y, k.cdt(1 - k.smooth), out=ys)
@@ -440,7 +460,7 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.multiply(G, r, out=G)
         if W is not None:
             np.multiply(G, W, out=G)
-    return (total, _NO_RANGE, yrange)
+    return total
 
 
 _ELEMENTWISE = {"mse": _mse_block, "bce": _bce_block, "bce_with_logits": _bce_logits_block}
@@ -535,10 +555,10 @@ def _categorical(call):
         results = run_blocks(len(index), work)
 
     if call.validate and results:
-        if call.loss == "cce":
-            _check_unit_interval("pred", "probabilities", [r[1] for r in results])
-        if not call.labels:
-            _check_unit_interval("target", "probabilities", [r[2] for r in results])
+        if call.pred_rule:
+            _check_rule(call, "pred", call.pred_rule, [r[1] for r in results])
+        if call.target_rule:
+            _check_rule(call, "target", call.target_rule, [r[2] for r in results])
     total = math.fsum(r[0] for r in results) if want_sum else 0.0
     return _finish(call, total, denom, grad, per_sample)
 
@@ -552,7 +572,7 @@ def _label_prepass(call, labels, K, cw, SW) -> float:
         bad = ((labels < 0) | (labels >= K)) & counted
         if bad.any():
             kept = labels[counted]
-            _api.raise_bad_labels(int(kept.min()), int(kept.max()), K, call.ignore_index)
+            _call.raise_bad_labels(int(kept.min()), int(kept.max()), K, call.ignore_index)
     if call.reduction != "mean":
         return 0.0
     w = counted.astype(_F64)

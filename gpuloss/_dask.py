@@ -1,10 +1,13 @@
-"""Dask backend: every loss on dask arrays (NumPy or CuPy chunks), lazily.
+"""Dask: every loss on dask arrays (NumPy or CuPy chunks), lazily. A layer above the dispatch.
 
 Each chunk is handed to the backend of its own library (NumPy, or the CUDA kernels for CuPy
 chunks) and returns a float64 partial state [Σ w·l, the mean's denominator]; dask adds the
 states tree-wise, so no worker ever holds more than its chunks and a few numbers. The loss is
 a 0-d dask array; the gradient has the prediction's chunks, each chunk's gradient of the sum
 times 1/D from the reduced state. Nothing is computed until the caller asks.
+
+Each chunk is checked and computed by `rerun` (`gpuloss._api.run`), handed in by the dispatch:
+this module imports only `gpuloss._call`, so no import circle runs through it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import string
 
 import numpy as np
 
-from . import _api
+from . import _call
+
 
 def _dask():
     import dask.array as da
@@ -29,7 +33,7 @@ def _mismatch(name, chunks, want):
     return ValueError(msg)
 
 
-def compute(call: _api.Call):
+def compute(call: _call.Call, rerun):
     da = _dask()
     pred = call.pred
     if any(np.isnan(s) for s in pred.shape):
@@ -37,7 +41,7 @@ def compute(call: _api.Call):
         raise ValueError(msg)
     ndim = pred.ndim
     letters = string.ascii_lowercase[:ndim]
-    categorical = call.loss.startswith("cce")
+    categorical = call.categorical
     # the class axis is one chunk, so each chunk holds whole rows
     if categorical and pred.numblocks[call.axis] > 1:
         pred = pred.rechunk({call.axis: -1})
@@ -65,26 +69,16 @@ def compute(call: _api.Call):
     if call.pos_weight is not None:
         pw = da.broadcast_to(da.asarray(call.pos_weight), pred.shape).rechunk(pred.chunks)
         arrays["pos_weight"] = (pw, letters)
-    static = {
-        "reduction": "mean",
-        "validate": call.validate,
-    }
-    if categorical:
-        static["axis"] = call.axis
-        if call.ignore_index is not None:
-            static["ignore_index"] = call.ignore_index
-        if call.class_weight is not None:
-            cw = call.class_weight
-            static["class_weight"] = cw.compute() if hasattr(cw, "dask") else cw
-    if call.loss in ("bce_with_logits", "cce_with_logits"):
-        static["label_smoothing"] = call.label_smoothing
-    if call.eps is not None:
-        static["eps"] = call.eps
+    # the loss's own options travel as they are; arrays of one weight per class whole
+    static = {**call.options, "validate": call.validate}
+    if call.class_weight is not None:
+        cw = call.class_weight
+        static["class_weight"] = cw.compute() if hasattr(cw, "dask") else cw
     names = tuple(arrays)
     block_args = []
     for name in names:
         block_args += list(arrays[name])
-    kwargs = {"loss": call.loss, "names": names, "static": static}
+    kwargs = {"loss": call.loss, "names": names, "static": static, "rerun": rerun}
 
     value = grad = None
     need_state = call.want_value and call.reduction != "none" or (
@@ -122,33 +116,31 @@ def compute(call: _api.Call):
     return value, grad
 
 
-def _call(loss, names, static, blocks, *, reduction, want_value, want_grad, parts=False):
-    from . import _dispatch
-
+def _run(loss, names, static, blocks, rerun, *, reduction, want_value, want_grad,
+         parts=False):
     arrays = dict(zip(names, blocks))
     opts = dict(static)
     opts["reduction"] = reduction
     for name in ("sample_weight", "pos_weight"):
         if name in arrays:
             opts[name] = arrays[name]
-    call = _api.prepare(loss, arrays["pred"], arrays["target"], opts, want_value=want_value,
-                        want_grad=want_grad, parts=parts)
-    return _dispatch.backend_for(call.pred)(call)
+    return rerun(loss, arrays["pred"], arrays["target"], opts, want_value=want_value,
+                 want_grad=want_grad, parts=parts)
 
 
-def _chunk_parts(*blocks, loss, names, static):
+def _chunk_parts(*blocks, loss, names, static, rerun):
     """One chunk's float64 [Σ w·l, denominator], shaped (1, ..., 1, 2) for the reduction."""
-    parts, _ = _call(loss, names, static, blocks, reduction="mean", want_value=True,
-                     want_grad=False, parts=True)
+    parts, _ = _run(loss, names, static, blocks, rerun, reduction="mean", want_value=True,
+                    want_grad=False, parts=True)
     return parts.reshape((1,) * blocks[0].ndim + (2,))
 
 
-def _chunk_values(*blocks, loss, names, static, what):
+def _chunk_values(*blocks, loss, names, static, rerun, what):
     """One chunk's per-sample losses ("none") or gradient of its sum ("grad")."""
     if what == "none":
-        value, _ = _call(loss, names, static, blocks, reduction="none", want_value=True,
-                         want_grad=False)
+        value, _ = _run(loss, names, static, blocks, rerun, reduction="none", want_value=True,
+                        want_grad=False)
         return value
-    _, grad = _call(loss, names, static, blocks, reduction="sum", want_value=False,
-                    want_grad=True)
+    _, grad = _run(loss, names, static, blocks, rerun, reduction="sum", want_value=False,
+                   want_grad=True)
     return grad

@@ -1,4 +1,4 @@
-"""Generic array-API backend: the formulas of `gpuloss._losses` written with whole-array
+"""Generic array-API backend: the formulas of `gpuloss.losses` written with whole-array
 operations of any array-API namespace (PyTorch, JAX, array-api-strict, ...).
 
 Plain and readable rather than fast: it allocates full-size temporaries. Results come back
@@ -13,19 +13,19 @@ import math
 import array_api_compat
 import numpy as np
 
-from . import _api
+from .. import _call
 
 
-def compute(call: _api.Call):
+def compute(call: _call.Call):
     # NumPy-backed namespaces (array-api-strict) would warn on inf/NaN: those are results here
     with np.errstate(all="ignore"):
         return _compute(call)
 
 
-def _compute(call: _api.Call):
+def _compute(call: _call.Call):
     xp = array_api_compat.array_namespace(call.pred)
     cdt = xp.float64 if call.pred.dtype == xp.float64 else xp.float32
-    if call.loss.startswith("cce"):
+    if call.categorical:
         value, grad = _categorical(call, xp, cdt)
     else:
         value, grad = _elementwise(call, xp, cdt)
@@ -46,18 +46,25 @@ def _range(xp, x):
     return float(xp.min(xp.where(nan, inside, x))), float(xp.max(xp.where(nan, inside, x)))
 
 
-def _check_unit(xp, x, name, what):
+def _check_rule(call, xp, x, name, rule):
+    """`x` as stored against the domain rule (NaN passes: it propagates)."""
+    if rule == _call.SIGN:
+        bad = (x != 1) & (x != -1) & ~xp.isnan(xp.astype(x, xp.float64))
+        if xp.any(bad):
+            value = float(x[bad][0])
+            _call.raise_domain(call, name, rule, value, value)
+        return
     lo, hi = _range(xp, x)
-    if lo < 0 or hi > 1:
-        _api.raise_outside_unit_interval(name, what, lo, hi)
+    if lo < 0 or (rule == _call.UNIT and hi > 1):
+        _call.raise_domain(call, name, rule, lo, hi)
 
 
 def _check_weight(xp, w, name):
     """Weights as given (before any rescaling or cast): finite and non-negative."""
     if math.prod(w.shape):
         lo, hi = float(xp.min(w)), float(xp.max(w))
-        if not _api.weights_ok(lo, hi):
-            _api.raise_bad_weights(name, lo, hi)
+        if not _call.weights_ok(lo, hi):
+            _call.raise_bad_weights(name, lo, hi)
 
 
 def _reduce(call, xp, per_item, weight_sum):
@@ -101,44 +108,56 @@ def _elementwise(call, xp, cdt):
         weight_sum = xp.sum(xp.astype(W, xp.float64))  # the weights as the products use them
     else:
         weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
-    if call.validate:
-        if call.loss == "bce":
-            _check_unit(xp, P, "pred", "probabilities")
-        if call.loss.startswith("bce"):  # as stored, before any conversion
-            _check_unit(xp, call.target, "target", "targets")
-
-    if call.loss == "mse":
-        d = P - Y
-        loss = d * d
-        grad = 2 * d
-    elif call.loss == "bce":
-        pc = xp.clip(P, call.eps, 1 - call.eps)
-        loss = -(Y * xp.log(pc) + (1 - Y) * xp.log1p(-pc))
-        grad = (pc - Y) / (pc * (1 - pc))
-    else:  # bce_with_logits
-        if call.label_smoothing:
-            Y = Y * (1 - call.label_smoothing) + call.label_smoothing / 2
-        PY = Y
+    if call.validate:  # as stored, before any conversion
+        if call.pred_rule:
+            _check_rule(call, xp, call.pred, "pred", call.pred_rule)
+        if call.target_rule:
+            _check_rule(call, xp, call.target, "target", call.target_rule)
         if call.pos_weight is not None:
-            PW = xp.astype(xp.broadcast_to(call.pos_weight, shape), cdt)
-            if call.validate:
-                _check_weight(xp, call.pos_weight, "pos_weight")
-            PY = Y * PW
-        e = xp.exp(-xp.abs(P))
-        lg = xp.log1p(e)
-        mz = xp.maximum(P, xp.zeros_like(P))
-        loss = (1 - Y) * (mz + lg) + PY * ((mz - P) + lg)
-        r = 1 / (1 + e)
-        positive = P >= 0
-        sig_z = xp.where(positive, r, e * r)  # sigmoid(z), with no cancellation
-        sig_minus_z = xp.where(positive, e * r, r)
-        grad = (1 - Y) * sig_z - PY * sig_minus_z
+            _check_weight(xp, call.pos_weight, "pos_weight")
+
+    loss, grad = _ELEMENTWISE[call.loss](xp, P, Y, call)
     if W is not None:
         loss = loss * W
         grad = grad * W
     value = _reduce(call, xp, loss, weight_sum)
     grad = grad * _scale(call, xp, weight_sum) if call.want_grad else None
     return value, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise formulas: (per-element loss, its derivative) in the compute dtype
+
+
+def _mse(xp, P, Y, call):
+    d = P - Y
+    return d * d, 2 * d
+
+
+def _bce(xp, P, Y, call):
+    pc = xp.clip(P, call.eps, 1 - call.eps)
+    loss = -(Y * xp.log(pc) + (1 - Y) * xp.log1p(-pc))
+    return loss, (pc - Y) / (pc * (1 - pc))
+
+
+def _bce_with_logits(xp, P, Y, call):
+    if call.label_smoothing:
+        Y = Y * (1 - call.label_smoothing) + call.label_smoothing / 2
+    PY = Y
+    if call.pos_weight is not None:
+        PY = Y * xp.astype(xp.broadcast_to(call.pos_weight, tuple(P.shape)), P.dtype)
+    e = xp.exp(-xp.abs(P))
+    lg = xp.log1p(e)
+    mz = xp.maximum(P, xp.zeros_like(P))
+    loss = (1 - Y) * (mz + lg) + PY * ((mz - P) + lg)
+    r = 1 / (1 + e)
+    positive = P >= 0
+    sig_z = xp.where(positive, r, e * r)  # sigmoid(z), with no cancellation
+    sig_minus_z = xp.where(positive, e * r, r)
+    return loss, (1 - Y) * sig_z - PY * sig_minus_z
+
+
+_ELEMENTWISE = {"mse": _mse, "bce": _bce, "bce_with_logits": _bce_with_logits}
 
 
 def _categorical(call, xp, cdt):
@@ -173,7 +192,7 @@ def _categorical(call, xp, cdt):
         if call.validate and math.prod(sample_shape):
             if xp.any(~in_range & counted):
                 kept = t[counted]
-                _api.raise_bad_labels(int(xp.min(kept)), int(xp.max(kept)), K, call.ignore_index)
+                _call.raise_bad_labels(int(xp.min(kept)), int(xp.max(kept)), K, call.ignore_index)
         w = xp.where(counted, w, xp.zeros_like(w))
         w = xp.where(in_range | ~counted, w, nan)  # bad labels give NaN, never an index error
         classes = xp.arange(K, device=array_api_compat.device(Z))
@@ -182,14 +201,14 @@ def _categorical(call, xp, cdt):
         weight_sum = xp.sum(xp.astype(w, xp.float64) * xp.astype(cwy, xp.float64))
     else:
         T = xp.astype(xp.permute_dims(call.target, perm), cdt)
-        if call.validate:  # as stored, before any conversion
-            _check_unit(xp, call.target, "target", "probabilities")
+        if call.validate and call.target_rule:  # as stored, before any conversion
+            _check_rule(call, xp, call.target, "target", call.target_rule)
         weight_sum = xp.sum(xp.astype(w, xp.float64))
 
     cw_vec = xp.ones(K, dtype=cdt, device=array_api_compat.device(Z)) if cw is None else cw
     if call.loss == "cce":
-        if call.validate:
-            _check_unit(xp, Z, "pred", "probabilities")
+        if call.validate and call.pred_rule:
+            _check_rule(call, xp, Z, "pred", call.pred_rule)
         pc = xp.clip(Z, call.eps, 1 - call.eps)
         C = T * cw_vec
         if call.labels and K:  # NaN anywhere in a row: that row's loss and gradient are NaN

@@ -1,10 +1,11 @@
 """CUDA backend: the fused kernels of kernels/gpuloss_kernels.cu, launched through CuPy.
 
-One `value_and_grad` of mse/bce/bce_with_logits is one pass over the data (the elementwise
-kernel writes the gradient and one float64 partial sum per block) plus one tiny launch that
-adds the partials in a fixed order. cce/cce_with_logits run one row kernel whose threads keep
-the row in registers (K up to 8192; larger rows are read twice), plus the same finishing
-launch. No float atomics, no host synchronisation except the one read of the error flag when
+One `value_and_grad` of an elementwise loss is one pass over the data (the elementwise kernel,
+templated on the loss's functor, writes the gradient and one float64 partial sum per block)
+plus one tiny launch that adds the partials in a fixed order. Categorical losses run one row
+kernel whose threads keep the row in registers (K up to 8192; larger rows are read twice),
+plus the same finishing launch. Which functor a loss uses, its scalar parameters and its
+domain rules come with the call (from the loss's declaration): nothing here names a loss. No float atomics, no host synchronisation except the one read of the error flag when
 validate=True. CuPy is imported only when a CuPy (or CUDA DLPack) array arrives; the source
 and the list of kernel instantiations are importable without it, for the CPU-side checks.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _api
+from .. import _call
 
 OPTIONS = ("-std=c++17",)
 BLOCK_THREADS = 256  # = GL_BLOCK_THREADS, the kernels' __launch_bounds__
@@ -37,7 +38,7 @@ C_TYPE = {
 PRED_DTYPES = (_F16, _F32, _F64)
 TARGET_DTYPES = (_F16, _F32, _F64, np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_))
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-LOSS_CODE = {"mse": 0, "bce": 1, "bce_with_logits": 2}
+RULE_CODE = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # = GL_RULE_*
 # (threads per row, values cached per thread): rows up to threads * cache are read once;
 # small rows share a warp (no idle lanes at K = 10), large ones get a whole block
 ROW_CONFIGS = ((4, 4), (8, 4), (16, 4), (32, 4), (32, 32), (256, 32), (256, 0))
@@ -46,17 +47,15 @@ FLAG_PRED, FLAG_TARGET, FLAG_SAMPLE_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
 FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
 WEIGHT_FLAGS = {"sample_weight": FLAG_SAMPLE_WEIGHT, "pos_weight": FLAG_POS_WEIGHT,
                 "class_weight": FLAG_CLASS_WEIGHT}
-# what the elementwise kernel checks in its pass (weights are checked by gpuloss_check)
-_ELEMENTWISE_CHECKS = {"mse": 0, "bce": FLAG_PRED | FLAG_TARGET, "bce_with_logits": FLAG_TARGET}
 
 
 def kernel_dir() -> Path:
     """kernels/ inside the installed package (wheel) or beside it (source tree, editable)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "kernels", here.parent / "kernels"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "kernels", package.parent / "kernels"):
         if (candidate / "gpuloss_math.cuh").is_file():
             return candidate
-    msg = f"gpuloss kernel sources not found next to {here}; the installation is incomplete."
+    msg = f"gpuloss kernel sources not found next to {package}; the installation is incomplete."
     raise FileNotFoundError(msg)
 
 
@@ -73,9 +72,9 @@ def compute_type(dtype) -> np.dtype:
     return _F64 if np.dtype(dtype) == _F64 else _F32
 
 
-def elementwise_name(loss, pred_dtype, target_dtype) -> str:
+def elementwise_name(functor, pred_dtype, target_dtype) -> str:
     tp, ty = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
-    return f"gpuloss_elementwise<{LOSS_CODE[loss]}, {tp}, {ty}>"
+    return f"gpuloss_elementwise<{functor}, {tp}, {ty}>"
 
 
 def finish_name(pred_dtype) -> str:
@@ -86,23 +85,23 @@ def check_name(weights: bool, dtype) -> str:
     return f"gpuloss_check<{int(weights)}, {C_TYPE[np.dtype(dtype)]}>"
 
 
-def rows_name(loss, labels, config, pred_dtype, target_dtype) -> str:
+def rows_name(functor, labels, config, pred_dtype, target_dtype) -> str:
     threads, cache = config
     tp, tt = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
-    logits = int(loss == "cce_with_logits")
-    return f"gpuloss_rows<{logits}, {int(labels)}, {threads}, {cache}, {tp}, {tt}>"
+    return f"gpuloss_rows<{functor}, {int(labels)}, {threads}, {cache}, {tp}, {tt}>"
 
 
 def all_kernel_names() -> list[str]:
-    """Every instantiation the backend can launch (the CPU tests compile each one)."""
+    """Every instantiation the backend can launch for the declared losses (the CPU tests
+    compile each one)."""
     names = []
-    for loss in LOSS_CODE:
+    for functor in _call.declared_kernels(_call.ELEMENTWISE):
         for p in PRED_DTYPES:
             for y in TARGET_DTYPES:
-                names.append(elementwise_name(loss, p, y))
+                names.append(elementwise_name(functor, p, y))
     names += [finish_name(p) for p in PRED_DTYPES]
     names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
-    for loss in ("cce", "cce_with_logits"):
+    for loss in _call.declared_kernels(_call.CATEGORICAL):
         for config in ROW_CONFIGS:
             for p in PRED_DTYPES:
                 names += [rows_name(loss, True, config, p, t) for t in LABEL_DTYPES]
@@ -115,15 +114,23 @@ def _template_args(name: str) -> tuple[str, list[str]]:
     return template, [a.strip() for a in args.rstrip(">").split(",")]
 
 
+def _c_types(args: list[str]) -> list[str]:
+    """The template arguments that are data types (not numbers, not a loss's functor)."""
+    return [a for a in args if not a.isdigit() and not a.startswith("Gl")]
+
+
 def kernel_group(name: str) -> str:
     """The module a kernel is compiled in, so that one NVRTC run builds the variants a
     workload needs (about a second; CuPy's disk cache keeps it across processes) and a run
     over everything compiles each variant once: for the row kernels, one loss and target kind
-    with its 7 row layouts; for the others, one data type."""
+    with its 7 row layouts; for the elementwise kernel, one loss and pred type with its target
+    types; for the others, one data type."""
     template, args = _template_args(name)
-    types = [a for a in args if not a.isdigit()]
+    types = _c_types(args)
     if template == "gpuloss_rows":
         return f"{template}<{args[0]}, {args[1]}, {', '.join(types)}>"
+    if template == "gpuloss_elementwise":
+        return f"{template}<{args[0]}, {types[0]}>"
     return f"{template}<{types[0]}>"
 
 
@@ -139,7 +146,7 @@ def compute_is_float32(name: str) -> bool:
     float32. Those flush subnormals on the device (CuPy compiles with -ftz=true); float64
     kernels never do."""
     _, args = _template_args(name)
-    return next(a for a in args if not a.isdigit()) != "double"
+    return _c_types(args)[0] != "double"
 
 
 def row_config(K: int) -> tuple[int, int]:
@@ -270,11 +277,11 @@ def _weights(rt, call, name, shape, flags):
     return _broadcast_pattern(rt.xp, w, shape)
 
 
-def compute(call: _api.Call, runtime=None):
+def compute(call: _call.Call, runtime=None):
     rt = runtime or _default_runtime()
     try:
         with rt.device(call.pred):
-            if call.loss.startswith("cce"):
+            if call.categorical:
                 return _categorical(rt, call)
             return _elementwise(rt, call)
     except (TypeError, ValueError):
@@ -286,7 +293,7 @@ def compute(call: _api.Call, runtime=None):
         raise explained from exc
 
 
-def explain_device_error(exc: BaseException, call: _api.Call) -> BaseException:
+def explain_device_error(exc: BaseException, call: _call.Call) -> BaseException:
     """A clear error for what went wrong on the device side, saying what is missing and what
     to do; other exceptions come back unchanged."""
     name = type(exc).__name__
@@ -327,9 +334,13 @@ def _partials(cp, call, nblocks):
     return cp.empty(nblocks, np.float64) if want_sum else _NULL
 
 
-def _clip_bounds(call):
-    """The clipping bounds [eps, 1 - eps] of bce/cce (0, 0 where unused)."""
-    return (call.eps, 1.0 - call.eps) if call.eps is not None else (0.0, 0.0)
+def _params(call, count):
+    """The functor's scalar parameters as `count` float64 kernel arguments (0 where unused)."""
+    values = tuple(call.kernel_params) + (0.0,) * (count - len(call.kernel_params))
+    if len(values) != count:
+        msg = f"{call.loss} declares {len(call.kernel_params)} kernel parameters; at most {count}"
+        raise ValueError(msg)
+    return [np.float64(v) for v in values]
 
 
 def _finish(rt, call, partials, nblocks, denom, denom_dev):
@@ -367,21 +378,21 @@ def _elementwise(rt, call):
     if call.sample_weight is not None and call.reduction == "mean":
         denom = float(n // max(w.size, 1)) if w.size else 0.0
         denom_dev = _device_sum(cp, w)
-    check = _ELEMENTWISE_CHECKS[call.loss] if call.validate else 0
+    pred_rule = RULE_CODE[call.pred_rule] if call.validate else 0
+    target_rule = RULE_CODE[call.target_rule] if call.validate else 0
     grad = cp.empty(shape, call.pred.dtype) if call.want_grad else None
     per = cp.empty(shape, call.pred.dtype) if call.want_value and call.reduction == "none" \
         else None
     nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
     partials = _partials(cp, call, nblocks)
-    lo, hi = _clip_bounds(call)
     if n:
-        rt.kernel(elementwise_name(call.loss, p.dtype, y.dtype), call.pred)(
+        rt.kernel(elementwise_name(call.kernel, p.dtype, y.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(p), _raw(y), w, np.int64(w_div), np.int64(w_mod), pw, np.int64(pw_div),
              np.int64(pw_mod), np.int64(n), np.int32(call.reduction == "mean"),
-             np.float64(denom), denom_dev, np.float64(lo), np.float64(hi),
-             np.float64(call.label_smoothing), np.int32(check),
+             np.float64(denom), denom_dev, *_params(call, 4), np.int32(pred_rule),
+             np.int32(target_rule),
              _raw(grad) if grad is not None else _NULL, _raw(per) if per is not None else _NULL,
              partials, flags),
         )
@@ -403,7 +414,7 @@ def _categorical(rt, call):
     flags = cp.zeros(1, np.int32) if call.validate else _NULL
     check = 0
     if call.validate:
-        check = FLAG_LABEL | (FLAG_PRED if call.loss == "cce" else 0)
+        check = FLAG_LABEL | (FLAG_PRED if call.pred_rule == _call.UNIT else 0)
     if call.labels:
         t = call.target if call.target.dtype in LABEL_DTYPES else call.target.astype(np.int64)
         t = cp.ascontiguousarray(t)
@@ -434,17 +445,16 @@ def _categorical(rt, call):
     per_block = BLOCK_THREADS // config[0]
     nblocks = _blocks_for(rt, rows, per_block, call.pred)
     partials = _partials(cp, call, nblocks)
-    lo, hi = _clip_bounds(call)
     has_ignore = call.ignore_index is not None
     if rows:
-        rt.kernel(rows_name(call.loss, call.labels, config, z.dtype, t.dtype), call.pred)(
+        rt.kernel(rows_name(call.kernel, call.labels, config, z.dtype, t.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(z), _raw(t), np.int64(rows), np.int64(K), sw, np.int64(sw_div),
              np.int64(sw_mod), cw, cw_sum_dev, np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),
-             np.int32(call.reduction == "mean"), np.float64(denom), denom_dev, np.float64(lo),
-             np.float64(hi), np.int32(check),
+             np.int32(call.reduction == "mean"), np.float64(denom), denom_dev,
+             *_params(call, 2), np.int32(check),
              _raw(grad_full) if grad_full is not None else _NULL,
              _raw(per) if per is not None else _NULL, partials, flags),
         )
@@ -491,24 +501,28 @@ def _raise_flags(cp, call, flags: int):
     for name, bit in WEIGHT_FLAGS.items():
         if flags & bit:
             w = getattr(call, name).astype(_F64)
-            _api.raise_bad_weights(name, float(cp.min(w)), float(cp.max(w)))
+            _call.raise_bad_weights(name, float(cp.min(w)), float(cp.max(w)))
     if flags & FLAG_LABEL:
         t = call.target
         counted = t if call.ignore_index is None else t[t != call.ignore_index]
         K = call.pred.shape[call.axis]
-        _api.raise_bad_labels(int(counted.min()), int(counted.max()), K, call.ignore_index)
-    if flags & FLAG_PRED:
-        _api.raise_outside_unit_interval("pred", "probabilities", *rng(call.pred))
-    if flags & FLAG_TARGET:
-        what = "probabilities" if call.loss.startswith("cce") else "targets"
-        _api.raise_outside_unit_interval("target", what, *rng(call.target))
+        _call.raise_bad_labels(int(counted.min()), int(counted.max()), K, call.ignore_index)
+    for name, bit, rule in (("pred", FLAG_PRED, call.pred_rule),
+                            ("target", FLAG_TARGET, call.target_rule)):
+        if flags & bit:
+            x = getattr(call, name)
+            if rule == _call.SIGN:  # one value that is neither -1 nor +1
+                bad = x[(x != 1) & (x != -1)].astype(_F64)
+                value = float(bad[~cp.isnan(bad)][0])  # NaN passes: it propagates
+                _call.raise_domain(call, name, rule, value, value)
+            _call.raise_domain(call, name, rule, *rng(x))
 
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch, JAX and other CUDA arrays: through DLPack, no copy
 
 
-def compute_foreign(call: _api.Call):
+def compute_foreign(call: _call.Call):
     """Run a call whose arrays live on a CUDA device but are not CuPy arrays: view them as
     CuPy arrays through DLPack (no copy) and hand the results back in the caller's library.
 

@@ -1,0 +1,152 @@
+"""What the backends see of a call: the checked `Call`, the domain rules, the kernels that
+exist, and the errors that need the data to be raised.
+
+This module imports nothing of gpuloss, so that every backend can import it (and only it)
+without an import circle: the checks that need no data live in `gpuloss._api`, the losses'
+declarations in `gpuloss.losses`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ELEMENTWISE = "elementwise"  # one loss per element (mse, huber, bce, ...)
+CATEGORICAL = "categorical"  # one loss per sample over a class axis (cce, ...)
+
+# Domain rules a backend checks on the values as stored (validate=True); NaN always passes,
+# it propagates instead of raising.
+UNIT = "unit"  # in [0, 1]
+NONNEG = "nonneg"  # >= 0 (-0 included)
+SIGN = "sign"  # exactly -1 or +1
+RULES = (UNIT, NONNEG, SIGN)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One checked call, as the backends see it.
+
+    `family` says how to lay the data out; `kernel` names the loss's functor in
+    kernels/gpuloss_math.cuh and `kernel_params` its scalar parameters (as float64, in the
+    functor's order); `options` holds the loss's own checked scalar options by name (what the
+    NumPy and array-API formulas read). `pred_rule`/`target_rule` are the domain rules to check
+    when `validate`. `axis` is non-negative and only meaningful for the categorical family;
+    `labels` says that a categorical target holds class indices; `eps` is the clipping bound
+    of bce/cce (None otherwise). With `parts` (always with reduction "mean") the value is the
+    float64 pair [Σ w·l, Σ of the mean's weights], the state that streaming and Dask add up.
+    """
+
+    loss: str
+    pred: Any
+    target: Any
+    reduction: str
+    family: str = ELEMENTWISE
+    kernel: str = ""
+    kernel_params: tuple[float, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    pred_rule: str | None = None
+    target_rule: str | None = None
+    sample_weight: Any = None
+    pos_weight: Any = None
+    class_weight: Any = None
+    ignore_index: int | None = None
+    label_smoothing: float = 0.0
+    axis: int = -1
+    eps: float | None = None
+    validate: bool = True
+    labels: bool = False
+    want_value: bool = True
+    want_grad: bool = False
+    parts: bool = False  # return [Σ w·l, the mean's denominator] (float64) as the value
+
+    def with_arrays(self, convert) -> Call:
+        """This call with `convert` applied to every array it holds (absent ones stay None):
+        how a backend views another library's arrays as its own."""
+        fields = ("pred", "target", "sample_weight", "pos_weight", "class_weight")
+        return dataclasses.replace(
+            self, **{f: None if getattr(self, f) is None else convert(getattr(self, f))
+                     for f in fields})
+
+    @property
+    def categorical(self) -> bool:
+        return self.family == CATEGORICAL
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one loss per sample: pred's shape, without the class axis if categorical."""
+        shape = tuple(self.pred.shape)
+        if self.categorical:
+            return shape[: self.axis] + shape[self.axis + 1 :]
+        return shape
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels every declared loss needs, so that the CUDA backend can compile them all
+
+
+_KERNELS: dict[str, str] = {}  # functor name -> family
+
+
+def declare_kernel(functor: str, family: str) -> None:
+    """Record that a loss computes with `functor` (called by each loss's declaration)."""
+    _KERNELS[functor] = family
+
+
+def declared_kernels(family: str) -> list[str]:
+    """The functors of `family`, in the order the losses were declared."""
+    return [f for f, fam in _KERNELS.items() if fam == family]
+
+
+# ---------------------------------------------------------------------------------------------
+# data-dependent errors, raised by the backends
+
+
+def raise_outside_unit_interval(name, what, lo, hi):
+    msg = f"{name} must hold {what} in [0, 1]; found values in [{lo:.6g}, {hi:.6g}]."
+    raise ValueError(msg)
+
+
+def raise_domain(call: Call, name: str, rule: str, lo: float, hi: float):
+    """The error for `name` (pred or target) breaking `rule`; lo and hi are its range (for
+    SIGN, lo is one value that is neither -1 nor +1)."""
+    if rule == UNIT:
+        what = "probabilities" if name == "pred" or call.categorical else "targets"
+        raise_outside_unit_interval(name, what, lo, hi)
+    if rule == NONNEG:
+        msg = f"{call.loss} needs {name} >= 0; found values in [{lo:.6g}, {hi:.6g}]."
+        raise ValueError(msg)
+    # SIGN: lo is one offending value (a range says nothing here: 0 lies inside [-1, 1])
+    msg = (
+        f"{call.loss} needs {name} labels in {{-1, +1}} (or a boolean array); found {lo:.6g}. "
+        f"Convert 0/1 labels with 2 * y - 1 (or pass them as booleans)."
+    )
+    raise ValueError(msg)
+
+
+def raise_bad_labels(lo, hi, num_classes, ignore_index):
+    ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+    if num_classes == 0:
+        msg = (
+            f"target holds class indices in [{lo}, {hi}], but pred has no classes (its class "
+            f"axis has length 0), so no class index is valid{ignored}."
+        )
+        raise ValueError(msg)
+    msg = (
+        f"target holds class indices in [{lo}, {hi}], outside [0, {num_classes - 1}]{ignored} "
+        f"for pred with {num_classes} classes."
+    )
+    raise ValueError(msg)
+
+
+def raise_bad_weights(name, lo, hi):
+    msg = (
+        f"{name} must be non-negative and not NaN or infinite; found values in "
+        f"[{lo:.6g}, {hi:.6g}]."
+    )
+    raise ValueError(msg)
+
+
+def weights_ok(lo: float, hi: float) -> bool:
+    """The weights' rule (as scikit-learn's): every weight finite and >= 0 (NaN fails)."""
+    return lo >= 0 and hi < float("inf")

@@ -1,0 +1,125 @@
+r"""Binary losses: one loss per element, targets in [0, 1] (or {-1, +1} for the hinge losses).
+
+Each declaration is the one place to learn what its loss does (see `gpuloss.losses`).
+"""
+
+from __future__ import annotations
+
+from .._api import CLIP_EPS, LABEL_SMOOTHING, POS_WEIGHT, Loss
+from .._call import ELEMENTWISE, UNIT
+from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
+
+bce = Loss(
+    "bce",
+    family=ELEMENTWISE,
+    kernel="GlBce",
+    options=(CLIP_EPS,),
+    pred_rule=UNIT,
+    target_rule=UNIT,
+    kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
+    doc=    rf"""Binary cross-entropy on probabilities, and its gradient.
+
+    Probabilities are first clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\),
+    and the loss **and** the gradient are evaluated at \(p'\) (so the gradient never
+    vanishes silently at 0 or 1):
+
+    $$
+    \ell_i = -w_i \left[ y_i \log p'_i + (1 - y_i) \log(1 - p'_i) \right], \qquad
+    \frac{{\partial L}}{{\partial p_i}}
+      = \frac{{w_i}}{{\sum_j w_j}} \left( -\frac{{y_i}}{{p'_i}} + \frac{{1 - y_i}}{{1 - p'_i}} \right)
+      = \frac{{w_i}}{{\sum_j w_j}} \, \frac{{p'_i - y_i}}{{p'_i (1 - p'_i)}}
+    $$
+
+    and \(L = \sum_i \ell_i / \sum_i w_i\) (the mean divides by n when unweighted).
+
+    Parameters
+    ----------
+    pred : array
+        Probabilities in [0, 1], a real floating array.
+    target : array
+        Targets in [0, 1] (soft labels allowed) with pred's shape.
+    {REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}
+    eps : float, optional
+        Clipping bound, in (0, 0.5). Default: ``finfo(pred.dtype).eps``.
+
+{RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Matches ``torch.nn.functional.binary_cross_entropy`` away from the clipping bounds
+    (PyTorch clamps the log at -100 instead) and ``sklearn.metrics.log_loss`` for binary
+    problems. Prefer `bce_with_logits` when you have logits: it needs no clipping.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> p = np.array([0.9, 0.2, 0.6]); y = np.array([1.0, 0.0, 1.0])
+    >>> round(float(gl.bce(p, y)), 6)
+    0.279777
+    >>> loss, grad = gl.bce.value_and_grad(p, y)
+    >>> grad.round(6)
+    array([-0.37037 ,  0.416667, -0.555556])
+    """,
+)
+
+bce_with_logits = Loss(
+    "bce_with_logits",
+    family=ELEMENTWISE,
+    kernel="GlBceLogits",
+    options=(POS_WEIGHT, LABEL_SMOOTHING),
+    target_rule=UNIT,
+    doc=    rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
+
+    With \(y' = y (1 - \lambda) + \lambda / 2\) (label smoothing \(\lambda\)),
+    positive-class weight \(c\) (``pos_weight``) and
+    \(\mathrm{{softplus}}(z) = \log(1 + e^z)\):
+
+    $$
+    \ell_i = w_i \left[ (1 - y'_i)\,\mathrm{{softplus}}(z_i)
+             + c_i\, y'_i\, \mathrm{{softplus}}(-z_i) \right], \qquad
+    \frac{{\partial L}}{{\partial z_i}} = \frac{{w_i}}{{\sum_j w_j}}
+        \left[ (1 - y'_i)\,\sigma(z_i) - c_i\, y'_i\, \sigma(-z_i) \right]
+    $$
+
+    With \(c = 1\) the gradient is the familiar \((\sigma(z_i) - y_i) / n\).
+    The loss is computed as \(\mathrm{{softplus}}(z) = \max(z, 0) + \log(1 + e^{{-|z|}})\),
+    which never overflows, and both terms are non-negative so nothing cancels: results are
+    exact for every finite logit, up to the dtype's maximum. No clipping.
+
+    Parameters
+    ----------
+    pred : array
+        Logits, a real floating array.
+    target : array
+        Targets in [0, 1] with pred's shape.
+    {REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}
+    pos_weight : array_like, optional
+        Weight of the positive term, broadcast along the last axis (PyTorch's
+        ``pos_weight``); it does not enter the mean's denominator.
+    label_smoothing : float, default 0
+        In [0, 1]; targets become ``y * (1 - label_smoothing) + label_smoothing / 2``.
+
+{RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Matches ``torch.nn.functional.binary_cross_entropy_with_logits`` (``weight`` there is
+    our ``sample_weight``, but PyTorch's mean divides by n even when weighted; ours divides
+    by Σ w, as scikit-learn does).
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([2.0, -1.0, 0.0]); y = np.array([1.0, 0.0, 1.0])
+    >>> round(float(gl.bce_with_logits(z, y)), 6)
+    0.377779
+    >>> gl.bce_with_logits.grad(z, y).round(6)
+    array([-0.039734,  0.089647, -0.166667])
+    """,
+)

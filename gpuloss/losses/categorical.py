@@ -1,0 +1,132 @@
+r"""Categorical losses: one loss per sample over a class axis; targets are class indices or
+probabilities.
+
+Each declaration is the one place to learn what its loss does (see `gpuloss.losses`).
+"""
+
+from __future__ import annotations
+
+from .._api import AXIS, CLASS_WEIGHT, CLIP_EPS, IGNORE_INDEX, LABEL_SMOOTHING, Loss
+from .._call import CATEGORICAL, UNIT
+from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
+
+cce = Loss(
+    "cce",
+    family=CATEGORICAL,
+    kernel="GlCce",
+    options=(CLASS_WEIGHT, IGNORE_INDEX, AXIS, CLIP_EPS),
+    pred_rule=UNIT,
+    kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
+    doc=    rf"""Categorical cross-entropy on probabilities, and its gradient.
+
+    Probabilities are clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\), and
+    loss and gradient are evaluated at \(p'\). With class weights \(c_k\):
+
+    $$
+    \ell_i = -w_i \sum_k c_k\, y_{{ik}} \log p'_{{ik}}, \qquad
+    \frac{{\partial L}}{{\partial p_{{ik}}}} = -\frac{{w_i}}{{D}}\,\frac{{c_k\, y_{{ik}}}}{{p'_{{ik}}}}
+    $$
+
+    Integer targets \(t_i\) mean one-hot \(y\); then
+    \(D = \sum_i w_i c_{{t_i}}\) over the samples not equal to ``ignore_index``
+    (PyTorch's ``cross_entropy`` convention). Probability targets: \(D = \sum_i w_i\)
+    (N, the number of samples, when unweighted).
+
+    Parameters
+    ----------
+    pred : array
+        Probabilities in [0, 1] with the classes along ``axis``.
+    target : array
+        Either class indices (integer dtype, pred's shape without ``axis``) or probabilities
+        (floating, pred's shape; one-hot or soft).
+    {REDUCTION.format(unit="sample", mean="divides by D above")}
+    {COMMON_PARAMS.format(weight_shape="per sample, broadcastable to pred's shape without axis")}
+    class_weight : array_like, optional
+        Shape (K,): weight of each class (PyTorch's ``weight``).
+    ignore_index : int, optional
+        With integer targets: samples with this label give 0 loss, 0 gradient, and leave
+        the denominator.
+    axis : int, default -1
+        The class axis.
+    eps : float, optional
+        Clipping bound, in (0, 0.5). Default: ``finfo(pred.dtype).eps``.
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]); t = np.array([0, 2])
+    >>> round(float(gl.cce(p, t)), 6)
+    0.289909
+    >>> gl.cce.grad(p, t).round(6)
+    array([[-0.714286,  0.      ,  0.      ],
+           [ 0.      ,  0.      , -0.625   ]])
+    """,
+)
+
+cce_with_logits = Loss(
+    "cce_with_logits",
+    family=CATEGORICAL,
+    kernel="GlCceLogits",
+    options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS),
+    kernel_params=lambda o: (),
+    doc=    rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
+
+    With \(\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}\) (computed with the
+    row maximum subtracted, so it never overflows), class weights \(c_k\) and label
+    smoothing \(\lambda\):
+
+    $$
+    \ell_i = -w_i \sum_k c_k\, y'_{{ik}} \log p_{{ik}}, \qquad
+    \frac{{\partial L}}{{\partial z_{{ik}}}} = \frac{{w_i}}{{D}}
+        \Big( \mathrm{{softmax}}(z_i)_k \sum_j c_j y'_{{ij}} - c_k\, y'_{{ik}} \Big)
+    $$
+
+    Unweighted one-hot targets give the familiar \((\mathrm{{softmax}}(z_i)_k - y_{{ik}})/N\).
+    Probability targets are smoothed as \(y' = y (1 - \lambda) + \lambda / K\), and
+    \(D = \sum_i w_i\) (N unweighted). Integer targets follow PyTorch's
+    ``cross_entropy`` exactly: \(\ell_i = w_i[(1-\lambda) c_{{t_i}} (-\log p_{{i t_i}})
+    + \frac{{\lambda}}{{K}} \sum_k c_k (-\log p_{{ik}})]\) and
+    \(D = \sum_i w_i c_{{t_i}}\) over samples not equal to ``ignore_index``.
+
+    Parameters
+    ----------
+    pred : array
+        Logits with the classes along ``axis``.
+    target : array
+        Either class indices (integer dtype, pred's shape without ``axis``) or probabilities
+        (floating, pred's shape; one-hot or soft).
+    {REDUCTION.format(unit="sample", mean="divides by D above")}
+    {COMMON_PARAMS.format(weight_shape="per sample, broadcastable to pred's shape without axis")}
+    class_weight : array_like, optional
+        Shape (K,): weight of each class (PyTorch's ``weight``).
+    ignore_index : int, optional
+        With integer targets: samples with this label give 0 loss, 0 gradient, and leave
+        the denominator.
+    label_smoothing : float, default 0
+        In [0, 1], PyTorch's formula.
+    axis : int, default -1
+        The class axis (use ``axis=1`` for PyTorch's (N, C, d1, ...) layout).
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]]); t = np.array([0, 1])
+    >>> round(float(gl.cce_with_logits(z, t)), 6)
+    0.31854
+    >>> gl.cce_with_logits.grad(z, t).round(6)
+    array([[-0.170499,  0.121216,  0.049283],
+           [ 0.054302, -0.09876 ,  0.044459]])
+    """,
+)
