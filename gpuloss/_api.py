@@ -187,18 +187,17 @@ def _clip_eps(value, dtype):
     return _check_number(value, "eps", 0.0, 0.5, closed=False)
 
 
-REDUCTION = Option("reduction", "mean", "choice", "'mean', 'sum' or 'none'")
-SAMPLE_WEIGHT = Option("sample_weight", None, "array", "non-negative weights per element or sample")
+REDUCTION = Option("reduction", "mean", "choice", "mean (default), sum, or none")
+SAMPLE_WEIGHT = Option("sample_weight", None, "array", "non-negative weights")
 VALIDATE = Option("validate", True, "bool", "check the values' domain")
-POS_WEIGHT = Option("pos_weight", None, "array", "weight of the positive term, broadcast like pred")
+POS_WEIGHT = Option("pos_weight", None, "array", "weight of the positive term")
 CLASS_WEIGHT = Option("class_weight", None, "array", "one weight per class, shape (K,)")
-IGNORE_INDEX = Option("ignore_index", None, "int", "a class index whose samples are skipped")
-AXIS = Option("axis", -1, "int", "the class axis")
+IGNORE_INDEX = Option("ignore_index", None, "int", "with class indices: a label to skip")
+AXIS = Option("axis", -1, "int", "the class axis (default -1)")
 LABEL_SMOOTHING = Option(
     "label_smoothing", 0.0, "number", "in [0, 1]",
     lambda v, _: _check_number(v, "label_smoothing", 0.0, 1.0, closed=True))
-CLIP_EPS = Option("eps", None, "number", "clip probabilities to [eps, 1 - eps], eps in (0, 0.5); "
-                  "default finfo(pred.dtype).eps", _clip_eps)
+CLIP_EPS = Option("eps", None, "number", "clip probabilities to [eps, 1 - eps]", _clip_eps)
 COMMON = (REDUCTION, SAMPLE_WEIGHT, VALIDATE)
 _STRUCTURAL = ("reduction", "sample_weight", "validate", "pos_weight", "class_weight",
                "ignore_index", "axis")
@@ -361,10 +360,16 @@ class Loss:
     the common reduction, sample_weight, validate), its domain rules (`pred_rule` may depend
     on the options), and `kernel_params`, the functor's scalar parameters from the checked
     options (default: the "number" and "bool" options in order).
+
+    `naive(p, y)` is the loss and gradient written straight from the formula with whole-array
+    NumPy, as a user would (mean reduction, default options): the benchmarks' baseline.
+    `torch_peer(F, x, y)` is PyTorch's loss it matches (`F` = torch.nn.functional; mean,
+    default options), or None when PyTorch has none: the benchmarks' other contender.
     """
 
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
-                 doc: str, pred_rule=None, target_rule=None, kernel_params=None):
+                 doc: str, pred_rule=None, target_rule=None, kernel_params=None,
+                 naive=None, torch_peer=None):
         self.name = name
         self.family = family
         self.kernel = kernel
@@ -375,6 +380,8 @@ class Loss:
         self.clips = any(o is CLIP_EPS for o in options)
         own = [o.name for o in options if o.kind in ("number", "bool")]
         self.kernel_params = kernel_params or (lambda o: tuple(float(o[k]) for k in own))
+        self.naive = naive
+        self.torch_peer = torch_peer
         self.__doc__ = doc
         self.__name__ = self.__qualname__ = name
         self.__module__ = "gpuloss"

@@ -18,78 +18,27 @@ import numpy as np
 
 import gpuloss as gl
 from gpuloss import _bench_io
+from gpuloss._examples import example_inputs
 
 N_ELEM = 1 << 24  # mse, bce, bce_with_logits
 N_ROWS, N_CLASSES = 262144, 64  # cce, cce_with_logits
 
 
-# naive NumPy, written straight from the seed page's formulas (with the clipping a user adds)
-def naive_mse(p, y):
-    d = p - y
-    return np.mean(d**2), 2 * d / p.size
-
-
-def naive_bce(p, y):
-    eps = np.finfo(p.dtype).eps
-    p = np.clip(p, eps, 1 - eps)
-    loss = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    return loss, (-y / p + (1 - y) / (1 - p)) / p.size
-
-
-def naive_bce_with_logits(z, y):
-    s = 1 / (1 + np.exp(-z))
-    loss = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))
-    return loss, (s - y) / z.size
-
-
-def naive_cce(p, t):
-    eps = np.finfo(p.dtype).eps
-    onehot = np.eye(p.shape[1], dtype=p.dtype)[t]
-    p = np.clip(p, eps, 1 - eps)
-    loss = -np.mean(np.sum(onehot * np.log(p), axis=1))
-    return loss, -onehot / p / p.shape[0]
-
-
-def naive_cce_with_logits(z, t):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    s = e / e.sum(axis=1, keepdims=True)
-    onehot = np.eye(z.shape[1], dtype=z.dtype)[t]
-    loss = -np.mean(np.log(s[np.arange(z.shape[0]), t]))
-    return loss, (s - onehot) / z.shape[0]
-
-
-NAIVE = {
-    "mse": naive_mse,
-    "bce": naive_bce,
-    "bce_with_logits": naive_bce_with_logits,
-    "cce": naive_cce,
-    "cce_with_logits": naive_cce_with_logits,
-}
-
-
 def torch_fns():
+    """torch and a function running a loss's PyTorch peer forward and backward."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
-        return None, {}
+        return None, None
 
-    def run(loss_fn):
-        def f(p, y):
-            x = p.detach().requires_grad_()
-            loss = loss_fn(x, y)
-            loss.backward()
-            return loss, x.grad
+    def run(fn, p, y):
+        x = p.detach().requires_grad_()
+        loss = fn.torch_peer(F, x, y)
+        loss.backward()
+        return loss, x.grad
 
-        return f
-
-    return torch, {
-        "mse": run(F.mse_loss),
-        "bce": run(F.binary_cross_entropy),
-        "bce_with_logits": run(F.binary_cross_entropy_with_logits),
-        "cce": run(lambda x, t: F.nll_loss(torch.log(x), t)),
-        "cce_with_logits": run(F.cross_entropy),
-    }
+    return torch, run
 
 
 def median_ms(fn, repeat, warmup=2):
@@ -119,27 +68,13 @@ def copy_bandwidth(repeat):
     return 2 * src.nbytes / (ms / 1e3)
 
 
-def inputs(loss, rng):
-    if loss in ("mse", "bce", "bce_with_logits"):
-        shape = (N_ELEM,)
-        if loss == "mse":
-            p = rng.standard_normal(shape, dtype=np.float32)
-            y = rng.standard_normal(shape, dtype=np.float32)
-        elif loss == "bce":
-            p = rng.uniform(0.01, 0.99, shape).astype(np.float32)
-            y = (rng.random(shape) < 0.5).astype(np.float32)
-        else:
-            p = (3 * rng.standard_normal(shape)).astype(np.float32)
-            y = (rng.random(shape) < 0.5).astype(np.float32)
-        return p, y, 12 * N_ELEM
-    z = (2 * rng.standard_normal((N_ROWS, N_CLASSES))).astype(np.float32)
-    t = rng.integers(0, N_CLASSES, N_ROWS)
-    if loss == "cce":
-        e = np.exp(z - z.max(1, keepdims=True))
-        z = (e / e.sum(1, keepdims=True)).astype(np.float32)
+def inputs(fn, rng):
+    """The benchmark's inputs (from the loss's declaration) and the bytes the floor moves."""
+    p, y = example_inputs(fn, rng, n=N_ELEM, rows=N_ROWS, classes=N_CLASSES)
+    if fn.family == "categorical":
         # validate=True reads every probability once; the gradient is written once
-        return z, t, 8 * N_ROWS * N_CLASSES + 8 * N_ROWS
-    return z, t, 8 * N_ROWS * N_CLASSES + 8 * N_ROWS
+        return p, y, 8 * N_ROWS * N_CLASSES + 8 * N_ROWS
+    return p, y, 12 * N_ELEM
 
 
 def main(argv=None):
@@ -151,22 +86,23 @@ def main(argv=None):
     if args.quick:
         args.repeat = 5
 
-    torch, torch_impl = torch_fns()
+    torch, torch_run = torch_fns()
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     bandwidth = copy_bandwidth(args.repeat)
     rows = []
     for loss in args.losses:
-        p, y, floor_bytes = inputs(loss, rng)
         fn = gl.LOSSES[loss]
+        p, y, floor_bytes = inputs(fn, rng)
         contenders = {
             "ours": lambda: fn.value_and_grad(p, y),
-            "naive": lambda: NAIVE[loss](p, y),
+            "naive": lambda: fn.naive(np, p, y),
         }
-        if torch is not None:
+        with_torch = torch is not None and fn.torch_peer is not None
+        if with_torch:
             tp, ty = torch.from_numpy(p), torch.from_numpy(y)
-            contenders["torch"] = lambda: torch_impl[loss](tp, ty)
+            contenders["torch"] = lambda: torch_run(fn, tp, ty)
         ms = interleaved_ms(contenders, args.repeat)
         ours, naive = ms["ours"], ms["naive"]
         row = {
@@ -180,7 +116,7 @@ def main(argv=None):
         }
         row["fraction_of_floor"] = round(row["floor_ms"] / ours, 3)
         row["speedup_vs_naive"] = round(naive / ours, 2)
-        if torch is not None:
+        if with_torch:
             row["torch_ms"] = round(ms["torch"], 3)
             row["speedup_vs_torch"] = round(row["torch_ms"] / ours, 2)
         rows.append(row)

@@ -15,6 +15,7 @@ import numpy as np
 
 import gpuloss as gl
 from gpuloss import _bench_io
+from gpuloss._examples import default_rules, example_inputs
 from gpuloss.backends import cuda as _cuda_backend
 
 ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
@@ -44,42 +45,6 @@ def copy_bandwidth(cp):
     ms = time_ms(cp, lambda a, b: b.__setitem__(slice(None), a), [(src, dst)], repeat=20)
     del src, dst
     return 2 * 4 * n / (ms / 1e3)
-
-
-# the seed formulas, written in CuPy as a user would
-def naive(cp, loss):
-    if loss == "mse":
-        return lambda p, y: (cp.mean((p - y) ** 2), 2 * (p - y) / p.size)
-    if loss == "bce":
-        def f(p, y):
-            eps = np.finfo(p.dtype).eps
-            p = cp.clip(p, eps, 1 - eps)
-            return (-cp.mean(y * cp.log(p) + (1 - y) * cp.log(1 - p)),
-                    (-y / p + (1 - y) / (1 - p)) / p.size)
-        return f
-    if loss == "bce_with_logits":
-        def f(z, y):
-            s = 1 / (1 + cp.exp(-z))
-            return -cp.mean(y * cp.log(s) + (1 - y) * cp.log(1 - s)), (s - y) / z.size
-        return f
-    def one_hot(t, like):  # scattered, not cp.eye(K)[t]: eye(131072) alone is 64 GiB
-        out = cp.zeros_like(like)
-        out[cp.arange(like.shape[0]), t] = 1
-        return out
-
-    if loss == "cce":
-        def f(p, t):
-            eps = np.finfo(p.dtype).eps
-            onehot = one_hot(t, p)
-            p = cp.clip(p, eps, 1 - eps)
-            return -cp.mean(cp.sum(onehot * cp.log(p), axis=1)), -onehot / p / p.shape[0]
-        return f
-
-    def f(z, t):
-        e = cp.exp(z - z.max(axis=1, keepdims=True))
-        s = e / e.sum(axis=1, keepdims=True)
-        return -cp.mean(cp.log(s[cp.arange(z.shape[0]), t])), (s - one_hot(t, z)) / z.shape[0]
-    return f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +84,9 @@ __device__ double gl_card_bce_with_logits(T pred_v, T target_v, double gscale_v,
 """
 
 
+CARD_LOSSES = ("mse", "bce", "bce_with_logits")  # the losses the design card wrote out
+
+
 def card_preamble() -> str:
     header = (_cuda_backend.kernel_dir() / "gpuloss_math.cuh").read_text()
     return header.replace("#pragma once", "") + CARD_HELPERS
@@ -156,56 +124,33 @@ def card_value_and_grad(cp, loss):
     return run
 
 
-def torch_fn(torch, loss):
+def torch_fn(torch, fn):
+    """PyTorch's peer of loss `fn` (its declaration's torch_peer), forward and backward."""
     F = torch.nn.functional
-    fns = {
-        "mse": F.mse_loss,
-        "bce": F.binary_cross_entropy,
-        "bce_with_logits": F.binary_cross_entropy_with_logits,
-        "cce": lambda x, t: F.nll_loss(torch.log(x), t),
-        "cce_with_logits": F.cross_entropy,
-    }
 
-    def run(x, y, fn=fns[loss]):
+    def run(x, y):
         x = x.detach().requires_grad_()
-        out = fn(x, y)
+        out = fn.torch_peer(F, x, y)
         out.backward()
         return out, x.grad
 
     return run
 
 
-def make_inputs(cp, loss, shape, dtype, sets):
+def make_inputs(cp, fn, shape, dtype, sets):
+    """`sets` input pairs of loss `fn` (from its declaration), made on the device."""
     rng = cp.random.default_rng(0)
-    out = []
-    for _ in range(sets):
-        if loss in ("mse", "bce", "bce_with_logits"):
-            if loss == "mse":
-                p = rng.standard_normal(shape, dtype=cp.float32)
-                y = rng.standard_normal(shape, dtype=cp.float32)
-            elif loss == "bce":
-                p = rng.uniform(0.01, 0.99, shape).astype(cp.float32)
-                y = (rng.random(shape) < 0.5).astype(cp.float32)
-            else:
-                p = 3 * rng.standard_normal(shape, dtype=cp.float32)
-                y = (rng.random(shape) < 0.5).astype(cp.float32)
-            out.append((p.astype(dtype), y.astype(dtype)))
-        else:
-            z = 2 * rng.standard_normal(shape, dtype=cp.float32)
-            t = rng.integers(0, shape[1], shape[0]).astype(cp.int64)
-            if loss == "cce":
-                e = cp.exp(z - z.max(1, keepdims=True))
-                z = e / e.sum(1, keepdims=True)
-            out.append((z.astype(dtype), t))
-    return out
+    rows, classes = shape if len(shape) == 2 else (0, 0)
+    return [example_inputs(fn, rng, n=shape[0], rows=rows, classes=classes, dtype=dtype, xp=cp)
+            for _ in range(sets)]
 
 
-def floor_bytes(loss, shape, dtype):
+def floor_bytes(fn, shape, dtype):
     size = np.dtype(dtype).itemsize
-    if loss in ("mse", "bce", "bce_with_logits"):
+    if fn.family != "categorical":
         return 3 * size * shape[0]  # read pred, read target, write grad
     N, K = shape
-    if loss == "cce_with_logits":
+    if default_rules(fn)[0] is None:  # logits
         return 2 * size * N * K + 8 * N  # read logits once, write grad, read labels
     return size * N * K + 2 * size * N + 8 * N  # write grad, gather p_y, read labels
 
@@ -250,12 +195,12 @@ def main(argv=None):
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     card = props["name"].decode()
     bandwidth = copy_bandwidth(cp)
-    cases = [(loss, (n,), "float32") for loss in ("mse", "bce", "bce_with_logits")
-             for n in ELEMENTWISE_SIZES]
-    cases += [(loss, shape, "float32") for loss in ("cce", "cce_with_logits")
-              for shape in ROW_SHAPES]
-    cases += [(loss, (1 << 26,), "float16") for loss in ("mse", "bce", "bce_with_logits")]
-    cases += [(loss, (65536, 1024), "float16") for loss in ("cce", "cce_with_logits")]
+    elementwise = [n for n, fn in gl.LOSSES.items() if fn.family != "categorical"]
+    categorical = [n for n, fn in gl.LOSSES.items() if fn.family == "categorical"]
+    cases = [(loss, (n,), "float32") for loss in elementwise for n in ELEMENTWISE_SIZES]
+    cases += [(loss, shape, "float32") for loss in categorical for shape in ROW_SHAPES]
+    cases += [(loss, (1 << 26,), "float16") for loss in elementwise]
+    cases += [(loss, (65536, 1024), "float16") for loss in categorical]
     repeat = 7 if args.quick else 15
     rows = []
     for loss, shape, dtype in cases:
@@ -264,21 +209,23 @@ def main(argv=None):
         row = {"loss": loss, "op": "value_and_grad", "dtype": dtype, "shape": list(shape)}
         try:
             sets = 2 if np.prod(shape) * 4 > (1 << 28) else 4
-            inputs = make_inputs(cp, loss, shape, dtype, sets)
-            fn = gl.LOSSES[loss].value_and_grad
+            loss_fn = gl.LOSSES[loss]
+            inputs = make_inputs(cp, loss_fn, shape, dtype, sets)
+            fn = loss_fn.value_and_grad
             row["ms"] = round(time_ms(cp, fn, inputs, repeat=repeat), 4)
-            row["floor_ms"] = round(1e3 * floor_bytes(loss, shape, dtype) / bandwidth, 4)
+            row["floor_ms"] = round(1e3 * floor_bytes(loss_fn, shape, dtype) / bandwidth, 4)
             row["fraction_of_floor"] = round(row["floor_ms"] / row["ms"], 3)
             row["launches"] = launches_per_call(loss, *inputs[0])
-            row["naive_cupy_ms"] = round(time_ms(cp, naive(cp, loss), inputs, repeat=repeat), 4)
-            if loss in ("mse", "bce", "bce_with_logits") and dtype != "float16":
+            naive = functools.partial(loss_fn.naive, cp)
+            row["naive_cupy_ms"] = round(time_ms(cp, naive, inputs, repeat=repeat), 4)
+            if loss in CARD_LOSSES and dtype != "float16":
                 card = card_value_and_grad(cp, loss)
                 row["reduction_kernel_ms"] = round(time_ms(cp, card, inputs, repeat=repeat), 4)
                 row["speedup_vs_reduction_kernel"] = round(row["reduction_kernel_ms"] /
                                                            row["ms"], 2)
-            if torch is not None and torch.cuda.is_available():
+            if torch is not None and torch.cuda.is_available() and loss_fn.torch_peer:
                 tin = [tuple(torch.from_dlpack(a) for a in pair) for pair in inputs]
-                tf = torch_fn(torch, loss)
+                tf = torch_fn(torch, loss_fn)
                 row["torch_ms"] = round(time_ms(cp, tf, tin, repeat=repeat), 4)
                 if args.torch_compile:
                     try:

@@ -1,6 +1,6 @@
 """The `gpuloss` command line (also `python -m gpuloss`).
 
-    gpuloss demo    all five losses with gradients on generated data, on the best device
+    gpuloss demo    every loss with its gradient on generated data, on the best device
                     here, each cross-checked against a second implementation, as a table
     gpuloss score   a loss over files (.npy, file.npz:key, file.parquet:column), streamed
                     in chunks through the chosen device, so files larger than memory work
@@ -22,28 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _demo_inputs(loss, rng, dtype):
-    if loss in ("mse", "bce", "bce_with_logits"):
-        shape = (1 << 20,)
-        if loss == "mse":
-            pred = rng.standard_normal(shape)
-            target = rng.standard_normal(shape)
-        elif loss == "bce":
-            pred = rng.uniform(0.01, 0.99, shape)
-            target = (rng.random(shape) < pred).astype(dtype)
-        else:
-            pred = 3 * rng.standard_normal(shape)
-            target = (rng.random(shape) < 0.5).astype(dtype)
-        return pred.astype(dtype), target
-    n, k = 16384, 64
-    z = 2 * rng.standard_normal((n, k))
-    target = rng.integers(0, k, n)
-    if loss == "cce":
-        e = np.exp(z - z.max(1, keepdims=True))
-        return (e / e.sum(1, keepdims=True)).astype(dtype), target
-    return z.astype(dtype), target
 
 
 def _second_opinion(loss, pred, target):
@@ -71,6 +49,7 @@ def _to_numpy(x):
 
 
 def demo(args) -> int:
+    from ._examples import example_inputs
     from .losses import LOSSES
 
     xp, device = _device(args.device)
@@ -87,7 +66,7 @@ def demo(args) -> int:
     failures = 0
     tol = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}[dtype.name]
     for name, fn in LOSSES.items():
-        pred, target = _demo_inputs(name, rng, dtype)
+        pred, target = example_inputs(fn, rng, dtype=dtype)
         p, t = xp.asarray(pred), xp.asarray(target)
         fn.value_and_grad(p, t)  # warm-up (kernel compilation on a GPU)
         t0 = time.perf_counter()
@@ -106,13 +85,46 @@ def demo(args) -> int:
         shape = "x".join(map(str, pred.shape))
         print(f"{name:16s} {shape:>12s} {value:14.8g} {np.abs(grad_np).max():10.3g} "
               f"{diff:10.2e} {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")
-    print("all five losses agree" if not failures else f"{failures} loss(es) disagree")
+    print(f"all {len(LOSSES)} losses agree" if not failures else
+          f"{failures} loss(es) disagree")
     return 1 if failures else 0
 
 
 
 # ---------------------------------------------------------------------------------------------
 # score
+
+
+_SHARED = ("reduction", "sample_weight", "validate")  # flags of their own, for every loss
+
+
+def _option_flag_names(losses) -> list[str]:
+    return list(dict.fromkeys(o.name for fn in losses.values() for o in fn.declared
+                              if o.name not in _SHARED))
+
+
+def _add_option_flags(parser, losses):
+    """One flag per option the losses declare (--class-weight FILE, --delta X, --full /
+    --no-full, ...), its help naming the losses that take it and what it means for each."""
+    for name in _option_flag_names(losses):
+        meanings: dict[str, list[str]] = {}  # the same name may mean different things
+        kinds = set()
+        for fn in losses.values():
+            for opt in fn.declared:
+                if opt.name == name:
+                    meanings.setdefault(opt.doc, []).append(fn.name)
+                    kinds.add(opt.kind)
+        text = "; ".join(f"{', '.join(users)}: {doc}" for doc, users in meanings.items())
+        flag = "--" + name.replace("_", "-")
+        (kind,) = kinds
+        if kind == "array":
+            parser.add_argument(flag, metavar="FILE", help=text)
+        elif kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            parser.add_argument(flag, type=int if kind == "int" else float,
+                                metavar="N" if kind == "int" else "X", help=text)
 
 
 class UsageError(ValueError):
@@ -135,10 +147,8 @@ def score(args) -> int:
     from .losses import LOSSES
 
     fn = LOSSES[args.loss]
-    opts = {}
-    for key in ("class_weight", "pos_weight", "ignore_index", "label_smoothing", "axis", "eps"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
+    opts = {key: getattr(args, key) for key in _option_flag_names(LOSSES)
+            if getattr(args, key) is not None}
     if not args.validate:
         opts["validate"] = False
     unknown = sorted(set(opts) - set(fn.options))
@@ -288,7 +298,7 @@ def _main(argv=None) -> int:
     parser = _Parser(prog="gpuloss", description="Fused losses and gradients.")
     parser.add_argument("--version", action="version", version=f"gpuloss {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p_demo = sub.add_parser("demo", help="all five losses with gradients, cross-checked")
+    p_demo = sub.add_parser("demo", help="every loss with its gradient, cross-checked")
     p_demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
                         help="data type of the generated data (default float32)")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -306,18 +316,7 @@ def _main(argv=None) -> int:
                          help="all losses: mean (default), sum, or none (needs --per-sample)")
     p_score.add_argument("--sample-weight", metavar="FILE",
                          help="all losses: one weight per row, or one array for every chunk")
-    p_score.add_argument("--class-weight", metavar="FILE",
-                         help="cce, cce_with_logits: one weight per class, shape (K,)")
-    p_score.add_argument("--pos-weight", metavar="FILE",
-                         help="bce_with_logits: weight of the positive term")
-    p_score.add_argument("--ignore-index", type=int,
-                         help="cce, cce_with_logits with class indices: a label to skip")
-    p_score.add_argument("--label-smoothing", type=float,
-                         help="bce_with_logits, cce_with_logits: in [0, 1]")
-    p_score.add_argument("--axis", type=int, help="cce, cce_with_logits: the class axis "
-                         "(default -1)")
-    p_score.add_argument("--eps", type=float,
-                         help="bce, cce: clip probabilities to [eps, 1 - eps]")
+    _add_option_flags(p_score, LOSSES)
     p_score.add_argument("--no-validate", dest="validate", action="store_false",
                          help="all losses: skip the domain checks (bad values give NaN)")
     p_score.add_argument("--chunk-mb", type=_positive(float), default=64, metavar="MIB",

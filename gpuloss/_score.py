@@ -115,9 +115,9 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     if unknown:
         raise ValueError(f"{unknown[0]} does not apply to {fn.name}.")
     opts = dict(options)
-    for key in ("class_weight", "pos_weight"):
-        if isinstance(opts.get(key), (str, Path)):
-            opts[key] = _load_small(str(opts[key]), key)
+    for opt in fn.declared:  # array options may be given as files
+        if opt.kind == "array" and isinstance(opts.get(opt.name), (str, Path)):
+            opts[opt.name] = _load_small(str(opts[opt.name]), opt.name)
 
     src_pred = _io.open_input(str(pred), "pred")
     src_target = _io.open_input(str(target), "target")
@@ -163,7 +163,7 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
                         written = np.lib.format.open_memmap(
                             tmp_out, mode="w+", dtype=per.dtype, shape=(rows, *per.shape[1:]))
                     written[start:stop] = per.get() if hasattr(per, "get") else per
-            n_loss += _count(fn.name, p, opts)
+            n_loss += _count(fn, p, opts)
             if bar is not None:
                 bar.update(stop - start)
         value = float(stream.compute())
@@ -229,9 +229,10 @@ def _nan_rows(per, rows: int) -> int:
     return int(np.isnan(per.reshape(rows, -1)).any(axis=1).sum())
 
 
-def _count(loss, p, opts):
-    """Loss elements in a chunk: every element (mse, bce*) or every sample (cce*)."""
-    if loss.startswith("cce"):
+def _count(fn, p, opts):
+    """Loss elements in a chunk: every element (elementwise losses) or every sample
+    (categorical)."""
+    if fn.family == "categorical":
         return int(np.prod(p.shape)) // max(1, p.shape[opts.get("axis", -1)])
     return int(np.prod(p.shape))
 

@@ -5,9 +5,25 @@ Each declaration is the one place to learn what its loss does (see `gpuloss.loss
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._api import CLIP_EPS, LABEL_SMOOTHING, POS_WEIGHT, Loss
 from .._call import ELEMENTWISE, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
+
+
+def _naive_bce(xp, p, y):  # with the clipping a user adds
+    eps = np.finfo(p.dtype).eps
+    p = xp.clip(p, eps, 1 - eps)
+    loss = -xp.mean(y * xp.log(p) + (1 - y) * xp.log(1 - p))
+    return loss, (-y / p + (1 - y) / (1 - p)) / p.size
+
+
+def _naive_bce_with_logits(xp, z, y):
+    s = 1 / (1 + xp.exp(-z))
+    loss = -xp.mean(y * xp.log(s) + (1 - y) * xp.log(1 - s))
+    return loss, (s - y) / z.size
+
 
 bce = Loss(
     "bce",
@@ -17,6 +33,8 @@ bce = Loss(
     pred_rule=UNIT,
     target_rule=UNIT,
     kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
+    naive=_naive_bce,
+    torch_peer=lambda F, x, y: F.binary_cross_entropy(x, y),
     doc=    rf"""Binary cross-entropy on probabilities, and its gradient.
 
     Probabilities are first clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\),
@@ -71,6 +89,9 @@ bce_with_logits = Loss(
     kernel="GlBceLogits",
     options=(POS_WEIGHT, LABEL_SMOOTHING),
     target_rule=UNIT,
+    kernel_params=lambda o: (o["label_smoothing"],),
+    naive=_naive_bce_with_logits,
+    torch_peer=lambda F, x, y: F.binary_cross_entropy_with_logits(x, y),
     doc=    rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
 
     With \(y' = y (1 - \lambda) + \lambda / 2\) (label smoothing \(\lambda\)),

@@ -6,9 +6,34 @@ Each declaration is the one place to learn what its loss does (see `gpuloss.loss
 
 from __future__ import annotations
 
+import numpy as np
+
 from .._api import AXIS, CLASS_WEIGHT, CLIP_EPS, IGNORE_INDEX, LABEL_SMOOTHING, Loss
 from .._call import CATEGORICAL, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
+
+
+def _one_hot(xp, t, like):  # scattered: xp.eye(K)[t] would need K x K memory
+    out = xp.zeros_like(like)
+    out[xp.arange(like.shape[0]), t] = 1
+    return out
+
+
+def _naive_cce(xp, p, t):  # class indices, one-hot, with the clipping a user adds
+    eps = np.finfo(p.dtype).eps
+    onehot = _one_hot(xp, t, p)
+    p = xp.clip(p, eps, 1 - eps)
+    loss = -xp.mean(xp.sum(onehot * xp.log(p), axis=1))
+    return loss, -onehot / p / p.shape[0]
+
+
+def _naive_cce_with_logits(xp, z, t):
+    e = xp.exp(z - z.max(axis=1, keepdims=True))
+    s = e / e.sum(axis=1, keepdims=True)
+    onehot = _one_hot(xp, t, z)
+    loss = -xp.mean(xp.log(s[xp.arange(z.shape[0]), t]))
+    return loss, (s - onehot) / z.shape[0]
+
 
 cce = Loss(
     "cce",
@@ -17,6 +42,8 @@ cce = Loss(
     options=(CLASS_WEIGHT, IGNORE_INDEX, AXIS, CLIP_EPS),
     pred_rule=UNIT,
     kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
+    naive=_naive_cce,
+    torch_peer=lambda F, x, t: F.nll_loss(x.log(), t),
     doc=    rf"""Categorical cross-entropy on probabilities, and its gradient.
 
     Probabilities are clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\), and
@@ -75,6 +102,8 @@ cce_with_logits = Loss(
     kernel="GlCceLogits",
     options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS),
     kernel_params=lambda o: (),
+    naive=_naive_cce_with_logits,
+    torch_peer=lambda F, x, t: F.cross_entropy(x, t),
     doc=    rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
 
     With \(\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}\) (computed with the

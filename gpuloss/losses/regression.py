@@ -11,10 +11,18 @@ from .._api import Loss
 from .._call import ELEMENTWISE
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
 
+
+def _naive_mse(xp, p, y):
+    d = p - y
+    return xp.mean(d**2), 2 * d / p.size
+
+
 mse = Loss(
     "mse",
     family=ELEMENTWISE,
     kernel="GlMse",
+    naive=_naive_mse,
+    torch_peer=lambda F, x, y: F.mse_loss(x, y),
     doc=    rf"""Mean squared error and its gradient.
 
     $$
