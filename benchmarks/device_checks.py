@@ -19,12 +19,14 @@ import numpy as np
 
 import gpuloss as gl
 from gpuloss import _api
+from gpuloss._call import NONNEG, SIGN, UNIT
+from gpuloss._examples import default_rules
 from gpuloss.backends import cuda as _cuda_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from agreement import assert_agree, device_view  # noqa: E402 - the tests' definition of agreeing
 
-SMALL = {"mse": (37,), "bce": (37,), "bce_with_logits": (37,)}
+SMALL = {name: (37,) for name, fn in gl.LOSSES.items() if fn.family == "elementwise"}
 K_FOR_CONFIG = {config: (config[0] * config[1] if config[1] else 9000)
                 for config in _cuda_backend.ROW_CONFIGS}
 
@@ -47,12 +49,19 @@ class Recording:
 
 def _inputs(loss, dtype, target_dtype, K=None, labels=True, rng=None):
     rng = rng or np.random.default_rng(0)
-    if loss in SMALL:
+    if loss in SMALL:  # values in the loss's declared domains
         shape = SMALL[loss]
-        p = rng.uniform(0.05, 0.95, shape) if loss == "bce" else rng.standard_normal(shape)
-        y = rng.uniform(0, 1, shape)
-        if np.dtype(target_dtype).kind in "biu":  # 0/1 targets
-            y = y > 0.5
+        pred_rule, target_rule = default_rules(gl.LOSSES[loss])
+        p = {UNIT: rng.uniform(0.05, 0.95, shape), NONNEG: rng.uniform(0.1, 3, shape)}.get(
+            pred_rule, rng.standard_normal(shape))
+        if target_rule == SIGN:
+            y = np.where(rng.random(shape) < 0.5, -1, 1)
+        elif target_rule == NONNEG:
+            y = rng.poisson(2.0, shape)
+        else:
+            y = rng.uniform(0, 1, shape) if target_rule == UNIT else rng.standard_normal(shape)
+            if np.dtype(target_dtype).kind in "biu":  # 0/1 targets
+                y = y > 0.5
         return p.astype(dtype), y.astype(target_dtype)
     z = rng.standard_normal((5, K))
     if loss == "cce":
@@ -83,8 +92,8 @@ def variants(runtime=None) -> int:
     for loss in SMALL:
         for p in _cuda_backend.PRED_DTYPES:
             for t in _cuda_backend.TARGET_DTYPES:
-                cases.append((loss, p, t, None, True, {}))
-    for loss in ("cce", "cce_with_logits"):
+                cases.append((loss, p, t, None, True, {}))  # (hinge: booleans are -1/+1)
+    for loss in (n for n, fn in gl.LOSSES.items() if fn.family == "categorical"):
         for K in K_FOR_CONFIG.values():
             for p in _cuda_backend.PRED_DTYPES:
                 for t in _cuda_backend.LABEL_DTYPES:

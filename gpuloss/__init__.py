@@ -10,7 +10,22 @@ from ._dispatch import preferred_namespace
 from ._score import ScoreResult, score_files
 from ._streaming import StreamingLoss
 from ._version import __version__
-from .losses import LOSSES, bce, bce_with_logits, cce, cce_with_logits, mse
+from .losses import (
+    LOSSES,
+    bce,
+    bce_with_logits,
+    cce,
+    cce_with_logits,
+    hinge,
+    huber,
+    log_cosh,
+    mae,
+    mse,
+    pinball,
+    poisson_nll,
+    smooth_l1,
+    squared_hinge,
+)
 
 __all__ = [
     "LOSSES",
@@ -21,7 +36,15 @@ __all__ = [
     "bce_with_logits",
     "cce",
     "cce_with_logits",
+    "hinge",
+    "huber",
+    "log_cosh",
+    "mae",
     "mse",
+    "pinball",
+    "poisson_nll",
     "preferred_namespace",
     "score_files",
+    "smooth_l1",
+    "squared_hinge",
 ]

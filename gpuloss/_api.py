@@ -395,7 +395,7 @@ class Loss:
         self.__signature__ = inspect.Signature(params)
         self.grad = self._entry_point("grad", want_value=False, want_grad=True)
         self.value_and_grad = self._entry_point("value_and_grad", want_value=True, want_grad=True)
-        _call.declare_kernel(kernel, family)
+        _call.declare_kernel(kernel, family, bool_targets=target_rule != _call.SIGN)
         _BY_NAME[name] = self
 
     def __call__(self, pred, target, **options):

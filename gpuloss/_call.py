@@ -85,17 +85,23 @@ class Call:
 # the kernels every declared loss needs, so that the CUDA backend can compile them all
 
 
-_KERNELS: dict[str, str] = {}  # functor name -> family
+_KERNELS: dict[str, tuple[str, bool]] = {}  # functor -> (family, takes boolean targets)
 
 
-def declare_kernel(functor: str, family: str) -> None:
-    """Record that a loss computes with `functor` (called by each loss's declaration)."""
-    _KERNELS[functor] = family
+def declare_kernel(functor: str, family: str, bool_targets: bool = True) -> None:
+    """Record that a loss computes with `functor` (called by each loss's declaration).
+    `bool_targets` is False where boolean targets are converted before the kernel (the
+    hinge losses' -1/+1 labels), so that no kernel is built for them."""
+    _KERNELS[functor] = (family, bool_targets)
 
 
 def declared_kernels(family: str) -> list[str]:
     """The functors of `family`, in the order the losses were declared."""
-    return [f for f, fam in _KERNELS.items() if fam == family]
+    return [f for f, (fam, _) in _KERNELS.items() if fam == family]
+
+
+def takes_bool_targets(functor: str) -> bool:
+    return _KERNELS[functor][1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,36 @@ GL_FN float gl_expm1(float x) { return expm1f(x); }
 GL_FN double gl_expm1(double x) { return expm1(x); }
 GL_FN float gl_abs(float x) { return fabsf(x); }
 GL_FN double gl_abs(double x) { return fabs(x); }
+GL_FN float gl_tanh(float x) { return tanhf(x); }
+GL_FN double gl_tanh(double x) { return tanh(x); }
+
+// a * b rounded on its own, never fused with a neighbouring add or subtract: where the sum
+// cancels (exp(p) - y p), a fused multiply-add would round differently from the CPU backends
+#if defined(__CUDA_ARCH__)
+GL_FN float gl_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+GL_FN double gl_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else
+GL_FN float gl_mul_rn(float a, float b) {
+    volatile float r = a * b;  // a store the compiler may not contract across
+    return r;
+}
+GL_FN double gl_mul_rn(double a, double b) {
+    volatile double r = a * b;
+    return r;
+}
+#endif
+
+// sign(x) as NumPy's: +1, -1, 0 at +-0, NaN for NaN
+template <typename T>
+GL_FN T gl_sign(T x) {
+    return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == x ? T(0) : x));
+}
+
+// max(x, 0) that keeps a NaN (x > 0 alone would turn it into 0)
+template <typename T>
+GL_FN T gl_relu(T x) {
+    return x > T(0) || x != x ? x : T(0);
+}
 
 // clip to [lo, hi]; NaN passes through (both comparisons are false)
 template <typename T>
@@ -165,6 +195,100 @@ struct GlBceLogits {  // a = {label smoothing}
     GL_FN static T eval(T z, T y, T c, const T* a, T* g) {
         if (a[0] != T(0)) y = gl_smooth_binary(y, a[0]);
         return gl_bce_logits(z, y, c, g);
+    }
+};
+
+// ---- the elementwise catalogue (CATALOGUE.md); d = p - y -------------------------------------
+struct GlMae {  // |d|, sign(d)
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T d = p - y;
+        *g = gl_sign(d);
+        return gl_abs(d);
+    }
+};
+struct GlHuber {  // a = {delta}: d^2 / 2 where |d| <= delta, else delta (|d| - delta / 2)
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T d = p - y, ad = gl_abs(d), delta = a[0];
+        if (ad <= delta) {
+            *g = d;
+            return T(0.5) * d * d;
+        }
+        *g = delta * gl_sign(d);  // NaN falls here and stays NaN
+        return delta * (ad - T(0.5) * delta);
+    }
+};
+struct GlSmoothL1 {  // a = {beta}: d^2 / (2 beta) where |d| < beta, else |d| - beta / 2
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T d = p - y, ad = gl_abs(d), beta = a[0];
+        if (ad < beta) {  // never for beta = 0: then it is |d|, sign(d)
+            *g = d / beta;
+            return T(0.5) * d * d / beta;
+        }
+        *g = gl_sign(d);
+        return ad - T(0.5) * beta;
+    }
+};
+// log cosh d and tanh d from one v = 1 - exp(-|d|) (expm1: accurate for small |d|), u = 1 - v:
+//   |d| <= 1: log1p(v^2 / (2u))  (= log1p(cosh d - 1): no cancellation as d -> 0)
+//   |d| > 1:  |d| - log 2 + log1p(u^2)  (never overflows)
+//   tanh |d| = (1 - u^2) / (1 + u^2) = v (2 - v) / (1 + u^2)
+struct GlLogCosh {
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T d = p - y, ad = gl_abs(d);
+        T v = -gl_expm1(-ad), u = T(1) - v;
+        *g = gl_sign(d) * (v * (T(2) - v) / (T(1) + u * u));
+        if (ad <= T(1)) return gl_log1p(v * v / (T(2) * u));
+        return (ad - T(0.6931471805599453)) + gl_log1p(u * u);  // NaN falls here
+    }
+};
+// a = {log_input, full, eps}. log_input: exp(p) - y p, grad exp(p) - y; else p - y log(p + eps),
+// grad 1 - y / (p + eps). full adds Stirling's y log y - y + log(2 pi y) / 2 where y > 1.
+struct GlPoissonNll {
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T l;
+        if (a[0] != T(0)) {
+            T e = gl_exp(p);
+            *g = e - y;
+            l = e - gl_mul_rn(y, p);  // the terms may cancel: rounded as on the CPU
+        } else {
+            T q = p + a[2];
+            *g = T(1) - y / q;
+            l = p - gl_mul_rn(y, gl_log(q));
+        }
+        if (a[1] != T(0) && y > T(1))
+            l += (gl_mul_rn(y, gl_log(y)) - y) +
+                 gl_mul_rn(T(0.5), gl_log(gl_mul_rn(T(6.283185307179586), y)));
+        return l;
+    }
+};
+struct GlHinge {  // y in {-1, +1}: max(0, 1 - y p), grad -y where y p < 1
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T m = T(1) - y * p;  // y p is exact for y = +-1: contraction changes nothing
+        *g = m > T(0) ? -y : (m == m ? T(0) : m);
+        return gl_relu(m);
+    }
+};
+struct GlSquaredHinge {  // max(0, 1 - y p)^2, grad -2 y max(0, 1 - y p)
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T h = gl_relu(T(1) - y * p);
+        *g = T(0) - T(2) * y * h;  // +0 where h = 0, as on the CPU
+        return h * h;
+    }
+};
+struct GlPinball {  // a = {q}, r = y - p: max(q r, (q - 1) r); grad -q where r > 0, 1 - q where r < 0
+    template <typename T>
+    GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
+        T q = a[0], r = y - p;
+        T above = q * r, below = (q - T(1)) * r;
+        *g = r > T(0) ? -q : (r < T(0) ? T(1) - q : (r == r ? T(0) : r));
+        return above > below ? above : below;  // NaN: below is NaN too
     }
 };
 

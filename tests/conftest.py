@@ -97,6 +97,13 @@ def make_inputs(loss, rng, shape, dtype=np.float64, labels=True, axis=-1):
         return rng.uniform(0.02, 0.98, shape).astype(dtype), rng.uniform(0, 1, shape)
     if loss == "bce_with_logits":
         return (3 * rng.standard_normal(shape)).astype(dtype), rng.uniform(0, 1, shape)
+    if loss == "poisson_nll":  # rates > 0 (valid with log_input either way), counts
+        return rng.uniform(0.05, 2.5, shape).astype(dtype), rng.poisson(2.0, shape) * 1.0
+    if loss in ("hinge", "squared_hinge"):  # scores, labels -1/+1
+        return ((1.5 * rng.standard_normal(shape)).astype(dtype),
+                np.where(rng.random(shape) < 0.5, -1.0, 1.0))
+    if loss in ("mae", "huber", "smooth_l1", "log_cosh", "pinball"):
+        return (2 * rng.standard_normal(shape)).astype(dtype), rng.standard_normal(shape)
     K = shape[axis]
     sample_shape = shape[:axis % len(shape)] + shape[axis % len(shape) + 1 :]
     z = 2 * rng.standard_normal(shape)

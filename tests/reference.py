@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ELEMENTWISE = ("mse", "bce", "bce_with_logits")
+CATALOGUE = ("mae", "huber", "smooth_l1", "log_cosh", "poisson_nll", "hinge", "squared_hinge",
+             "pinball")  # the elementwise losses of CATALOGUE.md
+ELEMENTWISE = ("mse", "bce", "bce_with_logits", *CATALOGUE)
 CATEGORICAL = ("cce", "cce_with_logits")
 ALL = ELEMENTWISE + CATEGORICAL
 
@@ -25,11 +27,16 @@ def reference(
     axis=-1,
     eps=None,
     validate=True,
+    delta=1.0,
+    beta=1.0,
+    quantile=0.5,
+    log_input=True,
+    full=False,
 ):
-    """The loss as DESIGN.md defines it, in float64."""
+    """The loss as DESIGN.md and CATALOGUE.md define it, in float64."""
     pred = np.asarray(pred)
     if eps is None:
-        eps = float(np.finfo(pred.dtype).eps)
+        eps = 1e-8 if loss == "poisson_nll" else float(np.finfo(pred.dtype).eps)
     # for the mean, weights of an extreme scale are first divided by their maximum (the mean
     # does not change; as the backends do), then they enter the computation in the compute
     # dtype (float32 for float16/32 data)
@@ -51,15 +58,24 @@ def reference(
         )
     p = pred.astype(np.float64)
     y = np.asarray(target)
+    # bce/cce clip to [eps, 1 - eps] as the compute dtype holds those bounds (1 - 1e-7 is not
+    # a float32 number)
+    bounds = (float(compute(eps)), float(compute(1 - eps)))
     if loss in ELEMENTWISE:
-        y = y.astype(np.float64)
+        if loss in ("hinge", "squared_hinge") and y.dtype == bool:
+            y = np.where(y, 1.0, -1.0)
+        with np.errstate(over="ignore"):  # targets enter the computation in the compute dtype
+            y = y.astype(compute).astype(np.float64)
         w = np.broadcast_to(
             np.asarray(1.0 if sample_weight is None else sample_weight, np.float64), p.shape
         )
-        if loss == "mse":
+        if loss in CATALOGUE:
+            per = _catalogue(loss, p, y, delta=delta, beta=beta, quantile=quantile,
+                             log_input=log_input, full=full, eps=eps)
+        elif loss == "mse":
             per = (p - y) ** 2
         elif loss == "bce":
-            pc = np.clip(p, eps, 1 - eps)
+            pc = np.clip(p, *bounds)
             per = -(y * np.log(pc) + (1 - y) * np.log1p(-pc))
         else:
             ys = y * (1 - label_smoothing) + label_smoothing / 2
@@ -92,7 +108,7 @@ def reference(
             sample_w = sw
             denom = sw.sum()
         if loss == "cce":
-            logp = np.log(np.clip(z, eps, 1 - eps))
+            logp = np.log(np.clip(z, *bounds))
         elif K == 0:
             logp = z  # no classes: every sum over k is empty
         else:
@@ -106,6 +122,39 @@ def reference(
     if reduction == "sum":
         return per.sum()
     return per.sum() / denom if denom > 0 else np.nan
+
+
+def _catalogue(loss, p, y, *, delta, beta, quantile, log_input, full, eps):
+    """Per-element losses of CATALOGUE.md, as its table writes them."""
+    d = p - y
+    with np.errstate(all="ignore"):
+        if loss == "mae":
+            return np.abs(d)
+        if loss == "huber":
+            return np.where(np.abs(d) <= delta, 0.5 * d**2, delta * (np.abs(d) - 0.5 * delta))
+        if loss == "smooth_l1":
+            if beta == 0:
+                return np.abs(d)
+            return np.where(np.abs(d) < beta, 0.5 * d**2 / beta, np.abs(d) - 0.5 * beta)
+        if loss == "log_cosh":
+            # optax's form, logaddexp(d, -d) - log 2, cancels for small |d|; there the series
+            a = np.abs(d)
+            x = a * a
+            series = x * (1 / 2 - x * (1 / 12 - x * (1 / 45 - x * (17 / 2520 - x * (
+                31 / 14175 - x * 691 / 935550)))))
+            return np.where(a < 0.1, series, np.logaddexp(d, -d) - np.log(2.0))
+        if loss == "poisson_nll":
+            per = np.exp(p) - y * p if log_input else p - y * np.log(p + eps)
+            if full:
+                stirling = y * np.log(y) - y + 0.5 * np.log(2 * np.pi * y)
+                per = per + np.where(y > 1, stirling, 0.0)
+            return per
+        if loss == "hinge":
+            return np.maximum(0.0, 1 - y * p)  # NaN propagates
+        if loss == "squared_hinge":
+            return np.maximum(0.0, 1 - y * p) ** 2
+        r = y - p  # pinball
+        return np.maximum(quantile * r, (quantile - 1) * r)
 
 
 def numeric_grad(f, pred, h=1e-6):

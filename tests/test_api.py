@@ -13,7 +13,8 @@ import gpuloss as gl
 from gpuloss import losses as _losses
 
 PUBLIC = ("LOSSES", "ScoreResult", "StreamingLoss", "__version__", "bce", "bce_with_logits",
-          "cce", "cce_with_logits", "mse", "preferred_namespace", "score_files")
+          "cce", "cce_with_logits", "hinge", "huber", "log_cosh", "mae", "mse", "pinball",
+          "poisson_nll", "preferred_namespace", "score_files", "smooth_l1", "squared_hinge")
 
 
 def test_all_is_sorted_and_lists_every_public_name():
@@ -27,7 +28,9 @@ def test_all_is_sorted_and_lists_every_public_name():
 
 
 def test_losses_maps_names_to_the_objects():
-    assert list(gl.LOSSES) == ["mse", "bce", "bce_with_logits", "cce", "cce_with_logits"]
+    assert list(gl.LOSSES) == ["mse", "bce", "bce_with_logits", "cce", "cce_with_logits", "mae",
+                               "huber", "smooth_l1", "log_cosh", "poisson_nll", "hinge",
+                               "squared_hinge", "pinball"]
     for name, fn in gl.LOSSES.items():
         assert getattr(gl, name) is fn and fn.name == name
 

@@ -121,7 +121,7 @@ def test_score_npz_and_parquet_inputs(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["mse", "{d}/missing.npy", "{t}"], "pred: no such file"),
-    (["huber", "{p}", "{t}"], "invalid choice: 'huber'"),
+    (["l3_loss", "{p}", "{t}"], "invalid choice: 'l3_loss'"),
     (["mse", "{p}", "{short}"], "Shape mismatch: pred has 1000 rows"),
     (["bce_with_logits", "{p}", "{t}", "--label-smoothing", "2"], "label_smoothing must lie in"),
     (["bce", "{p}", "{t}"], "pred must hold probabilities"),
@@ -143,11 +143,11 @@ def test_score_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "broken.npy").write_bytes(b"not an npy file")
     values = {"d": tmp_path, "p": p, "t": t, "short": tmp_path / "short.npy"}
     argv = [a.format(**values) for a in argv]
-    with pytest.raises(SystemExit) if argv[0] == "huber" else _nothing():
+    with pytest.raises(SystemExit) if argv[0] == "l3_loss" else _nothing():
         code, out, err = _score(capsys, *argv)
         assert code == 2
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
-    if argv[0] == "huber":
+    if argv[0] == "l3_loss":
         assert message in capsys.readouterr().err
 
 

@@ -217,13 +217,13 @@ def test_masked_arrays_are_refused():
 
 
 def test_an_unknown_loss_name_lists_the_names_and_suggests_one():
-    with pytest.raises(KeyError, match=r"No loss named 'crossentropy'; the losses are mse, bce, "
-                                       r"bce_with_logits, cce, cce_with_logits\. Did you mean "
-                                       r"'cce_with_logits'\?"):
+    names = ", ".join(gl.LOSSES)
+    with pytest.raises(KeyError, match=rf"No loss named 'crossentropy'; the losses are {names}\. "
+                                       r"Did you mean 'cce_with_logits'\?"):
         gl.LOSSES["crossentropy"]
     with pytest.raises(KeyError, match="Did you mean 'bce_with_logits'"):
         gl.LOSSES["bce_logit"]
-    with pytest.raises(KeyError, match=r"cce_with_logits\.\"?$"):  # nothing close: no guess
+    with pytest.raises(KeyError, match=r"pinball\.\"?$"):  # nothing close: no guess
         gl.LOSSES["qqqq"]
     assert gl.LOSSES.get("qqqq") is None and "mse" in gl.LOSSES
 

@@ -22,7 +22,15 @@ EXAMPLES = int(os.environ.get("GPULOSS_FUZZ_EXAMPLES", "10000"))
 ENTRY_POINTS = ("call", "grad", "value_and_grad")
 ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "ignore_index",
              "label_smoothing", "axis", "eps", "reduction", "validate", "class indices",
-             "keyword argument")
+             "keyword argument", "delta", "beta", "quantile", "log_input", "full")
+# the catalogue's own options: valid values and a few that must be refused
+CATALOGUE_OPTIONS = {
+    "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, "x"]},
+    "smooth_l1": {"beta": [1.0, 0.0, 0.5, 3.0, -1.0, np.nan, np.inf]},
+    "pinball": {"quantile": [0.5, 0.1, 0.9, 0.0, 1.0, -0.5, np.nan]},
+    "poisson_nll": {"log_input": [True, False, 1, None], "full": [False, True, "yes"],
+                    "eps": [1e-8, 0.0, 1e-3, -1.0, np.nan]},
+}
 DTYPES = ("bool", "int8", "int32", "int64", "uint8", "float16", "float32", "float64",
           "complex64", "object")
 VALUES = (0.0, 1.0, 0.5, 0.25, -0.5, 1.5, 2.0, -3.0, 7.0, 1e30, -1e30, 1e-40, -1e-40, 5e-324,
@@ -82,6 +90,14 @@ def cases(draw):
     else:
         target = draw(arrays(shape if well_formed else draw(st.sampled_from([shape, (5,)])),
                              None))
+        if well_formed and draw(st.booleans()):  # mostly valid labels and counts
+            if loss in ("hinge", "squared_hinge"):
+                target = draw(arrays(shape, draw(st.sampled_from(("float64", "float32",
+                                                                  "bool", "int64"))),
+                                     values=(-1.0, 1.0, 1.0, -1.0, np.nan, 0.0)))
+            elif loss == "poisson_nll":
+                target = draw(arrays(shape, "float64", values=(0.0, 1.0, 2.0, 3.0, 7.0, 0.5,
+                                                               1e30, np.nan, -1.0)))
         wshape_pool = [shape, shape[-1:], (), (7,)]
     if draw(st.booleans()):
         opts["sample_weight"] = draw(arrays(draw(st.sampled_from(wshape_pool)),
@@ -95,6 +111,9 @@ def cases(draw):
         opts["label_smoothing"] = draw(st.sampled_from([0.0, 0.1, 1.0, -0.1, 1.5, np.nan, "x"]))
     if loss in ("bce", "cce") and draw(st.booleans()):
         opts["eps"] = draw(st.sampled_from([None, 1e-7, 1e-3, 0.0, 0.5, -1.0, np.nan]))
+    for name, values in CATALOGUE_OPTIONS.get(loss, {}).items():
+        if draw(st.booleans()):
+            opts[name] = draw(st.sampled_from(values))
     if draw(st.booleans()):
         opts["reduction"] = draw(st.sampled_from(["mean", "sum", "none", "avg", None, 3]))
     if draw(st.integers(0, 4)) == 0:
@@ -126,6 +145,13 @@ def _valid_domain(loss, pred, target, opts):
     if loss in ("bce", "bce_with_logits"):
         t = target.astype(np.float64)
         ok &= not bool(np.any((t < 0) | (t > 1)))
+    if loss == "poisson_nll":
+        ok &= not bool(np.any(target.astype(np.float64) < 0))
+        if not opts.get("log_input", True):
+            ok &= not bool(np.any(p < 0))
+    if loss in ("hinge", "squared_hinge") and target.dtype != bool:
+        t = target.astype(np.float64)
+        ok &= bool(np.all((t == 1) | (t == -1) | np.isnan(t)))
     if loss in CATEGORICAL:
         if target.dtype.kind == "f":
             ok &= not bool(np.any((target < 0) | (target > 1)))

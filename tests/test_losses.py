@@ -14,6 +14,15 @@ REDUCTIONS = ("mean", "sum", "none")
 RTOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-11}
 
 
+_CATALOGUE_OPTIONS = {
+    "huber": [{"delta": 0.5}, {"delta": 2.5, "sample_weight": 0.5}],
+    "smooth_l1": [{"beta": 0.5}, {"beta": 0.0}, {"beta": 2.0}],
+    "poisson_nll": [{"log_input": False}, {"full": True},
+                    {"log_input": False, "full": True, "eps": 1e-3}],
+    "pinball": [{"quantile": 0.1}, {"quantile": 0.9}],
+}
+
+
 def _options(loss, rng, shape, labels=True, axis=-1):
     """A few option sets that exercise every option the loss accepts."""
     sets = [{}]
@@ -25,6 +34,7 @@ def _options(loss, rng, shape, labels=True, axis=-1):
         sets.append({"label_smoothing": 0.1, "pos_weight": 2.0, "sample_weight": 0.5})
     if loss in ("bce", "cce"):
         sets.append({"eps": 1e-3})
+    sets += _CATALOGUE_OPTIONS.get(loss, [])
     if loss in CATEGORICAL:
         K = shape[axis]
         sample_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]

@@ -30,6 +30,25 @@ def problems(draw, loss):
         el = st.floats(-1e3, 1e3)
         pred = draw(hnp.arrays(dtype, shape, elements=el))
         target = draw(hnp.arrays(np.float64, shape, elements=el))
+    elif loss in ("mae", "huber", "smooth_l1", "log_cosh", "pinball"):
+        el = st.floats(-1e3, 1e3)
+        pred = draw(hnp.arrays(dtype, shape, elements=el))
+        target = draw(hnp.arrays(np.float64, shape, elements=el))
+        option = {"huber": ("delta", st.floats(0.01, 10)), "smooth_l1": ("beta", st.floats(0, 10)),
+                  "pinball": ("quantile", st.floats(0.01, 0.99))}.get(loss)
+        if option and draw(st.booleans()):
+            opts[option[0]] = draw(option[1])
+    elif loss == "poisson_nll":
+        opts["log_input"] = draw(st.booleans())
+        rates = st.floats(-20, 20) if opts["log_input"] else st.floats(0, 100)
+        pred = draw(hnp.arrays(dtype, shape, elements=rates))
+        target = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 50)))
+        opts["full"] = draw(st.booleans())
+        if draw(st.booleans()):
+            opts["eps"] = draw(st.floats(0, 1e-3))
+    elif loss in ("hinge", "squared_hinge"):
+        pred = draw(hnp.arrays(dtype, shape, elements=st.floats(-100, 100)))
+        target = draw(hnp.arrays(np.float64, shape, elements=st.sampled_from([-1.0, 1.0])))
     elif loss == "bce":
         pred = draw(hnp.arrays(dtype, shape, elements=st.floats(0.001, 0.999)))
         target = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
@@ -102,11 +121,13 @@ def test_reductions_and_entry_points_are_consistent(loss):
         per = fn(pred, target, reduction="none", **opts)
         total = fn(pred, target, reduction="sum", **opts)
         np.testing.assert_allclose(np.sum(per, dtype=np.float64), total, rtol=1e-5, atol=1e-6)
-        assert np.all(per >= -1e-6), "every loss is non-negative"
+        if loss != "poisson_nll":  # without log(y!) it is negative where y > e
+            assert np.all(per >= -1e-6), "every other loss is non-negative"
         for reduction in ("mean", "sum", "none"):
             v, g = fn.value_and_grad(pred, target, reduction=reduction, **opts)
             assert np.array_equal(v, fn(pred, target, reduction=reduction, **opts), equal_nan=True)
-            assert np.array_equal(g, fn.grad(pred, target, reduction=reduction, **opts))
+            assert np.array_equal(g, fn.grad(pred, target, reduction=reduction, **opts),
+                                  equal_nan=True)
             assert g.shape == pred.shape and g.dtype == pred.dtype
         # the mean's gradient is the sum's gradient over the same denominator
         mean = float(fn(pred, target, **opts))

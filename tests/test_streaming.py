@@ -76,7 +76,7 @@ def test_stream_errors():
     with pytest.raises(TypeError, match="sample_weight.*pass it to update"):
         gl.StreamingLoss("mse", sample_weight=np.ones(3))
     with pytest.raises(ValueError, match="loss must be one of"):
-        gl.StreamingLoss("huber")
+        gl.StreamingLoss("l3_loss")
     with pytest.raises(TypeError, match="unexpected option 'pos_weight'"):
         gl.StreamingLoss("mse", pos_weight=2.0)
     a = gl.StreamingLoss("cce", class_weight=np.ones(3))

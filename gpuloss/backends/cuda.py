@@ -98,7 +98,8 @@ def all_kernel_names() -> list[str]:
     for functor in _call.declared_kernels(_call.ELEMENTWISE):
         for p in PRED_DTYPES:
             for y in TARGET_DTYPES:
-                names.append(elementwise_name(functor, p, y))
+                if y != np.bool_ or _call.takes_bool_targets(functor):
+                    names.append(elementwise_name(functor, p, y))
     names += [finish_name(p) for p in PRED_DTYPES]
     names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
     for loss in _call.declared_kernels(_call.CATEGORICAL):

@@ -157,7 +157,88 @@ def _bce_with_logits(xp, P, Y, call):
     return loss, (1 - Y) * sig_z - PY * sig_minus_z
 
 
-_ELEMENTWISE = {"mse": _mse, "bce": _bce, "bce_with_logits": _bce_with_logits}
+def _where_nan(xp, x, value):
+    """`value`, with NaN wherever x is NaN (NaN propagates into the gradient)."""
+    return xp.where(xp.isnan(x), x, value)
+
+
+def _mae(xp, P, Y, call):
+    d = P - Y
+    return xp.abs(d), xp.sign(d)
+
+
+def _huber(xp, P, Y, call):
+    delta = call.options["delta"]
+    d = P - Y
+    a = xp.abs(d)
+    inside = a <= delta
+    loss = xp.where(inside, 0.5 * d * d, delta * (a - 0.5 * delta))
+    return loss, xp.where(inside, d, delta * xp.sign(d))
+
+
+def _smooth_l1(xp, P, Y, call):
+    beta = call.options["beta"]
+    d = P - Y
+    a = xp.abs(d)
+    inside = a < beta  # never for beta = 0: then it is |d|, sign(d)
+    safe = beta if beta > 0 else 1.0
+    loss = xp.where(inside, 0.5 * d * d / safe, a - 0.5 * beta)
+    return loss, xp.where(inside, d / safe, xp.sign(d))
+
+
+def _log_cosh(xp, P, Y, call):
+    # v = 1 - exp(-|d|), u = 1 - v: log1p(v^2 / 2u) for |d| <= 1, |d| - log 2 + log1p(u^2) beyond
+    d = P - Y
+    a = xp.abs(d)
+    v = -xp.expm1(-a)
+    u = 1 - v
+    small = a <= 1
+    loss = xp.where(small, xp.log1p(v * v / (2 * u)), (a - math.log(2)) + xp.log1p(u * u))
+    return loss, xp.sign(d) * (v * (2 - v) / (1 + u * u))
+
+
+def _poisson_nll(xp, P, Y, call):
+    o = call.options
+    if o["log_input"]:
+        e = xp.exp(P)
+        loss, grad = e - Y * P, e - Y
+    else:
+        q = P + o["eps"]
+        loss, grad = P - Y * xp.log(q), 1 - Y / q
+    if o["full"]:  # Stirling's term where y > 1 (log of y <= 1 never taken)
+        big = Y > 1
+        y = xp.where(big, Y, xp.ones_like(Y))
+        stirling = y * xp.log(y) - y + 0.5 * xp.log(2 * math.pi * y)
+        loss = loss + xp.where(big, stirling, xp.zeros_like(Y))
+    return loss, grad
+
+
+def _hinge(xp, P, Y, call):
+    m = 1 - Y * P
+    zero = xp.zeros_like(m)
+    return _where_nan(xp, m, xp.maximum(m, zero)), _where_nan(xp, m, xp.where(m > 0, -Y, zero))
+
+
+def _squared_hinge(xp, P, Y, call):
+    m = 1 - Y * P
+    h = _where_nan(xp, m, xp.maximum(m, xp.zeros_like(m)))
+    return h * h, 0 - 2 * Y * h  # +0 where h = 0
+
+
+def _pinball(xp, P, Y, call):
+    q = call.options["quantile"]
+    r = Y - P
+    loss = _where_nan(xp, r, xp.maximum(q * r, (q - 1) * r))
+    grad = xp.where(r > 0, xp.full_like(r, -q), xp.full_like(r, 1 - q))
+    return loss, grad * xp.abs(xp.sign(r))  # 0 at r = 0, NaN for NaN
+
+
+_ELEMENTWISE = {
+    "mse": _mse, "bce": _bce, "bce_with_logits": _bce_with_logits, "mae": _mae,
+    "huber": _huber, "smooth_l1": _smooth_l1, "log_cosh": _log_cosh,
+    "poisson_nll": _poisson_nll, "hinge": _hinge, "squared_hinge": _squared_hinge,
+    "pinball": _pinball,
+}
 
 
 def _categorical(call, xp, cdt):

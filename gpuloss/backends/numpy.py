@@ -346,9 +346,11 @@ class _Consts:
         self.gscale = cdt(gscale)
         self.two_gscale = cdt(2 * gscale)
         self.smooth = call.label_smoothing
+        self.opt = call.options  # the loss's own options, by name
         if call.eps is not None:
-            self.lo = cdt(call.eps)
-            self.hi = cdt(1) - cdt(call.eps)
+            # the bounds as the kernels get them: 1 - eps in float64, then rounded once
+            lo, hi = call.kernel_params[:2]
+            self.lo, self.hi = cdt(lo), cdt(hi)
         self.cdt = cdt
 
 
@@ -463,7 +465,208 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     return total
 
 
-_ELEMENTWISE = {"mse": _mse_block, "bce": _bce_block, "bce_with_logits": _bce_logits_block}
+# ---------------------------------------------------------------------------------------------
+# the elementwise catalogue: each block writes the unweighted loss into L and dl/dp into G;
+# _weigh applies the weights and the mean's 1/D
+
+
+def _weigh(G, L, W, k) -> float:
+    total = 0.0
+    if L is not None:
+        if W is not None:
+            np.multiply(L, W, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        np.multiply(G, k.gscale, out=G)
+        if W is not None:
+            np.multiply(G, W, out=G)
+    return total
+
+
+def _diff(P, Y, s, k, name="d"):
+    d = s.get(name, P.shape, k.cdt)
+    np.subtract(P, Y, out=d)
+    return d
+
+
+def _mae_block(P, Y, W, PW, G, L, s, k):
+    # l = |d| ;  g = sign(d), 0 at d = 0
+    d = _diff(P, Y, s, k)
+    if L is not None:
+        np.abs(d, out=L)
+    if G is not None:
+        np.sign(d, out=G)
+    return _weigh(G, L, W, k)
+
+
+def _huber_block(P, Y, W, PW, G, L, s, k):
+    # m = min(|d|, delta):  l = m (|d| - m/2)  (= d^2/2 inside, delta (|d| - delta/2) outside)
+    # g = clip(d, -delta, delta)
+    delta = k.cdt(k.opt["delta"])
+    d = _diff(P, Y, s, k)
+    if L is not None:
+        a = s.get("a", P.shape, k.cdt)
+        np.abs(d, out=a)
+        m = s.get("m", P.shape, k.cdt)
+        np.minimum(a, delta, out=m)  # NaN stays NaN
+        np.multiply(m, k.cdt(0.5), out=L)
+        np.subtract(a, L, out=a)
+        np.multiply(m, a, out=L)
+    if G is not None:
+        np.clip(d, -delta, delta, out=G)
+    return _weigh(G, L, W, k)
+
+
+def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
+    # inside (|d| < beta): l = d^2 / 2 / beta, g = d / beta;  outside: |d| - beta/2, sign(d)
+    beta = k.cdt(k.opt["beta"])
+    d = _diff(P, Y, s, k)
+    a = s.get("a", P.shape, k.cdt)
+    np.abs(d, out=a)
+    inside = s.get("in", P.shape, np.bool_)
+    np.less(a, beta, out=inside)  # never for beta = 0
+    if L is not None:
+        np.subtract(a, k.cdt(0.5) * beta, out=L)
+        q = s.get("q", P.shape, k.cdt)
+        np.multiply(d, d, out=q)
+        np.multiply(q, k.cdt(0.5), out=q)
+        np.divide(q, beta, out=L, where=inside)
+    if G is not None:
+        np.sign(d, out=G)
+        np.divide(d, beta, out=G, where=inside)
+    return _weigh(G, L, W, k)
+
+
+def _log_cosh_block(P, Y, W, PW, G, L, s, k):
+    # v = 1 - exp(-|d|) (expm1), u = 1 - v:  l = log1p(v^2 / 2u) for |d| <= 1 (no cancellation),
+    # |d| - log 2 + log1p(u^2) beyond (no overflow);  g = sign(d) v (2 - v) / (1 + u^2) = tanh d
+    d = _diff(P, Y, s, k)
+    a = s.get("a", P.shape, k.cdt)
+    np.abs(d, out=a)
+    v = s.get("v", P.shape, k.cdt)
+    np.negative(a, out=v)
+    np.expm1(v, out=v)
+    np.negative(v, out=v)
+    u = s.get("u", P.shape, k.cdt)
+    np.subtract(1, v, out=u)
+    uu = s.get("uu", P.shape, k.cdt)
+    np.multiply(u, u, out=uu)
+    if L is not None:
+        small = s.get("small", P.shape, np.bool_)
+        np.less_equal(a, 1, out=small)
+        arg = s.get("arg", P.shape, k.cdt)
+        np.copyto(arg, uu)
+        t = s.get("t", P.shape, k.cdt)
+        np.multiply(v, v, out=t)
+        np.multiply(t, k.cdt(0.5), out=t)  # exact: v^2 / (2u) = (v^2 / 2) / u
+        np.divide(t, u, out=arg, where=small)
+        np.log1p(arg, out=L)
+        np.subtract(a, k.cdt(math.log(2)), out=a)
+        np.add(a, L, out=a)
+        np.copyto(L, a, where=~small)  # NaN: small is False, a is NaN
+    if G is not None:
+        np.subtract(2, v, out=G)
+        np.multiply(G, v, out=G)
+        np.add(uu, 1, out=uu)
+        np.divide(G, uu, out=G)
+        np.sign(d, out=d)
+        np.multiply(G, d, out=G)
+    return _weigh(G, L, W, k)
+
+
+def _poisson_nll_block(P, Y, W, PW, G, L, s, k):
+    # log_input: l = exp(p) - y p, g = exp(p) - y;  else l = p - y log(p + eps), g = 1 - y/(p + eps)
+    # full: l += y log y - y + log(2 pi y)/2 where y > 1 (Stirling; no gradient)
+    e = s.get("e", P.shape, k.cdt)
+    t = s.get("t", P.shape, k.cdt)
+    if k.opt["log_input"]:
+        np.exp(P, out=e)
+        if G is not None:
+            np.subtract(e, Y, out=G)
+        if L is not None:
+            np.multiply(Y, P, out=t)
+            np.subtract(e, t, out=L)
+    else:
+        np.add(P, k.cdt(k.opt["eps"]), out=e)
+        if G is not None:
+            np.divide(Y, e, out=G)
+            np.subtract(1, G, out=G)
+        if L is not None:
+            np.log(e, out=t)
+            np.multiply(Y, t, out=t)
+            np.subtract(P, t, out=L)
+    if L is not None and k.opt["full"]:
+        big = s.get("big", P.shape, np.bool_)
+        np.greater(Y, 1, out=big)
+        if big.any():
+            np.log(Y, out=t)
+            np.multiply(Y, t, out=t)
+            np.subtract(t, Y, out=t)
+            np.multiply(Y, k.cdt(2 * math.pi), out=e)
+            np.log(e, out=e)
+            np.multiply(e, k.cdt(0.5), out=e)
+            np.add(t, e, out=t)
+            np.add(L, t, out=L, where=big)
+    return _weigh(G, L, W, k)
+
+
+def _hinge_block(P, Y, W, PW, G, L, s, k):
+    # m = 1 - y p (y = +-1):  l = max(0, m) ;  g = -y where m > 0 (NaN stays NaN)
+    m = s.get("m", P.shape, k.cdt)
+    np.multiply(Y, P, out=m)
+    np.subtract(1, m, out=m)
+    if L is not None:
+        np.maximum(m, 0, out=L)
+    if G is not None:
+        np.heaviside(m, 0, out=G)  # 1 where m > 0, 0 where m <= 0, NaN for NaN
+        np.multiply(G, Y, out=G)
+        np.subtract(0, G, out=G)  # 0 - 0 = +0: no signed zeros where nothing pulls
+    return _weigh(G, L, W, k)
+
+
+def _squared_hinge_block(P, Y, W, PW, G, L, s, k):
+    # h = max(0, 1 - y p):  l = h^2 ;  g = -2 y h
+    h = s.get("m", P.shape, k.cdt)
+    np.multiply(Y, P, out=h)
+    np.subtract(1, h, out=h)
+    np.maximum(h, 0, out=h)
+    if L is not None:
+        np.multiply(h, h, out=L)
+    if G is not None:
+        np.multiply(Y, k.cdt(2), out=G)
+        np.multiply(G, h, out=G)
+        np.subtract(0, G, out=G)  # +0 where h = 0
+    return _weigh(G, L, W, k)
+
+
+def _pinball_block(P, Y, W, PW, G, L, s, k):
+    # r = y - p:  l = max(q r, (q - 1) r) ;  g = -q where r > 0, 1 - q where r < 0, 0 at r = 0
+    q = k.cdt(k.opt["quantile"])
+    r = _diff(Y, P, s, k, "r")
+    if L is not None:
+        below = s.get("below", P.shape, k.cdt)
+        np.multiply(r, q - k.cdt(1), out=below)
+        np.multiply(r, q, out=L)
+        np.maximum(L, below, out=L)
+    if G is not None:
+        G.fill(k.cdt(1) - q)
+        above = s.get("above", P.shape, np.bool_)
+        np.greater(r, 0, out=above)
+        np.copyto(G, -q, where=above)
+        a = s.get("a", P.shape, k.cdt)
+        np.sign(r, out=a)
+        np.abs(a, out=a)  # 1 where r != 0, 0 at r = 0, NaN for NaN
+        np.multiply(G, a, out=G)
+    return _weigh(G, L, W, k)
+
+
+_ELEMENTWISE = {
+    "mse": _mse_block, "bce": _bce_block, "bce_with_logits": _bce_logits_block,
+    "mae": _mae_block, "huber": _huber_block, "smooth_l1": _smooth_l1_block,
+    "log_cosh": _log_cosh_block, "poisson_nll": _poisson_nll_block, "hinge": _hinge_block,
+    "squared_hinge": _squared_hinge_block, "pinball": _pinball_block,
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import difflib
 
-from .binary import bce, bce_with_logits
+from .binary import bce, bce_with_logits, hinge, squared_hinge
 from .categorical import cce, cce_with_logits
-from .regression import mse
+from .regression import huber, log_cosh, mae, mse, pinball, poisson_nll, smooth_l1
 
 # what other libraries call these losses, for the KeyError's suggestion
 _PEER_NAMES = {
@@ -23,6 +23,10 @@ _PEER_NAMES = {
     "binary_cross_entropy": "bce", "binary_cross_entropy_with_logits": "bce_with_logits",
     "sigmoid_binary_cross_entropy": "bce_with_logits", "log_loss": "bce",
     "mse_loss": "mse", "mean_squared_error": "mse", "squared_error": "mse", "l2_loss": "mse",
+    "l1": "mae", "l1_loss": "mae", "mean_absolute_error": "mae", "huber_loss": "huber",
+    "smooth_l1_loss": "smooth_l1", "logcosh": "log_cosh", "poisson": "poisson_nll",
+    "poisson_nll_loss": "poisson_nll", "hinge_loss": "hinge", "quantile": "pinball",
+    "quantile_loss": "pinball", "mean_pinball_loss": "pinball",
 }
 
 
@@ -41,6 +45,8 @@ class _Losses(dict):
 
 
 LOSSES = _Losses(
-    (loss.name, loss) for loss in (mse, bce, bce_with_logits, cce, cce_with_logits)
+    (loss.name, loss)
+    for loss in (mse, bce, bce_with_logits, cce, cce_with_logits, mae, huber, smooth_l1,
+                 log_cosh, poisson_nll, hinge, squared_hinge, pinball)
 )
 """Every loss by its name, in the order of the docs."""

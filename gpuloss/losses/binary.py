@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._api import CLIP_EPS, LABEL_SMOOTHING, POS_WEIGHT, Loss
-from .._call import ELEMENTWISE, UNIT
+from .._call import ELEMENTWISE, SIGN, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
 
 
@@ -35,7 +35,7 @@ bce = Loss(
     kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
     naive=_naive_bce,
     torch_peer=lambda F, x, y: F.binary_cross_entropy(x, y),
-    doc=    rf"""Binary cross-entropy on probabilities, and its gradient.
+    doc=rf"""Binary cross-entropy on probabilities, and its gradient.
 
     Probabilities are first clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\),
     and the loss **and** the gradient are evaluated at \(p'\) (so the gradient never
@@ -92,7 +92,7 @@ bce_with_logits = Loss(
     kernel_params=lambda o: (o["label_smoothing"],),
     naive=_naive_bce_with_logits,
     torch_peer=lambda F, x, y: F.binary_cross_entropy_with_logits(x, y),
-    doc=    rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
+    doc=rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
 
     With \(y' = y (1 - \lambda) + \lambda / 2\) (label smoothing \(\lambda\)),
     positive-class weight \(c\) (``pos_weight``) and
@@ -142,5 +142,116 @@ bce_with_logits = Loss(
     0.377779
     >>> gl.bce_with_logits.grad(z, y).round(6)
     array([-0.039734,  0.089647, -0.166667])
+    """,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# hinge, squared_hinge: labels -1 / +1 (or booleans), scores as predictions
+
+_SIGN_PARAMS = f"""\
+pred : array
+        Scores (decision values), a real floating array.
+    target : array
+        Labels -1 or +1 with pred's shape, or a boolean array (False is -1, True +1). With
+        ``validate=True`` any other value raises ``ValueError`` (0/1 labels: pass
+        ``2 * y - 1`` or ``y.astype(bool)``).
+    {REDUCTION.format(unit="element", mean="Σ w·l / Σ w (Σ l / n unweighted)")}
+    {COMMON_PARAMS.format(weight_shape="per element, broadcastable to pred's shape")}"""
+
+
+def _naive_hinge(xp, p, y):
+    m = 1 - y * p
+    return xp.mean(xp.maximum(m, 0)), xp.where(m > 0, -y, 0.0) / p.size
+
+
+hinge = Loss(
+    "hinge",
+    family=ELEMENTWISE,
+    kernel="GlHinge",
+    target_rule=SIGN,
+    naive=_naive_hinge,
+    torch_peer=lambda F, x, y: F.relu(1 - y * x).mean(),  # as a PyTorch user writes it
+    doc=rf"""Hinge loss (the SVM's) and its gradient.
+
+    With labels \(y_i \in \{{-1, +1\}}\) and the margin \(m_i = 1 - y_i p_i\):
+
+    $$
+    \ell_i = w_i \max(0, m_i), \qquad
+    \frac{{\partial L}}{{\partial p_i}} = \frac{{w_i}}{{\sum_j w_j}}
+        \begin{{cases}} -y_i & m_i > 0 \\ 0 & m_i \le 0 \end{{cases}}
+    $$
+
+    A sample classified right with a margin of at least 1 costs nothing and pulls nothing.
+
+    Parameters
+    ----------
+    {_SIGN_PARAMS}
+
+{RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Like ``optax.hinge_loss`` and Keras ``Hinge`` (which maps 0/1 labels to -1/+1 by itself;
+    here pass booleans for that).
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> s = np.array([2.0, 0.5, -0.5]); y = np.array([1.0, 1.0, 1.0])
+    >>> float(gl.hinge(s, y))
+    0.6666666666666666
+    >>> gl.hinge.grad(s, y)
+    array([ 0.        , -0.33333333, -0.33333333])
+    >>> float(gl.hinge(s, np.array([True, True, False])))
+    0.3333333333333333
+    """,
+)
+
+
+def _naive_squared_hinge(xp, p, y):
+    h = xp.maximum(1 - y * p, 0)
+    return xp.mean(h**2), -2 * y * h / p.size
+
+
+squared_hinge = Loss(
+    "squared_hinge",
+    family=ELEMENTWISE,
+    kernel="GlSquaredHinge",
+    target_rule=SIGN,
+    naive=_naive_squared_hinge,
+    torch_peer=lambda F, x, y: F.relu(1 - y * x).square().mean(),
+    doc=rf"""Squared hinge loss and its gradient: the hinge, squared, so that its gradient
+    is continuous.
+
+    With labels \(y_i \in \{{-1, +1\}}\) and \(h_i = \max(0, 1 - y_i p_i)\):
+
+    $$
+    \ell_i = w_i\,h_i^2, \qquad
+    \frac{{\partial L}}{{\partial p_i}} = -\frac{{2\,w_i\,y_i\,h_i}}{{\sum_j w_j}}
+    $$
+
+    Parameters
+    ----------
+    {_SIGN_PARAMS}
+
+{RETURNS.format(unit="element")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Like Keras ``SquaredHinge``.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> s = np.array([2.0, 0.5, -0.5]); y = np.array([1.0, 1.0, -1.0])
+    >>> float(gl.squared_hinge(s, y))
+    0.16666666666666666
+    >>> gl.squared_hinge.grad(s, y)
+    array([ 0.        , -0.33333333,  0.33333333])
     """,
 )

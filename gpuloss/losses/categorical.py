@@ -44,7 +44,7 @@ cce = Loss(
     kernel_params=lambda o: (o["eps"], 1.0 - o["eps"]),  # the clipping bounds
     naive=_naive_cce,
     torch_peer=lambda F, x, t: F.nll_loss(x.log(), t),
-    doc=    rf"""Categorical cross-entropy on probabilities, and its gradient.
+    doc=rf"""Categorical cross-entropy on probabilities, and its gradient.
 
     Probabilities are clipped, \(p' = \mathrm{{clip}}(p, \epsilon, 1 - \epsilon)\), and
     loss and gradient are evaluated at \(p'\). With class weights \(c_k\):
@@ -104,7 +104,7 @@ cce_with_logits = Loss(
     kernel_params=lambda o: (),
     naive=_naive_cce_with_logits,
     torch_peer=lambda F, x, t: F.cross_entropy(x, t),
-    doc=    rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
+    doc=rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
 
     With \(\log p_{{ik}} = z_{{ik}} - \mathrm{{logsumexp}}_j z_{{ij}}\) (computed with the
     row maximum subtracted, so it never overflows), class weights \(c_k\) and label
