@@ -219,32 +219,35 @@ struct GlHuber {  // a = {delta}: d^2 / 2 where |d| <= delta, else delta (|d| - 
         return delta * (ad - T(0.5) * delta);
     }
 };
-struct GlSmoothL1 {  // a = {beta}: d^2 / (2 beta) where |d| < beta, else |d| - beta / 2
+// a = {beta}: huber(delta = beta) / beta, i.e. d^2 / (2 beta) where |d| < beta, else
+// |d| - beta / 2, written as m (|d| - m / 2) / beta with m = min(|d|, beta) as on the CPU;
+// beta = 0 is |d|, sign(d)
+struct GlSmoothL1 {
     template <typename T>
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
         T d = p - y, ad = gl_abs(d), beta = a[0];
-        if (ad < beta) {  // never for beta = 0: then it is |d|, sign(d)
-            *g = d / beta;
-            return T(0.5) * d * d / beta;
+        if (beta == T(0)) {
+            *g = gl_sign(d);
+            return ad;
         }
-        *g = gl_sign(d);
-        return ad - T(0.5) * beta;
+        T m = ad < beta ? ad : beta;
+        *g = gl_clip(d, -beta, beta) / beta;  // NaN passes through
+        return m * (ad - T(0.5) * m) / beta;
     }
 };
-// log cosh d and tanh d from one v = 1 - exp(-|d|) (expm1: accurate for small |d|), u = 1 - v:
-//   |d| <= 1: log1p(v^2 / (2u))  (= log1p(cosh d - 1): no cancellation as d -> 0)
-//   |d| > 1:  |d| - log 2 + log1p(u^2)  (never overflows)
-//   tanh |d| = (1 - u^2) / (1 + u^2) = v (2 - v) / (1 + u^2)
+// log cosh d from t = tanh d (its derivative), without overflow and without cancellation
+// near 0, as the CPU backend: -log1p(-t^2) / 2 for |d| <= 1 (cosh^2 = 1 / (1 - t^2)), and
+// |d| - log1p(|t|) beyond (1 + tanh |d| = e^|d| / cosh d)
 struct GlLogCosh {
     template <typename T>
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
-        T d = p - y, ad = gl_abs(d);
-        T v = -gl_expm1(-ad), u = T(1) - v;
-        *g = gl_sign(d) * (v * (T(2) - v) / (T(1) + u * u));
-        if (ad <= T(1)) return gl_log1p(v * v / (T(2) * u));
-        return (ad - T(0.6931471805599453)) + gl_log1p(u * u);  // NaN falls here
+        T d = p - y, ad = gl_abs(d), t = gl_tanh(d);
+        *g = t;
+        if (ad <= T(1)) return T(-0.5) * gl_log1p(-(t * t));  // NaN falls here
+        return ad - gl_log1p(gl_abs(t));
     }
 };
+
 // a = {log_input, full, eps}. log_input: exp(p) - y p, grad exp(p) - y; else p - y log(p + eps),
 // grad 1 - y / (p + eps). full adds Stirling's y log y - y + log(2 pi y) / 2 where y > 1.
 struct GlPoissonNll {

@@ -187,14 +187,12 @@ def _smooth_l1(xp, P, Y, call):
 
 
 def _log_cosh(xp, P, Y, call):
-    # v = 1 - exp(-|d|), u = 1 - v: log1p(v^2 / 2u) for |d| <= 1, |d| - log 2 + log1p(u^2) beyond
+    # t = tanh(d): -log1p(-t^2) / 2 for |d| <= 1, |d| - log1p(|t|) beyond
     d = P - Y
     a = xp.abs(d)
-    v = -xp.expm1(-a)
-    u = 1 - v
-    small = a <= 1
-    loss = xp.where(small, xp.log1p(v * v / (2 * u)), (a - math.log(2)) + xp.log1p(u * u))
-    return loss, xp.sign(d) * (v * (2 - v) / (1 + u * u))
+    t = xp.tanh(d)
+    loss = xp.where(a > 1, a - xp.log1p(xp.abs(t)), -0.5 * xp.log1p(-(t * t)))
+    return loss, t
 
 
 def _poisson_nll(xp, P, Y, call):

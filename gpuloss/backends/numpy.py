@@ -519,59 +519,58 @@ def _huber_block(P, Y, W, PW, G, L, s, k):
 
 
 def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
-    # inside (|d| < beta): l = d^2 / 2 / beta, g = d / beta;  outside: |d| - beta/2, sign(d)
+    # huber with delta = beta, over beta: m = min(|d|, beta), l = m (|d| - m/2) / beta
+    # (= d^2 / 2 beta inside, |d| - beta/2 outside), g = clip(d, -beta, beta) / beta;
+    # beta = 0: l = |d|, g = sign(d)
     beta = k.cdt(k.opt["beta"])
     d = _diff(P, Y, s, k)
-    a = s.get("a", P.shape, k.cdt)
-    np.abs(d, out=a)
-    inside = s.get("in", P.shape, np.bool_)
-    np.less(a, beta, out=inside)  # never for beta = 0
+    if beta == 0:
+        if L is not None:
+            np.abs(d, out=L)
+        if G is not None:
+            np.sign(d, out=G)
+        return _weigh(G, L, W, k)
     if L is not None:
-        np.subtract(a, k.cdt(0.5) * beta, out=L)
-        q = s.get("q", P.shape, k.cdt)
-        np.multiply(d, d, out=q)
-        np.multiply(q, k.cdt(0.5), out=q)
-        np.divide(q, beta, out=L, where=inside)
+        a = s.get("a", P.shape, k.cdt)
+        np.abs(d, out=a)
+        m = s.get("m", P.shape, k.cdt)
+        np.minimum(a, beta, out=m)  # NaN stays NaN
+        np.multiply(m, k.cdt(0.5), out=L)
+        np.subtract(a, L, out=a)
+        np.multiply(m, a, out=L)
+        np.divide(L, beta, out=L)
     if G is not None:
-        np.sign(d, out=G)
-        np.divide(d, beta, out=G, where=inside)
+        np.clip(d, -beta, beta, out=G)
+        np.divide(G, beta, out=G)
     return _weigh(G, L, W, k)
 
 
 def _log_cosh_block(P, Y, W, PW, G, L, s, k):
-    # v = 1 - exp(-|d|) (expm1), u = 1 - v:  l = log1p(v^2 / 2u) for |d| <= 1 (no cancellation),
-    # |d| - log 2 + log1p(u^2) beyond (no overflow);  g = sign(d) v (2 - v) / (1 + u^2) = tanh d
+    # t = tanh(d) (the gradient):  l = -log1p(-t^2) / 2 for |d| <= 1 (no cancellation near 0),
+    # l = |d| - log1p(|t|) beyond (no overflow; log cosh d = |d| - log(1 + tanh |d|)).
+    # One log1p on an argument picked by 0/1 factors: masked NumPy operations are many times
+    # slower than arithmetic.
     d = _diff(P, Y, s, k)
-    a = s.get("a", P.shape, k.cdt)
-    np.abs(d, out=a)
-    v = s.get("v", P.shape, k.cdt)
-    np.negative(a, out=v)
-    np.expm1(v, out=v)
-    np.negative(v, out=v)
-    u = s.get("u", P.shape, k.cdt)
-    np.subtract(1, v, out=u)
-    uu = s.get("uu", P.shape, k.cdt)
-    np.multiply(u, u, out=uu)
+    t = G if G is not None else s.get("t", P.shape, k.cdt)
+    np.tanh(d, out=t)
     if L is not None:
-        small = s.get("small", P.shape, np.bool_)
-        np.less_equal(a, 1, out=small)
+        a = s.get("a", P.shape, k.cdt)
+        np.abs(d, out=a)
+        small = s.get("small", P.shape, k.cdt)
+        np.less_equal(a, 1, out=small)  # 1.0 where |d| <= 1 (and NaN: its t is NaN)
+        at = s.get("at", P.shape, k.cdt)
+        np.abs(t, out=at)
         arg = s.get("arg", P.shape, k.cdt)
-        np.copyto(arg, uu)
-        t = s.get("t", P.shape, k.cdt)
-        np.multiply(v, v, out=t)
-        np.multiply(t, k.cdt(0.5), out=t)  # exact: v^2 / (2u) = (v^2 / 2) / u
-        np.divide(t, u, out=arg, where=small)
-        np.log1p(arg, out=L)
-        np.subtract(a, k.cdt(math.log(2)), out=a)
-        np.add(a, L, out=a)
-        np.copyto(L, a, where=~small)  # NaN: small is False, a is NaN
-    if G is not None:
-        np.subtract(2, v, out=G)
-        np.multiply(G, v, out=G)
-        np.add(uu, 1, out=uu)
-        np.divide(G, uu, out=G)
-        np.sign(d, out=d)
-        np.multiply(G, d, out=G)
+        np.multiply(at, small, out=arg)  # |t| where small, else 0
+        np.subtract(1, small, out=L)  # 1.0 where big
+        np.multiply(a, L, out=a)  # |d| where big, else 0
+        np.subtract(L, arg, out=arg)
+        np.multiply(arg, at, out=arg)  # |t| where big, -t^2 where small: exact either way
+        np.log1p(arg, out=arg)
+        np.multiply(small, k.cdt(-0.5), out=small)
+        np.add(small, 1, out=small)  # 1 where big, 1/2 where small
+        np.multiply(arg, small, out=L)
+        np.subtract(a, L, out=L)
     return _weigh(G, L, W, k)
 
 
@@ -612,14 +611,14 @@ def _poisson_nll_block(P, Y, W, PW, G, L, s, k):
 
 
 def _hinge_block(P, Y, W, PW, G, L, s, k):
-    # m = 1 - y p (y = +-1):  l = max(0, m) ;  g = -y where m > 0 (NaN stays NaN)
-    m = s.get("m", P.shape, k.cdt)
-    np.multiply(Y, P, out=m)
-    np.subtract(1, m, out=m)
-    if L is not None:
-        np.maximum(m, 0, out=L)
+    # m = 1 - y p (y = +-1):  l = max(0, m) ;  g = -y sign(max(0, m)): -y where m > 0, 0 where
+    # m <= 0, NaN for NaN
+    h = L if L is not None else s.get("h", P.shape, k.cdt)
+    np.multiply(Y, P, out=h)
+    np.subtract(1, h, out=h)
+    np.maximum(h, 0, out=h)  # NaN stays NaN
     if G is not None:
-        np.heaviside(m, 0, out=G)  # 1 where m > 0, 0 where m <= 0, NaN for NaN
+        np.sign(h, out=G)
         np.multiply(G, Y, out=G)
         np.subtract(0, G, out=G)  # 0 - 0 = +0: no signed zeros where nothing pulls
     return _weigh(G, L, W, k)
@@ -650,14 +649,16 @@ def _pinball_block(P, Y, W, PW, G, L, s, k):
         np.multiply(r, q, out=L)
         np.maximum(L, below, out=L)
     if G is not None:
-        G.fill(k.cdt(1) - q)
-        above = s.get("above", P.shape, np.bool_)
-        np.greater(r, 0, out=above)
-        np.copyto(G, -q, where=above)
-        a = s.get("a", P.shape, k.cdt)
-        np.sign(r, out=a)
-        np.abs(a, out=a)  # 1 where r != 0, 0 at r = 0, NaN for NaN
-        np.multiply(G, a, out=G)
+        # (1 - q) [r < 0] - q [r > 0] + 0 sign(r): exact, and NaN for NaN
+        side = s.get("side", P.shape, k.cdt)
+        np.less(r, 0, out=side)
+        np.multiply(side, k.cdt(1) - q, out=G)
+        np.greater(r, 0, out=side)
+        np.multiply(side, q, out=side)
+        np.subtract(G, side, out=G)
+        np.sign(r, out=side)
+        np.multiply(side, 0, out=side)
+        np.add(G, side, out=G)
     return _weigh(G, L, W, k)
 
 

@@ -272,17 +272,16 @@ log_cosh = Loss(
 
     Neither form is computed as written: \(\cosh d\) overflows for \(|d| > 710\) (float64;
     89 in float32), and the second form cancels for small \(|d|\), where the loss is about
-    \(d^2/2\). With \(v = 1 - e^{{-|d|}}\) (``expm1``, exact for small \(|d|\)) and
-    \(u = 1 - v = e^{{-|d|}}\):
+    \(d^2/2\). With \(t = \tanh d\), which is the gradient anyway:
 
     $$
-    \log\cosh d = \begin{{cases}} \log\!\left(1 + \dfrac{{v^2}}{{2u}}\right) & |d| \le 1 \\
-        |d| - \log 2 + \log(1 + u^2) & |d| > 1 \end{{cases}}, \qquad
-    \tanh |d| = \frac{{v\,(2 - v)}}{{1 + u^2}}
+    \log\cosh d = \begin{{cases}} -\tfrac12 \log(1 - t^2) & |d| \le 1 \\
+        |d| - \log(1 + |t|) & |d| > 1 \end{{cases}}
     $$
 
-    (\(v^2 / 2u = \cosh d - 1\)): accurate to a few units in the last place for every
-    \(d\), never overflows, and loss and gradient share one ``expm1`` and one ``log1p``.
+    (\(\cosh^2 d = 1 / (1 - t^2)\) and \(1 + \tanh|d| = e^{{|d|}} / \cosh d\)), each through
+    ``log1p``: accurate to a few units in the last place for every \(d\), tiny ones
+    included, and never overflowing.
 
     Parameters
     ----------
