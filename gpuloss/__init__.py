@@ -6,45 +6,13 @@
 0.410038
 """
 
+from . import losses as _losses
 from ._dispatch import preferred_namespace
 from ._score import ScoreResult, score_files
 from ._streaming import StreamingLoss
 from ._version import __version__
-from .losses import (
-    LOSSES,
-    bce,
-    bce_with_logits,
-    cce,
-    cce_with_logits,
-    hinge,
-    huber,
-    log_cosh,
-    mae,
-    mse,
-    pinball,
-    poisson_nll,
-    smooth_l1,
-    squared_hinge,
-)
+from .losses import *  # noqa: F403 - every loss, by its name (gpuloss.losses declares them)
 
-__all__ = [
-    "LOSSES",
-    "ScoreResult",
-    "StreamingLoss",
-    "__version__",
-    "bce",
-    "bce_with_logits",
-    "cce",
-    "cce_with_logits",
-    "hinge",
-    "huber",
-    "log_cosh",
-    "mae",
-    "mse",
-    "pinball",
-    "poisson_nll",
-    "preferred_namespace",
-    "score_files",
-    "smooth_l1",
-    "squared_hinge",
-]
+__all__ = ["ScoreResult", "StreamingLoss", "__version__", "preferred_namespace", "score_files"]
+__all__ += _losses.__all__  # LOSSES and every loss
+__all__.sort()

@@ -365,11 +365,12 @@ class Loss:
     NumPy, as a user would (mean reduction, default options): the benchmarks' baseline.
     `torch_peer(F, x, y)` is PyTorch's loss it matches (`F` = torch.nn.functional; mean,
     default options), or None when PyTorch has none: the benchmarks' other contender.
+    `aliases` are the names other libraries give it (``"l1_loss"`` for mae).
     """
 
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
                  doc: str, pred_rule=None, target_rule=None, kernel_params=None,
-                 naive=None, torch_peer=None):
+                 naive=None, torch_peer=None, aliases=()):
         self.name = name
         self.family = family
         self.kernel = kernel
@@ -382,6 +383,7 @@ class Loss:
         self.kernel_params = kernel_params or (lambda o: tuple(float(o[k]) for k in own))
         self.naive = naive
         self.torch_peer = torch_peer
+        self.aliases = tuple(aliases)  # what other libraries call it, for a KeyError's hint
         self.__doc__ = doc
         self.__name__ = self.__qualname__ = name
         self.__module__ = "gpuloss"
@@ -454,3 +456,8 @@ def run(name, pred, target, options, *, want_value, want_grad, parts=False):
 
 def _by_name(name):
     return _BY_NAME[name]
+
+
+def declared_aliases() -> dict[str, str]:
+    """Every declared loss's other names, mapped to its name."""
+    return {alias: loss.name for loss in _BY_NAME.values() for alias in loss.aliases}

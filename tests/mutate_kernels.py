@@ -3,9 +3,10 @@
 Changes one operator or constant at a time in kernels/*.cu and *.cuh, runs the CPU kernel
 tests, and reports every mutation that no test noticed. Usage:
 
-    python tests/mutate_kernels.py [--sample N] [--seed S] [--grep TEXT]
+    python tests/mutate_kernels.py [--sample N] [--seed S] [--grep TEXT] [--lines A-B]
 
---grep keeps only the sites on lines containing TEXT (to aim at a change).
+--grep keeps only the sites on lines containing TEXT, --lines those on lines A to B of
+gpuloss_math.cuh (to aim at a change).
 """
 
 from __future__ import annotations
@@ -90,8 +91,15 @@ def main():
     ap.add_argument("--sample", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grep", default=None)
+    ap.add_argument("--lines", default=None)
     args = ap.parse_args()
     all_sites = [(f, s) for f in FILES for s in sites(f.read_text())]
+    if args.lines:
+        lo, hi = (int(x) for x in args.lines.split("-"))
+        header = FILES[0]
+        text = header.read_text()
+        all_sites = [(f, s) for f, s in all_sites
+                     if f == header and lo <= text[: s[0]].count("\n") + 1 <= hi]
     if args.grep:
         def line_of(f, s):
             text = f.read_text()

@@ -513,3 +513,38 @@ def test_kernel_sources_found_from_this_install():
     assert (folder / "gpuloss_math.cuh").is_file()
     assert "gl_bce_logits" in _cuda_backend.kernel_source()
     assert '#include "gpuloss_math.cuh"' not in _cuda_backend.kernel_source()
+
+
+# the catalogue's edges on the device: every branch of every functor, NaN and infinities
+_EDGE_VALUES = [0.0, -0.0, 1e-30, 0.3, 0.999, 1.0, 1.0001, 2.0, 2.5, 40.0, 1e30, np.inf,
+                -np.inf, np.nan]
+_CATALOGUE_EDGES = {
+    "mae": [{}], "huber": [{}, {"delta": 2.0}], "smooth_l1": [{}, {"beta": 0.0}, {"beta": 2.0}],
+    "log_cosh": [{}], "pinball": [{}, {"quantile": 0.9}],
+    "poisson_nll": [{}, {"full": True}], "hinge": [{}], "squared_hinge": [{}],
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loss", list(_CATALOGUE_EDGES))
+def test_catalogue_edges_on_the_device_match_numpy(runtime, loss, dtype):
+    """Boundaries (|d| = delta, beta, 1; margins of exactly 1; r = 0), huge and infinite
+    values and NaN, through the emulated kernels and the NumPy backend: the same numbers, NaN
+    and infinities in the same places."""
+    values = np.array(_EDGE_VALUES)
+    pred = np.concatenate([values, -values]).astype(dtype)
+    if loss in ("hinge", "squared_hinge"):
+        target = np.tile([1.0, -1.0], pred.size // 2)
+    elif loss == "poisson_nll":
+        target = np.tile([0.0, 1.0, 3.0, 7.0], pred.size // 4 + 1)[: pred.size]
+    else:
+        target = np.zeros(pred.size)
+    for opts in _CATALOGUE_EDGES[loss]:
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, target, reduction="none", **opts)
+        v, g = _emulated(runtime, loss, pred, target, reduction="none", **opts)
+        for got, want in ((v, want_v), (g, want_g)):
+            assert np.array_equal(np.isnan(got), np.isnan(want)), (opts, got, want)
+            assert np.array_equal(np.isinf(got), np.isinf(want)), (opts, got, want)
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(got[finite], want[finite], rtol=4e-6 if dtype ==
+                                       np.float32 else 1e-13, atol=1e-30, err_msg=str(opts))

@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import difflib
 
-from .binary import bce, bce_with_logits, hinge, squared_hinge
-from .categorical import cce, cce_with_logits
-from .regression import huber, log_cosh, mae, mse, pinball, poisson_nll, smooth_l1
+from .._api import declared_aliases
+from . import binary, categorical, regression
+from .binary import *  # noqa: F403 - every loss is a public name
+from .categorical import *  # noqa: F403
+from .regression import *  # noqa: F403
 
-# what other libraries call these losses, for the KeyError's suggestion
-_PEER_NAMES = {
-    "crossentropy": "cce_with_logits", "cross_entropy": "cce_with_logits",
-    "categorical_crossentropy": "cce", "sparse_categorical_crossentropy": "cce",
-    "softmax_cross_entropy": "cce_with_logits", "binary_crossentropy": "bce",
-    "binary_cross_entropy": "bce", "binary_cross_entropy_with_logits": "bce_with_logits",
-    "sigmoid_binary_cross_entropy": "bce_with_logits", "log_loss": "bce",
-    "mse_loss": "mse", "mean_squared_error": "mse", "squared_error": "mse", "l2_loss": "mse",
-    "l1": "mae", "l1_loss": "mae", "mean_absolute_error": "mae", "huber_loss": "huber",
-    "smooth_l1_loss": "smooth_l1", "logcosh": "log_cosh", "poisson": "poisson_nll",
-    "poisson_nll_loss": "poisson_nll", "hinge_loss": "hinge", "quantile": "pinball",
-    "quantile_loss": "pinball", "mean_pinball_loss": "pinball",
-}
+_FAMILIES = (regression, binary, categorical)
 
 
 class _Losses(dict):
@@ -35,7 +25,7 @@ class _Losses(dict):
     KeyError that lists the names and suggests the closest one."""
 
     def __missing__(self, name):
-        guess = _PEER_NAMES.get(str(name).lower())
+        guess = declared_aliases().get(str(name).lower())
         if guess is None:
             close = difflib.get_close_matches(str(name).lower(), list(self), n=1, cutoff=0.5)
             guess = close[0] if close else None
@@ -44,9 +34,8 @@ class _Losses(dict):
         raise KeyError(msg)
 
 
-LOSSES = _Losses(
-    (loss.name, loss)
-    for loss in (mse, bce, bce_with_logits, cce, cce_with_logits, mae, huber, smooth_l1,
-                 log_cosh, poisson_nll, hinge, squared_hinge, pinball)
-)
-"""Every loss by its name, in the order of the docs."""
+LOSSES = _Losses((name, getattr(family, name)) for family in _FAMILIES
+                 for name in family.__all__)
+"""Every loss by its name, family by family (regression, binary, categorical)."""
+
+__all__ = ["LOSSES", *regression.__all__, *binary.__all__, *categorical.__all__]

@@ -37,6 +37,7 @@ def _naive_cce_with_logits(xp, z, t):
 
 cce = Loss(
     "cce",
+    aliases=("categorical_crossentropy", "sparse_categorical_crossentropy"),
     family=CATEGORICAL,
     kernel="GlCce",
     options=(CLASS_WEIGHT, IGNORE_INDEX, AXIS, CLIP_EPS),
@@ -98,6 +99,7 @@ cce = Loss(
 
 cce_with_logits = Loss(
     "cce_with_logits",
+    aliases=("crossentropy", "cross_entropy", "softmax_cross_entropy"),
     family=CATEGORICAL,
     kernel="GlCceLogits",
     options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS),
@@ -159,3 +161,5 @@ cce_with_logits = Loss(
            [ 0.054302, -0.09876 ,  0.044459]])
     """,
 )
+
+__all__ = ["cce", "cce_with_logits"]  # the losses declared here, in the order of the docs

@@ -19,6 +19,7 @@ def _naive_mse(xp, p, y):
 
 mse = Loss(
     "mse",
+    aliases=("mse_loss", "mean_squared_error", "squared_error", "l2_loss"),
     family=ELEMENTWISE,
     kernel="GlMse",
     naive=_naive_mse,
@@ -84,6 +85,7 @@ def _naive_mae(xp, p, y):
 
 mae = Loss(
     "mae",
+    aliases=("l1", "l1_loss", "mean_absolute_error"),
     family=ELEMENTWISE,
     kernel="GlMae",
     naive=_naive_mae,
@@ -136,6 +138,7 @@ def _naive_huber(xp, p, y, delta=1.0):
 
 huber = Loss(
     "huber",
+    aliases=("huber_loss",),
     family=ELEMENTWISE,
     kernel="GlHuber",
     options=(number("delta", 1.0, "where the loss turns from quadratic to linear (> 0)",
@@ -197,6 +200,7 @@ def _naive_smooth_l1(xp, p, y, beta=1.0):
 
 smooth_l1 = Loss(
     "smooth_l1",
+    aliases=("smooth_l1_loss",),
     family=ELEMENTWISE,
     kernel="GlSmoothL1",
     options=(number("beta", 1.0, "where the loss turns from quadratic to linear (>= 0; 0 is "
@@ -255,6 +259,7 @@ def _naive_log_cosh(xp, p, y):
 
 log_cosh = Loss(
     "log_cosh",
+    aliases=("logcosh",),
     family=ELEMENTWISE,
     kernel="GlLogCosh",
     naive=_naive_log_cosh,
@@ -317,6 +322,7 @@ def _naive_poisson_nll(xp, p, y):  # log_input=True
 
 poisson_nll = Loss(
     "poisson_nll",
+    aliases=("poisson", "poisson_nll_loss"),
     family=ELEMENTWISE,
     kernel="GlPoissonNll",
     options=(
@@ -394,6 +400,7 @@ def _naive_pinball(xp, p, y, q=0.5):
 
 pinball = Loss(
     "pinball",
+    aliases=("quantile", "quantile_loss", "mean_pinball_loss"),
     family=ELEMENTWISE,
     kernel="GlPinball",
     options=(number("quantile", 0.5, "the quantile to predict, in (0, 1)", 0.0, 1.0,
@@ -438,3 +445,5 @@ pinball = Loss(
     array([-0.3       ,  0.        ,  0.03333333])
     """,
 )
+
+__all__ = ["mse", "mae", "huber", "smooth_l1", "log_cosh", "poisson_nll", "pinball"]  # the losses declared here, in the order of the docs
