@@ -358,22 +358,42 @@ def _sum_f64(x) -> float:
     return float(np.add.reduce(x, axis=None, dtype=_F64))
 
 
-def _mse_block(P, Y, W, PW, G, L, s, k):
-    # l = w (p - y)^2 ;  g = 2 w (p - y) / D
-    d = G if G is not None else s.get("d", P.shape, k.cdt)
-    np.subtract(P, Y, out=d)
+# Each elementwise block writes the unweighted loss into L and dl/dp into G; _weigh applies
+# the weights and the mean's 1/D.
+
+
+def _weigh(G, L, W, k, scaled=False) -> float:
+    """Weights on the block's losses (and their float64 sum when wanted) and on dl/dp, with
+    the mean's 1/D unless the block already `scaled` it in."""
     total = 0.0
     if L is not None:
-        np.multiply(d, d, out=L)
         if W is not None:
             np.multiply(L, W, out=L)
         if k.want_sum:
             total = _sum_f64(L)
     if G is not None:
-        np.multiply(d, k.two_gscale, out=G)
+        if not scaled:
+            np.multiply(G, k.gscale, out=G)
         if W is not None:
             np.multiply(G, W, out=G)
     return total
+
+
+def _diff(P, Y, s, k, name="d"):
+    d = s.get(name, P.shape, k.cdt)
+    np.subtract(P, Y, out=d)
+    return d
+
+
+def _mse_block(P, Y, W, PW, G, L, s, k):
+    # l = w (p - y)^2 ;  g = 2 w (p - y) / D
+    d = G if G is not None else s.get("d", P.shape, k.cdt)
+    np.subtract(P, Y, out=d)
+    if L is not None:
+        np.multiply(d, d, out=L)
+    if G is not None:
+        np.multiply(d, k.two_gscale, out=G)  # 2 and the mean's 1/D in one product
+    return _weigh(G, L, W, k, scaled=True)
 
 
 def _bce_block(P, Y, W, PW, G, L, s, k):
@@ -466,28 +486,7 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
 
 
 # ---------------------------------------------------------------------------------------------
-# the elementwise catalogue: each block writes the unweighted loss into L and dl/dp into G;
-# _weigh applies the weights and the mean's 1/D
-
-
-def _weigh(G, L, W, k) -> float:
-    total = 0.0
-    if L is not None:
-        if W is not None:
-            np.multiply(L, W, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
-    if G is not None:
-        np.multiply(G, k.gscale, out=G)
-        if W is not None:
-            np.multiply(G, W, out=G)
-    return total
-
-
-def _diff(P, Y, s, k, name="d"):
-    d = s.get(name, P.shape, k.cdt)
-    np.subtract(P, Y, out=d)
-    return d
+# the elementwise catalogue
 
 
 def _mae_block(P, Y, W, PW, G, L, s, k):
@@ -500,48 +499,36 @@ def _mae_block(P, Y, W, PW, G, L, s, k):
     return _weigh(G, L, W, k)
 
 
-def _huber_block(P, Y, W, PW, G, L, s, k):
-    # m = min(|d|, delta):  l = m (|d| - m/2)  (= d^2/2 inside, delta (|d| - delta/2) outside)
-    # g = clip(d, -delta, delta)
-    delta = k.cdt(k.opt["delta"])
-    d = _diff(P, Y, s, k)
+def _huber_terms(d, limit, G, L, s, k):
+    # m = min(|d|, limit):  L = m (|d| - m/2)  (= d^2/2 inside, limit (|d| - limit/2) outside)
+    # G = clip(d, -limit, limit)
     if L is not None:
-        a = s.get("a", P.shape, k.cdt)
+        a = s.get("a", d.shape, k.cdt)
         np.abs(d, out=a)
-        m = s.get("m", P.shape, k.cdt)
-        np.minimum(a, delta, out=m)  # NaN stays NaN
+        m = s.get("m", d.shape, k.cdt)
+        np.minimum(a, limit, out=m)  # NaN stays NaN
         np.multiply(m, k.cdt(0.5), out=L)
         np.subtract(a, L, out=a)
         np.multiply(m, a, out=L)
     if G is not None:
-        np.clip(d, -delta, delta, out=G)
+        np.clip(d, -limit, limit, out=G)
+
+
+def _huber_block(P, Y, W, PW, G, L, s, k):
+    _huber_terms(_diff(P, Y, s, k), k.cdt(k.opt["delta"]), G, L, s, k)
     return _weigh(G, L, W, k)
 
 
 def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
-    # huber with delta = beta, over beta: m = min(|d|, beta), l = m (|d| - m/2) / beta
-    # (= d^2 / 2 beta inside, |d| - beta/2 outside), g = clip(d, -beta, beta) / beta;
+    # huber with delta = beta, over beta (= d^2 / 2 beta inside, |d| - beta/2 outside);
     # beta = 0: l = |d|, g = sign(d)
     beta = k.cdt(k.opt["beta"])
-    d = _diff(P, Y, s, k)
     if beta == 0:
-        if L is not None:
-            np.abs(d, out=L)
-        if G is not None:
-            np.sign(d, out=G)
-        return _weigh(G, L, W, k)
-    if L is not None:
-        a = s.get("a", P.shape, k.cdt)
-        np.abs(d, out=a)
-        m = s.get("m", P.shape, k.cdt)
-        np.minimum(a, beta, out=m)  # NaN stays NaN
-        np.multiply(m, k.cdt(0.5), out=L)
-        np.subtract(a, L, out=a)
-        np.multiply(m, a, out=L)
-        np.divide(L, beta, out=L)
-    if G is not None:
-        np.clip(d, -beta, beta, out=G)
-        np.divide(G, beta, out=G)
+        return _mae_block(P, Y, W, PW, G, L, s, k)
+    _huber_terms(_diff(P, Y, s, k), beta, G, L, s, k)
+    for out in (L, G):
+        if out is not None:
+            np.divide(out, beta, out=out)
     return _weigh(G, L, W, k)
 
 
