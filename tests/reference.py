@@ -69,9 +69,9 @@ def reference(
         w = np.broadcast_to(
             np.asarray(1.0 if sample_weight is None else sample_weight, np.float64), p.shape
         )
-        if loss in CATALOGUE:
+        if loss in CATALOGUE:  # scalar options enter in the compute dtype too
             per = _catalogue(loss, p, y, delta=delta, beta=beta, quantile=quantile,
-                             log_input=log_input, full=full, eps=eps)
+                             log_input=log_input, full=full, eps=float(compute(eps)))
         elif loss == "mse":
             per = (p - y) ** 2
         elif loss == "bce":
