@@ -262,13 +262,17 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
     if "label_smoothing" in checked:
         fields["label_smoothing"] = checked["label_smoothing"]
     for key in ("axis", "ignore_index"):
-        if key in fields:
+        if key in fields and key in loss.options:
             checked[key] = fields[key]
 
     pred_rule = loss.pred_rule(checked) if callable(loss.pred_rule) else loss.pred_rule
-    target_rule = loss.target_rule
-    if loss.family == CATEGORICAL:
-        target_rule = None if fields.get("labels") else _call.UNIT
+    target_rule = loss.target_rule(checked) if callable(loss.target_rule) else loss.target_rule
+    if loss.family == CATEGORICAL:  # the declared rule is for probability targets, UNIT unless
+        # a callable says otherwise (kl_div's log-probability targets have none)
+        if fields.get("labels"):
+            target_rule = None
+        elif not callable(loss.target_rule) and target_rule is None:
+            target_rule = _call.UNIT
     return Call(
         loss=loss.name,
         pred=pred,
@@ -294,6 +298,12 @@ def _check_categorical(loss, shape, target, arrays, options, xp, fields):
     axis = _check_axis(options.get("axis", -1), len(shape))
     sample_shape = shape[:axis] + shape[axis + 1 :]
     kind = dtype_kind(xp, target.dtype)
+    if kind == "int" and not loss.class_indices:
+        msg = (
+            f"{loss.name} needs probability targets (a floating array of pred's shape), got "
+            f"target of dtype {dtype_name(target.dtype)}."
+        )
+        raise TypeError(msg)
     if kind == "int":
         if _shape(target) != sample_shape:
             msg = (
@@ -366,11 +376,15 @@ class Loss:
     `torch_peer(F, x, y)` is PyTorch's loss it matches (`F` = torch.nn.functional; mean,
     default options), or None when PyTorch has none: the benchmarks' other contender.
     `aliases` are the names other libraries give it (``"l1_loss"`` for mae).
+    `class_indices=False` makes a categorical loss refuse integer targets;
+    `log_probabilities=True` says that pred holds log-probabilities (for the examples the demo
+    and the benchmarks make).
     """
 
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
                  doc: str, pred_rule=None, target_rule=None, kernel_params=None,
-                 naive=None, torch_peer=None, aliases=()):
+                 naive=None, torch_peer=None, aliases=(), class_indices=True,
+                 log_probabilities=False):
         self.name = name
         self.family = family
         self.kernel = kernel
@@ -384,6 +398,8 @@ class Loss:
         self.naive = naive
         self.torch_peer = torch_peer
         self.aliases = tuple(aliases)  # what other libraries call it, for a KeyError's hint
+        self.class_indices = class_indices  # categorical: integer targets allowed
+        self.log_probabilities = log_probabilities  # pred holds log-probabilities (nll, kl_div)
         self.__doc__ = doc
         self.__name__ = self.__qualname__ = name
         self.__module__ = "gpuloss"
@@ -397,7 +413,8 @@ class Loss:
         self.__signature__ = inspect.Signature(params)
         self.grad = self._entry_point("grad", want_value=False, want_grad=True)
         self.value_and_grad = self._entry_point("value_and_grad", want_value=True, want_grad=True)
-        _call.declare_kernel(kernel, family, bool_targets=target_rule != _call.SIGN)
+        _call.declare_kernel(kernel, family, bool_targets=target_rule != _call.SIGN,
+                             labels=class_indices)
         _BY_NAME[name] = self
 
     def __call__(self, pred, target, **options):

@@ -150,7 +150,9 @@ def floor_bytes(fn, shape, dtype):
     if fn.family != "categorical":
         return 3 * size * shape[0]  # read pred, read target, write grad
     N, K = shape
-    if default_rules(fn)[0] is None:  # logits
+    if not fn.class_indices:  # probability targets: read both rows, write one
+        return 3 * size * N * K
+    if default_rules(fn)[0] is None:  # logits or log-probabilities
         return 2 * size * N * K + 8 * N  # read logits once, write grad, read labels
     return size * N * K + 2 * size * N + 8 * N  # write grad, gather p_y, read labels
 

@@ -85,23 +85,29 @@ class Call:
 # the kernels every declared loss needs, so that the CUDA backend can compile them all
 
 
-_KERNELS: dict[str, tuple[str, bool]] = {}  # functor -> (family, takes boolean targets)
+_KERNELS: dict[str, dict] = {}  # functor -> {"family", "bool_targets", "labels"}
 
 
-def declare_kernel(functor: str, family: str, bool_targets: bool = True) -> None:
+def declare_kernel(functor: str, family: str, *, bool_targets: bool = True,
+                   labels: bool = True) -> None:
     """Record that a loss computes with `functor` (called by each loss's declaration).
     `bool_targets` is False where boolean targets are converted before the kernel (the
-    hinge losses' -1/+1 labels), so that no kernel is built for them."""
-    _KERNELS[functor] = (family, bool_targets)
+    hinge losses' -1/+1 labels), `labels` False for a categorical loss that takes no class
+    indices (kl_div): no kernel is built for those."""
+    _KERNELS[functor] = {"family": family, "bool_targets": bool_targets, "labels": labels}
 
 
 def declared_kernels(family: str) -> list[str]:
     """The functors of `family`, in the order the losses were declared."""
-    return [f for f, (fam, _) in _KERNELS.items() if fam == family]
+    return [f for f, d in _KERNELS.items() if d["family"] == family]
 
 
 def takes_bool_targets(functor: str) -> bool:
-    return _KERNELS[functor][1]
+    return _KERNELS[functor]["bool_targets"]
+
+
+def takes_labels(functor: str) -> bool:
+    return _KERNELS[functor]["labels"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ import numpy as np
 from ._call import CATEGORICAL, NONNEG, SIGN, UNIT
 
 
+def _softmax(xp, z):
+    e = xp.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def default_rules(fn) -> tuple[str | None, str | None]:
     """(pred_rule, target_rule) of loss `fn` with its default options."""
     rule = fn.pred_rule
@@ -25,9 +30,12 @@ def example_inputs(fn, rng, *, n=1 << 20, rows=16384, classes=64, dtype=np.float
     if fn.family == CATEGORICAL:
         z = 2 * rng.standard_normal((rows, classes))
         if pred_rule == UNIT:  # probabilities: a softmax of the logits
-            e = xp.exp(z - z.max(1, keepdims=True))
-            z = e / e.sum(1, keepdims=True)
-        return z.astype(dtype), rng.integers(0, classes, rows).astype(xp.int64)
+            z = _softmax(xp, z)
+        elif fn.log_probabilities:
+            z = xp.log(_softmax(xp, z))
+        if fn.class_indices:
+            return z.astype(dtype), rng.integers(0, classes, rows).astype(xp.int64)
+        return z.astype(dtype), _softmax(xp, 2 * rng.standard_normal((rows, classes))).astype(dtype)
     if pred_rule == UNIT:
         pred = 0.01 + 0.98 * rng.random(n)
     elif pred_rule == NONNEG:

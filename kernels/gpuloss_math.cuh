@@ -411,6 +411,28 @@ struct GlCceLogits {  // softmax fused
     }
 };
 
+// nll on log-probabilities: -c z, derivative -c; a class with no weight adds 0, even at -inf
+struct GlNll {
+    enum { logits = 0 };
+    template <typename T>
+    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+        *g = -c;
+        return c == T(0) ? (z != z ? z : T(0)) : -c * z;
+    }
+};
+// kl_div: c is the target, t = c or, with a = {log_target}, exp(c); t (log t - z), 0 log 0 = 0;
+// derivative -t
+struct GlKlDiv {
+    enum { logits = 0 };
+    template <typename T>
+    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+        T t = a[0] != T(0) ? gl_exp(c) : c;
+        T log_t = a[0] != T(0) ? c : gl_log(c);
+        *g = -t;
+        return t == T(0) ? (z != z ? z : T(0)) : t * (log_t - z);
+    }
+};
+
 // ---- float16 storage, computed in float (IEEE binary16, round to nearest even) --------------
 GL_FN float gl_half_to_float(unsigned short h) {
 #if defined(__CUDA_ARCH__)

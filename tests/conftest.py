@@ -116,4 +116,11 @@ def make_inputs(loss, rng, shape, dtype=np.float64, labels=True, axis=-1):
         e = np.exp(z - z.max(axis=axis, keepdims=True))
         p = e / e.sum(axis=axis, keepdims=True)
         return np.clip(p, 0.01, 0.99).astype(dtype), target
+    if loss in ("nll", "kl_div"):  # log-probabilities (a log-softmax)
+        m = z.max(axis=axis, keepdims=True)
+        a = z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
+        if loss == "kl_div" and labels:  # probability targets only: a softmax of other logits
+            t = np.exp(2 * rng.standard_normal(shape))
+            target = t / t.sum(axis=axis, keepdims=True)
+        return a.astype(dtype), target
     return z.astype(dtype), target

@@ -9,7 +9,9 @@ import numpy as np
 CATALOGUE = ("mae", "huber", "smooth_l1", "log_cosh", "poisson_nll", "hinge", "squared_hinge",
              "pinball")  # the elementwise losses of CATALOGUE.md
 ELEMENTWISE = ("mse", "bce", "bce_with_logits", *CATALOGUE)
-CATEGORICAL = ("cce", "cce_with_logits")
+CATEGORICAL = ("cce", "cce_with_logits", "nll", "kl_div")
+LABELED = ("cce", "cce_with_logits", "nll")  # categorical losses that take class indices
+# (and class weights); kl_div takes probability targets only
 ALL = ELEMENTWISE + CATEGORICAL
 
 
@@ -32,6 +34,7 @@ def reference(
     quantile=0.5,
     log_input=True,
     full=False,
+    log_target=False,
 ):
     """The loss as DESIGN.md and CATALOGUE.md define it, in float64."""
     pred = np.asarray(pred)
@@ -82,7 +85,8 @@ def reference(
             c = 1.0 if pos_weight is None else np.asarray(pos_weight, np.float64)
             # softplus(z) = logaddexp(0, z)
             per = (1 - ys) * np.logaddexp(0, p) + c * ys * np.logaddexp(0, -p)
-        per = w * per
+        with np.errstate(invalid="ignore"):  # a weight of 0 on an infinite loss: NaN, as computed
+            per = w * per
         denom = w.sum()
     else:
         z = np.moveaxis(p, axis, -1)
@@ -107,16 +111,29 @@ def reference(
             coef = cw * t
             sample_w = sw
             denom = sw.sum()
+        if loss == "kl_div":  # Σ t (log t - a), 0 log 0 = 0
+            log_t = t if log_target else np.log(np.where(t > 0, t, 1.0))
+            t = np.exp(t) if log_target else t
+            with np.errstate(invalid="ignore"):
+                per = np.where(t == 0, 0.0, t * (log_t - z)).sum(-1)
+            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            coef = None
         if loss == "cce":
             logp = np.log(np.clip(z, *bounds))
+        elif loss == "nll" or K == 0:
+            logp = z  # log-probabilities as given (or no classes: every sum is empty)
+        elif loss == "kl_div":
+            pass
         elif K == 0:
             logp = z  # no classes: every sum over k is empty
         else:
             m = z.max(-1, keepdims=True)
             logp = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-        with np.errstate(invalid="ignore"):  # a class with no weight adds 0, even at -inf
-            per = -np.where(coef == 0, 0.0, coef * logp).sum(-1)
-        per = np.where(sample_w > 0, sample_w * per, 0.0)
+        if coef is not None:
+            with np.errstate(invalid="ignore"):  # a class with no weight adds 0, even at -inf
+                # (a NaN still propagates: NaN anywhere in a row makes the row NaN)
+                per = -np.where((coef == 0) & ~np.isnan(logp), 0.0, coef * logp).sum(-1)
+            per = np.where(sample_w > 0, sample_w * per, 0.0)
     if reduction == "none":
         return per
     if reduction == "sum":

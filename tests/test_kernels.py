@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import make_inputs, require
-from reference import ALL, CATEGORICAL, ELEMENTWISE
+from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED
 from test_losses import REDUCTIONS, _cases, _options
 
 import gpuloss as gl
@@ -357,8 +357,10 @@ def test_kernels_float16_and_mixed_target_dtypes(runtime, loss):
         targets += [target.astype(np.float16), target > 0, target.astype(np.int32)]
     elif loss in ELEMENTWISE:
         targets += [target.astype(np.float16), (target > 0.5), (target > 0.5).astype(np.int32)]
-    else:
+    elif gl.LOSSES[loss].class_indices:
         targets += [target.astype(np.int32)]
+    else:  # probability targets only: stored in another float type
+        targets += [target.astype(np.float16), target.astype(np.float32)]
     for t in targets:
         want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, t)
         v, g = _emulated(runtime, loss, pred, t)
@@ -389,11 +391,11 @@ def test_row_kernel_variants_by_class_count(runtime, loss, K):
     rng = np.random.default_rng(7)
     rows = 4  # with the emulator's 3 blocks, one step has rows past the end (dead rows)
     pred, target = make_inputs(loss, rng, (rows, K))
-    for labels in (True, False):
+    for labels in (True, False) if loss in LABELED else (False,):
         if not labels:
             t = rng.uniform(0, 1, (rows, K))
             target = t / t.sum(1, keepdims=True)
-        opts = {"class_weight": rng.uniform(0.5, 1.5, K)}
+        opts = {"class_weight": rng.uniform(0.5, 1.5, K)} if loss in LABELED else {}
         if loss == "cce_with_logits":
             opts["label_smoothing"] = 0.05
         want = gl.LOSSES[loss].value_and_grad(pred, target, **opts)
@@ -414,7 +416,7 @@ def test_row_kernel_variants_by_class_count(runtime, loss, K):
 @pytest.mark.parametrize("loss", CATEGORICAL)
 def test_kernels_class_axis_1(runtime, loss):
     rng = np.random.default_rng(8)
-    for labels in (True, False):
+    for labels in (True, False) if loss in LABELED else (False,):
         pred, target = make_inputs(loss, rng, (5, 4, 3), labels=labels, axis=1)
         want = gl.LOSSES[loss].value_and_grad(pred, target, axis=1)
         got = _emulated(runtime, loss, pred, target, axis=1)
@@ -462,12 +464,12 @@ def test_kernels_raise_the_same_errors(runtime):
     with pytest.raises(ValueError, match="target must hold probabilities"):
         _emulated(runtime, "cce", np.full((2, 3), 0.3), np.full((2, 3), 1.5))
     # the boundaries: K itself and -1 are out of range
-    for loss in CATEGORICAL:
+    for loss in LABELED:
         for bad in (4, -1):
             with pytest.raises(ValueError, match="class indices"):
                 _emulated(runtime, loss, np.full((3, 4), 0.25), np.array([0, bad, 3]))
     # validate=False: NaN for the bad labels, no error, no out-of-bounds read
-    for loss in CATEGORICAL:
+    for loss in LABELED:
         per, grad = _emulated(runtime, loss, np.full((4, 4), 0.25), np.array([0, 7, 4, -1]),
                               reduction="none", validate=False,
                               class_weight=np.ones(4))

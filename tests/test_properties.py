@@ -68,16 +68,27 @@ def problems(draw, loss):
         if loss == "cce":
             raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0.01, 1)))
             pred = (raw / raw.sum(axis=axis, keepdims=True)).astype(dtype)
+        elif loss in ("nll", "kl_div"):  # log-probabilities: a log-softmax
+            z = draw(hnp.arrays(np.float64, shape, elements=st.floats(-30, 30)))
+            m = z.max(axis=axis, keepdims=True)
+            pred = (z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))).astype(dtype)
         else:
             pred = draw(hnp.arrays(dtype, shape, elements=st.floats(-30, 30)))
-        if draw(st.booleans()):
+        if loss == "kl_div":
+            raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+            target = raw / np.maximum(raw.sum(axis=axis, keepdims=True), 1e-12)
+            if draw(st.booleans()):
+                opts["log_target"] = True
+                with np.errstate(divide="ignore"):
+                    target = np.log(target)
+        elif draw(st.booleans()):
             target = draw(hnp.arrays(np.int64, sample_shape, elements=st.integers(0, K - 1)))
             if draw(st.booleans()):
                 opts["ignore_index"] = draw(st.integers(0, K - 1))
         else:
             raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
             target = raw / np.maximum(raw.sum(axis=axis, keepdims=True), 1e-12)
-        if draw(st.booleans()):
+        if loss != "kl_div" and draw(st.booleans()):
             opts["class_weight"] = draw(hnp.arrays(np.float64, (K,),
                                                    elements=st.floats(0.1, 3)))
         if loss == "cce_with_logits" and draw(st.booleans()):

@@ -61,7 +61,7 @@ def _options(loss, rng, shape):
         sets.append({"sample_weight": rng.uniform(0.5, 2, shape)})
         if loss == "bce_with_logits":
             sets.append({"pos_weight": rng.uniform(0.5, 2, shape[1]), "label_smoothing": 0.1})
-    return sets
+    return [o for o in sets if set(o) - {"reduction"} <= set(gl.LOSSES[loss].options)]
 
 
 def _tensors(torch, opts):

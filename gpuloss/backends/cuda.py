@@ -102,11 +102,12 @@ def all_kernel_names() -> list[str]:
                     names.append(elementwise_name(functor, p, y))
     names += [finish_name(p) for p in PRED_DTYPES]
     names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
-    for loss in _call.declared_kernels(_call.CATEGORICAL):
+    for functor in _call.declared_kernels(_call.CATEGORICAL):
+        labels = LABEL_DTYPES if _call.takes_labels(functor) else ()
         for config in ROW_CONFIGS:
             for p in PRED_DTYPES:
-                names += [rows_name(loss, True, config, p, t) for t in LABEL_DTYPES]
-                names.append(rows_name(loss, False, config, p, p))
+                names += [rows_name(functor, True, config, p, t) for t in labels]
+                names.append(rows_name(functor, False, config, p, p))
     return names
 
 
@@ -421,11 +422,12 @@ def _categorical(rt, call):
         t = cp.ascontiguousarray(t)
     else:
         t = cp.moveaxis(call.target, call.axis, -1)
+        check_target = call.validate and call.target_rule == _call.UNIT
         if t.dtype != z.dtype:  # converted on the device: checked as stored, beforehand
-            if call.validate:
+            if check_target:
                 _check_stored(rt, call, t, False, FLAG_TARGET, flags)
             t = rt.astype(t, z.dtype)
-        elif call.validate:
+        elif check_target:
             check |= FLAG_TARGET
         t = cp.ascontiguousarray(t)
     sw, sw_div, sw_mod = _weights(rt, call, "sample_weight", sample_shape, flags)

@@ -294,6 +294,20 @@ def _categorical(call, xp, cdt):
             w = xp.where(xp.any(xp.isnan(Z), axis=-1), nan, w)
         loss = -xp.sum(C * xp.log(pc), axis=-1)
         grad = -C / pc
+    elif call.loss in ("nll", "kl_div"):
+        if call.loss == "nll":  # -Σ c a, c = cw t (one-hot t for class indices)
+            C, X = T * cw_vec, -Z
+            if call.labels and K:  # NaN anywhere in a row: that row's loss and gradient are NaN
+                w = xp.where(xp.any(xp.isnan(Z), axis=-1), nan, w)
+            nan_in = xp.isnan(Z)
+        else:  # Σ t (log t - a), 0 log 0 = 0; the target is log t with log_target
+            log_target = call.options["log_target"]
+            C = xp.exp(T) if log_target else T
+            X = (T if log_target else xp.log(T)) - Z
+            nan_in = xp.isnan(Z) | xp.isnan(T)
+        # a class with no weight adds 0, even where X is infinite (masked, 0 log 0)
+        loss = xp.sum(xp.where((C == 0) & ~nan_in, xp.zeros_like(X), C * X), axis=-1)
+        grad = -C
     else:
         if K == 0:
             logp = soft = one_minus_soft = Z

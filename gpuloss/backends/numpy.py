@@ -608,6 +608,8 @@ def _hinge_block(P, Y, W, PW, G, L, s, k):
         np.sign(h, out=G)
         np.multiply(G, Y, out=G)
         np.subtract(0, G, out=G)  # 0 - 0 = +0: no signed zeros where nothing pulls
+        if np.isnan(G).any():  # rare: 0 * inf for an infinite label (validate=False)
+            np.copyto(G, np.where(h > 0, -Y, np.where(np.isnan(h), h, 0)))
     return _weigh(G, L, W, k)
 
 
@@ -934,9 +936,98 @@ def _cce_probs_block(P, T, swb, G, L, s, k):
     return (total, prange, trange)
 
 
+def _masked_row_sum(C, X, s, k, inputs):
+    """Σ_k C_k X_k per row, where a class with C = 0 adds 0 even where X is ±inf or NaN
+    because of infinite `inputs` (a masked class, 0 log 0); a NaN among the inputs still makes
+    the row NaN."""
+    prod = s.get("prod", C.shape, k.cdt)
+    np.multiply(C, X, out=prod)
+    if np.isnan(prod).any():  # rare: 0 * inf; look again
+        nan_input = np.zeros(C.shape, bool)
+        for x in inputs:
+            nan_input |= np.isnan(x)
+        np.copyto(prod, np.where((C == 0) & ~nan_input, 0, prod))
+    return np.add.reduce(prod, axis=1)
+
+
+def _nll_block(A, labels, swb, G, L, s, k):
+    # l = -cw[y] a_y ;  g = -sw cw[y] / D at k = y, else 0 (a = log-probabilities, no clipping)
+    # A NaN anywhere in the row or an invalid label (NaN weight) makes the row NaN, as for cce.
+    R, K = A.shape
+    safe, cwy, w = _row_weights(labels, swb, k)
+    if np.isnan(np.add.reduce(A, axis=None)):  # one pass; NaN (or inf - inf): look closer
+        w[np.isnan(A).any(axis=1)] = np.nan
+    rows = np.arange(R)
+    c = w if cwy is None else w * cwy
+    total = 0.0
+    if L is not None:
+        ay = A[rows, safe]
+        np.multiply(c, ay, out=L)
+        np.negative(L, out=L)
+        L[c == 0] = 0  # an ignored or unweighted sample adds 0, even at a = -inf
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        G.fill(0)
+        G[rows, safe] = -(c * k.gscale)
+        nan_rows = np.isnan(w)
+        if nan_rows.any():
+            G[nan_rows] = np.nan
+    return (total,)
+
+
+def _nll_probs_block(A, T, swb, G, L, s, k):
+    # c = cw t:  l = -Σ_k c_k a_k ;  g_k = -sw c_k / D
+    R, K = A.shape
+    trange = _min_max(T) if k.validate else _NO_RANGE
+    w = np.ones(R, k.cdt) if swb is None else swb
+    C = T
+    if k.cw is not None:
+        C = s.get("C", (R, K), k.cdt)
+        np.multiply(T, k.cw, out=C)
+    total = 0.0
+    if L is not None:
+        np.negative(_masked_row_sum(C, A, s, k, (A, T)), out=L)
+        np.multiply(L, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        np.multiply(C, (-k.gscale * w).astype(k.cdt)[:, None], out=G)
+    return (total, _NO_RANGE, trange)
+
+
+def _kl_div_block(A, T, swb, G, L, s, k):
+    # t = target (exp(target) with log_target):  l = Σ_k t_k (log t_k - a_k), 0 log 0 = 0 ;
+    # g_k = -sw t_k / D
+    R, K = A.shape
+    trange = _min_max(T) if k.validate else _NO_RANGE
+    w = np.ones(R, k.cdt) if swb is None else swb
+    t = s.get("t", (R, K), k.cdt)
+    logt = s.get("logt", (R, K), k.cdt)
+    if k.opt["log_target"]:
+        np.copyto(logt, T)
+        np.exp(T, out=t)
+    else:
+        np.copyto(t, T)
+        np.log(T, out=logt)  # -inf where t = 0: masked in the sum
+    total = 0.0
+    if L is not None:
+        np.subtract(logt, A, out=logt)
+        L[...] = _masked_row_sum(t, logt, s, k, (A, T))
+        np.multiply(L, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        np.multiply(t, (-k.gscale * w).astype(k.cdt)[:, None], out=G)
+    return (total, _NO_RANGE, trange)
+
+
 _CATEGORICAL = {
     ("cce_with_logits", True): _cce_logits_block,
     ("cce_with_logits", False): _cce_logits_probs_block,
     ("cce", True): _cce_block,
     ("cce", False): _cce_probs_block,
+    ("nll", True): _nll_block,
+    ("nll", False): _nll_probs_block,
+    ("kl_div", False): _kl_div_block,
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._api import AXIS, CLASS_WEIGHT, CLIP_EPS, IGNORE_INDEX, LABEL_SMOOTHING, Loss
+from .._api import AXIS, CLASS_WEIGHT, CLIP_EPS, IGNORE_INDEX, LABEL_SMOOTHING, Loss, flag
 from .._call import CATEGORICAL, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
 
@@ -162,4 +162,158 @@ cce_with_logits = Loss(
     """,
 )
 
-__all__ = ["cce", "cce_with_logits"]  # the losses declared here, in the order of the docs
+_CATEGORICAL_PARAMS = f"""\
+{REDUCTION.format(unit="sample", mean="divides by D above")}
+    {COMMON_PARAMS.format(weight_shape="per sample, broadcastable to pred's shape without axis")}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# nll
+
+
+def _naive_nll(xp, a, t):  # class indices
+    rows = xp.arange(a.shape[0])
+    grad = xp.zeros_like(a)
+    grad[rows, t] = -1.0 / a.shape[0]
+    return -xp.mean(a[rows, t]), grad
+
+
+nll = Loss(
+    "nll",
+    aliases=("nll_loss", "negative_log_likelihood"),
+    family=CATEGORICAL,
+    kernel="GlNll",
+    options=(CLASS_WEIGHT, IGNORE_INDEX, AXIS),
+    log_probabilities=True,
+    naive=_naive_nll,
+    torch_peer=lambda F, x, t: F.nll_loss(x, t),
+    doc=rf"""Negative log-likelihood of log-probabilities, and its gradient.
+
+    With log-probabilities \(a_{{ik}}\) (e.g. a log-softmax) and class weights \(c_k\):
+
+    $$
+    \ell_i = -w_i \sum_k c_k\, y_{{ik}}\, a_{{ik}}, \qquad
+    \frac{{\partial L}}{{\partial a_{{ik}}}} = -\frac{{w_i}}{{D}}\, c_k\, y_{{ik}}
+    $$
+
+    Integer targets \(t_i\) mean one-hot \(y\): \(\ell_i = -w_i c_{{t_i}} a_{{i t_i}}\), the
+    gradient is \(-w_i c_{{t_i}} / D\) at \(t_i\) and 0 elsewhere, and
+    \(D = \sum_i w_i c_{{t_i}}\) over the samples not equal to ``ignore_index`` (PyTorch's
+    convention). Probability targets: \(D = \sum_i w_i\) (N unweighted). Nothing is clipped:
+    \(a = -\infty\) at a counted class gives an infinite loss, as in PyTorch; a class with
+    no weight in the sum adds 0 even at \(-\infty\).
+
+    Parameters
+    ----------
+    pred : array
+        Log-probabilities with the classes along ``axis``.
+    target : array
+        Either class indices (integer dtype, pred's shape without ``axis``) or probabilities
+        (floating, pred's shape).
+    {_CATEGORICAL_PARAMS}
+    class_weight : array_like, optional
+        Shape (K,): weight of each class (PyTorch's ``weight``).
+    ignore_index : int, optional
+        With integer targets: samples with this label give 0 loss, 0 gradient, and leave
+        the denominator.
+    axis : int, default -1
+        The class axis (``axis=1`` for PyTorch's (N, C, d1, ...) layout).
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Like ``torch.nn.functional.nll_loss`` (``weight``, ``ignore_index``; its default
+    ``ignore_index`` is -100, ours None), with probability targets as well. It is
+    `cce_with_logits` when pred is a log-softmax.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> a = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])); t = np.array([0, 2])
+    >>> round(float(gl.nll(a, t)), 6)
+    0.289909
+    >>> gl.nll.grad(a, t)
+    array([[-0.5,  0. ,  0. ],
+           [ 0. ,  0. , -0.5]])
+    """,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_div
+
+
+def _naive_kl_div(xp, a, t):  # probability targets
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logt = xp.where(t > 0, xp.log(xp.where(t > 0, t, 1.0)), 0.0)
+    return xp.sum(t * (logt - a)) / a.shape[0], -t / a.shape[0]
+
+
+kl_div = Loss(
+    "kl_div",
+    aliases=("kl_divergence", "kullback_leibler", "kld", "kl"),
+    family=CATEGORICAL,
+    kernel="GlKlDiv",
+    options=(flag("log_target", False, "target holds log-probabilities"), AXIS),
+    target_rule=lambda o: None if o["log_target"] else UNIT,
+    class_indices=False,
+    log_probabilities=True,
+    naive=_naive_kl_div,
+    torch_peer=lambda F, x, t: F.kl_div(x, t, reduction="batchmean"),
+    doc=rf"""Kullback-Leibler divergence KL(t ‖ p) from log-probabilities, and its gradient.
+
+    With log-probabilities \(a_{{ik}} = \log p_{{ik}}\) and target probabilities \(t_{{ik}}\)
+    (or \(t = e^{{\text{{target}}}}\) with ``log_target=True``):
+
+    $$
+    \ell_i = w_i \sum_k t_{{ik}} \left(\log t_{{ik}} - a_{{ik}}\right), \qquad
+    \frac{{\partial L}}{{\partial a_{{ik}}}} = -\frac{{w_i}}{{D}}\, t_{{ik}}
+    $$
+
+    with \(0 \log 0 = 0\) (a class the target gives no mass adds nothing, even where
+    \(a = -\infty\)), and \(D = \sum_i w_i\) (N, the number of samples, unweighted): the
+    mean is the true KL per sample, PyTorch's ``reduction="batchmean"``. With
+    ``log_target=True``, \(\log t\) is the target itself (no log is taken).
+
+    Parameters
+    ----------
+    pred : array
+        Log-probabilities with the classes along ``axis``.
+    target : array
+        Probabilities (floating, pred's shape; checked to lie in [0, 1]), or
+        log-probabilities with ``log_target=True`` (not checked). Class indices are refused.
+    {_CATEGORICAL_PARAMS}
+    log_target : bool, default False
+        The target holds log-probabilities.
+    axis : int, default -1
+        The class axis.
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    Like ``torch.nn.functional.kl_div(a, t, reduction="batchmean", log_target=...)`` for
+    2-D input (for N-D input PyTorch divides by size(0), we by the number of samples, every
+    position but the class axis; with ``log_target`` a target of \(-\infty\) is a class with
+    no mass, 0 here, NaN in PyTorch) and ``optax.kl_divergence``. Nothing is clipped: a class with
+    mass in the target and \(a = -\infty\) gives an infinite loss.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> a = np.log(np.array([[0.5, 0.5], [0.9, 0.1]])); t = np.array([[0.5, 0.5], [0.5, 0.5]])
+    >>> round(float(gl.kl_div(a, t)), 6)
+    0.255413
+    >>> gl.kl_div.grad(a, t)
+    array([[-0.25, -0.25],
+           [-0.25, -0.25]])
+    """,
+)
+
+
+__all__ = ["cce", "cce_with_logits", "nll", "kl_div"]  # the losses declared here, in the order of the docs
