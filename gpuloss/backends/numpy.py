@@ -401,7 +401,6 @@ def _bce_block(P, Y, W, PW, G, L, s, k):
     # g = w (p' - y) / (p' (1 - p')) / D, the seed's -y/p + (1-y)/(1-p) over one denominator
     pc = s.get("pc", P.shape, k.cdt)
     np.clip(P, k.lo, k.hi, out=pc)
-    total = 0.0
     if L is not None:
         lq = s.get("lq", P.shape, k.cdt)
         np.negative(pc, out=lq)
@@ -413,20 +412,13 @@ def _bce_block(P, Y, W, PW, G, L, s, k):
         np.multiply(lq, om, out=lq)
         np.add(L, lq, out=L)  # y log p' + (1-y) log(1-p'): exact when y is 0 or 1
         np.negative(L, out=L)
-        if W is not None:
-            np.multiply(L, W, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
     if G is not None:
         den = s.get("den", P.shape, k.cdt)
         np.subtract(1, pc, out=den)
         np.multiply(den, pc, out=den)
         np.subtract(pc, Y, out=G)
         np.divide(G, den, out=G)
-        np.multiply(G, k.gscale, out=G)
-        if W is not None:
-            np.multiply(G, W, out=G)
-    return total
+    return _weigh(G, L, W, k)
 
 
 def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
@@ -448,7 +440,6 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     if PW is not None:
         py = s.get("py", Z.shape, k.cdt)
         np.multiply(Y, PW, out=py)
-    total = 0.0
     if L is not None:
         lg = s.get("lg", Z.shape, k.cdt)
         np.log1p(e, out=lg)
@@ -460,10 +451,6 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.multiply(L, om, out=L)
         np.multiply(spn, py, out=spn)
         np.add(L, spn, out=L)
-        if W is not None:
-            np.multiply(L, W, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
     if G is not None:
         # sigmoid(z) = a / (1 + e), sigmoid(-z) = b / (1 + e) with e = exp(-|z|) and (a, b)
         # = (1, e) for z >= 0, (e, 1) for z < 0: picked exactly by max(e, 1 or 0).
@@ -480,9 +467,7 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.multiply(pos, py, out=pos)
         np.subtract(G, pos, out=G)
         np.multiply(G, r, out=G)
-        if W is not None:
-            np.multiply(G, W, out=G)
-    return total
+    return _weigh(G, L, W, k, scaled=True)
 
 
 # ---------------------------------------------------------------------------------------------
