@@ -124,3 +124,12 @@ def make_inputs(loss, rng, shape, dtype=np.float64, labels=True, axis=-1):
             target = t / t.sum(axis=axis, keepdims=True)
         return a.astype(dtype), target
     return z.astype(dtype), target
+
+
+def torch_value_and_grad(torch, fn, pred, target):
+    """(value, gradient of the value's sum) of a torch loss at float64 `pred`, by autograd;
+    the target goes in as it is (float64 or class indices)."""
+    x = torch.tensor(pred, dtype=torch.float64, requires_grad=True)
+    out = fn(x, torch.tensor(target))
+    out.sum().backward()
+    return out.detach().numpy(), x.grad.numpy()

@@ -9,21 +9,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_inputs, require
+from conftest import make_inputs, require, torch_value_and_grad
 
 import gpuloss as gl
 
 REDUCTIONS = ("mean", "sum", "none")
 SHAPE = (40, 7)
-
-
-def _torch_value_and_grad(torch, fn, pred, target):
-    """(value, gradient of the value's sum) of a torch loss in float64, by autograd."""
-    x = torch.tensor(pred, dtype=torch.float64, requires_grad=True)
-    y = torch.tensor(target, dtype=torch.float64)
-    out = fn(x, y)
-    out.sum().backward()
-    return out.detach().numpy(), x.grad.numpy()
 
 
 def _assert_peer(ours, theirs, atol=0.0):
@@ -64,7 +55,7 @@ def test_matches_pytorch(loss, opts, peer, reduction):
     rng = np.random.default_rng(10)
     pred, target = make_inputs(loss, rng, SHAPE)
     ours = gl.LOSSES[loss].value_and_grad(pred, target, reduction=reduction, **opts)
-    theirs = _torch_value_and_grad(
+    theirs = torch_value_and_grad(
         torch, lambda x, y: peer(torch.nn.functional, x, y, reduction), pred, target)
     _assert_peer(ours, theirs)
 
@@ -119,7 +110,7 @@ def test_matches_the_peers_formula(loss, opts, formula, reduction):
 
     ours = gl.LOSSES[loss].value_and_grad(pred, target, reduction=reduction, sample_weight=w,
                                           **opts)
-    theirs = _torch_value_and_grad(torch, peer, pred, target)
+    theirs = torch_value_and_grad(torch, peer, pred, target)
     # optax's log-cosh form has an absolute error of ~1e-16 near d = 0 (ours does not)
     _assert_peer(ours, theirs, atol=1e-15 if loss == "log_cosh" else 0.0)
 
@@ -187,7 +178,7 @@ def test_poisson_saturates_like_pytorch():
     z = np.array([-800.0, -30.0, 0.0, 30.0, 700.0])
     y = np.array([0.0, 3.0, 1.0, 0.0, 2.0])
     ours = gl.poisson_nll.value_and_grad(z, y, reduction="none")
-    theirs = _torch_value_and_grad(
+    theirs = torch_value_and_grad(
         torch, lambda x, t: torch.nn.functional.poisson_nll_loss(x, t, reduction="none"), z, y)
     _assert_peer(ours, theirs)
 

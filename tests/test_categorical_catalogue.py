@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_inputs, require
+from conftest import make_inputs, require, torch_value_and_grad
 
 import gpuloss as gl
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _torch_value_and_grad(torch, fn, pred, target):
-    x = torch.tensor(pred, dtype=torch.float64, requires_grad=True)
-    y = torch.tensor(target)
-    out = fn(x, y)
-    out.sum().backward()
-    return out.detach().numpy(), x.grad.numpy()
 
 
 def _assert_peer(ours, theirs):
@@ -42,7 +34,7 @@ def test_nll_matches_pytorch(reduction, opts):
     if "ignore_index" in opts:
         ours_opts["ignore_index"] = theirs_opts["ignore_index"] = opts["ignore_index"]
     ours = gl.nll.value_and_grad(a, t, reduction=reduction, **ours_opts)
-    theirs = _torch_value_and_grad(
+    theirs = torch_value_and_grad(
         torch, lambda x, y: F.nll_loss(x, y, reduction=reduction, **theirs_opts), a, t)
     _assert_peer(ours, theirs)
 
@@ -53,13 +45,13 @@ def test_nll_on_pytorchs_layout_and_with_probabilities():
     rng = np.random.default_rng(21)
     a, t = make_inputs("nll", rng, (6, 4, 3), axis=1)  # (N, C, d), classes on axis 1
     ours = gl.nll.value_and_grad(a, t, axis=1)
-    theirs = _torch_value_and_grad(torch, lambda x, y: F.nll_loss(x, y), a, t)
+    theirs = torch_value_and_grad(torch, lambda x, y: F.nll_loss(x, y), a, t)
     _assert_peer(ours, theirs)
     # probability targets: -Σ_k c_k t_k a_k per sample, the mean over samples
     a, p = make_inputs("nll", rng, (8, 5), labels=False)
     cw = rng.uniform(0.5, 2, 5)
     ours = gl.nll.value_and_grad(a, p, class_weight=cw)
-    theirs = _torch_value_and_grad(
+    theirs = torch_value_and_grad(
         torch, lambda x, y: -(torch.tensor(cw) * y * x).sum(-1).mean(), a, p)
     _assert_peer(ours, theirs)
     # nll of a log-softmax is cce_with_logits
@@ -89,7 +81,7 @@ def test_kl_div_matches_pytorch(reduction, log_target):
 
     with np.errstate(divide="ignore"):
         ours = gl.kl_div.value_and_grad(a, target, reduction=reduction, log_target=log_target)
-    _assert_peer(ours, _torch_value_and_grad(torch, peer, a, target))
+    _assert_peer(ours, torch_value_and_grad(torch, peer, a, target))
 
 
 def test_kl_div_edges_and_refusals():

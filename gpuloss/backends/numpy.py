@@ -776,6 +776,28 @@ def _row_weights(labels, swb, k):
     return safe, cwy, w
 
 
+def _weigh_rows(L, w, k) -> float:
+    """The sample weights on the rows' losses, and their float64 sum when one is wanted."""
+    np.multiply(L, w, out=L)
+    return _sum_f64(L) if k.want_sum else 0.0
+
+
+def _class_coefs(T, s, k):
+    """The classes' coefficients for probability targets, c = cw (t (1 - ls) + ls / K): T
+    itself when neither label smoothing nor class weights apply."""
+    if not k.smooth and k.cw is None:
+        return T
+    C = s.get("C", T.shape, k.cdt)
+    if k.smooth:
+        np.multiply(T, k.cdt(1 - k.smooth), out=C)
+        np.add(C, k.cdt(k.smooth / T.shape[1]), out=C)
+        if k.cw is not None:
+            np.multiply(C, k.cw, out=C)
+    else:
+        np.multiply(T, k.cw, out=C)
+    return C
+
+
 def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # log p = z - logsumexp(z);  l = (1 - ls) cw[y] (-log p_y) + ls/K Σ_k cw_k (-log p_k)
     # g_k = sw/D [ (1 - ls) cw[y] (softmax_k - [k = y]) + ls/K (softmax_k Σ cw - cw_k) ]
@@ -802,9 +824,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
         if ls:
             dot = S.sum(axis=1) if k.cw is None else S @ k.cw
             L += (ls / K) * (k.cw_sum * lse - dot)
-        np.multiply(L, w, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         gw = w * k.gscale
         c_sum = c_true + ls / K * k.cw_sum if ls else c_true  # unsmoothed: no other cw
@@ -833,13 +853,7 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     np.exp(S, out=E)
     se = np.add.reduce(E, axis=1, dtype=_F64)
     lse = np.log(se)
-    C = T
-    if k.smooth or k.cw is not None:
-        C = s.get("C", (R, K), k.cdt)
-        np.multiply(T, k.cdt(1 - k.smooth), out=C)
-        np.add(C, k.cdt(k.smooth / K), out=C)
-        if k.cw is not None:
-            np.multiply(C, k.cw, out=C)
+    C = _class_coefs(T, s, k)
     csum = np.add.reduce(C, axis=1)
     total = 0.0
     if L is not None:
@@ -848,9 +862,7 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         if np.isnan(dot).any():  # rare: 0 * -inf, a masked logit that carries no weight, adds 0
             dot = np.einsum("ij,ij->i", C, np.where(C == 0, 0, S))
         L -= dot
-        np.multiply(L, w, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se: no cancellation near p = 1
         gw = (w * k.gscale).astype(k.cdt)[:, None]
@@ -903,18 +915,13 @@ def _cce_probs_block(P, T, swb, G, L, s, k):
     w = np.ones(R, k.cdt) if swb is None else swb
     pc = s.get("pc", (R, K), k.cdt)
     np.clip(P, k.lo, k.hi, out=pc)
-    C = T
-    if k.cw is not None:
-        C = s.get("C", (R, K), k.cdt)
-        np.multiply(T, k.cw, out=C)
+    C = _class_coefs(T, s, k)
     total = 0.0
     if L is not None:
         lp = s.get("lp", (R, K), k.cdt)
         np.log(pc, out=lp)
         np.negative(np.einsum("ij,ij->i", C, lp), out=L)
-        np.multiply(L, w, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         np.divide(C, pc, out=G)
         np.multiply(G, (-k.gscale * w)[:, None], out=G)
@@ -966,16 +973,11 @@ def _nll_probs_block(A, T, swb, G, L, s, k):
     R, K = A.shape
     trange = _min_max(T) if k.validate else _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
-    C = T
-    if k.cw is not None:
-        C = s.get("C", (R, K), k.cdt)
-        np.multiply(T, k.cw, out=C)
+    C = _class_coefs(T, s, k)
     total = 0.0
     if L is not None:
         np.negative(_masked_row_sum(C, A, s, k, (A, T)), out=L)
-        np.multiply(L, w, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         np.multiply(C, (-k.gscale * w).astype(k.cdt)[:, None], out=G)
     return (total, _NO_RANGE, trange)
@@ -999,9 +1001,7 @@ def _kl_div_block(A, T, swb, G, L, s, k):
     if L is not None:
         np.subtract(logt, A, out=logt)
         L[...] = _masked_row_sum(t, logt, s, k, (A, T))
-        np.multiply(L, w, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         np.multiply(t, (-k.gscale * w).astype(k.cdt)[:, None], out=G)
     return (total, _NO_RANGE, trange)
