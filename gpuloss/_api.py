@@ -169,6 +169,12 @@ def number(name, default, doc, lo=-math.inf, hi=math.inf, *, closed=True, hi_clo
                   lambda v, _: _check_number(v, name, lo, hi, closed, hi_closed))
 
 
+def optional_number(name, doc, lo=-math.inf, hi=math.inf, *, closed=True):
+    """A real-number option in the interval from lo to hi, or None (the default: not used)."""
+    return Option(name, None, "number", doc,
+                  lambda v, _: None if v is None else _check_number(v, name, lo, hi, closed))
+
+
 def flag(name, default, doc):
     """A True/False option."""
 

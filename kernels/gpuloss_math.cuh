@@ -53,6 +53,12 @@ GL_FN float gl_abs(float x) { return fabsf(x); }
 GL_FN double gl_abs(double x) { return fabs(x); }
 GL_FN float gl_tanh(float x) { return tanhf(x); }
 GL_FN double gl_tanh(double x) { return tanh(x); }
+GL_FN float gl_max_tiny(float x) { return x > 1.17549435e-38f ? x : 1.17549435e-38f; }
+GL_FN double gl_max_tiny(double x) {  // max(x, the smallest normal number)
+    return x > 2.2250738585072014e-308 ? x : 2.2250738585072014e-308;
+}
+GL_FN float gl_pow(float x, float y) { return powf(x, y); }
+GL_FN double gl_pow(double x, double y) { return pow(x, y); }
 
 // a * b rounded on its own, never fused with a neighbouring add or subtract: where the sum
 // cancels (exp(p) - y p), a fused multiply-add would round differently from the CPU backends
@@ -190,11 +196,36 @@ struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
         return gl_bce(p, y, a[0], a[1], g);
     }
 };
-struct GlBceLogits {  // a = {label smoothing}
+// the sigmoid focal loss from the cross-entropy ce and its derivative *g, in place:
+// l = alpha_t M ce, g = alpha_t M (ce' + gamma (1 - 2y) R ce) with M = (1 - p_t)^gamma,
+// alpha_t = slope y + base, (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for
+// z >= 0, (e, 1) below) and R = p (1 - p) / (1 - p_t) = e / ((1 + e) den) in [0, 1]: finite
+// for every finite z and gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1.
+template <typename T>
+GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T slope, T base, T* g) {
+    T m = y * slope + base;
+    if (gamma != T(0)) {
+        T e = gl_exp(-gl_abs(z));
+        bool nonneg = z >= T(0);
+        T a = nonneg ? T(1) : e, b = nonneg ? e : T(1);
+        T den = (T(1) - y) * a + b * y;
+        m = m * gl_exp((gl_log(den) - gl_log1p(e)) * gamma);
+        T r = e / (gl_max_tiny(den) * (e + T(1)));  // den = 0 only where M = 0 too
+        *g = *g + r * ce * (y * (T(-2) * gamma) + gamma);
+    }
+    *g = *g * m;
+    return ce * m;
+}
+
+// a = {label smoothing, focal gamma, alpha_t's slope 2 alpha - 1 and base 1 - alpha}; with
+// no alpha, slope 0 and base 1
+struct GlBceLogits {
     template <typename T>
     GL_FN static T eval(T z, T y, T c, const T* a, T* g) {
         if (a[0] != T(0)) y = gl_smooth_binary(y, a[0]);
-        return gl_bce_logits(z, y, c, g);
+        T ce = gl_bce_logits(z, y, c, g);
+        if (a[1] == T(0) && a[2] == T(0) && a[3] == T(1)) return ce;  // not focal
+        return gl_focal_binary(z, y, ce, a[1], a[2], a[3], g);
     }
 };
 

@@ -35,6 +35,8 @@ def reference(
     log_input=True,
     full=False,
     log_target=False,
+    focal_gamma=0.0,
+    focal_alpha=None,
 ):
     """The loss as DESIGN.md and CATALOGUE.md define it, in float64."""
     pred = np.asarray(pred)
@@ -85,6 +87,13 @@ def reference(
             c = 1.0 if pos_weight is None else np.asarray(pos_weight, np.float64)
             # softplus(z) = logaddexp(0, z)
             per = (1 - ys) * np.logaddexp(0, p) + c * ys * np.logaddexp(0, -p)
+            if focal_alpha is not None:  # torchvision's sigmoid_focal_loss
+                per = (focal_alpha * ys + (1 - focal_alpha) * (1 - ys)) * per
+            if focal_gamma:  # (1 - p_t)^gamma, 1 - p_t = sigma(z)(1 - y) + sigma(-z) y
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    log_1m_pt = np.logaddexp(np.log(1 - ys) - np.logaddexp(0, -p),
+                                             np.log(ys) - np.logaddexp(0, p))
+                per = np.exp(focal_gamma * log_1m_pt) * per
         with np.errstate(invalid="ignore"):  # a weight of 0 on an infinite loss: NaN, as computed
             per = w * per
         denom = w.sum()

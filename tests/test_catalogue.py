@@ -296,3 +296,89 @@ def test_benchmark_inputs_and_naive_baselines_fit_each_declaration(name):
     p32, y32 = example_inputs(fn, np.random.default_rng(0), n=500, rows=50, classes=8)
     assert p32.dtype == np.float32
     fn.value_and_grad(p32, y32)
+
+
+# ---------------------------------------------------------------------------------------------
+# bce_with_logits' focal options (the sigmoid focal loss)
+
+
+def _torchvision_focal(torch, x, y, gamma, alpha, pos_weight=None):
+    """torchvision.ops.sigmoid_focal_loss as written there (optax's and Keras'
+    BinaryFocalCrossentropy(from_logits=True) are the same formula), with the cross-entropy
+    written with softplus (and our pos_weight): torch's own binary_cross_entropy_with_logits
+    takes log(1 + e^-|z|) without log1p, 1e-12 off at small losses."""
+    F = torch.nn.functional
+    p = torch.sigmoid(x)
+    c = 1.0 if pos_weight is None else pos_weight
+    ce = (1 - y) * F.softplus(x) + c * y * F.softplus(-x)
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha is not None:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return loss
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [None, 0.25])
+@pytest.mark.parametrize("pos_weight", [False, True])
+def test_focal_bce_matches_torchvision(reduction, gamma, alpha, pos_weight):
+    torch = require("torch")
+    rng = np.random.default_rng(13)
+    pred, target = make_inputs("bce_with_logits", rng, SHAPE)
+    target[:20] = np.round(target[:20])  # hard and soft targets
+    w = rng.uniform(0.1, 2, SHAPE)
+    pw = rng.uniform(0.5, 2, SHAPE[-1]) if pos_weight else None
+
+    def peer(x, y):
+        per = _torchvision_focal(torch, x, y, gamma, alpha,
+                                 None if pw is None else torch.tensor(pw)) * torch.tensor(w)
+        return {"mean": per.sum() / w.sum(), "sum": per.sum(), "none": per}[reduction]
+
+    ours = gl.bce_with_logits.value_and_grad(pred, target, reduction=reduction, sample_weight=w,
+                                             pos_weight=pw, focal_gamma=gamma, focal_alpha=alpha)
+    _assert_peer(ours, torch_value_and_grad(torch, peer, pred, target))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_bce_is_finite_at_saturation_where_autograd_is_not(dtype, gamma):
+    """Loss and gradient finite for every finite logit (torch's autograd of the formula
+    gives NaN gradients there for gamma < 1), and equal to the float64 limit."""
+    z = np.array([-3e38, -1e4, -800, -90, -40, -17, 17, 40, 90, 800, 1e4, 3e38], dtype)
+    for y in (0.0, 1.0, 0.3):
+        t = np.full(z.shape, y, dtype)
+        v, g = gl.bce_with_logits.value_and_grad(z, t, focal_gamma=gamma, focal_alpha=0.25,
+                                                 reduction="none")
+        assert np.isfinite(v).all() and np.isfinite(g).all(), (y, v, g)
+        # far from the target side, the loss is alpha_t |z| (1 - p_t = 1): at y = 0, z > 0
+        if y == 0.0:
+            big = z > 40
+            np.testing.assert_allclose(v[big], 0.75 * z[big].astype(np.float64), rtol=1e-6)
+            np.testing.assert_allclose(g[big], 0.75, rtol=1e-6)
+        # on the target side, the loss and gradient vanish (for gamma > 0 faster than CE)
+        if y == 1.0:
+            assert (v[z > 40] >= 0).all() and (np.abs(g[z > 40]) <= 1e-17).all()
+
+
+def test_focal_defaults_give_the_cross_entropy_bit_for_bit():
+    rng = np.random.default_rng(14)
+    z, y = make_inputs("bce_with_logits", rng, (300,))
+    plain = gl.bce_with_logits.value_and_grad(z, y, reduction="none")
+    for opts in ({"focal_gamma": 0.0}, {"focal_alpha": None},
+                 {"focal_gamma": 0, "focal_alpha": None}):
+        got = gl.bce_with_logits.value_and_grad(z, y, reduction="none", **opts)
+        assert got[0].tobytes() == plain[0].tobytes() and got[1].tobytes() == plain[1].tobytes()
+    # alpha = 0.5 halves the loss, gamma alone changes it
+    half = gl.bce_with_logits(z, y, focal_alpha=0.5, reduction="none")
+    np.testing.assert_allclose(half, plain[0] / 2, rtol=1e-15)
+    assert not np.allclose(gl.bce_with_logits(z, y, focal_gamma=2.0, reduction="none"), plain[0])
+
+
+@pytest.mark.parametrize(("name", "value", "error"), [
+    ("focal_gamma", -0.5, ValueError), ("focal_gamma", float("nan"), ValueError),
+    ("focal_gamma", "2", TypeError), ("focal_alpha", 1.5, ValueError),
+    ("focal_alpha", -0.1, ValueError), ("focal_alpha", True, TypeError)])
+def test_focal_options_are_checked(name, value, error):
+    with pytest.raises(error, match=name):
+        gl.bce_with_logits(np.zeros(3), np.ones(3), **{name: value})

@@ -22,7 +22,8 @@ EXAMPLES = int(os.environ.get("GPULOSS_FUZZ_EXAMPLES", "10000"))
 ENTRY_POINTS = ("call", "grad", "value_and_grad")
 ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "ignore_index",
              "label_smoothing", "axis", "eps", "reduction", "validate", "class indices",
-             "keyword argument", "delta", "beta", "quantile", "log_input", "full")
+             "keyword argument", "delta", "beta", "quantile", "log_input", "full",
+             "focal_gamma", "focal_alpha")
 # the catalogue's own options: valid values and a few that must be refused
 CATALOGUE_OPTIONS = {
     "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, "x"]},
@@ -30,6 +31,8 @@ CATALOGUE_OPTIONS = {
     "pinball": {"quantile": [0.5, 0.1, 0.9, 0.0, 1.0, -0.5, np.nan]},
     "poisson_nll": {"log_input": [True, False, 1, None], "full": [False, True, "yes"],
                     "eps": [1e-8, 0.0, 1e-3, -1.0, np.nan]},
+    "bce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, 1e-3, -1.0, np.nan, "x"],
+                        "focal_alpha": [None, 0.25, 0.0, 1.0, 1.5, np.nan]},
 }
 DTYPES = ("bool", "int8", "int32", "int64", "uint8", "float16", "float32", "float64",
           "complex64", "object")

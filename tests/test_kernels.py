@@ -550,3 +550,23 @@ def test_catalogue_edges_on_the_device_match_numpy(runtime, loss, dtype):
             finite = np.isfinite(want)
             np.testing.assert_allclose(got[finite], want[finite], rtol=4e-6 if dtype ==
                                        np.float32 else 1e-13, atol=1e-30, err_msg=str(opts))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_focal_bce_on_the_device_matches_numpy_at_saturation(runtime, dtype):
+    """The sigmoid focal term through the emulated kernel and the NumPy backend: saturated
+    and moderate logits, hard and soft targets, gamma in {0, 0.5, 2}, with and without
+    alpha and label smoothing; both finite everywhere and equal."""
+    z = np.array([-1e30, -800.0, -90.0, -30.0, -3.0, -1e-30, 0.0, 0.7, 20.0, 90.0, 800.0])
+    pred = np.repeat(z, 3).astype(dtype)
+    target = np.tile([0.0, 1.0, 0.3], z.size).astype(dtype)
+    for gamma in (0.0, 0.5, 2.0):
+        for opts in ({}, {"focal_alpha": 0.25}, {"focal_alpha": 1.0, "label_smoothing": 0.1}):
+            opts = {"focal_gamma": gamma, **opts}
+            want_v, want_g = gl.bce_with_logits.value_and_grad(pred, target, reduction="none",
+                                                                **opts)
+            v, g = _emulated(runtime, "bce_with_logits", pred, target, reduction="none", **opts)
+            for got, want in ((v, want_v), (g, want_g)):
+                assert np.isfinite(want).all() and np.isfinite(got).all(), opts
+                np.testing.assert_allclose(got, want, rtol=4e-6 if dtype == np.float32 else
+                                           1e-13, atol=1e-37, err_msg=str(opts))

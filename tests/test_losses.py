@@ -32,6 +32,10 @@ def _options(loss, rng, shape, labels=True, axis=-1):
     if loss == "bce_with_logits":
         sets.append({"pos_weight": rng.uniform(0.5, 3, shape[-1:])})
         sets.append({"label_smoothing": 0.1, "pos_weight": 2.0, "sample_weight": 0.5})
+        sets.append({"focal_gamma": 2.0})
+        sets.append({"focal_gamma": 0.5, "focal_alpha": 0.25, "pos_weight": 2.0})
+        sets.append({"focal_alpha": 0.75, "label_smoothing": 0.1,
+                     "sample_weight": rng.uniform(0, 2, shape)})
     if loss in ("bce", "cce"):
         sets.append({"eps": 1e-3})
     sets += _CATALOGUE_OPTIONS.get(loss, [])

@@ -154,7 +154,29 @@ def _bce_with_logits(xp, P, Y, call):
     positive = P >= 0
     sig_z = xp.where(positive, r, e * r)  # sigmoid(z), with no cancellation
     sig_minus_z = xp.where(positive, e * r, r)
-    return loss, (1 - Y) * sig_z - PY * sig_minus_z
+    grad = (1 - Y) * sig_z - PY * sig_minus_z
+    _, gamma, slope, base = call.kernel_params  # focal: gamma, alpha_t = slope y + base
+    if gamma or slope != 0 or base != 1:
+        loss, grad = _focal_binary(xp, P, Y, e, loss, grad, gamma, slope, base)
+    return loss, grad
+
+
+def _focal_binary(xp, P, Y, e, ce, ce_grad, gamma, slope, base):
+    # l = alpha_t M CE with M = (1 - p_t)^gamma, (1 + e)(1 - p_t) = den = a (1 - y) + b y,
+    # (a, b) = (1, e) for z >= 0, (e, 1) below; M from the log domain, and dM/dz =
+    # gamma M (1 - 2y) R with R = p (1 - p) / (1 - p_t) = e / ((1 + e) den) in [0, 1]
+    alpha_t = Y * slope + base
+    if not gamma:
+        return alpha_t * ce, alpha_t * ce_grad
+    one = xp.ones_like(P)
+    positive = P >= 0
+    a, b = xp.where(positive, one, e), xp.where(positive, e, one)
+    den = a * (1 - Y) + b * Y
+    with np.errstate(divide="ignore"):
+        M = alpha_t * xp.exp(gamma * (xp.log(den) - xp.log1p(e)))
+    tiny = float(xp.finfo(P.dtype).smallest_normal)  # den = 0 only where M = 0 too
+    R = e / ((1 + e) * xp.maximum(den, xp.full_like(den, tiny)))
+    return M * ce, M * (ce_grad + gamma * (1 - 2 * Y) * R * ce)
 
 
 def _where_nan(xp, x, value):

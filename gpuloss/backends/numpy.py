@@ -347,6 +347,7 @@ class _Consts:
         self.two_gscale = cdt(2 * gscale)
         self.smooth = call.label_smoothing
         self.opt = call.options  # the loss's own options, by name
+        self.params = tuple(cdt(v) for v in call.kernel_params)  # as the kernels get them
         if call.eps is not None:
             # the bounds as the kernels get them: 1 - eps in float64, then rounded once
             lo, hi = call.kernel_params[:2]
@@ -440,6 +441,11 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     if PW is not None:
         py = s.get("py", Z.shape, k.cdt)
         np.multiply(Y, PW, out=py)
+    _, gamma, slope, base = k.params  # focal: gamma, alpha_t = slope y + base
+    focal = bool(gamma) or slope != 0 or base != 1
+    ce_only = focal and L is None
+    if ce_only:  # the focal gradient needs the cross-entropy itself
+        L = s.get("ce", Z.shape, k.cdt)
     if L is not None:
         lg = s.get("lg", Z.shape, k.cdt)
         np.log1p(e, out=lg)
@@ -467,7 +473,58 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.multiply(pos, py, out=pos)
         np.subtract(G, pos, out=G)
         np.multiply(G, r, out=G)
+    if focal:
+        _focal_binary(Z, Y, e, L, G, s, k, gamma, slope, base)
+        if ce_only:
+            L = None
     return _weigh(G, L, W, k, scaled=True)
+
+
+def _focal_binary(Z, Y, e, L, G, s, k, gamma, slope, base):
+    """The sigmoid focal loss from the cross-entropy L and its scaled derivative G, in place:
+    l = alpha_t M CE, g = alpha_t M (CE' + gamma (1 - 2y) R CE), with M = (1 - p_t)^gamma,
+    alpha_t = slope y + base (alpha y + (1 - alpha)(1 - y); 1 without alpha),
+    (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for z >= 0, (e, 1) below) and
+    R = p (1 - p) / (1 - p_t) = e / ((1 + e) den), which lies in [0, 1]: finite for every
+    finite z and every gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1."""
+    M = s.get("M", Z.shape, k.cdt)
+    np.multiply(Y, slope, out=M)
+    np.add(M, base, out=M)
+    if gamma:
+        pos = s.get("fpos", Z.shape, k.cdt)
+        np.greater_equal(Z, 0, out=pos)
+        a = s.get("fa", Z.shape, k.cdt)
+        np.maximum(e, pos, out=a)
+        np.subtract(1, pos, out=pos)
+        np.maximum(e, pos, out=pos)  # b
+        den = s.get("fden", Z.shape, k.cdt)
+        np.subtract(1, Y, out=den)
+        np.multiply(den, a, out=den)
+        np.multiply(pos, Y, out=pos)
+        np.add(den, pos, out=den)
+        lm = s.get("flm", Z.shape, k.cdt)
+        with np.errstate(divide="ignore"):
+            np.log(den, out=lm)
+        np.log1p(e, out=a)
+        np.subtract(lm, a, out=lm)
+        np.multiply(lm, gamma, out=lm)
+        np.exp(lm, out=lm)
+        np.multiply(M, lm, out=M)
+        if G is not None:
+            # R = e / ((1 + e) max(den, tiny)): den = 0 only where M = 0 as well
+            np.maximum(den, np.finfo(k.cdt).tiny, out=den)
+            np.add(e, 1, out=a)
+            np.multiply(den, a, out=den)
+            np.divide(e, den, out=den)
+            np.multiply(den, L, out=den)  # R CE
+            np.multiply(Y, -2 * gamma, out=a)
+            np.add(a, gamma, out=a)  # gamma (1 - 2y)
+            np.multiply(den, a, out=den)
+            np.multiply(den, k.gscale, out=den)
+            np.add(G, den, out=G)
+    if G is not None:
+        np.multiply(G, M, out=G)
+    np.multiply(L, M, out=L)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._api import CLIP_EPS, LABEL_SMOOTHING, POS_WEIGHT, Loss
+from .._api import CLIP_EPS, LABEL_SMOOTHING, POS_WEIGHT, Loss, number, optional_number
 from .._call import ELEMENTWISE, SIGN, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
 
@@ -17,6 +17,14 @@ def _naive_bce(xp, p, y):  # with the clipping a user adds
     p = xp.clip(p, eps, 1 - eps)
     loss = -xp.mean(y * xp.log(p) + (1 - y) * xp.log(1 - p))
     return loss, (-y / p + (1 - y) / (1 - p)) / p.size
+
+
+def _focal_params(o):
+    """(gamma, slope, base) of the focal term, alpha_t = slope y + base = alpha y +
+    (1 - alpha)(1 - y); without alpha, slope 0 and base 1."""
+    alpha = o["focal_alpha"]
+    slope, base = (0.0, 1.0) if alpha is None else (2 * alpha - 1, 1 - alpha)
+    return o["focal_gamma"], slope, base
 
 
 def _naive_bce_with_logits(xp, z, y):
@@ -89,9 +97,13 @@ bce_with_logits = Loss(
     aliases=("binary_cross_entropy_with_logits", "sigmoid_binary_cross_entropy"),
     family=ELEMENTWISE,
     kernel="GlBceLogits",
-    options=(POS_WEIGHT, LABEL_SMOOTHING),
+    options=(POS_WEIGHT, LABEL_SMOOTHING,
+             number("focal_gamma", 0.0, "focusing exponent of the focal loss (>= 0; 0: none)",
+                    0.0),
+             optional_number("focal_alpha", "focal loss: weight of the positive class, in "
+                             "[0, 1] (None: no alpha term)", 0.0, 1.0)),
     target_rule=UNIT,
-    kernel_params=lambda o: (o["label_smoothing"],),
+    kernel_params=lambda o: (o["label_smoothing"], *_focal_params(o)),
     naive=_naive_bce_with_logits,
     torch_peer=lambda F, x, y: F.binary_cross_entropy_with_logits(x, y),
     doc=rf"""Binary cross-entropy on logits (sigmoid fused), and its gradient.
@@ -125,12 +137,35 @@ bce_with_logits = Loss(
         ``pos_weight``); it does not enter the mean's denominator.
     label_smoothing : float, default 0
         In [0, 1]; targets become ``y * (1 - label_smoothing) + label_smoothing / 2``.
+    focal_gamma : float, default 0
+        The focal loss' focusing exponent \(\gamma \ge 0\) (see Notes); 0 is none.
+    focal_alpha : float, optional
+        The focal loss' weight \(\alpha \in [0, 1]\) of the positive class (see Notes);
+        None (the default, as optax) is none. torchvision's default is 0.25.
 
 {RETURNS.format(unit="element")}
 
     Notes
     -----
     {ENTRY_POINTS}
+
+    **Focal loss** (Lin et al. 2017). With \(p = \sigma(z)\),
+    \(p_t = p\, y' + (1 - p)(1 - y')\) and \(\alpha_t = \alpha y' + (1 - \alpha)(1 - y')\)
+    (1 without ``focal_alpha``), each element's loss above becomes
+
+    $$
+    \ell^{{\mathrm{{focal}}}} = \alpha_t (1 - p_t)^\gamma\, \ell, \qquad
+    \frac{{\partial \ell^{{\mathrm{{focal}}}}}}{{\partial z}} = \alpha_t (1 - p_t)^\gamma
+        \Big( \frac{{\partial \ell}}{{\partial z}} + \gamma\, (1 - 2 y')\,
+        \frac{{p (1 - p)}}{{1 - p_t}}\, \ell \Big)
+    $$
+
+    \((1 - p_t)^\gamma\) is computed in the log domain and the ratio
+    \(p(1 - p)/(1 - p_t)\), which lies in [0, 1], from \(e^{{-|z|}}\): loss and gradient
+    are finite for every finite logit and every \(\gamma \ge 0\) (autograd of the
+    formula gives NaN at saturated logits for \(\gamma < 1\)). With both options at their
+    defaults the result is the cross-entropy, bit for bit. Matches torchvision's and optax's
+    ``sigmoid_focal_loss`` and Keras' ``BinaryFocalCrossentropy(from_logits=True)``.
 
     Matches ``torch.nn.functional.binary_cross_entropy_with_logits`` (``weight`` there is
     our ``sample_weight``, but PyTorch's mean divides by n even when weighted; ours divides
