@@ -98,7 +98,8 @@ def variants(runtime=None) -> int:
             for p in _cuda_backend.PRED_DTYPES:
                 for t in _cuda_backend.LABEL_DTYPES if gl.LOSSES[loss].class_indices else ():
                     cases.append((loss, p, t, K, True, {}))
-                cases.append((loss, p, p, K, False, {}))
+                if gl.LOSSES[loss].probability_targets:
+                    cases.append((loss, p, p, K, False, {}))
     for p in _cuda_backend.PRED_DTYPES:  # the weight checks, every stored dtype
         cases.append(("mse", p, p, None, True, {"sample_weight": np.ones(37, p)}))
     for p, t in zip(_cuda_backend.PRED_DTYPES, np.roll(_cuda_backend.PRED_DTYPES, 1)):

@@ -310,6 +310,12 @@ def _check_categorical(loss, shape, target, arrays, options, xp, fields):
             f"target of dtype {dtype_name(target.dtype)}."
         )
         raise TypeError(msg)
+    if kind in ("float", "bool") and not loss.probability_targets:
+        msg = (
+            f"{loss.name} needs class indices (an integer array of pred's shape without the "
+            f"class axis), got target of dtype {dtype_name(target.dtype)}."
+        )
+        raise TypeError(msg)
     if kind == "int":
         if _shape(target) != sample_shape:
             msg = (
@@ -382,7 +388,8 @@ class Loss:
     `torch_peer(F, x, y)` is PyTorch's loss it matches (`F` = torch.nn.functional; mean,
     default options), or None when PyTorch has none: the benchmarks' other contender.
     `aliases` are the names other libraries give it (``"l1_loss"`` for mae).
-    `class_indices=False` makes a categorical loss refuse integer targets;
+    `class_indices=False` makes a categorical loss refuse integer targets,
+    `probability_targets=False` floating ones;
     `log_probabilities=True` says that pred holds log-probabilities (for the examples the demo
     and the benchmarks make).
     """
@@ -390,7 +397,7 @@ class Loss:
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
                  doc: str, pred_rule=None, target_rule=None, kernel_params=None,
                  naive=None, torch_peer=None, aliases=(), class_indices=True,
-                 log_probabilities=False):
+                 probability_targets=True, log_probabilities=False):
         self.name = name
         self.family = family
         self.kernel = kernel
@@ -405,6 +412,7 @@ class Loss:
         self.torch_peer = torch_peer
         self.aliases = tuple(aliases)  # what other libraries call it, for a KeyError's hint
         self.class_indices = class_indices  # categorical: integer targets allowed
+        self.probability_targets = probability_targets  # categorical: floating targets allowed
         self.log_probabilities = log_probabilities  # pred holds log-probabilities (nll, kl_div)
         self.__doc__ = doc
         self.__name__ = self.__qualname__ = name
@@ -420,7 +428,7 @@ class Loss:
         self.grad = self._entry_point("grad", want_value=False, want_grad=True)
         self.value_and_grad = self._entry_point("value_and_grad", want_value=True, want_grad=True)
         _call.declare_kernel(kernel, family, bool_targets=target_rule != _call.SIGN,
-                             labels=class_indices)
+                             labels=class_indices, probabilities=probability_targets)
         _BY_NAME[name] = self
 
     def __call__(self, pred, target, **options):

@@ -89,12 +89,14 @@ _KERNELS: dict[str, dict] = {}  # functor -> {"family", "bool_targets", "labels"
 
 
 def declare_kernel(functor: str, family: str, *, bool_targets: bool = True,
-                   labels: bool = True) -> None:
+                   labels: bool = True, probabilities: bool = True) -> None:
     """Record that a loss computes with `functor` (called by each loss's declaration).
     `bool_targets` is False where boolean targets are converted before the kernel (the
     hinge losses' -1/+1 labels), `labels` False for a categorical loss that takes no class
-    indices (kl_div): no kernel is built for those."""
-    _KERNELS[functor] = {"family": family, "bool_targets": bool_targets, "labels": labels}
+    indices (kl_div), `probabilities` False for one that takes only class indices
+    (multiclass_hinge): no kernel is built for those."""
+    _KERNELS[functor] = {"family": family, "bool_targets": bool_targets, "labels": labels,
+                         "probabilities": probabilities}
 
 
 def declared_kernels(family: str) -> list[str]:
@@ -108,6 +110,10 @@ def takes_bool_targets(functor: str) -> bool:
 
 def takes_labels(functor: str) -> bool:
     return _KERNELS[functor]["labels"]
+
+
+def takes_probabilities(functor: str) -> bool:
+    return _KERNELS[functor]["probabilities"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def demo(args) -> int:
     rng = np.random.default_rng(args.seed)
     print(f"gpuloss demo on {device}, {dtype.name}; cross-check: "
           f"{'NumPy backend' if xp is not np else 'generic array-API backend'}")
-    header = f"{'loss':16s} {'shape':>12s} {'loss value':>14s} {'|grad|max':>10s} " \
+    width = max(map(len, LOSSES))  # the longest name
+    header = f"{'loss':{width}s} {'shape':>12s} {'loss value':>14s} {'|grad|max':>10s} " \
              f"{'rel. diff':>10s} {'ms':>8s}  check"
     print(header)
     print("-" * len(header))
@@ -83,7 +84,7 @@ def demo(args) -> int:
         ok = diff <= tol
         failures += not ok
         shape = "x".join(map(str, pred.shape))
-        print(f"{name:16s} {shape:>12s} {value:14.8g} {np.abs(grad_np).max():10.3g} "
+        print(f"{name:{width}s} {shape:>12s} {value:14.8g} {np.abs(grad_np).max():10.3g} "
               f"{diff:10.2e} {ms:8.2f}  {'ok' if ok else 'MISMATCH'}")
     print(f"all {len(LOSSES)} losses agree" if not failures else
           f"{failures} loss(es) disagree")

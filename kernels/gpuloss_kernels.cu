@@ -255,6 +255,45 @@ __device__ __forceinline__ GlLse<C> gl_row_lse(GlLse<C> a, C* scratch_m, C* scra
     return t;
 }
 
+// one value of a row into the statistics F asks for (see GlRowDefaults)
+template <typename F, int LABELS, typename C>
+__device__ __forceinline__ void gl_row_push(C z, C c, long long k, long long label, const C* a,
+                                            bool target_lse, GlLse<C>* part, GlLse<C>* tpart,
+                                            C* runner, long long* runner_k, double* z_label) {
+    if (F::logits) *part = gl_lse_push(*part, F::logit(z, a));
+    if (target_lse) *tpart = gl_lse_push(*tpart, F::logit(c, a));
+    if (F::runner_up && LABELS) {
+        if (k == label) {
+            *z_label = (double)z;
+        } else if (z > *runner || *runner_k < 0) {  // a lane meets its classes in order
+            *runner = z;
+            *runner_k = k;
+        }
+    }
+}
+
+// the largest value of a row and its first class, over the row's lanes (-1: no class)
+template <int ROW_THREADS, typename C>
+__device__ __forceinline__ void gl_row_argmax(C* v, long long* k, C* scratch_v,
+                                              long long* scratch_k) {
+    for (int offset = GL_FIRST_OFFSET(ROW_THREADS); offset > 0; offset >>= 1) {
+        C ov = __shfl_xor_sync(0xffffffffu, *v, offset);
+        long long ok = __shfl_xor_sync(0xffffffffu, *k, offset);
+        gl_argmax_merge(v, k, ov, ok);
+    }
+    if (ROW_THREADS <= 32) return;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        scratch_v[warp] = *v;
+        scratch_k[warp] = *k;
+    }
+    __syncthreads();
+    *v = -GL_INF;
+    *k = -1;
+    for (int j = 0; j < ROW_THREADS / 32; ++j) gl_argmax_merge(v, k, scratch_v[j], scratch_k[j]);
+}
+
 // c_k of class k for one row (see above); checks probability targets (as stored) when asked
 template <int LABELS, typename C, typename TT>
 __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long long k,
@@ -287,6 +326,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
     __shared__ double scratch_d[32];
     __shared__ C scratch_m[32];
     __shared__ C scratch_s[32];
+    __shared__ long long scratch_k[32];
     const int rows_per_block = blockDim.x / ROW_THREADS;
     const int lane = threadIdx.x % ROW_THREADS;
     const int slot = threadIdx.x / ROW_THREADS;
@@ -317,13 +357,18 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             }
             if (in_range && class_weight) cw_label = (C)class_weight[label];
         }
-        // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets);
-        // the first CACHE values each thread reads stay in registers for pass 2
+        // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets;
+        // what F's hooks ask for); the first CACHE values each thread reads stay in registers
         C zc[CACHE > 0 ? CACHE : 1];
         C cc[CACHE > 0 ? CACHE : 1];
         GlLse<C> part = gl_lse_empty<C>();
+        GlLse<C> tpart = gl_lse_empty<C>();
+        const bool TARGET_LSE = !LABELS && F::target_lse(a);
         C c_sum = C(0);
         bool has_nan = false;
+        C runner = -GL_INF;  // F::runner_up: the largest value off the label, its first class
+        long long runner_k = -1;
+        double z_label = 0.0;  // and the label's value (one lane holds it, the others add 0)
 #pragma unroll
         for (int j = 0; j < CACHE; ++j) {
             long long k = lane + (long long)j * ROW_THREADS;
@@ -331,7 +376,8 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                 zc[j] = gl_read<C>(pred, base + k);
                 cc[j] = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
                                                inv_k, check, &bad);
-                if (LOGITS) part = gl_lse_push(part, zc[j]);
+                gl_row_push<F, LABELS>(zc[j], cc[j], k, label, a, TARGET_LSE, &part, &tpart,
+                                       &runner, &runner_k, &z_label);
                 if ((check & GL_FLAG_PRED) && gl_outside_unit(zc[j]))
                     bad |= GL_FLAG_PRED;
                 has_nan |= zc[j] != zc[j];
@@ -342,24 +388,58 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             C z = gl_read<C>(pred, base + k);
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          check, &bad);
-            if (LOGITS) part = gl_lse_push(part, z);
+            gl_row_push<F, LABELS>(z, c, k, label, a, TARGET_LSE, &part, &tpart, &runner,
+                                   &runner_k, &z_label);
             if ((check & GL_FLAG_PRED) && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
             has_nan |= z != z;
             c_sum += c;
         }
-        GlLse<C> lse = part;
-        C log_s = C(0);
+        GlRow<C> r;
+        r.lse = part;
+        r.log_s = C(0);
+        r.cw_label = cw_label;
+        r.label = LABELS ? label : -1;
         if (LOGITS) {  // a NaN logit makes the log-sum-exp, and with it the whole row, NaN
-            lse = gl_lse_finish(gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s));
-            log_s = gl_lse_log_sum(lse);
+            r.lse = gl_lse_finish(gl_row_lse<ROW_THREADS>(part, scratch_m, scratch_s));
+            r.log_s = gl_lse_log_sum(r.lse);
+        }
+        r.tlse = tpart;
+        r.tlog_s = C(0);
+        if (TARGET_LSE) {
+            r.tlse = gl_lse_finish(gl_row_lse<ROW_THREADS>(tpart, scratch_m, scratch_s));
+            r.tlog_s = gl_lse_log_sum(r.tlse);
+        }
+        r.z_label = C(0);
+        r.runner = runner;
+        r.runner_k = runner_k;
+        if (F::runner_up) {
+            gl_row_argmax<ROW_THREADS>(&r.runner, &r.runner_k, scratch_m, scratch_k);
+            r.z_label = (C)gl_row_sum<ROW_THREADS>(z_label, scratch_d);
         }
         if (LABELS) {
             C cw_sum = cw_sum_dev ? (C)*cw_sum_dev : (C)K;
             c_sum = (C(1) - s) * cw_label + s * inv_k * cw_sum;
             if (!LOGITS && gl_row_sum<ROW_THREADS>(has_nan ? 1.0 : 0.0, scratch_d) > 0.0)
-                w = (double)GL_NAN;  // a NaN probability off the label's column counts too
+                w = (double)GL_NAN;  // a NaN prediction off the label's column counts too
         } else {
             c_sum = (C)gl_row_sum<ROW_THREADS>((double)c_sum, scratch_d);
+        }
+        r.c_sum = c_sum;
+        r.extra = C(0);
+        if (F::extra_pass(a)) {  // a row sum the terms need, from registers where cached
+            double extra = 0.0;
+#pragma unroll
+            for (int j = 0; j < CACHE; ++j) {
+                long long k = lane + (long long)j * ROW_THREADS;
+                if (k < K) extra += (double)F::extra_term(zc[j], cc[j], r, a);
+            }
+            for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
+                int ignored_bad = 0;
+                C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
+                                             inv_k, 0, &ignored_bad);
+                extra += (double)F::extra_term(gl_read<C>(pred, base + k), c, r, a);
+            }
+            r.extra = (C)gl_row_sum<ROW_THREADS>(extra, scratch_d);
         }
         // pass 2: loss terms and gradient, from registers where cached
         double row_loss = 0.0;
@@ -369,7 +449,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             long long k = lane + (long long)j * ROW_THREADS;
             if (k < K) {
                 C g;
-                row_loss += (double)F::term(zc[j], cc[j], lse, log_s, c_sum, a, &g);
+                row_loss += (double)F::term(zc[j], cc[j], k, r, a, &g);
                 if (grad && live) gl_write(grad, base + k, g * gw);
             }
         }
@@ -379,10 +459,12 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s, inv_k,
                                          0, &ignored_bad);
             C g;
-            row_loss += (double)F::term(z, c, lse, log_s, c_sum, a, &g);
+            row_loss += (double)F::term(z, c, k, r, a, &g);
             if (grad && live) gl_write(grad, base + k, g * gw);
         }
-        row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d) * w;
+        row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d);
+        if (lane == 0) row_loss += (double)F::row_term(r, a);
+        row_loss *= w;
         if (live && lane == 0) {
             if (per_sample) gl_write(per_sample, row, (C)row_loss);
             acc += row_loss;

@@ -10,8 +10,9 @@
 //   elementwise: static T eval(T p, T y, T c, const T* a, T* dl_dp) returns l(p, y) and writes
 //                dl/dp; a[0..3] are the loss's scalar parameters, c the per-element positive
 //                weight (bce_with_logits' pos_weight; 1 where a loss has none).
-//   rows:        enum { logits }; static T term(z, c, lse, log_s, c_sum, a, g): one class's
-//                share of the sample's loss and its derivative (see GlCce, GlCceLogits).
+//   rows:        derived from GlRowDefaults; static T term(z, c, k, row, a, g): class k's
+//                share of the sample's loss and its derivative, given the row's statistics
+//                (GlRow); the defaults' hooks say which statistics the kernel gathers.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -424,43 +425,187 @@ GL_FN T gl_cce_term(T p, T c, T lo, T hi, T* dl_dp) {
 }
 
 // ---- the row functors: one class's term of a sample's loss, and its derivative --------------
-// z: the class's prediction, c: its coefficient, lse/log_s: the row's log-sum-exp (logits
-// only), c_sum: the row's sum of c, a: the loss's scalar parameters
-struct GlCce {  // on probabilities; a = {lo, hi}
-    enum { logits = 0 };
+// What the row kernel has gathered about a row before the terms (pass 1, and the extra pass):
+template <typename T>
+struct GlRow {
+    GlLse<T> lse;        // log-sum-exp of F::logit(z) over the row (F::logits)
+    T log_s;             // log of its sum of exp(. - m): lse = m + log_s
+    GlLse<T> tlse;       // the same of F::logit(target) (when F::target_lse says so)
+    T tlog_s;
+    T c_sum;             // the row's sum of the coefficients c
+    T cw_label;          // class indices: the label's class weight (1 without); else 1
+    long long label;     // class indices: the label; else -1
+    T z_label;           // F::runner_up: the label's value,
+    T runner;            // the largest other value (-inf when there is none)
+    long long runner_k;  // and its first class (-1 when there is none)
+    T extra;             // F::extra_pass: the row's sum of F::extra_term
+};
+
+// (v, k) merged with (ov, ok): the larger value, the first class among equal ones; k = -1 is
+// "no class" and gives way to any class
+template <typename T>
+GL_FN void gl_argmax_merge(T* v, long long* k, T ov, long long ok) {
+    if (ok < 0) return;
+    if (*k < 0 || ov > *v || (ov == *v && ok < *k)) {
+        *v = ov;
+        *k = ok;
+    }
+}
+
+// The hooks a row functor may override (the kernel reads them; the defaults gather nothing):
+struct GlRowDefaults {
+    enum { logits = 0, runner_up = 0 };
+    // the value the row's log-sum-exp is taken of (logits), and the target's
     template <typename T>
-    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+    GL_FN static T logit(T x, const T* a) { return x; }
+    template <typename T>
+    GL_FN static bool target_lse(const T* a) { return false; }
+    // an extra pass over the row summing extra_term, after pass 1 (uniform over a launch)
+    template <typename T>
+    GL_FN static bool extra_pass(const T* a) { return false; }
+    template <typename T>
+    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a) { return T(0); }
+    // a share of the sample's loss that belongs to the row, not to a class
+    template <typename T>
+    GL_FN static T row_term(const GlRow<T>& r, const T* a) { return T(0); }
+};
+
+// z: the class's prediction, c: its coefficient, k: its class, r: the row's statistics,
+// a: the loss's scalar parameters
+struct GlCce : GlRowDefaults {  // on probabilities; a = {lo, hi}
+    template <typename T>
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
         return gl_cce_term(z, c, a[0], a[1], g);
     }
 };
-struct GlCceLogits {  // softmax fused
+
+// softmax cross-entropy; a = {focal gamma, z_loss}. At their defaults (0, 0): the terms of
+// gl_xent_term / gl_xent_grad alone.
+//  focal (Keras' CategoricalFocalCrossentropy): c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from
+//    the log domain; d/dz_j = h_j - q_j sum_k h_k with h_k = -c_k M_k (1 + gamma q_k (-log q_k)
+//    / (1 - q_k)), where (-log q)/(1 - q) -> 1 as q -> 1 and q (-log q) -> 0 as q -> 0;
+//    sum_k h_k comes from the extra pass.
+//  z_loss (PaLM): the row gains z lse^2 cw_label, its derivative 2 z lse q_k cw_label.
+template <typename T>
+GL_FN T gl_focal_h(T c, T q, T one_minus_q, T nlq, T m_k, T gamma) {
+    if (c == T(0)) return T(0);
+    T ratio = one_minus_q > T(0) ? nlq / one_minus_q : T(1);
+    T qr = q > T(0) ? q * ratio : T(0);
+    return -c * m_k * (T(1) + gamma * qr);
+}
+
+struct GlCceLogits : GlRowDefaults {
     enum { logits = 1 };
     template <typename T>
-    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
-        *g = gl_xent_grad(z, lse.m, lse.rest, c_sum, c);
-        return gl_xent_term(z, lse.m, log_s, c);
+    GL_FN static bool extra_pass(const T* a) { return a[0] != T(0); }
+    // h_k of the focal gradient
+    template <typename T>
+    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a) {
+        T d = z - r.lse.m;
+        T inv = T(1) / (T(1) + r.lse.rest);
+        T one_minus_q = (r.lse.rest - gl_expm1(d)) * inv;
+        T nlq = -d + r.log_s;
+        T m_k = gl_exp(gl_log(one_minus_q) * a[0]);
+        return gl_focal_h(c, gl_exp(d) * inv, one_minus_q, nlq, m_k, a[0]);
+    }
+    template <typename T>
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
+        T l;
+        if (a[0] == T(0)) {
+            *g = gl_xent_grad(z, r.lse.m, r.lse.rest, r.c_sum, c);
+            l = gl_xent_term(z, r.lse.m, r.log_s, c);
+        } else {
+            T d = z - r.lse.m;
+            T inv = T(1) / (T(1) + r.lse.rest);
+            T q = gl_exp(d) * inv;
+            T one_minus_q = (r.lse.rest - gl_expm1(d)) * inv;
+            T nlq = -d + r.log_s;
+            T m_k = gl_exp(gl_log(one_minus_q) * a[0]);
+            *g = gl_focal_h(c, q, one_minus_q, nlq, m_k, a[0]) - q * r.extra;
+            l = c == T(0) ? T(0) * r.log_s : c * m_k * nlq;
+        }
+        if (a[1] != T(0)) {
+            T q = gl_exp(z - r.lse.m) / (T(1) + r.lse.rest);
+            *g = *g + T(2) * a[1] * (r.lse.m + r.log_s) * q * r.cw_label;
+        }
+        return l;
+    }
+    template <typename T>
+    GL_FN static T row_term(const GlRow<T>& r, const T* a) {
+        if (a[1] == T(0)) return T(0);
+        T lse = r.lse.m + r.log_s;
+        return a[1] * lse * lse * r.cw_label;
     }
 };
 
 // nll on log-probabilities: -c z, derivative -c; a class with no weight adds 0, even at -inf
-struct GlNll {
-    enum { logits = 0 };
+struct GlNll : GlRowDefaults {
     template <typename T>
-    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
         *g = -c;
         return c == T(0) ? (z != z ? z : T(0)) : -c * z;
     }
 };
 // kl_div: c is the target, t = c or, with a = {log_target}, exp(c); t (log t - z), 0 log 0 = 0;
 // derivative -t
-struct GlKlDiv {
-    enum { logits = 0 };
+struct GlKlDiv : GlRowDefaults {
     template <typename T>
-    GL_FN static T term(T z, T c, GlLse<T> lse, T log_s, T c_sum, const T* a, T* g) {
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
         T t = a[0] != T(0) ? gl_exp(c) : c;
         T log_t = a[0] != T(0) ? c : gl_log(c);
         *g = -t;
         return t == T(0) ? (z != z ? z : T(0)) : t * (log_t - z);
+    }
+};
+// kl_div_with_logits, a = {temperature T, target holds logits}: q = softmax(z / T), t the
+// target or softmax(target / T); T^2 t (log t - log q), 0 log 0 = 0; derivative
+// T (q sum_j t_j - t) (sum_j t_j = 1 for target logits). log q and log t come from the rows'
+// log-sum-exps, never from a log of a rounded probability.
+struct GlKlDivLogits : GlRowDefaults {
+    enum { logits = 1 };
+    template <typename T>
+    GL_FN static T logit(T x, const T* a) { return x / a[0]; }
+    template <typename T>
+    GL_FN static bool target_lse(const T* a) { return a[1] != T(0); }
+    template <typename T>
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
+        T d = z / a[0] - r.lse.m;
+        T q = gl_exp(d) / (T(1) + r.lse.rest);
+        T log_q = d - r.log_s;
+        T t, log_t, t_sum;
+        if (a[1] != T(0)) {
+            log_t = (c / a[0] - r.tlse.m) - r.tlog_s;
+            t = gl_exp(c / a[0] - r.tlse.m) / (T(1) + r.tlse.rest);
+            t_sum = T(1);
+        } else {
+            t = c;
+            log_t = gl_log(c);
+            t_sum = r.c_sum;
+        }
+        *g = a[0] * (q * t_sum - t);
+        return t == T(0) ? (log_q != log_q ? log_q : T(0)) : a[0] * a[0] * (t * (log_t - log_q));
+    }
+};
+// multiclass_hinge (Crammer-Singer), class indices, a = {margin}: the row's loss is
+// cw_label max(0, margin + runner - z_label); where it is > 0 the derivative is +cw_label at the
+// runner-up's first class and -cw_label at the label
+struct GlMulticlassHinge : GlRowDefaults {
+    enum { runner_up = 1 };
+    template <typename T>
+    GL_FN static T margin(const GlRow<T>& r, const T* a) {
+        return (a[0] + r.runner) - r.z_label;
+    }
+    template <typename T>
+    GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
+        T m = margin(r, a);
+        T s = m > T(0) ? r.cw_label : T(0);
+        *g = k == r.label ? -s : (k == r.runner_k ? s : T(0));
+        return T(0);
+    }
+    template <typename T>
+    GL_FN static T row_term(const GlRow<T>& r, const T* a) {
+        T m = margin(r, a);
+        return r.cw_label * (m > T(0) ? m : (m != m ? m : T(0)));
     }
 };
 

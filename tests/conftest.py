@@ -123,6 +123,11 @@ def make_inputs(loss, rng, shape, dtype=np.float64, labels=True, axis=-1):
             t = np.exp(2 * rng.standard_normal(shape))
             target = t / t.sum(axis=axis, keepdims=True)
         return a.astype(dtype), target
+    if loss == "kl_div_with_logits" and labels:  # probability targets only (a teacher's)
+        t = np.exp(2 * rng.standard_normal(shape))
+        target = t / t.sum(axis=axis, keepdims=True)
+    if loss == "multiclass_hinge":  # class indices only
+        target = rng.integers(0, K, sample_shape)
     return z.astype(dtype), target
 
 

@@ -9,9 +9,18 @@ import numpy as np
 CATALOGUE = ("mae", "huber", "smooth_l1", "log_cosh", "poisson_nll", "hinge", "squared_hinge",
              "pinball")  # the elementwise losses of CATALOGUE.md
 ELEMENTWISE = ("mse", "bce", "bce_with_logits", *CATALOGUE)
-CATEGORICAL = ("cce", "cce_with_logits", "nll", "kl_div")
-LABELED = ("cce", "cce_with_logits", "nll")  # categorical losses that take class indices
-# (and class weights); kl_div takes probability targets only
+CATEGORICAL = ("cce", "cce_with_logits", "nll", "kl_div", "kl_div_with_logits",
+               "multiclass_hinge")
+LABELED = ("cce", "cce_with_logits", "nll", "multiclass_hinge")  # categorical losses that
+# take class indices (and class weights); the kl_div losses take probability targets only
+LABELS_ONLY = ("multiclass_hinge",)  # and this one class indices only
+
+
+def target_kinds(loss):
+    """The categorical targets `loss` takes: True for class indices, False for
+    probabilities."""
+    return tuple(labels for labels in (True, False)
+                 if (loss in LABELED if labels else loss not in LABELS_ONLY))
 ALL = ELEMENTWISE + CATEGORICAL
 
 
@@ -37,6 +46,10 @@ def reference(
     log_target=False,
     focal_gamma=0.0,
     focal_alpha=None,
+    z_loss=0.0,
+    temperature=1.0,
+    target_logits=False,
+    margin=1.0,
 ):
     """The loss as DESIGN.md and CATALOGUE.md define it, in float64."""
     pred = np.asarray(pred)
@@ -120,6 +133,29 @@ def reference(
             coef = cw * t
             sample_w = sw
             denom = sw.sum()
+        if loss == "multiclass_hinge":  # cw[y] max(0, margin + max_{k != y} z_k - z_y)
+            with np.errstate(invalid="ignore"):
+                others = np.where(onehot > 0, -np.inf, z).max(-1) if K > 1 else -np.inf
+                zy = (onehot * np.where(onehot > 0, z, 0)).sum(-1)
+                per = cwy * np.maximum(0.0, (margin + others) - zy)
+                per = np.where(np.isnan(z).any(-1), np.nan, per) if K else per
+            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            coef = None
+        if loss == "kl_div_with_logits":  # T^2 Σ t (log t - log q), q = softmax(z / T)
+            u = z / temperature
+            m = u.max(-1, keepdims=True) if K else u
+            log_q = u - m - np.log(np.exp(u - m).sum(-1, keepdims=True))
+            if target_logits:
+                v = t / temperature
+                mt = v.max(-1, keepdims=True) if K else v
+                log_t = v - mt - np.log(np.exp(v - mt).sum(-1, keepdims=True))
+                t = np.exp(log_t)
+            else:
+                log_t = np.log(np.where(t > 0, t, 1.0))
+            with np.errstate(invalid="ignore"):
+                per = temperature**2 * np.where(t == 0, 0.0, t * (log_t - log_q)).sum(-1)
+            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            coef = None
         if loss == "kl_div":  # Σ t (log t - a), 0 log 0 = 0
             log_t = t if log_target else np.log(np.where(t > 0, t, 1.0))
             t = np.exp(t) if log_target else t
@@ -131,7 +167,7 @@ def reference(
             logp = np.log(np.clip(z, *bounds))
         elif loss == "nll" or K == 0:
             logp = z  # log-probabilities as given (or no classes: every sum is empty)
-        elif loss == "kl_div":
+        elif loss in ("kl_div", "kl_div_with_logits", "multiclass_hinge"):
             pass
         elif K == 0:
             logp = z  # no classes: every sum over k is empty
@@ -139,9 +175,17 @@ def reference(
             m = z.max(-1, keepdims=True)
             logp = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
         if coef is not None:
+            focal = 1.0
+            if focal_gamma and K:  # Keras' categorical focal loss: (1 - q)^gamma
+                with np.errstate(divide="ignore"):
+                    focal = np.exp(focal_gamma * np.log(-np.expm1(logp)))
             with np.errstate(invalid="ignore"):  # a class with no weight adds 0, even at -inf
                 # (a NaN still propagates: NaN anywhere in a row makes the row NaN)
-                per = -np.where((coef == 0) & ~np.isnan(logp), 0.0, coef * logp).sum(-1)
+                per = -np.where((coef == 0) & ~np.isnan(logp), 0.0, coef * focal * logp).sum(-1)
+            if z_loss and K:  # PaLM: z lse^2, weighted as the sample (cw[y] for indices)
+                lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+                zw = cwy if np.issubdtype(y.dtype, np.integer) else 1.0
+                per = per + z_loss * lse**2 * zw
             per = np.where(sample_w > 0, sample_w * per, 0.0)
     if reduction == "none":
         return per

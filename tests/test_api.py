@@ -13,9 +13,9 @@ import gpuloss as gl
 from gpuloss import losses as _losses
 
 PUBLIC = ("LOSSES", "ScoreResult", "StreamingLoss", "__version__", "bce", "bce_with_logits",
-          "cce", "cce_with_logits", "hinge", "huber", "kl_div", "log_cosh", "mae", "mse", "nll",
-          "pinball", "poisson_nll", "preferred_namespace", "score_files", "smooth_l1",
-          "squared_hinge")
+          "cce", "cce_with_logits", "hinge", "huber", "kl_div", "kl_div_with_logits",
+          "log_cosh", "mae", "mse", "multiclass_hinge", "nll", "pinball", "poisson_nll",
+          "preferred_namespace", "score_files", "smooth_l1", "squared_hinge")
 
 
 def test_all_is_sorted_and_lists_every_public_name():
@@ -31,7 +31,8 @@ def test_all_is_sorted_and_lists_every_public_name():
 def test_losses_maps_names_to_the_objects():
     assert list(gl.LOSSES) == ["mse", "mae", "huber", "smooth_l1", "log_cosh", "poisson_nll",
                                "pinball", "bce", "bce_with_logits", "hinge", "squared_hinge",
-                               "cce", "cce_with_logits", "nll", "kl_div"]
+                               "cce", "cce_with_logits", "nll", "kl_div",
+                               "kl_div_with_logits", "multiclass_hinge"]
     for name, fn in gl.LOSSES.items():
         assert getattr(gl, name) is fn and fn.name == name
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import require, to_xp
-from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED
+from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED, LABELS_ONLY
 
 import gpuloss as gl
 
 
 def _valid(loss):
-    if loss == "kl_div":  # probability targets only
+    if loss in ("kl_div", "kl_div_with_logits"):  # probability targets only
         return np.full((4, 3), np.log(1 / 3)), np.full((4, 3), 1 / 3)
     if loss in CATEGORICAL:
         return np.full((4, 3), 1 / 3), np.array([0, 1, 2, 0])
@@ -55,6 +55,11 @@ def test_cce_target_shapes(loss):
     pred = np.full((4, 3), 1 / 3)
     with pytest.raises(ValueError, match=r"without axis 1, i.e. \(4,\); got target shape \(3,\)"):
         gl.LOSSES[loss](pred, np.array([0, 1, 2]))
+    if loss in LABELS_ONLY:  # floating or boolean targets are refused whatever their shape
+        for target in (np.array([0.0, 1.0, 2.0, 0.0]), np.array([True, False, True, True])):
+            with pytest.raises(TypeError, match=f"{loss} needs class indices"):
+                gl.LOSSES[loss](pred, target)
+        return
     with pytest.raises(ValueError, match="class indices need an integer dtype"):
         gl.LOSSES[loss](pred, np.array([0.0, 1.0, 2.0, 0.0]))
     with pytest.raises(TypeError, match="class indices .* or probabilities"):
@@ -225,7 +230,7 @@ def test_an_unknown_loss_name_lists_the_names_and_suggests_one():
         gl.LOSSES["crossentropy"]
     with pytest.raises(KeyError, match="Did you mean 'bce_with_logits'"):
         gl.LOSSES["bce_logit"]
-    with pytest.raises(KeyError, match=r"kl_div\.\"?$"):  # nothing close: no guess
+    with pytest.raises(KeyError, match=r"multiclass_hinge\.\"?$"):  # nothing close: no guess
         gl.LOSSES["qqqq"]
     assert gl.LOSSES.get("qqqq") is None and "mse" in gl.LOSSES
 

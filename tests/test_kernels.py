@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import make_inputs, require
-from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED
+from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED, target_kinds
 from test_losses import REDUCTIONS, _cases, _options
 
 import gpuloss as gl
@@ -391,7 +391,7 @@ def test_row_kernel_variants_by_class_count(runtime, loss, K):
     rng = np.random.default_rng(7)
     rows = 4  # with the emulator's 3 blocks, one step has rows past the end (dead rows)
     pred, target = make_inputs(loss, rng, (rows, K))
-    for labels in (True, False) if loss in LABELED else (False,):
+    for labels in target_kinds(loss):
         if not labels:
             t = rng.uniform(0, 1, (rows, K))
             target = t / t.sum(1, keepdims=True)
@@ -416,7 +416,7 @@ def test_row_kernel_variants_by_class_count(runtime, loss, K):
 @pytest.mark.parametrize("loss", CATEGORICAL)
 def test_kernels_class_axis_1(runtime, loss):
     rng = np.random.default_rng(8)
-    for labels in (True, False) if loss in LABELED else (False,):
+    for labels in target_kinds(loss):
         pred, target = make_inputs(loss, rng, (5, 4, 3), labels=labels, axis=1)
         want = gl.LOSSES[loss].value_and_grad(pred, target, axis=1)
         got = _emulated(runtime, loss, pred, target, axis=1)

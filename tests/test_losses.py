@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_inputs, to_numpy, to_xp
-from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED, numeric_grad, reference
+from reference import (
+    ALL,
+    CATEGORICAL,
+    ELEMENTWISE,
+    LABELED,
+    numeric_grad,
+    reference,
+    target_kinds,
+)
 
 import gpuloss as gl
 
@@ -49,9 +57,24 @@ def _options(loss, rng, shape, labels=True, axis=-1):
     if loss == "cce_with_logits":
         sets.append({"label_smoothing": 0.2})
         sets.append({"label_smoothing": 0.1, "class_weight": rng.uniform(0.2, 2, shape[axis])})
+    sample_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    if loss == "cce_with_logits":
+        sets.append({"focal_gamma": 2.0})
+        sets.append({"focal_gamma": 0.5, "label_smoothing": 0.1,
+                     "class_weight": rng.uniform(0.2, 2, shape[axis])})
+        sets.append({"z_loss": 1e-2, "class_weight": rng.uniform(0.2, 2, shape[axis])})
+        sets.append({"z_loss": 0.1, "focal_gamma": 1.0,
+                     "sample_weight": rng.uniform(0, 2, sample_shape),
+                     **({"ignore_index": 0} if labels else {})})
     if loss == "kl_div":
-        sample_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
         sets.append({"log_target": True, "sample_weight": rng.uniform(0, 2, sample_shape)})
+    if loss == "kl_div_with_logits":
+        sets.append({"temperature": 2.5})
+        sets.append({"temperature": 0.5, "target_logits": True,
+                     "sample_weight": rng.uniform(0, 2, sample_shape)})
+    if loss == "multiclass_hinge":
+        sets.append({"margin": 0.0})
+        sets.append({"margin": 2.5, "ignore_index": 2})
     # only the options the loss takes (kl_div has no class weights)
     return [o for o in sets if set(o) <= set(gl.LOSSES[loss].options)]
 
@@ -61,9 +84,8 @@ def _cases():
         if loss in ELEMENTWISE:
             yield loss, (7, 5), True
         else:
-            if gl.LOSSES[loss].class_indices:
-                yield loss, (9, 4), True
-            yield loss, (9, 4), False
+            for labels in target_kinds(loss):
+                yield loss, (9, 4), labels
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -143,8 +165,7 @@ def test_many_blocks_and_threads(loss, reduction, monkeypatch):
 
 
 @pytest.mark.parametrize(("loss", "labels"), [(loss, labels) for loss in CATEGORICAL
-                                               for labels in (True, False)
-                                               if not labels or loss in LABELED])
+                                               for labels in target_kinds(loss)])
 def test_class_axis_1_on_3d_input(loss, labels):
     rng = np.random.default_rng(5)
     pred, target = make_inputs(loss, rng, (6, 5, 4), labels=labels, axis=1)

@@ -60,6 +60,10 @@ def problems(draw, loss):
                                                  elements=st.floats(0, 4)))
         if draw(st.booleans()):
             opts["label_smoothing"] = draw(st.floats(0, 1))
+        if draw(st.booleans()):
+            opts["focal_gamma"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        if draw(st.booleans()):
+            opts["focal_alpha"] = draw(st.floats(0, 1))
     else:
         axis = draw(st.integers(-len(shape), len(shape) - 1))
         K = shape[axis]
@@ -81,18 +85,34 @@ def problems(draw, loss):
                 opts["log_target"] = True
                 with np.errstate(divide="ignore"):
                     target = np.log(target)
-        elif draw(st.booleans()):
+        elif loss == "kl_div_with_logits":
+            if draw(st.booleans()):
+                opts["target_logits"] = True
+                target = draw(hnp.arrays(np.float64, shape, elements=st.floats(-30, 30)))
+            else:
+                raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
+                target = raw / np.maximum(raw.sum(axis=axis, keepdims=True), 1e-12)
+            if draw(st.booleans()):
+                opts["temperature"] = draw(st.floats(0.1, 10))
+        elif loss == "multiclass_hinge" or draw(st.booleans()):
             target = draw(hnp.arrays(np.int64, sample_shape, elements=st.integers(0, K - 1)))
             if draw(st.booleans()):
                 opts["ignore_index"] = draw(st.integers(0, K - 1))
         else:
             raw = draw(hnp.arrays(np.float64, shape, elements=st.floats(0, 1)))
             target = raw / np.maximum(raw.sum(axis=axis, keepdims=True), 1e-12)
-        if loss != "kl_div" and draw(st.booleans()):
+        if "class_weight" in gl.LOSSES[loss].options and draw(st.booleans()):
             opts["class_weight"] = draw(hnp.arrays(np.float64, (K,),
                                                    elements=st.floats(0.1, 3)))
-        if loss == "cce_with_logits" and draw(st.booleans()):
-            opts["label_smoothing"] = draw(st.floats(0, 1))
+        if loss == "cce_with_logits":
+            if draw(st.booleans()):
+                opts["label_smoothing"] = draw(st.floats(0, 1))
+            if draw(st.booleans()):
+                opts["focal_gamma"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+            if draw(st.booleans()):
+                opts["z_loss"] = draw(st.floats(0, 0.1))
+        if loss == "multiclass_hinge" and draw(st.booleans()):
+            opts["margin"] = draw(st.floats(0, 5))
         shape = sample_shape
     if target.dtype.kind == "f":
         target = target.astype(dtype)  # targets in pred's dtype: the reference sees what we see

@@ -107,7 +107,8 @@ def all_kernel_names() -> list[str]:
         for config in ROW_CONFIGS:
             for p in PRED_DTYPES:
                 names += [rows_name(functor, True, config, p, t) for t in labels]
-                names.append(rows_name(functor, False, config, p, p))
+                if _call.takes_probabilities(functor):
+                    names.append(rows_name(functor, False, config, p, p))
     return names
 
 

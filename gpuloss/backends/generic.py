@@ -261,6 +261,14 @@ _ELEMENTWISE = {
 }
 
 
+def _log_softmax(xp, U):
+    """(log softmax, softmax) over the last axis, max-shifted, the sum of exp in float64."""
+    S = U - xp.max(U, axis=-1, keepdims=True)
+    E = xp.exp(S)
+    se = xp.sum(xp.astype(E, xp.float64), axis=-1, keepdims=True)
+    return S - xp.astype(xp.log(se), U.dtype), E / xp.astype(se, U.dtype)
+
+
 def _categorical(call, xp, cdt):
     ndim = call.pred.ndim
     perm = tuple(i for i in range(ndim) if i != call.axis) + (call.axis,)
@@ -330,6 +338,41 @@ def _categorical(call, xp, cdt):
         # a class with no weight adds 0, even where X is infinite (masked, 0 log 0)
         loss = xp.sum(xp.where((C == 0) & ~nan_in, xp.zeros_like(X), C * X), axis=-1)
         grad = -C
+    elif call.loss in ("kl_div_with_logits", "multiclass_hinge") and K == 0:
+        # no classes: empty sums (an invalid class index already made its weight NaN)
+        loss, grad = xp.zeros(sample_shape, dtype=cdt, device=array_api_compat.device(Z)), Z
+    elif call.loss == "kl_div_with_logits":
+        # T^2 Σ t (log t - log q), q = softmax(z / T), t = target or softmax(target / T)
+        temp, target_logits = call.kernel_params
+        logq, q = _log_softmax(xp, Z / temp)
+        if target_logits:
+            logt, C = _log_softmax(xp, T / temp)
+            t_sum = 1.0
+        else:
+            C, logt, t_sum = T, xp.log(T), xp.sum(T, axis=-1, keepdims=True)
+        X = logt - logq
+        nan_in = xp.isnan(Z) | xp.isnan(T)
+        loss = temp * temp * xp.sum(
+            xp.where((C == 0) & ~nan_in, xp.zeros_like(X), C * X), axis=-1)
+        grad = temp * (q * t_sum - C)
+    elif call.loss == "multiclass_hinge":
+        # cw[y] max(0, margin + max_{j != y} z_j - z_y); +-cw[y] at the runner-up and y
+        (margin,) = call.kernel_params
+        if K:
+            w = xp.where(xp.any(xp.isnan(Z), axis=-1), nan, w)
+        others = xp.where(T > 0, xp.full_like(Z, -math.inf), Z)
+        runner = (xp.max(others, axis=-1) if K > 1 else
+                  xp.full(sample_shape, -math.inf, dtype=cdt, device=array_api_compat.device(Z)))
+        runner_k = xp.argmax(others, axis=-1) if K > 1 else None
+        zy = xp.sum(xp.where(T > 0, Z, xp.zeros_like(Z)), axis=-1)
+        m = (margin + runner) - zy
+        active = m > 0
+        loss = cwy * xp.where(active | xp.isnan(m), m, xp.zeros_like(m))
+        s = xp.astype(active, cdt) * cwy
+        grad = -T * xp.expand_dims(s, axis=-1)
+        if K > 1:
+            at_runner = xp.expand_dims(runner_k, axis=-1) == classes
+            grad = grad + xp.astype(at_runner, cdt) * xp.expand_dims(s, axis=-1)
     else:
         if K == 0:
             logp = soft = one_minus_soft = Z
@@ -357,6 +400,22 @@ def _categorical(call, xp, cdt):
                        axis=-1)
         # softmax * sum(C) - C as p (sum(C) - C) - C (1 - p): no cancellation near p = 1
         grad = soft * (xp.sum(C, axis=-1, keepdims=True) - C) - C * one_minus_soft
+        gamma, z_loss = call.kernel_params
+        if gamma and K:  # focal: Σ c M (-log q), M = (1 - q)^gamma; g = h - q Σ h
+            nlq = -logp
+            with np.errstate(divide="ignore", invalid="ignore"):
+                M = xp.exp(gamma * xp.log(one_minus_soft))
+                ratio = xp.where(one_minus_soft > 0, nlq / one_minus_soft, xp.ones_like(nlq))
+                qr = xp.where(soft > 0, soft * ratio, xp.zeros_like(soft))
+            zero = xp.zeros_like(nlq)
+            loss = xp.sum(xp.where((C == 0) & ~xp.isnan(nlq), zero, C * M * nlq), axis=-1)
+            h = xp.where(C == 0, zero, -C * M * (1 + gamma * qr))
+            grad = h - soft * xp.sum(h, axis=-1, keepdims=True)
+        if z_loss and K:  # z lse^2 with the label's class weight (1 for probabilities)
+            zw = cwy if call.labels else xp.ones_like(w)
+            lse = xp.squeeze(m, axis=-1) + xp.astype(xp.log(xp.squeeze(se, axis=-1)), cdt)
+            loss = loss + z_loss * lse * lse * zw
+            grad = grad + xp.expand_dims(2 * z_loss * lse * zw, axis=-1) * soft
     value = _reduce(call, xp, loss * w, weight_sum)
     if not call.want_grad:
         return value, None

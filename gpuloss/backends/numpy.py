@@ -859,6 +859,8 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # log p = z - logsumexp(z);  l = (1 - ls) cw[y] (-log p_y) + ls/K Σ_k cw_k (-log p_k)
     # g_k = sw/D [ (1 - ls) cw[y] (softmax_k - [k = y]) + ls/K (softmax_k Σ cw - cw_k) ]
     # A NaN logit or an invalid label (NaN weight) makes the row's loss and gradient NaN.
+    if k.params[0] or k.params[1]:  # focal_gamma, z_loss
+        return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
     R, K = Z.shape
     safe, cwy, w = _row_weights(labels, swb, k)
     rows = np.arange(R)
@@ -900,6 +902,8 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
 def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
     # g_k = sw/D (softmax_k Σ_j c_j - c_k)
+    if k.params[0] or k.params[1]:  # focal_gamma, z_loss
+        return _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels=False)
     R, K = Z.shape
     trange = _min_max(T) if k.validate else _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
@@ -931,6 +935,60 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
         np.subtract(E, om, out=E)
         np.multiply(E, gw, out=E)
+    return (total, _NO_RANGE, trange)
+
+
+def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
+    # cce_with_logits with focal_gamma or z_loss (class indices or probabilities), from the
+    # classes' coefficients c (as the plain blocks) and q = softmax(z):
+    #   focal: l = Σ_k c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from the log domain;
+    #          g_j = h_j - q_j Σ_k h_k, h_k = -c_k M_k (1 + gamma q_k (-log q_k) / (1 - q_k))
+    #          ((-log q)/(1 - q) -> 1 as q -> 1; q (-log q) -> 0 as q -> 0)
+    #   z_loss: l gains z lse^2 cw[y] (cw[y] = 1 for probabilities), g gains 2 z lse q cw[y]
+    R, K = Z.shape
+    gamma, zl = (float(v) for v in k.params)
+    if labels:
+        trange = _NO_RANGE
+        safe, cwy, w = _row_weights(T, swb, k)
+        zw = np.ones(R, k.cdt) if cwy is None else cwy
+        C = s.get("C", (R, K), k.cdt)
+        C[...] = 0 if not k.smooth else (k.smooth / K) * (1 if k.cw is None else k.cw)
+        C[np.arange(R), safe] += (1 - k.smooth) * zw
+    else:
+        trange = _min_max(T) if k.validate else _NO_RANGE
+        w = np.ones(R, k.cdt) if swb is None else swb
+        zw = 1
+        C = _class_coefs(T, s, k)
+    m = np.maximum.reduce(Z, axis=1)[:, None]
+    S = Z - m
+    E = np.exp(S)
+    se = np.add.reduce(E, axis=1, dtype=_F64)[:, None]
+    log_se = np.log(se)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nlq = (log_se - S).astype(k.cdt)  # -log q
+        q = (E / se).astype(k.cdt)
+        omq = ((se - E) / se).astype(k.cdt)  # 1 - q without cancellation
+        M = np.exp(np.log(omq) * k.cdt(gamma)) if gamma else np.ones_like(q)
+        terms = np.where((C == 0) & ~np.isnan(nlq), 0, C * M * nlq)
+        per = np.add.reduce(terms, axis=1)
+        if gamma:
+            ratio = np.where(omq > 0, nlq / omq, 1)
+            qr = np.where(q > 0, q * ratio, 0)
+            h = np.where(C == 0, 0, -C * M * (1 + k.cdt(gamma) * qr))
+            grad = h - q * np.add.reduce(h, axis=1, keepdims=True)
+        else:
+            csum = np.add.reduce(C, axis=1, keepdims=True)
+            grad = q * (csum - C) - C * omq
+        if zl:
+            lse = (m + log_se).astype(k.cdt)[:, 0]
+            per = per + k.cdt(zl) * lse * lse * zw
+            grad = grad + (k.cdt(2 * zl) * lse * zw)[:, None] * q
+    total = 0.0
+    if L is not None:
+        np.copyto(L, per, casting="unsafe")
+        total = _weigh_rows(L, w, k)
+    if G is not None:
+        np.multiply(grad, (w * k.gscale).astype(k.cdt)[:, None], out=G, casting="unsafe")
     return (total, _NO_RANGE, trange)
 
 
@@ -1064,6 +1122,96 @@ def _kl_div_block(A, T, swb, G, L, s, k):
     return (total, _NO_RANGE, trange)
 
 
+def _log_softmax(Z, s, k, name, scale=None):
+    """log softmax(Z / scale) per row (max-shifted; the row sums of exp in float64) into a
+    scratch array, and 1 / those sums."""
+    U = s.get(name, Z.shape, k.cdt)
+    if scale is None:
+        np.copyto(U, Z)
+    else:
+        np.divide(Z, scale, out=U)
+    m = np.maximum.reduce(U, axis=1)
+    np.subtract(U, m[:, None], out=U)
+    E = s.get(name + "_e", Z.shape, k.cdt)
+    np.exp(U, out=E)
+    se = np.add.reduce(E, axis=1, dtype=_F64)
+    np.subtract(U, np.log(se).astype(k.cdt)[:, None], out=U)
+    return U, E, (1 / se).astype(k.cdt)
+
+
+def _kl_div_logits_block(Z, T, swb, G, L, s, k):
+    # q = softmax(z / T); t = target, or softmax(target / T) with target_logits;
+    # l = T^2 Σ_k t_k (log t_k - log q_k), 0 log 0 = 0 ;  g_k = sw T (q_k Σ_j t_j - t_k) / D
+    R, K = Z.shape
+    temp, target_logits = k.params
+    trange = _NO_RANGE
+    w = np.ones(R, k.cdt) if swb is None else swb
+    logq, q, inv = _log_softmax(Z, s, k, "q", temp)
+    np.multiply(q, inv[:, None], out=q)
+    if target_logits:
+        logt, t, tinv = _log_softmax(T, s, k, "t", temp)
+        np.multiply(t, tinv[:, None], out=t)
+        t_sum = k.cdt(1)
+    else:
+        trange = _min_max(T) if k.validate else _NO_RANGE
+        t = T
+        logt = s.get("logt", (R, K), k.cdt)
+        with np.errstate(divide="ignore"):
+            np.log(T, out=logt)  # -inf where t = 0: masked in the sum
+        t_sum = np.add.reduce(T, axis=1)[:, None]
+    total = 0.0
+    if L is not None:
+        np.subtract(logt, logq, out=logt)
+        L[...] = _masked_row_sum(t, logt, s, k, (Z, T))
+        np.multiply(L, temp * temp, out=L)
+        total = _weigh_rows(L, w, k)
+    if G is not None:
+        np.multiply(q, t_sum, out=G)
+        np.subtract(G, t, out=G)
+        np.multiply(G, (k.gscale * temp * w).astype(k.cdt)[:, None], out=G)
+    return (total, _NO_RANGE, trange)
+
+
+def _multiclass_hinge_block(Z, labels, swb, G, L, s, k):
+    # l = cw[y] max(0, margin + max_{j != y} z_j - z_y); where l > 0 the gradient is
+    # sw cw[y] / D at the first arg-max j != y and -sw cw[y] / D at y
+    R, K = Z.shape
+    (margin,) = k.params
+    safe, cwy, w = _row_weights(labels, swb, k)
+    if np.isnan(np.add.reduce(Z, axis=None)):  # NaN (or inf - inf): look closer
+        w[np.isnan(Z).any(axis=1)] = np.nan
+    rows = np.arange(R)
+    zy = Z[rows, safe]
+    others = s.get("others", (R, K), k.cdt)
+    np.copyto(others, Z)
+    others[rows, safe] = -np.inf
+    runner_k = np.argmax(others, axis=1)  # the first of equal maxima
+    runner = others[rows, runner_k]
+    if K == 1:  # no other class: nothing to beat
+        runner = np.full(R, -np.inf, k.cdt)
+    with np.errstate(invalid="ignore"):
+        m = (k.cdt(margin) + runner) - zy
+        active = m > 0
+        c = w if cwy is None else w * cwy
+    total = 0.0
+    if L is not None:
+        cw_l = 1 if cwy is None else cwy
+        with np.errstate(invalid="ignore"):
+            np.multiply(np.where(active | np.isnan(m), m, 0) * cw_l, w, out=L)
+        if k.want_sum:
+            total = _sum_f64(L)
+    if G is not None:
+        G.fill(0)
+        gc = np.where(active, c * k.gscale, 0).astype(k.cdt)
+        G[rows, safe] = -gc
+        if K > 1:
+            G[rows, runner_k] += gc
+        nan_rows = np.isnan(w)
+        if nan_rows.any():
+            G[nan_rows] = np.nan
+    return (total,)
+
+
 _CATEGORICAL = {
     ("cce_with_logits", True): _cce_logits_block,
     ("cce_with_logits", False): _cce_logits_probs_block,
@@ -1072,4 +1220,6 @@ _CATEGORICAL = {
     ("nll", True): _nll_block,
     ("nll", False): _nll_probs_block,
     ("kl_div", False): _kl_div_block,
+    ("kl_div_with_logits", False): _kl_div_logits_block,
+    ("multiclass_hinge", True): _multiclass_hinge_block,
 }

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._api import AXIS, CLASS_WEIGHT, CLIP_EPS, IGNORE_INDEX, LABEL_SMOOTHING, Loss, flag
+from .._api import (
+    AXIS,
+    CLASS_WEIGHT,
+    CLIP_EPS,
+    IGNORE_INDEX,
+    LABEL_SMOOTHING,
+    Loss,
+    flag,
+    number,
+)
 from .._call import CATEGORICAL, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
 
@@ -102,8 +111,11 @@ cce_with_logits = Loss(
     aliases=("crossentropy", "cross_entropy", "softmax_cross_entropy"),
     family=CATEGORICAL,
     kernel="GlCceLogits",
-    options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS),
-    kernel_params=lambda o: (),
+    options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS,
+             number("focal_gamma", 0.0, "focusing exponent of the focal loss (>= 0; 0: none)",
+                    0.0),
+             number("z_loss", 0.0, "weight of PaLM's auxiliary z-loss, lse^2 (>= 0)", 0.0)),
+    kernel_params=lambda o: (o["focal_gamma"], o["z_loss"]),
     naive=_naive_cce_with_logits,
     torch_peer=lambda F, x, t: F.cross_entropy(x, t),
     doc=rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
@@ -316,4 +328,174 @@ kl_div = Loss(
 )
 
 
-__all__ = ["cce", "cce_with_logits", "nll", "kl_div"]  # the losses declared here, in the order of the docs
+# ---------------------------------------------------------------------------------------------
+# kl_div_with_logits
+
+
+def _naive_kl_div_with_logits(xp, z, t):  # probability targets, T = 1
+    e = xp.exp(z - z.max(axis=1, keepdims=True))
+    q = e / e.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logt = xp.where(t > 0, xp.log(xp.where(t > 0, t, 1.0)), 0.0)
+    loss = xp.sum(t * (logt - xp.log(q))) / z.shape[0]
+    return loss, (q * t.sum(axis=1, keepdims=True) - t) / z.shape[0]
+
+
+kl_div_with_logits = Loss(
+    "kl_div_with_logits",
+    aliases=("distillation", "distillation_loss", "kd_loss"),
+    family=CATEGORICAL,
+    kernel="GlKlDivLogits",
+    options=(number("temperature", 1.0, "softmax temperature T (> 0)", 0.0, closed=False),
+             flag("target_logits", False, "target holds the teacher's logits"), AXIS),
+    target_rule=lambda o: None if o["target_logits"] else UNIT,
+    kernel_params=lambda o: (o["temperature"], float(o["target_logits"])),
+    class_indices=False,
+    naive=_naive_kl_div_with_logits,
+    torch_peer=lambda F, x, t: F.kl_div(F.log_softmax(x, dim=-1), t, reduction="batchmean"),
+    doc=rf"""Distillation loss: KL(t ‖ softmax(z / T)) from the student's logits, and its
+    gradient; the teacher's probabilities or logits in the same pass.
+
+    With temperature \(T\), \(q_{{ik}} = \mathrm{{softmax}}(z_i / T)_k\) and the target
+    \(t_{{ik}}\) (probabilities; with ``target_logits=True``,
+    \(t_i = \mathrm{{softmax}}(\text{{target}}_i / T)\), the teacher's logits):
+
+    $$
+    \ell_i = w_i\, T^2 \sum_k t_{{ik}} \left(\log t_{{ik}} - \log q_{{ik}}\right), \qquad
+    \frac{{\partial L}}{{\partial z_{{ik}}}} = \frac{{w_i}}{{D}}\, T
+        \Big( q_{{ik}} \sum_j t_{{ij}} - t_{{ik}} \Big)
+    $$
+
+    with \(0 \log 0 = 0\) and \(D = \sum_i w_i\) (N unweighted): the mean is the KL per
+    sample (PyTorch's ``"batchmean"``). The \(T^2\) keeps the gradient's scale independent
+    of \(T\) (Hinton et al. 2015). \(\log q\) and (for teacher logits) \(\log t\) come
+    from max-shifted log-sum-exps, never from the log of a rounded probability; both rows are
+    read in one pass.
+
+    Parameters
+    ----------
+    pred : array
+        The student's logits with the classes along ``axis``.
+    target : array
+        The teacher's probabilities (pred's shape; checked to lie in [0, 1]), or its logits
+        with ``target_logits=True`` (not checked). Class indices are refused.
+    {_CATEGORICAL_PARAMS}
+    temperature : float, default 1
+        \(T > 0\), applied to the student's logits and to the teacher's (with
+        ``target_logits``); given probabilities are used as they are.
+    target_logits : bool, default False
+        The target holds the teacher's logits.
+    axis : int, default -1
+        The class axis.
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    With \(T = 1\) and probabilities: ``torch.nn.functional.kl_div(log_softmax(z), t,
+    reduction="batchmean")``; with teacher logits, ``T**2 * kl_div(log_softmax(z / T),
+    softmax(teacher / T), reduction="batchmean")`` as distillation code writes it, without
+    either softmax in memory.
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([[2.0, 0.0], [0.0, 1.0]]); teacher = np.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> round(float(gl.kl_div_with_logits(z, teacher, target_logits=True, temperature=2.0)), 6)
+    0.108599
+    """,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# multiclass_hinge
+
+
+def _naive_multiclass_hinge(xp, z, t):  # class indices, margin 1
+    rows = xp.arange(z.shape[0])
+    zy = z[rows, t]
+    others = z.copy()
+    others[rows, t] = -np.inf
+    k = others.argmax(axis=1)
+    m = 1 + others[rows, k] - zy
+    active = (m > 0) / z.shape[0]
+    grad = xp.zeros_like(z)
+    grad[rows, k] += active
+    grad[rows, t] -= active
+    return xp.mean(xp.maximum(m, 0)), grad
+
+
+def _torch_multiclass_hinge(F, x, t):  # optax's formula, written in PyTorch
+    zy = x.gather(1, t[:, None])[:, 0]
+    others = x.scatter(1, t[:, None], float("-inf"))
+    return F.relu(1 + others.max(dim=1).values - zy).mean()
+
+
+multiclass_hinge = Loss(
+    "multiclass_hinge",
+    aliases=("multiclass_hinge_loss", "crammer_singer", "multi_margin"),
+    family=CATEGORICAL,
+    kernel="GlMulticlassHinge",
+    options=(number("margin", 1.0, "the margin the label must win by (>= 0)", 0.0),
+             CLASS_WEIGHT, IGNORE_INDEX, AXIS),
+    probability_targets=False,
+    naive=_naive_multiclass_hinge,
+    torch_peer=_torch_multiclass_hinge,
+    doc=rf"""Multiclass hinge loss (Crammer-Singer) on scores, and its gradient.
+
+    With scores \(z_{{ik}}\), the label \(y_i\), margin \(\mu\) and class weights
+    \(c_k\):
+
+    $$
+    \ell_i = w_i\, c_{{y_i}} \max\Big(0,\; \mu + \max_{{k \ne y_i}} z_{{ik}} - z_{{i y_i}}\Big)
+    $$
+
+    Where \(\ell_i > 0\) the gradient is \(+w_i c_{{y_i}} / D\) at the first class
+    \(k \ne y_i\) of largest score and \(-w_i c_{{y_i}} / D\) at \(y_i\); it is 0
+    elsewhere and where \(\ell_i = 0\) (at the kink itself too). \(D = \sum_i w_i
+    c_{{y_i}}\) over the samples not equal to ``ignore_index``, as for `cce`. With a single
+    class there is nothing to beat: the loss is 0.
+
+    Parameters
+    ----------
+    pred : array
+        Scores with the classes along ``axis``.
+    target : array
+        Class indices (integer dtype, pred's shape without ``axis``); other targets raise
+        ``TypeError``.
+    {_CATEGORICAL_PARAMS}
+    margin : float, default 1
+        \(\mu \ge 0\).
+    class_weight : array_like, optional
+        Shape (K,): weight of each class, applied by the label.
+    ignore_index : int, optional
+        Samples with this label give 0 loss, 0 gradient, and leave the denominator.
+    axis : int, default -1
+        The class axis.
+
+{RETURNS.format(unit="sample")}
+
+    Notes
+    -----
+    {ENTRY_POINTS}
+
+    ``optax.multiclass_hinge_loss`` (per sample) and scikit-learn's
+    ``hinge_loss`` for multiclass problems (its mean). PyTorch's ``multi_margin_loss`` is
+    another loss (Weston-Watkins: a sum over every class \(k \ne y\), divided by K).
+
+    Examples
+    --------
+    >>> import numpy as np, gpuloss as gl
+    >>> z = np.array([[2.0, 1.5, 0.0], [0.0, 3.0, 1.0]]); t = np.array([0, 2])
+    >>> gl.multiclass_hinge(z, t, reduction="none")
+    array([0.5, 3. ])
+    >>> gl.multiclass_hinge.grad(z, t)
+    array([[-0.5,  0.5,  0. ],
+           [ 0. ,  0.5, -0.5]])
+    """,
+)
+
+
+__all__ = ["cce", "cce_with_logits", "nll", "kl_div", "kl_div_with_logits", "multiclass_hinge"]  # the losses declared here, in the order of the docs
