@@ -32,13 +32,93 @@ def torch_fns():
     except ImportError:
         return None, None
 
-    def run(fn, p, y):
+    def run(peer, p, y):  # peer(F, x, y): the loss in PyTorch
         x = p.detach().requires_grad_()
-        loss = fn.torch_peer(F, x, y)
+        loss = peer(F, x, y)
         loss.backward()
         return loss, x.grad
 
     return torch, run
+
+
+# ---------------------------------------------------------------------------------------------
+# option variants: (loss, options, naive NumPy loss+gradient from the formula, the PyTorch
+# formula a user would run through autograd), each at the loss's benchmark size
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _naive_focal_bce(np_, z, y, gamma=2.0, alpha=0.25):  # torchvision's formula, by hand
+    p = 1 / (1 + np.exp(-z))
+    ce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    pt = p * y + (1 - p) * (1 - y)
+    at = alpha * y + (1 - alpha) * (1 - y)
+    loss = np.mean(at * (1 - pt) ** gamma * ce)
+    d = at * ((1 - pt) ** gamma * (p - y)
+              + gamma * (1 - pt) ** (gamma - 1) * (1 - 2 * y) * p * (1 - p) * ce)
+    return loss, d / z.size
+
+
+def _naive_focal_cce(np_, z, t, gamma=2.0):  # CATALOGUE.md's gradient, written as it reads
+    q = _softmax(z)
+    c = np.zeros_like(z)
+    c[np.arange(z.shape[0]), t] = 1
+    loss = -np.sum(c * (1 - q) ** gamma * np.log(q)) / z.shape[0]
+    g = c * (gamma * (1 - q) ** (gamma - 1) * np.log(q) - (1 - q) ** gamma / q)
+    grad = g * q - q * np.sum(g * q, axis=1, keepdims=True)
+    return loss, grad / z.shape[0]
+
+
+def _naive_z_loss(np_, z, t, zl=1e-4):
+    q = _softmax(z)
+    rows = np.arange(z.shape[0])
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    loss = np.mean(-np.log(q[rows, t]) + zl * lse**2)
+    grad = q.copy()
+    grad[rows, t] -= 1
+    return loss, (grad + 2 * zl * lse[:, None] * q) / z.shape[0]
+
+
+def _naive_distill(np_, z, v, T=2.0):  # teacher logits
+    q, t = _softmax(z / T), _softmax(v / T)
+    loss = T * T * np.sum(t * (np.log(t) - np.log(q))) / z.shape[0]
+    return loss, T * (q - t) / z.shape[0]
+
+
+def _torch_focal_bce(F, x, y):
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    pt = p * y + (1 - p) * (1 - y)
+    return ((0.25 * y + 0.75 * (1 - y)) * (1 - pt) ** 2 * ce).mean()
+
+
+def _torch_focal_cce(F, x, t):
+    log_q = F.log_softmax(x, dim=1)
+    return F.nll_loss((1 - log_q.exp()) ** 2 * log_q, t)
+
+
+def _torch_z_loss(F, x, t):
+    return F.cross_entropy(x, t) + 1e-4 * (x.logsumexp(dim=1) ** 2).mean()
+
+
+def _torch_distill(F, x, v):
+    return 4 * F.kl_div(F.log_softmax(x / 2, dim=1), F.softmax(v / 2, dim=1),
+                        reduction="batchmean")
+
+
+VARIANTS = {  # name: (loss, options, naive, torch formula, target logits)
+    "bce_with_logits+focal": ("bce_with_logits", {"focal_gamma": 2.0, "focal_alpha": 0.25},
+                              _naive_focal_bce, _torch_focal_bce, False),
+    "cce_with_logits+focal": ("cce_with_logits", {"focal_gamma": 2.0}, _naive_focal_cce,
+                              _torch_focal_cce, False),
+    "cce_with_logits+z_loss": ("cce_with_logits", {"z_loss": 1e-4}, _naive_z_loss,
+                               _torch_z_loss, False),
+    "kl_div_with_logits+T2": ("kl_div_with_logits", {"temperature": 2.0, "target_logits": True},
+                              _naive_distill, _torch_distill, True),
+}
 
 
 def median_ms(fn, repeat, warmup=2):
@@ -83,6 +163,8 @@ def main(argv=None):
     ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds (default 15)")
     ap.add_argument("--quick", action="store_true", help="5 rounds instead of --repeat")
+    ap.add_argument("--no-variants", dest="variants", action="store_false",
+                    help="skip the option variants (focal, z-loss, distillation at T = 2)")
     _bench_io.add_common_args(ap, "cpu", gl.LOSSES)
     args = ap.parse_args(argv)
     if args.quick:
@@ -94,21 +176,30 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     bandwidth = copy_bandwidth(args.repeat)
     rows = []
-    for loss in args.losses:
+    cases = [(loss, loss, {}, None, None, False) for loss in args.losses]
+    cases += [(name, loss, opts, naive, peer, logits)
+              for name, (loss, opts, naive, peer, logits) in VARIANTS.items()
+              if loss in args.losses and args.variants]
+    for name, loss, opts, naive_fn, peer, target_logits in cases:
         fn = gl.LOSSES[loss]
         p, y, floor_bytes = inputs(fn, rng)
+        if target_logits:  # the teacher's logits instead of its probabilities
+            y = (2 * rng.standard_normal(p.shape)).astype(p.dtype)
+        naive_fn = naive_fn or fn.naive
         contenders = {
-            "ours": lambda: fn.value_and_grad(p, y),
-            "naive": lambda: fn.naive(np, p, y),
+            "ours": lambda: fn.value_and_grad(p, y, **opts),
+            "naive": lambda: naive_fn(np, p, y),
         }
-        with_torch = torch is not None and fn.torch_peer is not None
+        peer = peer or fn.torch_peer
+        with_torch = torch is not None and peer is not None
         if with_torch:
             tp, ty = torch.from_numpy(p), torch.from_numpy(y)
-            contenders["torch"] = lambda: torch_run(fn, tp, ty)
+            contenders["torch"] = lambda: torch_run(peer, tp, ty)
         ms = interleaved_ms(contenders, args.repeat)
         ours, naive = ms["ours"], ms["naive"]
         row = {
-            "loss": loss,
+            "loss": name,
+            "options": opts,
             "op": "value_and_grad",
             "dtype": "float32",
             "shape": list(p.shape),
@@ -147,10 +238,10 @@ def main(argv=None):
     def table():
         print(f"copy bandwidth {result['copy_GBps']} GB/s; mse float32 n=1e7 rel. error "
               f"{mse_rel_err:.2e}")
-        print(f"{'loss':16s} {'ms':>8s} {'floor':>7s} {'frac':>5s} {'naive':>8s} {'x':>5s} "
+        print(f"{'loss':24s} {'ms':>8s} {'floor':>7s} {'frac':>5s} {'naive':>8s} {'x':>5s} "
               f"{'torch':>8s} {'x':>5s}")
         for r in rows:
-            print(f"{r['loss']:16s} {r['ms']:8.2f} {r['floor_ms']:7.2f} "
+            print(f"{r['loss']:24s} {r['ms']:8.2f} {r['floor_ms']:7.2f} "
                   f"{r['fraction_of_floor']:5.2f} {r['naive_numpy_ms']:8.2f} "
                   f"{r['speedup_vs_naive']:5.1f} {r.get('torch_ms', float('nan')):8.2f} "
                   f"{r.get('speedup_vs_torch', float('nan')):5.1f}")

@@ -357,3 +357,54 @@ def test_focal_and_z_loss_defaults_are_the_cross_entropy_bit_for_bit():
             gl.cce_with_logits(z, t, focal_gamma=bad)
         with pytest.raises(ValueError, match="z_loss"):
             gl.cce_with_logits(z, t, z_loss=bad)
+
+
+@pytest.mark.parametrize("variant", ["bce_with_logits+focal", "cce_with_logits+focal",
+                                     "cce_with_logits+z_loss", "kl_div_with_logits+T2"])
+def test_the_benchmarks_option_variants_compute_the_same_loss(variant):
+    """The CPU benchmark's naive NumPy and PyTorch contenders for the option variants compute
+    what we do (so its ratios compare like with like)."""
+    torch = require("torch")
+    from gpuloss import _bench_cpu
+
+    loss, opts, naive, peer, target_logits = _bench_cpu.VARIANTS[variant]
+    fn = gl.LOSSES[loss]
+    rng = np.random.default_rng(30)
+    if fn.family == "categorical":
+        z = 2 * rng.standard_normal((50, 6))
+        t = 2 * rng.standard_normal((50, 6)) if target_logits else rng.integers(0, 6, 50)
+    else:
+        z, t = 3 * rng.standard_normal(300), rng.uniform(0, 1, 300)
+    ours = fn.value_and_grad(z, t, **opts)
+    np.testing.assert_allclose(naive(np, z, t)[0], ours[0], rtol=1e-10)
+    np.testing.assert_allclose(naive(np, z, t)[1], ours[1], rtol=1e-9, atol=1e-15)
+    theirs = torch_value_and_grad(torch, lambda x, y: peer(torch.nn.functional, x, y), z, t)
+    _assert_peer(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_kl_div_with_logits_is_finite_at_saturation(dtype, temperature):
+    big = 1e4 if dtype == np.float32 else 1e30
+    z = np.array([[big, 0.0, -big], [-big, 0.0, big], [0.0, 0.0, 0.0]], dtype)
+    teacher = z[:, ::-1].copy()
+    v, g = gl.kl_div_with_logits.value_and_grad(z, teacher, target_logits=True,
+                                                temperature=temperature, reduction="none")
+    assert np.isfinite(v).all() and np.isfinite(g).all(), (v, g)
+    # the teacher puts its mass where the student puts none: the loss is about
+    # T^2 (2 big / T) = 2 T big, for the two saturated rows
+    np.testing.assert_allclose(v[:2].astype(np.float64), 2 * temperature * big, rtol=1e-6)
+    np.testing.assert_allclose(g[:2].astype(np.float64),
+                               temperature * np.array([[1, 0, -1], [-1, 0, 1]]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("opts", [{"focal_gamma": 0.5}, {"z_loss": 1e-3},
+                                  {"focal_gamma": 2.0, "z_loss": 1e-3, "label_smoothing": 0.1}])
+def test_focal_and_z_loss_with_every_sample_ignored(opts):
+    """All ignored: NaN mean, zero gradient, as cce; 'sum' and 'none' are 0."""
+    z = np.array([[1e4, 0.0, -1e4], [1.0, 2.0, 3.0]])
+    t = np.array([1, 1])
+    v, g = gl.cce_with_logits.value_and_grad(z, t, ignore_index=1, **opts)
+    assert np.isnan(v) and (g == 0).all()
+    v, g = gl.cce_with_logits.value_and_grad(z, t, ignore_index=1, reduction="none", **opts)
+    assert (v == 0).all() and (g == 0).all()

@@ -570,3 +570,38 @@ def test_focal_bce_on_the_device_matches_numpy_at_saturation(runtime, dtype):
                 assert np.isfinite(want).all() and np.isfinite(got).all(), opts
                 np.testing.assert_allclose(got, want, rtol=4e-6 if dtype == np.float32 else
                                            1e-13, atol=1e-37, err_msg=str(opts))
+
+
+_ROW_EDGES = [  # (loss, pred, target, options): saturated rows, ties, masks, NaN
+    ("cce_with_logits", [[1e4, 0, -1e4], [0, 0, 0], [-np.inf, 1, 2], [3, 3, 3]], [0, 1, 2, 2],
+     [{"focal_gamma": 0.5}, {"focal_gamma": 2.0, "z_loss": 1e-3},
+      {"focal_gamma": 1.0, "label_smoothing": 0.1}, {"z_loss": 0.1, "ignore_index": 1}]),
+    ("kl_div_with_logits", [[1e4, 0, -1e4], [0, 0, 0], [-np.inf, 1, 2], [3, 3, 3]],
+     [[-1e4, 0, 1e4], [1, 2, 3], [0, 0, 0], [3, 3, 3]],
+     [{"target_logits": True}, {"target_logits": True, "temperature": 0.5},
+      {"target_logits": True, "temperature": 4.0}]),
+    ("multiclass_hinge", [[1, 2, 2], [2, 1, 0], [0, 0.5, 0.5], [np.nan, 0, 1], [-np.inf, 0, 0],
+                          [5, 5, 5]], [0, 0, 2, 1, 0, 1],
+     [{}, {"margin": 0.0}, {"margin": 3.0, "ignore_index": 2}]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("loss", "pred", "target", "option_sets"), _ROW_EDGES,
+                         ids=[c[0] for c in _ROW_EDGES])
+def test_new_row_functors_at_their_edges_match_numpy(runtime, loss, pred, target, option_sets,
+                                                     dtype):
+    pred = np.array(pred, dtype)
+    target = np.array(target, dtype if np.asarray(target).ndim == 2 else np.int64)
+    for opts in option_sets:
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, target, reduction="none", **opts)
+        v, g = _emulated(runtime, loss, pred, target, reduction="none", **opts)
+        for got, want in ((v, want_v), (g, want_g)):
+            assert np.array_equal(np.isnan(got), np.isnan(want)), (opts, got, want)
+            assert np.array_equal(np.isinf(got), np.isinf(want)), (opts, got, want)
+            finite = np.isfinite(want)
+            rtol = 4e-6 if dtype == np.float32 else 1e-12
+            # gradient components that are differences (q - t) are judged at the row's scale
+            scale = float(np.abs(want[finite]).max()) if want is want_g and finite.any() else 0
+            np.testing.assert_allclose(got[finite], want[finite], rtol=rtol,
+                                       atol=max(1e-30, rtol * scale), err_msg=str(opts))
