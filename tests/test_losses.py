@@ -156,6 +156,7 @@ def test_many_blocks_and_threads(loss, reduction, monkeypatch):
     fn = gl.LOSSES[loss]
     whole = fn.value_and_grad(pred, target, reduction=reduction, **opts)
     monkeypatch.setattr(_numpy_backend, "BLOCK", 1000)
+    monkeypatch.setattr(_numpy_backend, "ROW_BLOCK", 1000)
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
     blocked = fn.value_and_grad(pred, target, reduction=reduction, **opts)
     np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-12)
