@@ -199,12 +199,12 @@ struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
 };
 // the sigmoid focal loss from the cross-entropy ce and its derivative *g, in place:
 // l = alpha_t M ce, g = alpha_t M (ce' + gamma (1 - 2y) R ce) with M = (1 - p_t)^gamma,
-// alpha_t = slope y + base, (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for
+// alpha_t = a_pos y + a_neg (1 - y) (1 without alpha), (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for
 // z >= 0, (e, 1) below) and R = p (1 - p) / (1 - p_t) = e / ((1 + e) den) in [0, 1]: finite
 // for every finite z and gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1.
 template <typename T>
-GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T slope, T base, T* g) {
-    T m = y * slope + base;
+GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
+    T m = (a_pos == T(1) && a_neg == T(1)) ? T(1) : y * a_pos + (T(1) - y) * a_neg;
     if (gamma != T(0)) {
         T e = gl_exp(-gl_abs(z));
         bool nonneg = z >= T(0);
@@ -218,14 +218,13 @@ GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T slope, T base, T* g) {
     return ce * m;
 }
 
-// a = {label smoothing, focal gamma, alpha_t's slope 2 alpha - 1 and base 1 - alpha}; with
-// no alpha, slope 0 and base 1
+// a = {label smoothing, focal gamma, alpha, 1 - alpha}; without alpha {.., .., 1, 1}
 struct GlBceLogits {
     template <typename T>
     GL_FN static T eval(T z, T y, T c, const T* a, T* g) {
         if (a[0] != T(0)) y = gl_smooth_binary(y, a[0]);
         T ce = gl_bce_logits(z, y, c, g);
-        if (a[1] == T(0) && a[2] == T(0) && a[3] == T(1)) return ce;  // not focal
+        if (a[1] == T(0) && a[2] == T(1) && a[3] == T(1)) return ce;  // not focal
         return gl_focal_binary(z, y, ce, a[1], a[2], a[3], g);
     }
 };

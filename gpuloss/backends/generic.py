@@ -155,17 +155,17 @@ def _bce_with_logits(xp, P, Y, call):
     sig_z = xp.where(positive, r, e * r)  # sigmoid(z), with no cancellation
     sig_minus_z = xp.where(positive, e * r, r)
     grad = (1 - Y) * sig_z - PY * sig_minus_z
-    _, gamma, slope, base = call.kernel_params  # focal: gamma, alpha_t = slope y + base
-    if gamma or slope != 0 or base != 1:
-        loss, grad = _focal_binary(xp, P, Y, e, loss, grad, gamma, slope, base)
+    _, gamma, a_pos, a_neg = call.kernel_params  # focal: alpha_t = a_pos y + a_neg (1 - y)
+    if gamma or a_pos != 1 or a_neg != 1:
+        loss, grad = _focal_binary(xp, P, Y, e, loss, grad, gamma, a_pos, a_neg)
     return loss, grad
 
 
-def _focal_binary(xp, P, Y, e, ce, ce_grad, gamma, slope, base):
+def _focal_binary(xp, P, Y, e, ce, ce_grad, gamma, a_pos, a_neg):
     # l = alpha_t M CE with M = (1 - p_t)^gamma, (1 + e)(1 - p_t) = den = a (1 - y) + b y,
     # (a, b) = (1, e) for z >= 0, (e, 1) below; M from the log domain, and dM/dz =
     # gamma M (1 - 2y) R with R = p (1 - p) / (1 - p_t) = e / ((1 + e) den) in [0, 1]
-    alpha_t = Y * slope + base
+    alpha_t = 1.0 if a_pos == 1 and a_neg == 1 else Y * a_pos + (1 - Y) * a_neg
     if not gamma:
         return alpha_t * ce, alpha_t * ce_grad
     one = xp.ones_like(P)

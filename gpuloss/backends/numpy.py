@@ -443,8 +443,8 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
     if PW is not None:
         py = s.get("py", Z.shape, k.cdt)
         np.multiply(Y, PW, out=py)
-    _, gamma, slope, base = k.params  # focal: gamma, alpha_t = slope y + base
-    focal = bool(gamma) or slope != 0 or base != 1
+    _, gamma, a_pos, a_neg = k.params  # focal: gamma, alpha_t = a_pos y + a_neg (1 - y)
+    focal = bool(gamma) or a_pos != 1 or a_neg != 1
     ce_only = focal and L is None
     if ce_only:  # the focal gradient needs the cross-entropy itself
         L = s.get("ce", Z.shape, k.cdt)
@@ -476,22 +476,28 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
         np.subtract(G, pos, out=G)
         np.multiply(G, r, out=G)
     if focal:
-        _focal_binary(Z, Y, e, L, G, s, k, gamma, slope, base)
+        _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg)
         if ce_only:
             L = None
     return _weigh(G, L, W, k, scaled=True)
 
 
-def _focal_binary(Z, Y, e, L, G, s, k, gamma, slope, base):
+def _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg):
     """The sigmoid focal loss from the cross-entropy L and its scaled derivative G, in place:
     l = alpha_t M CE, g = alpha_t M (CE' + gamma (1 - 2y) R CE), with M = (1 - p_t)^gamma,
-    alpha_t = slope y + base (alpha y + (1 - alpha)(1 - y); 1 without alpha),
+    alpha_t = a_pos y + a_neg (1 - y) (alpha y + (1 - alpha)(1 - y); 1 without alpha),
     (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for z >= 0, (e, 1) below) and
     R = p (1 - p) / (1 - p_t) = e / ((1 + e) den), which lies in [0, 1]: finite for every
     finite z and every gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1."""
     M = s.get("M", Z.shape, k.cdt)
-    np.multiply(Y, slope, out=M)
-    np.add(M, base, out=M)
+    if a_pos == 1 and a_neg == 1:
+        M.fill(1)
+    else:  # two products: (2 alpha - 1) y + (1 - alpha) would cancel for a tiny alpha
+        neg = s.get("fneg", Z.shape, k.cdt)
+        np.subtract(1, Y, out=neg)
+        np.multiply(neg, a_neg, out=neg)
+        np.multiply(Y, a_pos, out=M)
+        np.add(M, neg, out=M)
     if gamma:
         pos = s.get("fpos", Z.shape, k.cdt)
         np.greater_equal(Z, 0, out=pos)

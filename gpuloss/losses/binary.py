@@ -20,11 +20,10 @@ def _naive_bce(xp, p, y):  # with the clipping a user adds
 
 
 def _focal_params(o):
-    """(gamma, slope, base) of the focal term, alpha_t = slope y + base = alpha y +
-    (1 - alpha)(1 - y); without alpha, slope 0 and base 1."""
+    """(gamma, a, b) of the focal term, alpha_t = a y + b (1 - y): (alpha, 1 - alpha), or
+    (1, 1) without alpha."""
     alpha = o["focal_alpha"]
-    slope, base = (0.0, 1.0) if alpha is None else (2 * alpha - 1, 1 - alpha)
-    return o["focal_gamma"], slope, base
+    return (o["focal_gamma"], 1.0, 1.0) if alpha is None else (o["focal_gamma"], alpha, 1 - alpha)
 
 
 def _naive_bce_with_logits(xp, z, y):
