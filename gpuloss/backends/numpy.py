@@ -877,7 +877,10 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # log p = z - logsumexp(z);  l = (1 - ls) cw[y] (-log p_y) + ls/K Σ_k cw_k (-log p_k)
     # g_k = sw/D [ (1 - ls) cw[y] (softmax_k - [k = y]) + ls/K (softmax_k Σ cw - cw_k) ]
     # A NaN logit or an invalid label (NaN weight) makes the row's loss and gradient NaN.
-    if k.params[0] or k.params[1]:  # focal_gamma, z_loss
+    # z_loss: l gains z lse_full^2 cw[y]; g gains 2 z lse_full cw[y] softmax, which folds into
+    # the softmax's coefficient c_sum
+    gamma, zl = k.params
+    if gamma:
         return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
     R, K = Z.shape
     safe, cwy, w = _row_weights(labels, swb, k)
@@ -901,10 +904,15 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
         if ls:
             dot = S.sum(axis=1) if k.cw is None else S @ k.cw
             L += (ls / K) * (k.cw_sum * lse - dot)
+        if zl:
+            full = m + lse
+            L += zl * full * full * (1 if cwy is None else cwy)
         total = _weigh_rows(L, w, k)
     if G is not None:
         gw = w * k.gscale
         c_sum = c_true + ls / K * k.cw_sum if ls else c_true  # unsmoothed: no other cw
+        if zl:
+            c_sum = c_sum + 2 * zl * (m + lse) * (1 if cwy is None else cwy)
         e_label = _at(E, at).astype(_F64)
         np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
@@ -919,8 +927,9 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
 
 def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
-    # g_k = sw/D (softmax_k Σ_j c_j - c_k)
-    if k.params[0] or k.params[1]:  # focal_gamma, z_loss
+    # g_k = sw/D (softmax_k Σ_j c_j - c_k); z_loss as for class indices (weight 1)
+    gamma, zl = k.params
+    if gamma:
         return _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels=False)
     R, K = Z.shape
     trange = _min_max(T) if k.validate else _NO_RANGE
@@ -941,6 +950,9 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         if np.isnan(dot).any():  # rare: 0 * -inf, a masked logit that carries no weight, adds 0
             dot = np.einsum("ij,ij->i", C, np.where(C == 0, 0, S))
         L -= dot
+        if zl:
+            full = m + lse
+            L += zl * full * full
         total = _weigh_rows(L, w, k)
     if G is not None:
         # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se: no cancellation near p = 1
@@ -950,6 +962,8 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         np.multiply(om, (1 / se).astype(k.cdt)[:, None], out=om)
         np.multiply(om, C, out=om)
         np.multiply(E, (1 / se).astype(k.cdt)[:, None], out=E)
+        if zl:  # the z-loss's 2 z lse softmax folds into the softmax's coefficient
+            csum = csum + (2 * zl * (m + np.log(se))).astype(k.cdt)
         np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
         np.subtract(E, om, out=E)
         np.multiply(E, gw, out=E)
@@ -957,56 +971,80 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
 
 
 def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
-    # cce_with_logits with focal_gamma or z_loss (class indices or probabilities), from the
+    # cce_with_logits with focal_gamma (class indices or probabilities; z_loss too), from the
     # classes' coefficients c (as the plain blocks) and q = softmax(z):
-    #   focal: l = Σ_k c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from the log domain;
-    #          g_j = h_j - q_j Σ_k h_k, h_k = -c_k M_k (1 + gamma q_k (-log q_k) / (1 - q_k))
-    #          ((-log q)/(1 - q) -> 1 as q -> 1; q (-log q) -> 0 as q -> 0)
+    #   l = Σ_k c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from the log domain;
+    #   g_j = h_j - q_j Σ_k h_k, h_k = -c_k M_k (1 + gamma q_k (-log q_k) / (1 - q_k))
+    #   with (-log q)/(1 - q) -> 1 as q -> 1 and q (-log q) -> 0 as q -> 0; 1 - q_k =
+    #   (rest - expm1(z_k - m)) / se, rest = se - 1, as the kernel: no cancellation
     #   z_loss: l gains z lse^2 cw[y] (cw[y] = 1 for probabilities), g gains 2 z lse q cw[y]
     R, K = Z.shape
-    gamma, zl = (float(v) for v in k.params)
+    gamma, zl = k.params
     if labels:
         trange = _NO_RANGE
         safe, cwy, w = _row_weights(T, swb, k)
         zw = np.ones(R, k.cdt) if cwy is None else cwy
         C = s.get("C", (R, K), k.cdt)
         C[...] = 0 if not k.smooth else (k.smooth / K) * (1 if k.cw is None else k.cw)
-        C[np.arange(R), safe] += (1 - k.smooth) * zw
+        at = np.arange(0, R * K, K) + safe
+        _put(C, at, _at(C, at) + (1 - k.smooth) * zw)
     else:
         trange = _min_max(T) if k.validate else _NO_RANGE
         w = np.ones(R, k.cdt) if swb is None else swb
         zw = 1
         C = _class_coefs(T, s, k)
-    m = np.maximum.reduce(Z, axis=1)[:, None]
-    S = Z - m
-    E = np.exp(S)
-    se = np.add.reduce(E, axis=1, dtype=_F64)[:, None]
+    m = np.maximum.reduce(Z, axis=1)
+    S = s.get("S", (R, K), k.cdt)
+    np.subtract(Z, m[:, None], out=S)
+    q = s.get("q", (R, K), k.cdt)
+    np.exp(S, out=q)
+    se = np.add.reduce(q, axis=1, dtype=_F64)
     log_se = np.log(se)
+    inv = (1 / se).astype(k.cdt)[:, None]
+    np.multiply(q, inv, out=q)
+    omq = s.get("omq", (R, K), k.cdt)  # 1 - q
+    np.expm1(S, out=omq)
+    np.subtract((se - 1).astype(k.cdt)[:, None], omq, out=omq)
+    np.multiply(omq, inv, out=omq)
+    nlq = S  # -log q = log se - (z - m), in place of S
+    np.subtract(log_se.astype(k.cdt)[:, None], S, out=nlq)
+    M = s.get("M", (R, K), k.cdt)  # (1 - q)^gamma
+    with np.errstate(divide="ignore"):
+        np.log(omq, out=M)
+    np.multiply(M, gamma, out=M)
+    np.exp(M, out=M)
+    np.multiply(M, C, out=M)  # c M
+    h = s.get("h", (R, K), k.cdt)
     with np.errstate(invalid="ignore", divide="ignore"):
-        nlq = (log_se - S).astype(k.cdt)  # -log q
-        q = (E / se).astype(k.cdt)
-        omq = ((se - E) / se).astype(k.cdt)  # 1 - q without cancellation
-        M = np.exp(np.log(omq) * k.cdt(gamma)) if gamma else np.ones_like(q)
-        terms = np.where((C == 0) & ~np.isnan(nlq), 0, C * M * nlq)
-        per = np.add.reduce(terms, axis=1)
-        if gamma:
-            ratio = np.where(omq > 0, nlq / omq, 1)
-            qr = np.where(q > 0, q * ratio, 0)
-            h = np.where(C == 0, 0, -C * M * (1 + k.cdt(gamma) * qr))
-            grad = h - q * np.add.reduce(h, axis=1, keepdims=True)
-        else:
-            csum = np.add.reduce(C, axis=1, keepdims=True)
-            grad = q * (csum - C) - C * omq
+        np.multiply(M, nlq, out=h)  # the loss terms c M (-log q)
+        per = np.add.reduce(h, axis=1, dtype=_F64)
+        if np.isnan(per).any():  # rare: 0 * inf, a class with no weight at a masked logit
+            per = np.add.reduce(np.where((C == 0) & ~np.isnan(nlq), 0, h), axis=1, dtype=_F64)
         if zl:
-            lse = (m + log_se).astype(k.cdt)[:, 0]
-            per = per + k.cdt(zl) * lse * lse * zw
-            grad = grad + (k.cdt(2 * zl) * lse * zw)[:, None] * q
+            full = m + log_se
+            per += zl * full * full * zw
+        if G is not None:
+            # h = -c M (1 + gamma q (-log q) / (1 - q))
+            np.divide(nlq, omq, out=h)
+            np.multiply(h, q, out=h)
+            np.multiply(h, gamma, out=h)
+            np.add(h, 1, out=h)
+            np.multiply(h, M, out=h)
+            np.negative(h, out=h)
+            if np.isnan(np.add.reduce(h, axis=None)):  # rare: q = 1 or 0 exactly, 0 * inf
+                ratio = np.where(omq > 0, nlq / omq, 1)
+                qr = np.where(q > 0, q * ratio, 0)
+                h[...] = np.where(C == 0, 0, -M * (1 + gamma * qr))
+            hs = np.add.reduce(h, axis=1, dtype=_F64)
+            if zl:  # the z-loss's 2 z lse q joins q's coefficient
+                hs = hs - 2 * zl * (m + log_se) * zw
+            np.multiply(q, hs.astype(k.cdt)[:, None], out=q)
+            np.subtract(h, q, out=G)
+            np.multiply(G, (w * k.gscale).astype(k.cdt)[:, None], out=G)
     total = 0.0
     if L is not None:
         np.copyto(L, per, casting="unsafe")
         total = _weigh_rows(L, w, k)
-    if G is not None:
-        np.multiply(grad, (w * k.gscale).astype(k.cdt)[:, None], out=G, casting="unsafe")
     return (total, _NO_RANGE, trange)
 
 
