@@ -195,6 +195,9 @@ def main(argv=None):
         if with_torch:
             tp, ty = torch.from_numpy(p), torch.from_numpy(y)
             contenders["torch"] = lambda: torch_run(peer, tp, ty)
+            # the same loss through gpuloss on the tensors: forward + loss.backward()
+            contenders["ours_autograd"] = lambda: torch_run(
+                lambda F, x, t: fn(x, t, **opts), tp, ty)
         ms = interleaved_ms(contenders, args.repeat)
         ours, naive = ms["ours"], ms["naive"]
         row = {
@@ -212,6 +215,8 @@ def main(argv=None):
         if with_torch:
             row["torch_ms"] = round(ms["torch"], 3)
             row["speedup_vs_torch"] = round(row["torch_ms"] / ours, 2)
+            row["autograd_ms"] = round(ms["ours_autograd"], 3)  # gl.<loss>(x, t).backward()
+            row["autograd_speedup_vs_torch"] = round(row["torch_ms"] / ms["ours_autograd"], 2)
         rows.append(row)
         _bench_io.progress(row)
 
@@ -239,12 +244,14 @@ def main(argv=None):
         print(f"copy bandwidth {result['copy_GBps']} GB/s; mse float32 n=1e7 rel. error "
               f"{mse_rel_err:.2e}")
         print(f"{'loss':24s} {'ms':>8s} {'floor':>7s} {'frac':>5s} {'naive':>8s} {'x':>5s} "
-              f"{'torch':>8s} {'x':>5s}")
+              f"{'torch':>8s} {'x':>5s} {'autograd':>8s} {'x':>5s}")
         for r in rows:
             print(f"{r['loss']:24s} {r['ms']:8.2f} {r['floor_ms']:7.2f} "
                   f"{r['fraction_of_floor']:5.2f} {r['naive_numpy_ms']:8.2f} "
                   f"{r['speedup_vs_naive']:5.1f} {r.get('torch_ms', float('nan')):8.2f} "
-                  f"{r.get('speedup_vs_torch', float('nan')):5.1f}")
+                  f"{r.get('speedup_vs_torch', float('nan')):5.1f} "
+                  f"{r.get('autograd_ms', float('nan')):8.2f} "
+                  f"{r.get('autograd_speedup_vs_torch', float('nan')):5.1f}")
 
     _bench_io.finish(result, _bench_io.output_path(args.out, name), args.json, table)
     return 0

@@ -1,0 +1,84 @@
+"""PyTorch modules: every gpuloss loss as a ``torch.nn.Module``.
+
+``gpuloss.torch.Loss("cce_with_logits", label_smoothing=0.1)`` is a module for models and
+configs: calling it runs the loss on tensors, attached to autograd when the prediction
+requires grad (the fused pass once in forward; backward multiplies the saved gradient).
+Importing this module imports PyTorch; ``import gpuloss`` alone does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _api
+
+__all__ = ["Loss"]
+
+_ARRAY_OPTIONS = ("sample_weight", "pos_weight", "class_weight")
+
+
+class Loss(torch.nn.Module):
+    """A gpuloss loss as an ``nn.Module``.
+
+    Parameters
+    ----------
+    name : str
+        The loss, as in ``gpuloss.LOSSES`` (other libraries' names are suggested when
+        unknown).
+    **options
+        The loss's options (``reduction``, ``class_weight``, ``label_smoothing``, ...), fixed
+        for every call. Array options become buffers: ``module.to(device)`` moves them, and
+        they are in ``state_dict()``.
+
+    Notes
+    -----
+    Calling the module as ``module(pred, target, **more)`` returns ``gpuloss.<name>(pred,
+    target, **options, **more)``; ``more`` overrides an option for one call (a batch's
+    ``sample_weight``, say).
+
+    Examples
+    --------
+    >>> import torch, gpuloss.torch
+    >>> criterion = gpuloss.torch.Loss("cce_with_logits", label_smoothing=0.1)
+    >>> z = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], requires_grad=True)
+    >>> loss = criterion(z, torch.tensor([0, 1]))
+    >>> loss.backward()
+    >>> z.grad.shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, name: str, **options):
+        super().__init__()
+        fn = _api._BY_NAME.get(name) if isinstance(name, str) else None
+        if fn is None:
+            from . import LOSSES
+
+            fn = LOSSES[name]  # the KeyError that lists the names and suggests one
+        unknown = sorted(set(options) - set(fn.options))
+        if unknown:
+            msg = (f"{fn.name} has no option {unknown[0]!r}; it accepts "
+                   f"{', '.join(fn.options)}.")
+            raise TypeError(msg)
+        self.name = fn.name
+        self._fn = fn
+        self._options = {}
+        for key, value in options.items():
+            if key in _ARRAY_OPTIONS and value is not None and not np.isscalar(value):
+                tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(
+                    np.asarray(value))
+                self.register_buffer(key, tensor)
+            else:
+                self._options[key] = value
+
+    def forward(self, pred, target, **more):
+        options = dict(self._options)
+        options.update({key: buf for key, buf in self.named_buffers(recurse=False)})
+        options.update(more)
+        return self._fn(pred, target, **options)
+
+    def extra_repr(self) -> str:
+        shown = [repr(self.name)]
+        shown += [f"{k}={v!r}" for k, v in self._options.items()]
+        shown += [f"{k}=<tensor {tuple(b.shape)}>" for k, b in self.named_buffers(recurse=False)]
+        return ", ".join(shown)
