@@ -464,7 +464,9 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         }
         row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d);
         if (lane == 0) row_loss += (double)F::row_term(r, a);
-        row_loss *= w;
+        // a row of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)
+        row_loss = (w == 0.0 && row_loss - row_loss != 0.0 && row_loss == row_loss)
+                       ? 0.0 : row_loss * w;
         if (live && lane == 0) {
             if (per_sample) gl_write(per_sample, row, (C)row_loss);
             acc += row_loss;

@@ -113,6 +113,9 @@ def reference(
     else:
         z = np.moveaxis(p, axis, -1)
         K = z.shape[-1]
+        nan_rows = np.isnan(z).any(-1)
+        if not np.issubdtype(y.dtype, np.integer):
+            nan_rows = nan_rows | np.isnan(np.moveaxis(y.astype(np.float64), axis, -1)).any(-1)
         cw = np.ones(K) if class_weight is None else np.asarray(class_weight, np.float64)
         sw = np.broadcast_to(
             np.asarray(1.0 if sample_weight is None else sample_weight, np.float64), z.shape[:-1]
@@ -139,7 +142,7 @@ def reference(
                 zy = (onehot * np.where(onehot > 0, z, 0)).sum(-1)
                 per = cwy * np.maximum(0.0, (margin + others) - zy)
                 per = np.where(np.isnan(z).any(-1), np.nan, per) if K else per
-            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            per = _weigh(per, sample_w, nan_rows)
             coef = None
         if loss == "kl_div_with_logits":  # T^2 Σ t (log t - log q), q = softmax(z / T)
             u = z / temperature
@@ -154,14 +157,14 @@ def reference(
                 log_t = np.log(np.where(t > 0, t, 1.0))
             with np.errstate(invalid="ignore"):
                 per = temperature**2 * np.where(t == 0, 0.0, t * (log_t - log_q)).sum(-1)
-            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            per = _weigh(per, sample_w, nan_rows)
             coef = None
         if loss == "kl_div":  # Σ t (log t - a), 0 log 0 = 0
             log_t = t if log_target else np.log(np.where(t > 0, t, 1.0))
             t = np.exp(t) if log_target else t
             with np.errstate(invalid="ignore"):
                 per = np.where(t == 0, 0.0, t * (log_t - z)).sum(-1)
-            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            per = _weigh(per, sample_w, nan_rows)
             coef = None
         if loss == "cce":
             logp = np.log(np.clip(z, *bounds))
@@ -186,12 +189,21 @@ def reference(
                 lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
                 zw = cwy if np.issubdtype(y.dtype, np.integer) else 1.0
                 per = per + z_loss * lse**2 * zw
-            per = np.where(sample_w > 0, sample_w * per, 0.0)
+            per = _weigh(per, sample_w, nan_rows)
     if reduction == "none":
         return per
     if reduction == "sum":
         return per.sum()
     return per.sum() / denom if denom > 0 else np.nan
+
+
+def _weigh(per, sample_w, nan_rows):
+    """Per-sample losses times their weights: a sample of weight 0 (or ignored) adds 0, even
+    where its loss is infinite, but a NaN in its row (prediction or target probabilities)
+    makes it NaN whatever the weight (nothing is lost silently)."""
+    with np.errstate(invalid="ignore"):
+        out = np.where(sample_w > 0, sample_w * per, 0.0)
+    return np.where(nan_rows, np.nan, out)
 
 
 def _catalogue(loss, p, y, *, delta, beta, quantile, log_input, full, eps):

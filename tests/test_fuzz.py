@@ -23,7 +23,7 @@ ENTRY_POINTS = ("call", "grad", "value_and_grad")
 ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "ignore_index",
              "label_smoothing", "axis", "eps", "reduction", "validate", "class indices",
              "keyword argument", "delta", "beta", "quantile", "log_input", "full",
-             "focal_gamma", "focal_alpha")
+             "focal_gamma", "focal_alpha", "z_loss", "temperature", "target_logits", "margin")
 # the catalogue's own options: valid values and a few that must be refused
 CATALOGUE_OPTIONS = {
     "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, "x"]},
@@ -33,6 +33,11 @@ CATALOGUE_OPTIONS = {
                     "eps": [1e-8, 0.0, 1e-3, -1.0, np.nan]},
     "bce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, 1e-3, -1.0, np.nan, "x"],
                         "focal_alpha": [None, 0.25, 0.0, 1.0, 1.5, np.nan]},
+    "cce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, -1.0, np.nan],
+                        "z_loss": [0.0, 1e-4, 0.1, -1.0, np.inf]},
+    "kl_div_with_logits": {"temperature": [1.0, 0.5, 4.0, 0.0, -1.0, np.nan],
+                           "target_logits": [False, True, 1]},
+    "multiclass_hinge": {"margin": [1.0, 0.0, 2.5, -1.0, np.nan]},
 }
 DTYPES = ("bool", "int8", "int32", "int64", "uint8", "float16", "float32", "float64",
           "complex64", "object")
@@ -157,7 +162,8 @@ def _valid_domain(loss, pred, target, opts):
         ok &= bool(np.all((t == 1) | (t == -1) | np.isnan(t)))
     if loss in CATEGORICAL:
         if target.dtype.kind == "f":
-            ok &= not bool(np.any((target < 0) | (target > 1)))
+            if opts.get("target_logits") is not True:  # logits are not range-checked
+                ok &= not bool(np.any((target < 0) | (target > 1)))
         else:
             K = pred.shape[opts.get("axis", -1)]
             counted = target != opts.get("ignore_index", object())

@@ -416,7 +416,9 @@ def _categorical(call, xp, cdt):
             lse = xp.squeeze(m, axis=-1) + xp.astype(xp.log(xp.squeeze(se, axis=-1)), cdt)
             loss = loss + z_loss * lse * lse * zw
             grad = grad + xp.expand_dims(2 * z_loss * lse * zw, axis=-1) * soft
-    value = _reduce(call, xp, loss * w, weight_sum)
+    # a sample of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)
+    weighted = xp.where((w == 0) & xp.isinf(loss), xp.zeros_like(loss), loss * w)
+    value = _reduce(call, xp, weighted, weight_sum)
     if not call.want_grad:
         return value, None
     grad = grad * xp.expand_dims(w, axis=-1) * _scale(call, xp, weight_sum)

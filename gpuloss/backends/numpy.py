@@ -852,8 +852,15 @@ def _put(X, flat, values):
 
 
 def _weigh_rows(L, w, k) -> float:
-    """The sample weights on the rows' losses, and their float64 sum when one is wanted."""
-    np.multiply(L, w, out=L)
+    """The sample weights on the rows' losses, and their float64 sum when one is wanted. A
+    row of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)."""
+    zero_inf = None
+    if not np.isfinite(np.add.reduce(L)):  # rare: an infinite (or NaN) loss
+        zero_inf = np.isinf(L) & (w == 0)
+    with np.errstate(invalid="ignore"):
+        np.multiply(L, w, out=L)
+    if zero_inf is not None:
+        L[zero_inf] = 0
     return _sum_f64(L) if k.want_sum else 0.0
 
 
