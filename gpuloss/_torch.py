@@ -43,6 +43,11 @@ def _attach():
                 (grad,) = ctx.saved_tensors
                 if ctx.axis is not None:  # one loss per sample: broadcast along the classes
                     grad_output = grad_output.unsqueeze(ctx.axis)
+                elif (grad_output.device.type == "cpu" and grad_output.dim() == 0
+                      and grad_output.item() == 1.0):
+                    # loss.backward(): the saved gradient itself, no pass and no new tensor
+                    # (autograd copies it if it is still shared, e.g. with retain_graph)
+                    return grad, None, None, None
                 return grad * grad_output, None, None, None
 
         _FN = FusedLoss

@@ -87,3 +87,30 @@ def test_unknown_names_and_options_are_refused(torch):
 def test_import_gpuloss_does_not_import_torch():
     code = "import sys, gpuloss; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backward_hands_over_the_saved_gradient_safely(torch):
+    """loss.backward() gives autograd the saved gradient itself (no copy): the buffer must
+    then never be reused while x.grad holds it, and retain_graph must still accumulate."""
+    n = 1 << 19  # 2 MiB of float32: large enough for the CPU backend's buffer pool
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.standard_normal(n, dtype=np.float32), requires_grad=True)
+    y1 = torch.tensor(rng.standard_normal(n, dtype=np.float32))
+    y2 = torch.tensor(rng.standard_normal(n, dtype=np.float32))
+    gl.mse(x, y1).backward()
+    first = x.grad.clone()
+    np.testing.assert_allclose(first.numpy(), gl.mse.grad(x.detach().numpy(), y1.numpy()))
+    for _ in range(3):  # later passes must not write into x.grad's memory
+        gl.mse(x.detach(), y2)
+        gl.mse.value_and_grad(x.detach(), y2)
+        loss = gl.mse(x, y2)
+    assert torch.equal(x.grad, first)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    want = first + 2 * torch.from_numpy(gl.mse.grad(x.detach().numpy(), y2.numpy()))
+    np.testing.assert_allclose(x.grad.numpy(), want.numpy(), rtol=1e-6,
+                               atol=1e-6 * float(want.abs().max()))  # float32 sums
+    # a non-unit grad_output still scales
+    x.grad = None
+    (3 * gl.mse(x, y1)).backward()
+    np.testing.assert_allclose(x.grad.numpy(), 3 * first.numpy(), rtol=1e-6)
