@@ -24,7 +24,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _latest(pattern):
-    files = sorted(RESULTS.glob(pattern), key=lambda p: json.loads(p.read_text())["date"])
+    # the newest date; on the same date, the file written last
+    files = sorted(RESULTS.glob(pattern),
+                   key=lambda p: (json.loads(p.read_text())["date"], p.stat().st_mtime))
     return (files[-1], json.loads(files[-1].read_text())) if files else (None, None)
 
 
@@ -36,22 +38,22 @@ def cpu_plots():
     names = [r["loss"] for r in rows]
     x = np.arange(len(rows))
     label = f"{data['cpu']} ({data['machine'].split('(')[-1].rstrip(')')}), {data['date']}"
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 5))
     ax.bar(x - 0.2, [r["speedup_vs_naive"] for r in rows], 0.4, label="vs naive NumPy")
     if all("speedup_vs_torch" in r for r in rows):
         ax.bar(x + 0.2, [r["speedup_vs_torch"] for r in rows], 0.4, label="vs PyTorch CPU")
     ax.axhline(1, color="k", lw=0.8)
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("speed-up of value_and_grad (×)")
     ax.set_title(f"CPU speed-up, float32 — {label}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(IMG / "cpu-speedup.png", dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 5))
     ax.bar(x, [r["fraction_of_floor"] for r in rows], 0.6)
     ax.axhline(1, color="k", lw=0.8, ls="--", label="bandwidth floor")
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("floor time / measured time")
     ax.set_title(f"CPU fraction of the bandwidth floor (copy {data['copy_GBps']} GB/s) — {label}",
