@@ -23,7 +23,7 @@ from . import _call, _dispatch
 from ._call import CATEGORICAL, Call
 
 REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = ("float16", "float32", "float64")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # bfloat16: float32 compute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,6 +33,8 @@ _FLOAT_DTYPES = ("float16", "float32", "float64")
 def dtype_kind(xp, dtype) -> str:
     """One of 'bool', 'int', 'float', 'complex', 'other'."""
     if isinstance(dtype, np.dtype):
+        if dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (kind 'V' to NumPy)
+            return "float"
         return {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}.get(
             dtype.kind, "other"
         )
@@ -66,7 +68,8 @@ def _check_pred(pred, xp, loss: Loss):
     kind = dtype_kind(xp, pred.dtype)
     if kind != "float" or dtype_name(pred.dtype) not in _FLOAT_DTYPES:
         msg = (
-            f"Expected pred to have a real floating dtype (float16, float32 or float64), "
+            f"Expected pred to have a real floating dtype (float16, bfloat16, float32 or "
+            f"float64), "
             f"got {dtype_name(pred.dtype)}."
         )
         raise TypeError(msg)
@@ -187,9 +190,17 @@ def flag(name, default, doc):
     return Option(name, default, "bool", doc, check)
 
 
+def _finfo(dtype_name_):
+    if dtype_name_ == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.finfo(ml_dtypes.bfloat16)
+    return np.finfo(dtype_name_)
+
+
 def _clip_eps(value, dtype):
     if value is None:
-        value = float(np.finfo(dtype).eps)
+        value = float(_finfo(dtype).eps)
     return _check_number(value, "eps", 0.0, 0.5, closed=False)
 
 

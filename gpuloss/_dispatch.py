@@ -105,13 +105,35 @@ def backend_for(pred, rerun=None):
     return plain
 
 
-_NUMPY_DTYPES = ("torch.float16", "torch.float32", "torch.float64")
+_NUMPY_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
 
 
 def _torch_cpu(x) -> bool:
-    """A torch CPU tensor of a NumPy dtype: the NumPy backend computes on views of it."""
+    """A torch CPU tensor of a NumPy dtype (bfloat16: ml_dtypes'): the NumPy backend computes
+    on views of it."""
     return (array_api_compat.is_torch_array(x) and x.device.type == "cpu"
             and str(x.dtype) in _NUMPY_DTYPES)
+
+
+def _numpy_view(x):
+    """A torch CPU tensor as a NumPy array on the same memory (bfloat16 through ml_dtypes)."""
+    x = x.detach()
+    if str(x.dtype) == "torch.bfloat16":
+        import ml_dtypes
+        import torch
+
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
+
+
+def _torch_view(a):
+    """A NumPy result as a torch tensor on the same memory."""
+    import torch
+
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _needs_graph(x) -> bool:
@@ -134,13 +156,11 @@ def _compute_torch_with_graph(call, plain):
 def _compute_torch_cpu(call):
     """The NumPy backend on zero-copy NumPy views of torch CPU tensors; results come back as
     tensors (views of the NumPy results, no copy). Targets and weights get no gradient."""
-    import torch
-
-    inner = call.with_arrays(lambda x: x.detach().numpy())
+    inner = call.with_arrays(_numpy_view)
     value, grad = importlib.import_module("gpuloss.backends.numpy").compute(inner)
 
     def back(x):
-        return None if x is None else torch.from_numpy(np.asarray(x))
+        return None if x is None else _torch_view(x)
 
     return back(value), back(grad)
 

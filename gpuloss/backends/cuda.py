@@ -538,6 +538,12 @@ def compute_foreign(call: _call.Call):
     import array_api_compat
     import cupy as cp
 
+    for name, x in (("pred", call.pred), ("target", call.target)):
+        if str(x.dtype).endswith("bfloat16"):  # CuPy has no bfloat16 dtype
+            msg = (f"bfloat16 {name} on a CUDA device is not supported yet (float16, float32 "
+                   f"and float64 are; on the CPU bfloat16 computes in float32): cast it first, "
+                   f"e.g. {name}.float().")
+            raise TypeError(msg)
     xp = array_api_compat.array_namespace(call.pred)
     inner = call.with_arrays(lambda x: cp.from_dlpack(x.detach() if hasattr(x, "detach") else x))
     stream = contextlib.nullcontext()
