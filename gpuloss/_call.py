@@ -85,7 +85,8 @@ class Call:
 # the kernels every declared loss needs, so that the CUDA backend can compile them all
 
 
-_KERNELS: dict[str, dict] = {}  # functor -> {"family", "bool_targets", "labels"}
+_KERNELS: dict[str, dict] = {}  # functor -> {"family", "bool_targets", "labels",
+# "probabilities"}
 
 
 def declare_kernel(functor: str, family: str, *, bool_targets: bool = True,

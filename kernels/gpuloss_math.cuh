@@ -58,8 +58,6 @@ GL_FN float gl_max_tiny(float x) { return x > 1.17549435e-38f ? x : 1.17549435e-
 GL_FN double gl_max_tiny(double x) {  // max(x, the smallest normal number)
     return x > 2.2250738585072014e-308 ? x : 2.2250738585072014e-308;
 }
-GL_FN float gl_pow(float x, float y) { return powf(x, y); }
-GL_FN double gl_pow(double x, double y) { return pow(x, y); }
 
 // a * b rounded on its own, never fused with a neighbouring add or subtract: where the sum
 // cancels (exp(p) - y p), a fused multiply-add would round differently from the CPU backends

@@ -841,6 +841,12 @@ def _row_weights(labels, swb, k):
     return safe, cwy, w
 
 
+def _flat(K, cols):
+    """The flat positions of one column per row (cols[i] in row i) of a C-contiguous block
+    with K columns."""
+    return np.arange(0, cols.size * K, K) + cols
+
+
 def _at(X, flat):
     """X's values at the flat positions of a C-contiguous block (one per row): np.take on
     the flat view is several times faster than X[rows, cols]."""
@@ -891,7 +897,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
         return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
     R, K = Z.shape
     safe, cwy, w = _row_weights(labels, swb, k)
-    at = np.arange(0, R * K, K) + safe  # each row's label, flat
+    at = _flat(K, safe)  # each row's label, flat
     m = np.maximum.reduce(Z, axis=1)
     S = s.get("S", (R, K), k.cdt)
     np.subtract(Z, m[:, None], out=S)  # max-shifted: exp never overflows
@@ -900,7 +906,8 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     se = np.add.reduce(E, axis=1, dtype=_F64)  # float64: log(se) stays exact near se = 1
     lse = np.log(se)
     ls = k.smooth
-    c_true = (1 - ls) * (1 if cwy is None else cwy)
+    cw_y = 1 if cwy is None else cwy  # the label's class weight
+    c_true = (1 - ls) * cw_y
     total = 0.0
     if L is not None:
         np.subtract(lse, _at(S, at), out=L)  # -log p_y
@@ -913,13 +920,13 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             L += (ls / K) * (k.cw_sum * lse - dot)
         if zl:
             full = m + lse
-            L += zl * full * full * (1 if cwy is None else cwy)
+            L += zl * full * full * cw_y
         total = _weigh_rows(L, w, k)
     if G is not None:
         gw = w * k.gscale
         c_sum = c_true + ls / K * k.cw_sum if ls else c_true  # unsmoothed: no other cw
         if zl:
-            c_sum = c_sum + 2 * zl * (m + lse) * (1 if cwy is None else cwy)
+            c_sum = c_sum + 2 * zl * (m + lse) * cw_y
         e_label = _at(E, at).astype(_F64)
         np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
@@ -927,7 +934,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             G -= (gw * (ls / K))[:, None] * cw
         # the label's column as p (c_sum - c) - c (1 - p), 1 - p = (se - e) / se in float64:
         # no cancellation when the label is predicted with confidence
-        c_label = c_true + ls / K * (1 if cwy is None else cwy) if ls else c_true
+        c_label = c_true + ls / K * cw_y if ls else c_true
         _put(G, at, gw * ((e_label / se) * (c_sum - c_label) - c_label * (se - e_label) / se))
     return (total,)
 
@@ -993,7 +1000,7 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
         zw = np.ones(R, k.cdt) if cwy is None else cwy
         C = s.get("C", (R, K), k.cdt)
         C[...] = 0 if not k.smooth else (k.smooth / K) * (1 if k.cw is None else k.cw)
-        at = np.arange(0, R * K, K) + safe
+        at = _flat(K, safe)
         _put(C, at, _at(C, at) + (1 - k.smooth) * zw)
     else:
         trange = _min_max(T) if k.validate else _NO_RANGE
@@ -1066,7 +1073,7 @@ def _cce_block(P, labels, swb, G, L, s, k):
         w[np.isnan(P).any(axis=1)] = np.nan
     if not k.validate:
         prange = _NO_RANGE
-    at = np.arange(0, R * K, K) + safe  # each row's label, flat
+    at = _flat(K, safe)  # each row's label, flat
     py = np.clip(_at(P, at), k.lo, k.hi)
     c = w if cwy is None else w * cwy
     total = 0.0
@@ -1127,7 +1134,7 @@ def _nll_block(A, labels, swb, G, L, s, k):
     safe, cwy, w = _row_weights(labels, swb, k)
     if np.isnan(np.add.reduce(A, axis=None)):  # one pass; NaN (or inf - inf): look closer
         w[np.isnan(A).any(axis=1)] = np.nan
-    at = np.arange(0, R * K, K) + safe  # each row's label, flat
+    at = _flat(K, safe)  # each row's label, flat
     c = w if cwy is None else w * cwy
     total = 0.0
     if L is not None:
@@ -1186,8 +1193,8 @@ def _kl_div_block(A, T, swb, G, L, s, k):
 
 
 def _log_softmax(Z, s, k, name, scale=None):
-    """log softmax(Z / scale) per row (max-shifted; the row sums of exp in float64) into a
-    scratch array, and 1 / those sums."""
+    """log softmax(Z / scale) and softmax(Z / scale) per row, in scratch arrays (max-shifted;
+    the row sums of exp in float64)."""
     U = s.get(name, Z.shape, k.cdt)
     if scale is None:
         np.copyto(U, Z)
@@ -1199,7 +1206,8 @@ def _log_softmax(Z, s, k, name, scale=None):
     np.exp(U, out=E)
     se = np.add.reduce(E, axis=1, dtype=_F64)
     np.subtract(U, np.log(se).astype(k.cdt)[:, None], out=U)
-    return U, E, (1 / se).astype(k.cdt)
+    np.multiply(E, (1 / se).astype(k.cdt)[:, None], out=E)
+    return U, E
 
 
 def _kl_div_logits_block(Z, T, swb, G, L, s, k):
@@ -1209,11 +1217,9 @@ def _kl_div_logits_block(Z, T, swb, G, L, s, k):
     temp, target_logits = k.params
     trange = _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
-    logq, q, inv = _log_softmax(Z, s, k, "q", temp)
-    np.multiply(q, inv[:, None], out=q)
+    logq, q = _log_softmax(Z, s, k, "q", temp)
     if target_logits:
-        logt, t, tinv = _log_softmax(T, s, k, "t", temp)
-        np.multiply(t, tinv[:, None], out=t)
+        logt, t = _log_softmax(T, s, k, "t", temp)
         t_sum = k.cdt(1)
     else:
         trange = _min_max(T) if k.validate else _NO_RANGE
@@ -1241,12 +1247,12 @@ def _multiclass_hinge_block(Z, labels, swb, G, L, s, k):
     R, K = Z.shape
     (margin,) = k.params
     safe, cwy, w = _row_weights(labels, swb, k)
-    at = np.arange(0, R * K, K) + safe  # each row's label, flat
+    at = _flat(K, safe)  # each row's label, flat
     zy = _at(Z, at)
     # the first arg-max of the row is the first arg-max off the label unless it is the label
     # (argmax stops at a NaN: that row is NaN)
     runner_k = np.argmax(Z, axis=1)
-    runner = _at(Z, np.arange(0, R * K, K) + runner_k)
+    runner = _at(Z, _flat(K, runner_k))
     w[np.isnan(runner)] = np.nan
     own = np.flatnonzero(runner_k == safe)
     if own.size:  # those rows again, with the label taken out
@@ -1271,7 +1277,7 @@ def _multiclass_hinge_block(Z, labels, swb, G, L, s, k):
         G.fill(0)
         gc = np.where(active, c * k.gscale, 0).astype(k.cdt)
         if K > 1:
-            _put(G, np.arange(0, R * K, K) + runner_k, gc)
+            _put(G, _flat(K, runner_k), gc)
         _put(G, at, -gc)  # after the runner-up: with K = 1 (no runner-up) it is the label
         nan_rows = np.isnan(w)
         if nan_rows.any():
