@@ -155,8 +155,9 @@ def reference(
                 t = np.exp(log_t)
             else:
                 log_t = np.log(np.where(t > 0, t, 1.0))
-            with np.errstate(invalid="ignore"):
-                per = temperature**2 * np.where(t == 0, 0.0, t * (log_t - log_q)).sum(-1)
+            with np.errstate(invalid="ignore"):  # NaN log q (a +inf logit) kept, as for cce
+                per = temperature**2 * np.where((t == 0) & ~np.isnan(log_q), 0.0,
+                                                t * (log_t - log_q)).sum(-1)
             per = _weigh(per, sample_w, nan_rows)
             coef = None
         if loss == "kl_div":  # Σ t (log t - a), 0 log 0 = 0

@@ -195,6 +195,10 @@ def test_kl_div_with_logits_edges_and_refusals():
     # a class with no target mass adds 0, even where the student gives it none
     v = gl.kl_div_with_logits(np.array([[0.0, -np.inf]]), np.array([[1.0, 0.0]]))
     assert v == 0.0
+    # a +inf logit makes its row NaN (inf - inf), as for cce_with_logits, whatever the target
+    v = gl.kl_div_with_logits(np.array([[0.0, np.inf], [0.0, 1.0]]), np.zeros((2, 2)),
+                              reduction="none", validate=False)
+    assert np.isnan(v[0]) and v[1] == 0.0
     with pytest.raises(TypeError, match="kl_div_with_logits needs probability targets"):
         gl.kl_div_with_logits(z, np.array([0, 1]))
     with pytest.raises(ValueError, match=r"target must hold probabilities in \[0, 1\]"):
@@ -254,6 +258,10 @@ def test_multiclass_hinge_edges_and_refusals():
     v, g = gl.multiclass_hinge.value_and_grad(np.array([[3.0], [-1.0]]), np.array([0, 0]),
                                               reduction="none")
     assert v.tolist() == [0.0, 0.0] and g.tolist() == [[0.0], [0.0]]
+    # an ignored sample adds 0 even where its margin is infinite
+    v = gl.multiclass_hinge(np.array([[np.inf, 0, 0], [1.0, 2.0, 0.0]]), np.array([1, 0]),
+                            ignore_index=1, reduction="none")
+    assert v.tolist() == [0.0, 2.0]
     # every sample ignored: NaN mean, zero gradient (as cce)
     v, g = gl.multiclass_hinge.value_and_grad(z, np.array([1, 1, 1]), ignore_index=1)
     assert np.isnan(v) and (g == 0).all()

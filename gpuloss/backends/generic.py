@@ -351,7 +351,7 @@ def _categorical(call, xp, cdt):
         else:
             C, logt, t_sum = T, xp.log(T), xp.sum(T, axis=-1, keepdims=True)
         X = logt - logq
-        nan_in = xp.isnan(Z) | xp.isnan(T)
+        nan_in = xp.isnan(logq) | xp.isnan(T)  # a +inf logit too (inf - inf), as cce
         loss = temp * temp * xp.sum(
             xp.where((C == 0) & ~nan_in, xp.zeros_like(X), C * X), axis=-1)
         grad = temp * (q * t_sum - C)

@@ -1231,7 +1231,8 @@ def _kl_div_logits_block(Z, T, swb, G, L, s, k):
     total = 0.0
     if L is not None:
         np.subtract(logt, logq, out=logt)
-        L[...] = _masked_row_sum(t, logt, s, k, (Z, T))
+        # log q is NaN for a NaN or +inf logit (inf - inf, as cce_with_logits): kept
+        L[...] = _masked_row_sum(t, logt, s, k, (logq, T))
         np.multiply(L, temp * temp, out=L)
         total = _weigh_rows(L, w, k)
     if G is not None:
@@ -1268,11 +1269,10 @@ def _multiclass_hinge_block(Z, labels, swb, G, L, s, k):
         active = m > 0
         c = w if cwy is None else w * cwy
     total = 0.0
-    if L is not None:
+    if L is not None:  # cw[y] max(0, m), then the sample weight, as the kernel
         with np.errstate(invalid="ignore"):
-            np.multiply(np.where(active | np.isnan(m), m, 0), c, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+            np.multiply(np.where(active | np.isnan(m), m, 0), 1 if cwy is None else cwy, out=L)
+        total = _weigh_rows(L, w, k)
     if G is not None:
         G.fill(0)
         gc = np.where(active, c * k.gscale, 0).astype(k.cdt)
