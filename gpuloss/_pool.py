@@ -9,6 +9,10 @@ disables) and handed out again, already mapped.
 A buffer is reused only when nothing refers to it any more: every NumPy view of an array,
 however derived, holds a reference to the array that owns the memory (NumPy collapses `.base`
 to the owner), so the owner's reference count says whether any view is alive.
+
+Large buffers start on a 64-byte boundary (malloc gives 16): XLA's CPU client takes such a
+buffer through DLPack without copying, which is how results reach JAX (`gpuloss._dispatch`);
+a copy of an unaligned 256 MB gradient into JAX costs more than computing it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 import numpy as np
 
 MIN_BYTES = 1 << 20  # below this, malloc is cheap and the pool would only hold memory
+ALIGN = 64  # bytes
 _lock = threading.Lock()
 _owners: list[np.ndarray] = []  # uint8 arrays owned by the pool
 
@@ -46,20 +51,24 @@ def empty(shape, dtype, order="C") -> np.ndarray:
     """Like np.empty, but large arrays reuse the memory of dropped ones."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    limit = _limit()
-    if nbytes < MIN_BYTES or nbytes > limit:
+    if nbytes < MIN_BYTES:
         return np.empty(shape, dtype, order=order)
-    with _lock:
-        owner = None
-        for i in range(len(_owners)):
-            if _owners[i].nbytes == nbytes and _is_free(i):
-                owner = _owners[i]
-                break
-        if owner is None:
-            owner = np.empty(nbytes, np.uint8)
-            _owners.append(owner)
-            _trim(limit)
-    flat = owner.view(dtype)
+    limit = _limit()
+    if nbytes > limit:
+        owner = np.empty(nbytes + ALIGN, np.uint8)
+    else:
+        with _lock:
+            owner = None
+            for i in range(len(_owners)):
+                if _owners[i].nbytes == nbytes + ALIGN and _is_free(i):
+                    owner = _owners[i]
+                    break
+            if owner is None:
+                owner = np.empty(nbytes + ALIGN, np.uint8)
+                _owners.append(owner)
+                _trim(limit)
+    start = -owner.ctypes.data % ALIGN
+    flat = owner[start : start + nbytes].view(dtype)
     if order == "F":
         return flat.reshape(shape[::-1]).T
     return flat.reshape(shape)

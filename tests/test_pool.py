@@ -60,7 +60,18 @@ def test_gradients_returned_to_the_caller_stay_intact_across_calls():
 def test_pool_can_be_disabled(monkeypatch):
     monkeypatch.setenv("GPULOSS_POOL_BYTES", "0")
     a = _pool.empty(SHAPE, np.float32)
-    assert a.base is None and not _pool._owners
+    assert not _pool._owners  # nothing kept: the memory goes with the array
+    assert a.ctypes.data % _pool.ALIGN == 0 and a.shape == SHAPE and a.flags.c_contiguous
+
+
+def test_large_buffers_are_aligned_for_jax():
+    """Large buffers are 64-byte aligned (JAX takes them without a copy), pooled or not."""
+    for dtype in (np.float32, np.float64, np.int8):
+        for shape in ((1024, 1024), (1 << 20) + 3, (513, 2049)):  # all >= MIN_BYTES
+            a = _pool.empty(shape, dtype)
+            assert a.ctypes.data % _pool.ALIGN == 0, (dtype, shape)
+            a[...] = 1  # the whole array is writable memory of its own
+            assert a.nbytes == np.prod(shape) * np.dtype(dtype).itemsize
 
 
 def test_pool_holds_at_most_its_limit(monkeypatch):
