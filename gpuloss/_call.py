@@ -121,49 +121,56 @@ def takes_probabilities(functor: str) -> bool:
 # data-dependent errors, raised by the backends
 
 
-def raise_outside_unit_interval(name, what, lo, hi):
-    msg = f"{name} must hold {what} in [0, 1]; found values in [{lo:.6g}, {hi:.6g}]."
-    raise ValueError(msg)
+# Each message is a template with {lo} and {hi} left to fill: the eager backends format the
+# values they read, the JAX checks under a trace hand the template to checkify.
+
+
+def domain_message(call: Call, name: str, rule: str) -> str:
+    """The error for `name` (pred or target) breaking `rule`; {lo} and {hi} are its range (for
+    SIGN, {lo} is one value that is neither -1 nor +1)."""
+    if rule == UNIT:
+        what = "probabilities" if name == "pred" or call.categorical else "targets"
+        return f"{name} must hold {what} in [0, 1]; found values in [{{lo}}, {{hi}}]."
+    if rule == NONNEG:
+        return f"{call.loss} needs {name} >= 0; found values in [{{lo}}, {{hi}}]."
+    # SIGN: lo is one offending value (a range says nothing here: 0 lies inside [-1, 1])
+    return (
+        f"{call.loss} needs {name} labels in {{{{-1, +1}}}} (or a boolean array); found {{lo}}. "
+        f"Convert 0/1 labels with 2 * y - 1 (or pass them as booleans)."
+    )
 
 
 def raise_domain(call: Call, name: str, rule: str, lo: float, hi: float):
-    """The error for `name` (pred or target) breaking `rule`; lo and hi are its range (for
-    SIGN, lo is one value that is neither -1 nor +1)."""
-    if rule == UNIT:
-        what = "probabilities" if name == "pred" or call.categorical else "targets"
-        raise_outside_unit_interval(name, what, lo, hi)
-    if rule == NONNEG:
-        msg = f"{call.loss} needs {name} >= 0; found values in [{lo:.6g}, {hi:.6g}]."
-        raise ValueError(msg)
-    # SIGN: lo is one offending value (a range says nothing here: 0 lies inside [-1, 1])
-    msg = (
-        f"{call.loss} needs {name} labels in {{-1, +1}} (or a boolean array); found {lo:.6g}. "
-        f"Convert 0/1 labels with 2 * y - 1 (or pass them as booleans)."
+    raise ValueError(domain_message(call, name, rule).format(lo=f"{lo:.6g}", hi=f"{hi:.6g}"))
+
+
+def labels_message(num_classes, ignore_index) -> str:
+    """The error for class indices out of range; {lo} and {hi} are the counted labels' range."""
+    ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
+    if num_classes == 0:
+        return (
+            f"target holds class indices in [{{lo}}, {{hi}}], but pred has no classes (its "
+            f"class axis has length 0), so no class index is valid{ignored}."
+        )
+    return (
+        f"target holds class indices in [{{lo}}, {{hi}}], outside [0, {num_classes - 1}]"
+        f"{ignored} for pred with {num_classes} classes."
     )
-    raise ValueError(msg)
 
 
 def raise_bad_labels(lo, hi, num_classes, ignore_index):
-    ignored = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
-    if num_classes == 0:
-        msg = (
-            f"target holds class indices in [{lo}, {hi}], but pred has no classes (its class "
-            f"axis has length 0), so no class index is valid{ignored}."
-        )
-        raise ValueError(msg)
-    msg = (
-        f"target holds class indices in [{lo}, {hi}], outside [0, {num_classes - 1}]{ignored} "
-        f"for pred with {num_classes} classes."
+    raise ValueError(labels_message(num_classes, ignore_index).format(lo=lo, hi=hi))
+
+
+def weights_message(name) -> str:
+    return (
+        f"{name} must be non-negative and not NaN or infinite; found values in "
+        f"[{{lo}}, {{hi}}]."
     )
-    raise ValueError(msg)
 
 
 def raise_bad_weights(name, lo, hi):
-    msg = (
-        f"{name} must be non-negative and not NaN or infinite; found values in "
-        f"[{lo:.6g}, {hi:.6g}]."
-    )
-    raise ValueError(msg)
+    raise ValueError(weights_message(name).format(lo=f"{lo:.6g}", hi=f"{hi:.6g}"))
 
 
 def weights_ok(lo: float, hi: float) -> bool:

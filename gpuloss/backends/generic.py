@@ -1,9 +1,13 @@
 """Generic array-API backend: the formulas of `gpuloss.losses` written with whole-array
 operations of any array-API namespace (PyTorch, JAX, array-api-strict, ...).
 
-Plain and readable rather than fast: it allocates full-size temporaries. Results come back
+Plain and readable rather than fast: it allocates full-size temporaries (under `jax.jit`,
+XLA fuses them away: this is also the JAX formulation, see `gpuloss._jax`). Results come back
 as the caller's arrays, on the caller's device. Per-element arithmetic is in float32 for
-float16/float32 inputs and float64 otherwise; sums over the batch are float64.
+float16/bfloat16/float32 inputs and float64 otherwise; sums over the batch are float64, or,
+where the namespace has no float64 (JAX without x64), float32 sums of blocks added pairwise
+with compensation (`_total`). Nothing here reads a value back to the host unless `validate`
+asks for it, so that the formulas also run inside a JAX trace.
 """
 
 from __future__ import annotations
@@ -25,16 +29,56 @@ def compute(call: _call.Call):
 def _compute(call: _call.Call):
     xp = array_api_compat.array_namespace(call.pred)
     cdt = xp.float64 if call.pred.dtype == xp.float64 else xp.float32
+    acc = _accumulator(xp)
     if call.categorical:
-        value, grad = _categorical(call, xp, cdt)
+        value, grad = _categorical(call, xp, cdt, acc)
     else:
-        value, grad = _elementwise(call, xp, cdt)
+        value, grad = _elementwise(call, xp, cdt, acc)
     dtype = call.pred.dtype
     if value is not None and not call.parts:
         value = xp.astype(value, dtype)
     if grad is not None:
         grad = xp.astype(grad, dtype)
     return (value if call.want_value else None), grad
+
+
+def _accumulator(xp):
+    """The dtype sums are taken in: float64, unless the namespace has none (JAX without x64,
+    where asking for float64 would warn and give float32 anyway)."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        if jax.dtypes.canonicalize_dtype(np.float64) != np.float64:
+            return xp.float32
+    return xp.float64
+
+
+_BLOCK = 1024  # float32 totals: XLA sums blocks this long, the blocks are added pairwise
+
+
+def _total(xp, x, acc):
+    """The sum of every element of `x` in `acc`. In float64 a plain sum. In float32 (JAX
+    without x64) the blocks' sums are added pairwise with each addition's rounding error
+    kept (Knuth's two-sum) and added back: a blocked sum of n elements is accurate to
+    about (1024 + log2(n / 1024)) float32 roundings in the worst case instead of n. (A
+    reshape into blocks alone does not do it: XLA merges a sum of sums into one sum.)"""
+    x = xp.astype(xp.reshape(x, (-1,)), acc)
+    if acc == xp.float64 or x.shape[0] <= _BLOCK:
+        return xp.sum(x)
+    m = x.shape[0] // _BLOCK
+    heads = xp.sum(xp.reshape(x[: m * _BLOCK], (m, _BLOCK)), axis=1)
+    s = xp.concat([heads, xp.reshape(xp.sum(x[m * _BLOCK:]), (1,))])
+    err = xp.zeros_like(s)
+    while s.shape[0] > 1:
+        if s.shape[0] % 2:
+            s = xp.concat([s, xp.zeros_like(s[:1])])
+            err = xp.concat([err, xp.zeros_like(err[:1])])
+        a, b = s[0::2], s[1::2]
+        t = a + b
+        bv = t - a
+        err = err[0::2] + err[1::2] + ((a - (t - bv)) + (b - bv))  # exactly a + b - t
+        s = t
+    return s[0] + err[0]
 
 
 def _range(xp, x):
@@ -49,7 +93,7 @@ def _range(xp, x):
 def _check_rule(call, xp, x, name, rule):
     """`x` as stored against the domain rule (NaN passes: it propagates)."""
     if rule == _call.SIGN:
-        bad = (x != 1) & (x != -1) & ~xp.isnan(xp.astype(x, xp.float64))
+        bad = (x != 1) & (x != -1) & ~xp.isnan(xp.astype(x, _accumulator(xp)))
         if xp.any(bad):
             value = float(x[bad][0])
             _call.raise_domain(call, name, rule, value, value)
@@ -67,35 +111,41 @@ def _check_weight(xp, w, name):
             _call.raise_bad_weights(name, lo, hi)
 
 
-def _reduce(call, xp, per_item, weight_sum):
-    """The value the reduction asks for; sums are float64."""
+def _reduce(call, xp, per_item, weight_sum, acc):
+    """The value the reduction asks for; sums in `acc` (see `_total`)."""
     if call.reduction == "none":
         return per_item
-    total = xp.sum(xp.astype(per_item, xp.float64))
+    total = _total(xp, per_item, acc)
     if call.parts:
-        return xp.stack([total, xp.astype(weight_sum, xp.float64)])
+        return xp.stack([total, xp.astype(xp.asarray(weight_sum), acc)])
     return total if call.reduction == "sum" else total / weight_sum
 
 
-def _for_mean(call, xp, w):
+def _for_mean(call, xp, w, acc):
     """Weights rescaled by their maximum when they would under- or overflow in float32 (the
-    mean does not change; see the NumPy backend)."""
+    mean does not change; see the NumPy backend). Chosen with `where`, not read back: the
+    data stays on its device (and in a JAX trace)."""
     if w is None or call.reduction != "mean" or call.parts or math.prod(w.shape) == 0:
         return w  # partial states keep the weights' own scale, so that they add up
-    top = float(xp.max(w))
-    if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
-        return w / top
-    return w
+    if not xp.isdtype(w.dtype, "real floating"):
+        w = xp.astype(w, acc)
+    top = xp.max(w)
+    extreme = xp.isfinite(top) & (top > 0) & ((top < 1e-20) | (top > 1e20))
+    return w / xp.where(extreme, top, xp.ones_like(top))
 
 
-def _scale(call, xp, weight_sum):
+def _scale(call, xp, weight_sum, cdt):
+    """The mean's 1/D (0 when nothing counts), in the compute dtype."""
     if call.reduction != "mean":
         return 1.0
-    ws = float(weight_sum)
-    return 1.0 / ws if ws > 0 else 0.0
+    if isinstance(weight_sum, float):
+        return 1.0 / weight_sum if weight_sum > 0 else 0.0
+    positive = weight_sum > 0
+    safe = xp.where(positive, weight_sum, xp.ones_like(weight_sum))
+    return xp.astype(xp.where(positive, 1 / safe, xp.zeros_like(safe)), cdt)
 
 
-def _elementwise(call, xp, cdt):
+def _elementwise(call, xp, cdt, acc):
     shape = tuple(call.pred.shape)
     P = xp.astype(call.pred, cdt)
     Y = xp.astype(call.target, cdt)
@@ -103,11 +153,11 @@ def _elementwise(call, xp, cdt):
     if call.sample_weight is not None:
         if call.validate:
             _check_weight(xp, call.sample_weight, "sample_weight")
-        sw = _for_mean(call, xp, call.sample_weight)
+        sw = _for_mean(call, xp, call.sample_weight, acc)
         W = xp.astype(xp.broadcast_to(sw, shape), cdt)
-        weight_sum = xp.sum(xp.astype(W, xp.float64))  # the weights as the products use them
+        weight_sum = _total(xp, W, acc)  # the weights as the products use them
     else:
-        weight_sum = xp.asarray(float(math.prod(shape)), dtype=xp.float64)
+        weight_sum = float(math.prod(shape))
     if call.validate:  # as stored, before any conversion
         if call.pred_rule:
             _check_rule(call, xp, call.pred, "pred", call.pred_rule)
@@ -120,8 +170,8 @@ def _elementwise(call, xp, cdt):
     if W is not None:
         loss = loss * W
         grad = grad * W
-    value = _reduce(call, xp, loss, weight_sum)
-    grad = grad * _scale(call, xp, weight_sum) if call.want_grad else None
+    value = _reduce(call, xp, loss, weight_sum, acc)
+    grad = grad * _scale(call, xp, weight_sum, cdt) if call.want_grad else None
     return value, grad
 
 
@@ -261,15 +311,15 @@ _ELEMENTWISE = {
 }
 
 
-def _log_softmax(xp, U):
-    """(log softmax, softmax) over the last axis, max-shifted, the sum of exp in float64."""
+def _log_softmax(xp, U, acc):
+    """(log softmax, softmax) over the last axis, max-shifted, the sum of exp in `acc`."""
     S = U - xp.max(U, axis=-1, keepdims=True)
     E = xp.exp(S)
-    se = xp.sum(xp.astype(E, xp.float64), axis=-1, keepdims=True)
+    se = xp.sum(xp.astype(E, acc), axis=-1, keepdims=True)
     return S - xp.astype(xp.log(se), U.dtype), E / xp.astype(se, U.dtype)
 
 
-def _categorical(call, xp, cdt):
+def _categorical(call, xp, cdt, acc):
     ndim = call.pred.ndim
     perm = tuple(i for i in range(ndim) if i != call.axis) + (call.axis,)
     inverse = tuple(perm.index(i) for i in range(ndim))
@@ -283,13 +333,14 @@ def _categorical(call, xp, cdt):
         if call.validate:
             _check_weight(xp, call.class_weight, "class_weight")
         # only with class indices are class weights in the mean's denominator
-        cw = call.class_weight if not call.labels else _for_mean(call, xp, call.class_weight)
+        cw = (call.class_weight if not call.labels
+              else _for_mean(call, xp, call.class_weight, acc))
         cw = xp.astype(cw, cdt)
     w = xp.ones(sample_shape, dtype=cdt, device=array_api_compat.device(Z))
     if call.sample_weight is not None:
         if call.validate:
             _check_weight(xp, call.sample_weight, "sample_weight")
-        sw = _for_mean(call, xp, call.sample_weight)
+        sw = _for_mean(call, xp, call.sample_weight, acc)
         w = xp.astype(xp.broadcast_to(sw, sample_shape), cdt)
 
     if call.labels:
@@ -307,12 +358,13 @@ def _categorical(call, xp, cdt):
         classes = xp.arange(K, device=array_api_compat.device(Z))
         T = xp.astype(xp.expand_dims(t, axis=-1) == classes, cdt)  # one-hot
         cwy = xp.ones_like(w) if cw is None else xp.sum(T * cw, axis=-1)
-        weight_sum = xp.sum(xp.astype(w, xp.float64) * xp.astype(cwy, xp.float64))
+        weight_sum = _total(xp, xp.astype(w, acc) * xp.astype(cwy, acc), acc)
     else:
         T = xp.astype(xp.permute_dims(call.target, perm), cdt)
         if call.validate and call.target_rule:  # as stored, before any conversion
             _check_rule(call, xp, call.target, "target", call.target_rule)
-        weight_sum = xp.sum(xp.astype(w, xp.float64))
+        weight_sum = (float(math.prod(sample_shape)) if call.sample_weight is None
+                      else _total(xp, w, acc))
 
     cw_vec = xp.ones(K, dtype=cdt, device=array_api_compat.device(Z)) if cw is None else cw
     if call.loss == "cce":
@@ -344,9 +396,9 @@ def _categorical(call, xp, cdt):
     elif call.loss == "kl_div_with_logits":
         # T^2 Σ t (log t - log q), q = softmax(z / T), t = target or softmax(target / T)
         temp, target_logits = call.kernel_params
-        logq, q = _log_softmax(xp, Z / temp)
+        logq, q = _log_softmax(xp, Z / temp, acc)
         if target_logits:
-            logt, C = _log_softmax(xp, T / temp)
+            logt, C = _log_softmax(xp, T / temp, acc)
             t_sum = 1.0
         else:
             C, logt, t_sum = T, xp.log(T), xp.sum(T, axis=-1, keepdims=True)
@@ -380,26 +432,31 @@ def _categorical(call, xp, cdt):
             m = xp.max(Z, axis=-1, keepdims=True)
             S = Z - m  # max-shifted: exp never overflows
             E = xp.exp(S)
-            # the row sum in float64: log(se) stays exact when se is close to 1
-            se = xp.sum(xp.astype(E, xp.float64), axis=-1, keepdims=True)
+            # the row sum in float64 (where there is one): log(se) stays exact near se = 1
+            se = xp.sum(xp.astype(E, acc), axis=-1, keepdims=True)
             logp = S - xp.astype(xp.log(se), cdt)
             soft = E / xp.astype(se, cdt)
-            one_minus_soft = xp.astype((se - xp.astype(E, xp.float64)) / se, cdt)
+            # 1 - softmax as (se - e) / se: no cancellation near softmax = 1 when se is
+            # float64; in float32 (JAX without x64) its error is float32's, as p - 1's is
+            one_minus_soft = xp.astype((se - xp.astype(E, acc)) / se, cdt)
         ls = call.label_smoothing
         if call.labels:
             # PyTorch: (1 - ls) * nll + ls / K * sum_k cw_k (-log p_k), with the mean over
             # sum of cw[y]; equal to cross-entropy against c_k y'_k, with
             # c y' = (1 - ls) cw[y] onehot + ls / K cw.
             C = (1 - ls) * xp.expand_dims(cwy, axis=-1) * T
+            C_sum = (1 - ls) * xp.expand_dims(cwy, axis=-1)  # Σ C, known without a pass
             if ls:  # unsmoothed, the other classes' weights are not used at all
                 C = C + (ls / K if K else 0.0) * cw_vec
+                C_sum = C_sum + (ls / K if K else 0.0) * xp.sum(cw_vec)
         else:
             C = cw_vec * (T * (1 - ls) + (ls / K if K else 0.0))
+            C_sum = xp.sum(C, axis=-1, keepdims=True)
         # a class that carries no weight adds 0, also at a -inf (masked) logit; NaN stays
         loss = -xp.sum(C * xp.where((C == 0) & ~xp.isnan(logp), xp.zeros_like(logp), logp),
                        axis=-1)
         # softmax * sum(C) - C as p (sum(C) - C) - C (1 - p): no cancellation near p = 1
-        grad = soft * (xp.sum(C, axis=-1, keepdims=True) - C) - C * one_minus_soft
+        grad = soft * (C_sum - C) - C * one_minus_soft
         gamma, z_loss = call.kernel_params
         if gamma and K:  # focal: Σ c M (-log q), M = (1 - q)^gamma; g = h - q Σ h
             nlq = -logp
@@ -418,8 +475,8 @@ def _categorical(call, xp, cdt):
             grad = grad + xp.expand_dims(2 * z_loss * lse * zw, axis=-1) * soft
     # a sample of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)
     weighted = xp.where((w == 0) & xp.isinf(loss), xp.zeros_like(loss), loss * w)
-    value = _reduce(call, xp, weighted, weight_sum)
+    value = _reduce(call, xp, weighted, weight_sum, acc)
     if not call.want_grad:
         return value, None
-    grad = grad * xp.expand_dims(w, axis=-1) * _scale(call, xp, weight_sum)
+    grad = grad * xp.expand_dims(w, axis=-1) * _scale(call, xp, weight_sum, cdt)
     return value, xp.permute_dims(grad, inverse)
