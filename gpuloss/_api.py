@@ -486,14 +486,14 @@ class Loss:
 
     def _run(self, pred, target, options, *, want_value, want_grad):
         call = self.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
-        return _dispatch.backend_for(call.pred, rerun=run)(call)
+        return _dispatch.route(call, rerun=run)(call)
 
 
 def run(name, pred, target, options, *, want_value, want_grad, parts=False):
     """Check and compute one call of the loss `name` (what Dask runs on each chunk)."""
     call = _BY_NAME[name].prepare(pred, target, options, want_value=want_value,
                                   want_grad=want_grad, parts=parts)
-    return _dispatch.backend_for(call.pred, rerun=run)(call)
+    return _dispatch.route(call, rerun=run)(call)
 
 
 def _by_name(name):

@@ -1,9 +1,11 @@
 """Find the inputs' array library and device, and pick the backend that computes.
 
 NumPy arrays, Python lists and scalars go to the NumPy backend. CuPy arrays go to the CUDA
-backend (`gpuloss.backends.cuda`) when it can run here. Every other array-API array (PyTorch,
-JAX, array-api-strict, ...) goes to the generic array-API backend and gets its own library's
-arrays back. Backends are imported only when an input needs them, so `import gpuloss` works
+backend (`gpuloss.backends.cuda`) when it can run here, and so do PyTorch and JAX arrays on a
+CUDA device (through DLPack); PyTorch CPU tensors and JAX CPU arrays take the NumPy backend
+through zero-copy views. JAX arrays being traced (jit, grad, vmap) compute with `jax.numpy`
+inside the trace (`gpuloss._jax`). Every other array-API array (array-api-strict, ...) goes
+to the generic array-API backend. Results come back in the caller's library. Backends are imported only when an input needs them, so `import gpuloss` works
 with no CuPy, no CUDA and no GPU.
 """
 
@@ -16,7 +18,7 @@ from types import ModuleType
 import array_api_compat
 import numpy as np
 
-__all__ = ["array_namespace", "backend_for", "preferred_namespace"]
+__all__ = ["array_namespace", "backend_for", "route", "preferred_namespace"]
 
 
 def _is_array(x) -> bool:
@@ -68,13 +70,24 @@ def array_namespace(pred, others: dict):
             )
             raise TypeError(msg)
         other_dev = array_api_compat.device(arr)
-        if other_dev != dev:
+        if other_dev != dev and None not in (dev, other_dev):  # a JAX tracer has no device
             msg = (
                 f"Arrays on different devices in one call: pred is on {dev}, "
                 f"{name} is on {other_dev}."
             )
             raise ValueError(msg)
     return xp
+
+
+def route(call, rerun=None):
+    """The function that computes the checked `call`: `backend_for` its pred, unless one of
+    its arrays is a JAX tracer (jit, grad, vmap, ...); then the computation stays in the
+    trace."""
+    jax_route = importlib.import_module("gpuloss._jax")
+    arrays = (call.pred, call.target, call.sample_weight, call.pos_weight, call.class_weight)
+    if any(jax_route.is_traced(a) for a in arrays):
+        return jax_route.compute
+    return backend_for(call.pred, rerun)
 
 
 def backend_for(pred, rerun=None):
@@ -98,6 +111,8 @@ def backend_for(pred, rerun=None):
         plain = importlib.import_module("gpuloss.backends.cuda").compute_foreign
     elif _torch_cpu(pred):
         plain = _compute_torch_cpu
+    elif _jax_cpu(pred):
+        return _compute_jax_cpu
     if plain is None:
         return importlib.import_module("gpuloss.backends.generic").compute
     if _needs_graph(pred):
@@ -165,7 +180,37 @@ def _compute_torch_cpu(call):
     return back(value), back(grad)
 
 
-_DLPACK_CUDA = 2  # kDLCUDA in the DLPack device enum
+def _jax_cpu(x) -> bool:
+    """A concrete JAX array on the CPU: the NumPy backend computes on a view of it."""
+    return (array_api_compat.is_jax_array(x) and x.__dlpack_device__()[0] == _DLPACK_CPU
+            and x.dtype.name in ("float16", "bfloat16", "float32", "float64"))
+
+
+def _compute_jax_cpu(call):
+    """The NumPy backend on zero-copy (read-only) NumPy views of JAX CPU arrays; results come
+    back as JAX arrays on the same memory where it is 64-byte aligned (large results are:
+    `gpuloss._pool`), copied otherwise."""
+    inner = call.with_arrays(np.asarray)
+    value, grad = importlib.import_module("gpuloss.backends.numpy").compute(inner)
+    return _to_jax(value), _to_jax(grad)
+
+
+def _to_jax(x):
+    if x is None:
+        return None
+    import jax
+
+    x = np.asarray(x)
+    if x.ctypes.data % 64 == 0 and x.flags.c_contiguous and x.flags.writeable:
+        try:
+            return jax.dlpack.from_dlpack(x)
+        except (BufferError, TypeError):  # a dtype DLPack lacks (bfloat16 in some versions)
+            pass
+    return jax.device_put(x)
+
+
+_DLPACK_CPU = 1  # kDLCPU in the DLPack device enum
+_DLPACK_CUDA = 2  # kDLCUDA
 
 
 def _on_cuda(x) -> bool:

@@ -78,7 +78,7 @@ class StreamingLoss:
             opts["sample_weight"] = sample_weight
         call = self.loss.prepare(pred, target, opts, want_value=True, want_grad=False,
                                  parts=True)
-        parts, _ = _dispatch.backend_for(call.pred, rerun=_api.run)(call)
+        parts, _ = _dispatch.route(call, rerun=_api.run)(call)
         self._state = parts if self._state is None else self._state + parts
         self.batches += 1
         return self

@@ -27,7 +27,7 @@ def _examples():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("code", list(_examples()))
 def test_every_python_example_runs(code):
-    for module in ("torch", "dask"):
+    for module in ("torch", "dask", "jax"):
         if f"import {module}" in code:
             require(module)
     exec(compile(code, "<docs example>", "exec"), {"__name__": "__docs__"})
