@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 from conftest import make_inputs, require
-from reference import ALL, ELEMENTWISE, target_kinds
-from test_losses import _options
+from reference import ELEMENTWISE
+from test_losses import _cases, _options
 
 import gpuloss as gl
 from gpuloss.backends import generic
@@ -23,16 +23,7 @@ checkify = pytest.importorskip("jax.experimental.checkify")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _cases():
-    for loss in ALL:
-        if loss in ELEMENTWISE:
-            yield loss, (7, 5), True
-        else:
-            for labels in target_kinds(loss):
-                yield loss, (9, 4), labels
-
-
-CASES = list(_cases())
+CASES = list(_cases())  # every loss and target kind, as in test_losses
 IDS = [f"{loss}-{'labels' if labels else 'probs'}" for loss, _, labels in CASES]
 
 
