@@ -91,7 +91,7 @@ def variants(runtime=None) -> int:
     cases = []
     for loss in SMALL:
         for p in _cuda_backend.PRED_DTYPES:
-            for t in _cuda_backend.TARGET_DTYPES:
+            for t in _cuda_backend.target_dtypes(p):
                 cases.append((loss, p, t, None, True, {}))  # (hinge: booleans are -1/+1)
     for loss in (n for n, fn in gl.LOSSES.items() if fn.family == "categorical"):
         for K in K_FOR_CONFIG.values():
@@ -99,7 +99,8 @@ def variants(runtime=None) -> int:
                 for t in _cuda_backend.LABEL_DTYPES if gl.LOSSES[loss].class_indices else ():
                     cases.append((loss, p, t, K, True, {}))
                 if gl.LOSSES[loss].probability_targets:
-                    cases.append((loss, p, p, K, False, {}))
+                    cases += [(loss, p, t, K, False, {})
+                              for t in _cuda_backend.probability_target_dtypes(p)]
     for p in _cuda_backend.PRED_DTYPES:  # the weight checks, every stored dtype
         cases.append(("mse", p, p, None, True, {"sample_weight": np.ones(37, p)}))
     for p, t in zip(_cuda_backend.PRED_DTYPES, np.roll(_cuda_backend.PRED_DTYPES, 1)):

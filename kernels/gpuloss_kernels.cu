@@ -21,14 +21,15 @@
 
 template <typename T>
 struct GlCompute {
-    typedef float type;  // float16 and float32 data compute in float
+    typedef float type;  // float16, bfloat16 and float32 data compute in float
 };
 template <>
 struct GlCompute<double> {
     typedef double type;
 };
 
-// loads and stores; float16 travels as its 16-bit pattern (unsigned short)
+// loads and stores; float16 travels as its 16-bit pattern (unsigned short), bfloat16 as
+// its own (gl_bf16: another type, so that the two cannot be mixed up)
 template <typename C, typename S>
 __device__ __forceinline__ C gl_read(const S* a, long long i) {
     return (C)a[i];
@@ -43,6 +44,14 @@ __device__ __forceinline__ double gl_read<double, unsigned short>(const unsigned
                                                                   long long i) {
     return (double)gl_half_to_float(a[i]);
 }
+template <>
+__device__ __forceinline__ float gl_read<float, gl_bf16>(const gl_bf16* a, long long i) {
+    return gl_bf16_to_float(a[i].bits);
+}
+template <>
+__device__ __forceinline__ double gl_read<double, gl_bf16>(const gl_bf16* a, long long i) {
+    return (double)gl_bf16_to_float(a[i].bits);
+}
 template <typename S, typename C>
 __device__ __forceinline__ void gl_write(S* a, long long i, C v) {
     a[i] = (S)v;
@@ -52,9 +61,14 @@ __device__ __forceinline__ void gl_write<unsigned short, float>(unsigned short* 
                                                                 float v) {
     a[i] = gl_float_to_half(v);
 }
+template <>
+__device__ __forceinline__ void gl_write<gl_bf16, float>(gl_bf16* a, long long i, float v) {
+    a[i].bits = gl_float_to_bf16(v);
+}
 
 // The type that holds a stored value exactly, for domain checks before any conversion:
-// float16 widens to float exactly (its subnormals are float normals), integers to double.
+// float16 widens to float exactly (its subnormals are float normals), bfloat16 too (its bits
+// are a float's), integers to double.
 template <typename S>
 struct GlExact {
     typedef double type;
@@ -65,6 +79,10 @@ struct GlExact<float> {
 };
 template <>
 struct GlExact<unsigned short> {
+    typedef float type;
+};
+template <>
+struct GlExact<gl_bf16> {
     typedef float type;
 };
 template <>
@@ -345,17 +363,20 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         double w = live ? gl_weight(sample_weight, row, sw_div, sw_mod) : 0.0;
         long long label = 0;
         C cw_label = C(1);
-        if (LABELS && live) {
-            label = (long long)target[row];
-            bool ignored = has_ignore && label == ignore_index;
-            bool in_range = label >= 0 && label < K;
-            if (ignored) {
-                w = 0.0;
-            } else if (!in_range) {
-                if (check & GL_FLAG_LABEL) bad |= GL_FLAG_LABEL;
-                w = (double)GL_NAN;  // a bad label gives NaN, never an out-of-bounds read
+        // constexpr: a probability target (LABELS 0, maybe bfloat16) is never an index
+        if constexpr (LABELS) {
+            if (live) {
+                label = (long long)target[row];
+                bool ignored = has_ignore && label == ignore_index;
+                bool in_range = label >= 0 && label < K;
+                if (ignored) {
+                    w = 0.0;
+                } else if (!in_range) {
+                    if (check & GL_FLAG_LABEL) bad |= GL_FLAG_LABEL;
+                    w = (double)GL_NAN;  // a bad label gives NaN, never an out-of-bounds read
+                }
+                if (in_range && class_weight) cw_label = (C)class_weight[label];
             }
-            if (in_range && class_weight) cw_label = (C)class_weight[label];
         }
         // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets;
         // what F's hooks ask for); the first CACHE values each thread reads stay in registers

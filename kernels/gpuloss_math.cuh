@@ -3,7 +3,7 @@
 // This header is the single source of truth for the CUDA kernels (gpuloss_kernels.cu) and is
 // also compiled with g++ by the test suite and checked against float64 references, so a
 // changed operator or constant here fails the CPU tests. The formulas are the ones documented
-// in gpuloss/losses/. T is float (for float16/float32 data) or double.
+// in gpuloss/losses/. T is float (for float16/bfloat16/float32 data) or double.
 //
 // Each loss is a functor the generic kernels are templated on (its name is the `kernel` of the
 // loss's declaration):
@@ -20,6 +20,7 @@
 #define GL_INF __int_as_float(0x7f800000)
 #define GL_NAN __int_as_float(0x7fc00000)
 GL_FN unsigned int gl_float_bits(float x) { return __float_as_uint(x); }
+GL_FN float gl_bits_float(unsigned int u) { return __uint_as_float(u); }
 GL_FN unsigned long long gl_double_bits(double x) {
     return (unsigned long long)__double_as_longlong(x);
 }
@@ -33,6 +34,11 @@ GL_FN unsigned int gl_float_bits(float x) {
     unsigned int u;
     memcpy(&u, &x, sizeof u);
     return u;
+}
+GL_FN float gl_bits_float(unsigned int u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
 }
 GL_FN unsigned long long gl_double_bits(double x) {
     unsigned long long u;
@@ -669,4 +675,22 @@ GL_FN unsigned short gl_float_to_half(float f) {
     if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h += 1u;
     return (unsigned short)(sign | h);
 #endif
+}
+
+// ---- bfloat16 storage, computed in float (a bfloat16 is the top half of a float32) ---------
+// The same integer code runs on the device and in the host tests, so that what the emulator
+// checks is what the GPU does. A load is exact. A store rounds to nearest even (overflow
+// rounds to infinity) and writes NaN as the quiet NaN of its sign, as ml_dtypes does. Being
+// integer operations, neither flushes subnormals (the arithmetic in between does).
+struct gl_bf16 {
+    unsigned short bits;
+};
+GL_FN float gl_bf16_to_float(unsigned short b) { return gl_bits_float((unsigned int)b << 16); }
+GL_FN unsigned short gl_float_to_bf16(float f) {
+    unsigned int u = gl_float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN
+        return (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    }
+    unsigned int odd = (u >> 16) & 1u;  // ties go to the even neighbour
+    return (unsigned short)((u + 0x7fffu + odd) >> 16);
 }

@@ -1,10 +1,10 @@
 """What "the CUDA path agrees with the NumPy path" means, for the emulated device
 (tests/test_emulated.py) and for a real one (tests/test_gpu.py).
 
-The device computes float16/float32 data in float with flush-to-zero (CuPy compiles every
+The device computes float16/bfloat16/float32 data in float with flush-to-zero (CuPy compiles every
 kernel, its own casts included, with -ftz=true; README "Numerics on the GPU"): a float32
 subnormal (|x| < 1.18e-38) counts as zero where it enters float arithmetic, and a subnormal
-float32 result becomes zero. So the NumPy reference is computed on the inputs as the device
+float32 result becomes zero; bfloat16 has float32's exponent range, so the same holds for it. So the NumPy reference is computed on the inputs as the device
 sees them (`device_view`), and float32 results are compared after the same flush. float64
 is never flushed. Everything else must agree: NaN and infinities exactly where the reference
 has them, finite values within the GPU tests' tolerances, errors of the same type.
@@ -12,31 +12,39 @@ has them, finite values within the GPU tests' tolerances, errors of the same typ
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 FLT_TINY = float(np.finfo(np.float32).tiny)
-RTOL = {"float16": 5e-3, "float32": 1e-5, "float64": 1e-10}
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# bfloat16: both sides round a float32 result once; close results may round apart by one unit
+RTOL = {"float16": 5e-3, "bfloat16": 2.0**-7, "float32": 1e-5, "float64": 1e-10}
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, np.ndarray) and (x.dtype.kind == "f" or x.dtype == BF16)
 
 
 def flush(x, float32_only=True):
     """Subnormal float32 values (or, for any float array with float32_only=False, values
     below float32's smallest normal) replaced by zeros of the same sign."""
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+    if not _is_float(x):
         return x
-    if float32_only and x.dtype != np.float32:
+    if float32_only and x.dtype not in (np.float32, BF16):
         return x
+    wide = x.astype(np.float32) if x.dtype == BF16 else x  # bfloat16: float32's range
     with np.errstate(invalid="ignore"):
-        tiny = np.abs(x) < FLT_TINY
+        tiny = np.abs(wide) < FLT_TINY
     if not tiny.any():
         return x
-    return np.where(tiny, np.copysign(np.zeros((), x.dtype), x), x).astype(x.dtype)
+    return np.where(tiny, np.copysign(np.zeros((), wide.dtype), wide), wide).astype(x.dtype)
 
 
 def device_view(pred, target, opts):
     """(pred, target, opts) as a float32 kernel computes with them: pred and float32 weights
     flushed; float targets flushed on their conversion to float (any float dtype). float64
     data (float64 kernels) is returned unchanged."""
-    if not isinstance(pred, np.ndarray) or pred.dtype not in (np.float16, np.float32):
+    if not isinstance(pred, np.ndarray) or pred.dtype not in (np.float16, BF16, np.float32):
         return pred, target, opts
     opts = dict(opts)
     for key in ("sample_weight", "pos_weight", "class_weight"):
@@ -61,7 +69,7 @@ def assert_agree(got, want, dtype, what=""):
         return
     rtol = RTOL[dtype.name]
     scale = float(np.abs(want[finite]).max())
-    if dtype == np.float16:
-        scale = max(scale, 1e-3)  # float16 stores the float32 result rounded
+    if dtype in (np.float16, BF16):
+        scale = max(scale, 1e-3)  # float16 and bfloat16 store the float32 result rounded
     np.testing.assert_allclose(got[finite], want[finite], rtol=rtol, atol=rtol * scale,
                                err_msg=what)

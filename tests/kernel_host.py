@@ -88,6 +88,12 @@ extern "C" void gl_half_to_float_n(const unsigned short* h, long long n, float* 
 extern "C" void gl_float_to_half_n(const float* f, long long n, unsigned short* out) {
     for (long long i = 0; i < n; ++i) out[i] = gl_float_to_half(f[i]);
 }
+extern "C" void gl_bf16_to_float_n(const unsigned short* b, long long n, float* out) {
+    for (long long i = 0; i < n; ++i) out[i] = gl_bf16_to_float(b[i]);
+}
+extern "C" void gl_float_to_bf16_n(const float* f, long long n, unsigned short* out) {
+    for (long long i = 0; i < n; ++i) out[i] = gl_float_to_bf16(f[i]);
+}
 """
 
 

@@ -186,6 +186,82 @@ def test_jax_cuda_through_dlpack(cp):
     _close(np.asarray(g), want[1], np.float32)
 
 
+def _assert_bf16_rounding_of(got, want):
+    """got is within one bfloat16 rounding of want (both bfloat16 results of float32 work)."""
+    got = np.asarray(got).astype(np.float32)
+    want = np.asarray(want).astype(np.float32)
+    ulp = np.abs(want) * 2.0**-7
+    assert np.all((np.abs(got - want) <= ulp) | (got == want)), (got, want)
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_gpu_bfloat16_cupy_arrays(cp, loss):
+    from gpuloss.backends import cuda
+
+    if not cuda.cupy_has_bfloat16():
+        pytest.skip("this CuPy has no bfloat16 (CuPy 14 and ml_dtypes have it)")
+    bf16 = cuda.BF16
+    rng = np.random.default_rng(11)
+    pred, target = make_inputs(loss, rng, (4096, 33))
+    pred = pred.astype(bf16)
+    if target.dtype.kind == "f":
+        target = target.astype(bf16)
+    for reduction in ("mean", "none"):
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, target, reduction=reduction)
+        v, g = gl.LOSSES[loss].value_and_grad(cp.asarray(pred), cp.asarray(target),
+                                              reduction=reduction)
+        assert g.dtype == bf16 and v.dtype == bf16
+        _assert_bf16_rounding_of(v.get(), want_v)
+        _assert_bf16_rounding_of(g.get(), want_g)
+
+
+@pytest.mark.parametrize("loss", ALL)
+def test_torch_cuda_bfloat16_training_step(cp, loss):
+    """A bfloat16 CUDA tensor that requires grad: loss.backward() through the kernels (the
+    tensors go to CuPy as int16 views), within one bfloat16 rounding of the CPU path."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    from gpuloss.backends import cuda
+
+    if not cuda.cupy_has_bfloat16():
+        pytest.skip("this CuPy has no bfloat16 (CuPy 14 and ml_dtypes have it)")
+    rng = np.random.default_rng(12)
+    pred, target = make_inputs(loss, rng, (512, 17))
+    x = torch.tensor(pred.astype(np.float32)).to(device="cuda", dtype=torch.bfloat16)
+    x.requires_grad_()
+    t = torch.tensor(target).cuda()
+    if t.is_floating_point():
+        t = t.to(torch.bfloat16)
+    out = gl.LOSSES[loss](x, t)
+    out.backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert x.grad.device.type == "cuda"
+    want_v, want_g = gl.LOSSES[loss].value_and_grad(x.detach().cpu(), t.cpu())
+    _assert_bf16_rounding_of(out.detach().float().cpu().numpy(), want_v.float().numpy())
+    _assert_bf16_rounding_of(x.grad.float().cpu().numpy(), want_g.float().numpy())
+
+
+def test_jax_cuda_bfloat16(cp):
+    jax = pytest.importorskip("jax")
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("JAX without a GPU")
+    from gpuloss.backends import cuda
+
+    if not cuda.cupy_has_bfloat16():
+        pytest.skip("this CuPy has no bfloat16 (CuPy 14 and ml_dtypes have it)")
+    rng = np.random.default_rng(13)
+    pred, target = make_inputs("cce_with_logits", rng, (1024, 50))
+    z = jax.device_put(pred.astype(cuda.BF16), gpu)
+    v, g = gl.cce_with_logits.value_and_grad(z, jax.device_put(target, gpu))
+    assert str(g.dtype) == "bfloat16"
+    want_v, want_g = gl.cce_with_logits.value_and_grad(pred.astype(cuda.BF16), target)
+    _assert_bf16_rounding_of(np.asarray(v), want_v)
+    _assert_bf16_rounding_of(np.asarray(g), want_g)
+
+
 # ---------------------------------------------------------------------------------------------
 # hardening on the GPU: threads, streams, memory, the fuzz generator
 

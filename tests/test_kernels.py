@@ -299,6 +299,31 @@ def test_half_conversions_match_numpy_bit_for_bit(host_lib):
     assert same.all(), (f[~same][:10], h[~same][:10], want_h.view(np.uint16)[~same][:10])
 
 
+def test_bfloat16_conversions_match_ml_dtypes_bit_for_bit(host_lib):
+    """All 65,536 bfloat16 patterns widen exactly; narrowing rounds as ml_dtypes does at every
+    pattern, at every midpoint between neighbours (ties to even) and one float32 ulp either
+    side of it, across overflow, subnormals and NaN (the quiet NaN of the sign)."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(patterns.size, np.float32)
+    host_lib.gl_bf16_to_float_n(_p(patterns), ctypes.c_longlong(patterns.size), _p(out))
+    want = patterns.view(bf16).astype(np.float32)
+    assert (out.view(np.uint32) == want.view(np.uint32)).all()  # NaN payloads included
+
+    bits = patterns.astype(np.uint32) << 16  # every pattern, as float32 bits
+    mid = bits + 0x8000  # halfway to the next pattern up (in magnitude)
+    rng = np.random.default_rng(6)
+    f = np.concatenate([bits, mid, mid - 1, mid + 1, bits + 1, bits + 0xFFFF,
+                        rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)])
+    f = f.astype(np.uint32).view(np.float32)
+    got = np.empty(f.size, np.uint16)
+    host_lib.gl_float_to_bf16_n(_p(f), ctypes.c_longlong(f.size), _p(got))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and overflow are the point
+        want_b = f.astype(bf16).view(np.uint16)
+    same = got == want_b
+    assert same.all(), (f[~same][:10], got[~same][:10], want_b[~same][:10])
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernels themselves, run by the CPU emulator through the backend's launch code
 
@@ -368,6 +393,31 @@ def test_kernels_float16_and_mixed_target_dtypes(runtime, loss):
         np.testing.assert_allclose(np.float64(v), np.float64(want_v), rtol=2e-3)
         np.testing.assert_allclose(g.astype(np.float64), want_g.astype(np.float64), rtol=2e-3,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ALL)
+def test_kernels_bfloat16(runtime, loss, reduction):
+    """bfloat16 pred (and targets: bfloat16 beside it, or another type) on the emulated
+    device: loss and gradient in bfloat16, each within one bfloat16 rounding of the NumPy
+    backend's (which computes in float32 and rounds once, as the kernels do; the two float32
+    results may differ in their last bits, so a rounding may go the other way)."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(7)
+    pred, target = make_inputs(loss, rng, (40, 6))
+    pred = pred.astype(bf16)
+    targets = [target]
+    if target.dtype.kind == "f":
+        targets += [target.astype(bf16)]
+    for t in targets:
+        want_v, want_g = gl.LOSSES[loss].value_and_grad(pred, t, reduction=reduction)
+        v, g = _emulated(runtime, loss, pred, t, reduction=reduction)
+        assert g.dtype == bf16 and np.asarray(v).dtype == bf16, t.dtype
+        for got, want in ((v, want_v), (g, want_g)):
+            got = np.asarray(got).astype(np.float32)
+            want = np.asarray(want).astype(np.float32)
+            ulp = np.abs(want) * 2.0**-7  # one bfloat16 unit in the last place, at most
+            assert np.all((np.abs(got - want) <= ulp) | (got == want)), (t.dtype, got, want)
 
 
 @pytest.mark.parametrize("loss", ALL)

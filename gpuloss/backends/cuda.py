@@ -16,6 +16,7 @@ import functools
 import math
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .. import _call
@@ -23,11 +24,15 @@ from .. import _call
 OPTIONS = ("-std=c++17",)
 BLOCK_THREADS = 256  # = GL_BLOCK_THREADS, the kernels' __launch_bounds__
 _F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+# bfloat16 is ml_dtypes' NumPy dtype: CuPy arrays have it from CuPy 14 on (with ml_dtypes
+# installed); torch and JAX tensors reach it through their 16-bit integer views
+BF16 = np.dtype(ml_dtypes.bfloat16)
 _NULL = np.uint64(0)  # a null pointer argument for an absent optional array
 
 # C types the kernels are instantiated for; other dtypes are cast first
 C_TYPE = {
     _F16: "unsigned short",  # float16 travels as its bit pattern
+    BF16: "gl_bf16",  # so does bfloat16, in a type of its own
     _F32: "float",
     _F64: "double",
     np.dtype(np.int32): "int",
@@ -35,7 +40,7 @@ C_TYPE = {
     np.dtype(np.bool_): "unsigned char",
     np.dtype(np.uint8): "unsigned char",
 }
-PRED_DTYPES = (_F16, _F32, _F64)
+PRED_DTYPES = (_F16, BF16, _F32, _F64)
 TARGET_DTYPES = (_F16, _F32, _F64, np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_))
 LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 RULE_CODE = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # = GL_RULE_*
@@ -68,6 +73,21 @@ def kernel_source() -> str:
     return kernels.replace('#include "gpuloss_math.cuh"', header.replace("#pragma once", ""))
 
 
+def target_dtypes(pred_dtype) -> tuple:
+    """The target dtypes the elementwise kernel reads as they are beside `pred_dtype`; others
+    are converted on the device first. A bfloat16 target is read as such only beside a
+    bfloat16 pred (the training case), which keeps the number of instantiations down."""
+    return TARGET_DTYPES + ((BF16,) if np.dtype(pred_dtype) == BF16 else ())
+
+
+def probability_target_dtypes(pred_dtype) -> tuple:
+    """The dtypes the row kernel reads probability targets in beside `pred_dtype`: its own,
+    and float32 beside a 16-bit pred, so that a wider target is not rounded to 16 bits
+    (softmax − t cancels: t's rounding would show in the gradient)."""
+    pred_dtype = np.dtype(pred_dtype)
+    return (pred_dtype, _F32) if pred_dtype.itemsize == 2 else (pred_dtype,)
+
+
 def compute_type(dtype) -> np.dtype:
     return _F64 if np.dtype(dtype) == _F64 else _F32
 
@@ -97,7 +117,7 @@ def all_kernel_names() -> list[str]:
     names = []
     for functor in _call.declared_kernels(_call.ELEMENTWISE):
         for p in PRED_DTYPES:
-            for y in TARGET_DTYPES:
+            for y in target_dtypes(p):
                 if y != np.bool_ or _call.takes_bool_targets(functor):
                     names.append(elementwise_name(functor, p, y))
     names += [finish_name(p) for p in PRED_DTYPES]
@@ -108,7 +128,8 @@ def all_kernel_names() -> list[str]:
             for p in PRED_DTYPES:
                 names += [rows_name(functor, True, config, p, t) for t in labels]
                 if _call.takes_probabilities(functor):
-                    names.append(rows_name(functor, False, config, p, p))
+                    names += [rows_name(functor, False, config, p, t)
+                              for t in probability_target_dtypes(p)]
     return names
 
 
@@ -145,8 +166,8 @@ def kernel_groups() -> dict[str, list[str]]:
 
 
 def compute_is_float32(name: str) -> bool:
-    """True for kernels whose data (their first type argument) computes in float: float16 and
-    float32. Those flush subnormals on the device (CuPy compiles with -ftz=true); float64
+    """True for kernels whose data (their first type argument) computes in float: float16,
+    bfloat16 and float32. Those flush subnormals on the device (CuPy compiles with -ftz=true); float64
     kernels never do."""
     _, args = _template_args(name)
     return _c_types(args)[0] != "double"
@@ -216,8 +237,8 @@ def _default_runtime():
 
 
 def _raw(x):
-    """The array the kernels read: float16 as its uint16 bits."""
-    return x.view(np.uint16) if x.dtype == _F16 else x
+    """The array the kernels read: float16 and bfloat16 as their uint16 bits."""
+    return x.view(np.uint16) if x.dtype in (_F16, BF16) else x
 
 
 def _broadcast_pattern(cp, w, shape):
@@ -372,7 +393,7 @@ def _elementwise(rt, call):
     flags = cp.zeros(1, np.int32) if call.validate else _NULL
     p = cp.ascontiguousarray(call.pred)
     y = call.target
-    if y.dtype not in TARGET_DTYPES:  # other integer dtypes: exact in the compute type
+    if y.dtype not in target_dtypes(call.pred.dtype):  # others: exact in the compute type
         y = y.astype(cdt)
     y = cp.ascontiguousarray(y)
     w, w_div, w_mod = _weights(rt, call, "sample_weight", shape, flags)
@@ -424,10 +445,12 @@ def _categorical(rt, call):
     else:
         t = cp.moveaxis(call.target, call.axis, -1)
         check_target = call.validate and call.target_rule == _call.UNIT
-        if t.dtype != z.dtype:  # converted on the device: checked as stored, beforehand
+        if t.dtype not in probability_target_dtypes(z.dtype):
+            # converted on the device (to float32 beside a 16-bit pred, float16 and bfloat16
+            # exactly): checked as stored, beforehand
             if check_target:
                 _check_stored(rt, call, t, False, FLAG_TARGET, flags)
-            t = rt.astype(t, z.dtype)
+            t = rt.astype(t, probability_target_dtypes(z.dtype)[-1])
         elif check_target:
             check |= FLAG_TARGET
         t = cp.ascontiguousarray(t)
@@ -532,22 +555,25 @@ def compute_foreign(call: _call.Call):
 
     PyTorch tensors are detached first (torch refuses to export a tensor that requires grad),
     and the kernels run on torch's current stream, so that torch's caching allocator cannot
-    hand an input's memory to other work while a kernel still reads it."""
+    hand an input's memory to other work while a kernel still reads it. bfloat16 tensors go
+    as their int16 views (no copy; DLPack's bfloat16 is not in every version on either side)
+    and come back the same way."""
     import contextlib
 
     import array_api_compat
     import cupy as cp
 
+    is_torch = array_api_compat.is_torch_array(call.pred)
     for name, x in (("pred", call.pred), ("target", call.target)):
-        if str(x.dtype).endswith("bfloat16"):  # CuPy has no bfloat16 dtype
-            msg = (f"bfloat16 {name} on a CUDA device is not supported yet (float16, float32 "
-                   f"and float64 are; on the CPU bfloat16 computes in float32): cast it first, "
-                   f"e.g. {name}.float().")
+        if str(x.dtype).endswith("bfloat16") and not cupy_has_bfloat16():
+            msg = (f"bfloat16 {name} on a CUDA device needs CuPy 14 or later (with ml_dtypes, "
+                   f"installed with gpuloss); this CuPy is {cp.__version__}. Upgrade CuPy, or "
+                   f"cast it first, e.g. {name}.float().")
             raise TypeError(msg)
     xp = array_api_compat.array_namespace(call.pred)
-    inner = call.with_arrays(lambda x: cp.from_dlpack(x.detach() if hasattr(x, "detach") else x))
+    inner = call.with_arrays(lambda x: _as_cupy(cp, x))
     stream = contextlib.nullcontext()
-    if array_api_compat.is_torch_array(call.pred):
+    if is_torch:
         import torch
 
         current = torch.cuda.current_stream(call.pred.device)
@@ -556,6 +582,35 @@ def compute_foreign(call: _call.Call):
         value, grad = compute(inner)
 
     def back(x):
-        return None if x is None else xp.from_dlpack(x)
+        if x is None:
+            return None
+        if is_torch and x.dtype == BF16:
+            import torch
+
+            return xp.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
+        return xp.from_dlpack(x)
 
     return back(value), back(grad)
+
+
+def _as_cupy(cp, x):
+    """A CUDA array of another library as a CuPy array on the same memory."""
+    if hasattr(x, "detach"):  # torch
+        import torch
+
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            return cp.from_dlpack(x.view(torch.int16)).view(BF16)
+    return cp.from_dlpack(x)
+
+
+@functools.cache
+def cupy_has_bfloat16() -> bool:
+    """Whether CuPy knows ml_dtypes' bfloat16 (CuPy 14 and later)."""
+    import cupy as cp
+
+    try:
+        cp.empty(0, BF16)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return True
