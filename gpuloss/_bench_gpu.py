@@ -3,6 +3,13 @@ vs the memory-bandwidth floor, timed with CUDA events, medians after warm-up, in
 so that caches don't flatter. Run as `gpuloss bench` on a GPU machine, or
 `python benchmarks/gpu.py [--out benchmarks/results] [--torch-compile] [--quick]`; writes
 <out>/gpu-<card>-<date>.json and prints a table.
+
+Per case: gpuloss on CuPy arrays (`ms`), the floor, naive CuPy, torch's own loss forward +
+backward (`torch_ms`) and gpuloss through autograd on the same torch tensors,
+`gl.<loss>(x, y).backward()` (`torch_autograd_ms`); float32, float16 and bfloat16 (bfloat16
+where CuPy has it: CuPy 14 with ml_dtypes). Then the large-vocabulary cross-entropy,
+(N, K) = (16384, 131072) in bfloat16 and float32 (where memory allows), through autograd
+against torch eager and torch.compile, with peak memory next to time.
 """
 
 from __future__ import annotations
@@ -20,6 +27,19 @@ from gpuloss.backends import cuda as _cuda_backend
 
 ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
 ROW_SHAPES = ((1 << 22, 10), (65536, 1024), (8192, 32768), (4096, 131072))
+LARGE_VOCAB = (16384, 131072)  # a language model's output layer: rows x vocabulary
+
+
+def _dtype(name):
+    """NumPy dtype from its name; "bfloat16" is ml_dtypes' (the one CuPy 14 knows)."""
+    return _cuda_backend.BF16 if name == "bfloat16" else np.dtype(name)
+
+
+def _to_torch(torch, a):
+    """A CuPy array as a torch tensor on the same memory (bfloat16 through int16 views)."""
+    if a.dtype == _cuda_backend.BF16:
+        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(a)
 
 
 def time_ms(cp, fn, inputs, warmup=3, repeat=15):
@@ -137,16 +157,36 @@ def torch_fn(torch, fn):
     return run
 
 
+def gpuloss_autograd_fn(fn):
+    """gpuloss through torch autograd: the fused pass in forward, backward from its gradient."""
+
+    def run(x, y):
+        x = x.detach().requires_grad_()
+        out = fn(x, y)
+        out.backward()
+        return out, x.grad
+
+    return run
+
+
 def make_inputs(cp, fn, shape, dtype, sets):
     """`sets` input pairs of loss `fn` (from its declaration), made on the device."""
     rng = cp.random.default_rng(0)
     rows, classes = shape if len(shape) == 2 else (0, 0)
-    return [example_inputs(fn, rng, n=shape[0], rows=rows, classes=classes, dtype=dtype, xp=cp)
-            for _ in range(sets)]
+    made = []
+    for _ in range(sets):
+        # bfloat16: made in float32, then rounded (CuPy's generators have no bfloat16)
+        p, y = example_inputs(fn, rng, n=shape[0], rows=rows, classes=classes,
+                              dtype=np.float32 if dtype == "bfloat16" else dtype, xp=cp)
+        if dtype == "bfloat16":
+            p = p.astype(_cuda_backend.BF16)
+            y = y.astype(_cuda_backend.BF16) if y.dtype.kind == "f" else y
+        made.append((p, y))
+    return made
 
 
 def floor_bytes(fn, shape, dtype):
-    size = np.dtype(dtype).itemsize
+    size = _dtype(dtype).itemsize
     if fn.family != "categorical":
         return 3 * size * shape[0]  # read pred, read target, write grad
     N, K = shape
@@ -181,6 +221,73 @@ def launches_per_call(loss, p, y):
     return rt.count
 
 
+def _peak(cp, torch, run, args):
+    """Peak device memory of one run of `run(*args)` beyond what is allocated before it, in
+    bytes: torch's allocator peak plus what CuPy's pool grew by (gpuloss's
+    gradient and partials come from CuPy's pool when called on torch tensors)."""
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base_torch, base_pool = torch.cuda.memory_allocated(), pool.total_bytes()
+    torch.cuda.reset_peak_memory_stats()
+    out = run(*args)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base_torch + pool.total_bytes() - base_pool
+    del out
+    return peak
+
+
+def large_vocabulary_row(cp, torch, dtype, bandwidth, repeat):
+    """cce_with_logits at LARGE_VOCAB through autograd: gpuloss, torch eager, torch.compile;
+    time, fraction of the floor, and peak memory beyond the inputs."""
+    N, K = LARGE_VOCAB
+    size = _dtype(dtype).itemsize
+    row = {"loss": "cce_with_logits", "op": "autograd", "dtype": dtype, "shape": [N, K]}
+    need = 4 * N * K * size  # logits, a gradient, and room for torch's saved softmax + grad
+    free = cp.cuda.runtime.memGetInfo()[0]
+    if free < need:
+        row["skipped"] = f"needs about {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+        return row
+    try:
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        z = torch.randn((N, K), device="cuda", dtype=tdtype, generator=gen)
+        t = torch.randint(0, K, (N,), device="cuda", generator=gen)
+        ours = gpuloss_autograd_fn(gl.cce_with_logits)
+
+        def eager(x, y):
+            x = x.detach().requires_grad_()
+            out = torch.nn.functional.cross_entropy(x, y)
+            out.backward()
+            return out, x.grad
+
+        floor_ms = 1e3 * (2 * size * N * K + 8 * N) / bandwidth
+        row["torch_autograd_ms"] = round(time_ms(cp, ours, [(z, t)], repeat=repeat), 4)
+        row["floor_ms"] = round(floor_ms, 4)
+        row["fraction_of_floor"] = round(floor_ms / row["torch_autograd_ms"], 3)
+        row["peak_GiB"] = round(_peak(cp, torch, ours, (z, t)) / 2**30, 3)
+        row["torch_ms"] = round(time_ms(cp, eager, [(z, t)], repeat=repeat), 4)
+        row["torch_peak_GiB"] = round(_peak(cp, torch, eager, (z, t)) / 2**30, 3)
+        row["speedup_vs_torch"] = round(row["torch_ms"] / row["torch_autograd_ms"], 2)
+        try:
+            compiled = torch.compile(eager)
+            row["torch_compile_ms"] = round(time_ms(cp, compiled, [(z, t)], repeat=repeat), 4)
+            row["torch_compile_peak_GiB"] = round(_peak(cp, torch, compiled, (z, t)) / 2**30, 3)
+        except Exception as exc:  # noqa: BLE001 - record why it did not compile
+            row["torch_compile_error"] = str(exc)[:200]
+        # agreement: the value against torch's, in float32 arithmetic
+        v = float(gl.cce_with_logits(z, t))
+        ref = float(torch.nn.functional.cross_entropy(z.float(), t))
+        row["rel_diff_vs_torch_float32"] = abs(v - ref) / abs(ref)
+        del z, t
+    except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    cp.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+    return row
+
+
 def main(argv=None):
     ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
     ap.add_argument("--torch-compile", action="store_true",
@@ -203,6 +310,9 @@ def main(argv=None):
     cases += [(loss, shape, "float32") for loss in categorical for shape in ROW_SHAPES]
     cases += [(loss, (1 << 26,), "float16") for loss in elementwise]
     cases += [(loss, (65536, 1024), "float16") for loss in categorical]
+    if _cuda_backend.cupy_has_bfloat16():
+        cases += [(loss, (1 << 26,), "bfloat16") for loss in elementwise]
+        cases += [(loss, (65536, 1024), "bfloat16") for loss in categorical]
     repeat = 7 if args.quick else 15
     rows = []
     for loss, shape, dtype in cases:
@@ -219,16 +329,23 @@ def main(argv=None):
             row["fraction_of_floor"] = round(row["floor_ms"] / row["ms"], 3)
             row["launches"] = launches_per_call(loss, *inputs[0])
             naive = functools.partial(loss_fn.naive, cp)
-            row["naive_cupy_ms"] = round(time_ms(cp, naive, inputs, repeat=repeat), 4)
-            if loss in CARD_LOSSES and dtype != "float16":
+            try:
+                row["naive_cupy_ms"] = round(time_ms(cp, naive, inputs, repeat=repeat), 4)
+            except Exception as exc:  # noqa: BLE001 - CuPy may lack a bfloat16 routine
+                row["naive_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            if loss in CARD_LOSSES and dtype == "float32":
                 card = card_value_and_grad(cp, loss)
                 row["reduction_kernel_ms"] = round(time_ms(cp, card, inputs, repeat=repeat), 4)
                 row["speedup_vs_reduction_kernel"] = round(row["reduction_kernel_ms"] /
                                                            row["ms"], 2)
+            if torch is not None and torch.cuda.is_available():
+                tin = [tuple(_to_torch(torch, a) for a in pair) for pair in inputs]
+                ours = gpuloss_autograd_fn(loss_fn)
+                row["torch_autograd_ms"] = round(time_ms(cp, ours, tin, repeat=repeat), 4)
             if torch is not None and torch.cuda.is_available() and loss_fn.torch_peer:
-                tin = [tuple(torch.from_dlpack(a) for a in pair) for pair in inputs]
                 tf = torch_fn(torch, loss_fn)
                 row["torch_ms"] = round(time_ms(cp, tf, tin, repeat=repeat), 4)
+                row["speedup_vs_torch"] = round(row["torch_ms"] / row["torch_autograd_ms"], 2)
                 if args.torch_compile:
                     try:
                         cf = torch.compile(tf)
@@ -237,7 +354,7 @@ def main(argv=None):
                         row["torch_compile_error"] = str(exc)[:200]
             # agreement with the NumPy backend on the first input set
             p, y = (a.get() for a in inputs[0])
-            if np.prod(shape) <= (1 << 22):
+            if np.prod(shape) <= (1 << 22) and dtype != "bfloat16":
                 want = gl.LOSSES[loss](p, y)
                 got = float(fn(*inputs[0])[0])
                 row["rel_diff_vs_numpy"] = abs(got - float(want)) / abs(float(want))
@@ -247,6 +364,11 @@ def main(argv=None):
         rows.append(row)
         _bench_io.progress(row)
         cp.get_default_memory_pool().free_all_blocks()
+    if torch is not None and torch.cuda.is_available() and "cce_with_logits" in args.losses:
+        for dtype in ("bfloat16", "float32"):
+            row = large_vocabulary_row(cp, torch, dtype, bandwidth, repeat)
+            rows.append(row)
+            _bench_io.progress(row)
     result = {
         "device": card,
         "cupy": cp.__version__,
@@ -263,12 +385,19 @@ def main(argv=None):
         print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'floor':>8s} "
               f"{'frac':>5s} {'naive':>9s} {'torch':>9s} {'launch':>6s}")
         for r in rows:
-            if "error" in r:
-                print(f"{r['loss']:16s} {r['dtype']:8s} ERROR {r['error']}")
+            if "error" in r or "skipped" in r:
+                print(f"{r['loss']:16s} {r['dtype']:8s} {r.get('error') or r['skipped']}")
+                continue
+            if "ms" not in r:  # the large-vocabulary rows: autograd, peak memory
+                print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
+                      f"{r['torch_autograd_ms']:9.4f} {r['floor_ms']:8.4f} "
+                      f"{r['fraction_of_floor']:5.2f} torch {r['torch_ms']:9.4f} "
+                      f"peak {r['peak_GiB']} vs torch {r['torch_peak_GiB']} GiB")
                 continue
             print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
                   f"{r['ms']:9.4f} {r['floor_ms']:8.4f} {r['fraction_of_floor']:5.2f} "
-                  f"{r['naive_cupy_ms']:9.4f} {r.get('torch_ms', float('nan')):9.4f} "
+                  f"{r.get('naive_cupy_ms', float('nan')):9.4f} "
+                  f"{r.get('torch_ms', float('nan')):9.4f} "
                   f"{r['launches']:6d}")
 
     path = _bench_io.output_path(args.out, f"gpu-{slug}-{result['date']}.json")
