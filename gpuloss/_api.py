@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _call, _dispatch
+from . import _call, _dispatch, _jax
 from ._call import CATEGORICAL, Call
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -104,11 +104,21 @@ def _check_reduction(reduction):
 def _check_axis(axis, ndim):
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         msg = f"axis must be an integer, got {type(axis).__name__} {axis!r}."
-        raise TypeError(msg)
+        raise TypeError(_traced_option_message("axis", axis) or msg)
     if not -ndim <= axis < ndim:
         msg = f"axis {axis} is out of range for pred with {ndim} dimension(s)."
         raise ValueError(msg)
     return int(axis) % ndim
+
+
+def _traced_option_message(name, value):
+    """The error for an option that arrives as a JAX tracer (None for anything else): an
+    option fixes the computation, so it has to be known when jax.jit traces."""
+    if not _jax.is_traced(value):
+        return None
+    return (f"{name} must be a Python value, got a traced JAX value: inside jax.jit an option "
+            f"has to be known when tracing. Close over it, or mark it static "
+            f"(jax.jit(f, static_argnames=...)).")
 
 
 def _check_number(value, name, lo, hi, closed, hi_closed=None):
@@ -118,7 +128,7 @@ def _check_number(value, name, lo, hi, closed, hi_closed=None):
     closed = closed and math.isfinite(lo)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a real number, got {type(value).__name__} {value!r}."
-        raise TypeError(msg)
+        raise TypeError(_traced_option_message(name, value) or msg)
     value = float(value)
     above = value >= lo if closed else value > lo
     below = value <= hi if hi_closed else value < hi
@@ -137,7 +147,7 @@ def _check_ignore_index(ignore_index):
             f"ignore_index must be an integer or None, got "
             f"{type(ignore_index).__name__} {ignore_index!r}."
         )
-        raise TypeError(msg)
+        raise TypeError(_traced_option_message("ignore_index", ignore_index) or msg)
     ignore_index = int(ignore_index)
     if not -(2**63) <= ignore_index < 2**63:  # class indices are at most int64
         msg = f"ignore_index must fit in int64 (as class indices do), got {ignore_index}."
@@ -184,7 +194,7 @@ def flag(name, default, doc):
     def check(value, _):
         if not isinstance(value, (bool, np.bool_)):
             msg = f"{name} must be True or False, got {value!r}."
-            raise TypeError(msg)
+            raise TypeError(_traced_option_message(name, value) or msg)
         return bool(value)
 
     return Option(name, default, "bool", doc, check)

@@ -276,3 +276,19 @@ def test_float32_total_keeps_what_plain_pairwise_addition_loses():
         jnp.asarray(blocks.reshape(-1))))
     assert total == pytest.approx(exact, rel=2**-24)
     assert total != 1.0
+
+
+@pytest.mark.parametrize(("loss", "option", "value"), [
+    ("cce_with_logits", "label_smoothing", 0.1), ("huber", "delta", 2.0),
+    ("nll", "ignore_index", 1), ("poisson_nll", "log_input", True), ("cce_with_logits", "axis", 1)])
+def test_a_traced_option_is_named_with_what_to_do(loss, option, value):
+    """Options fix the computation: traced, they get an error that says so and what to do,
+    not a 'must be a real number, got DynamicJaxprTracer'."""
+    pred, target, _ = _inputs(loss, (6, 4), True, np.float32)
+
+    def f(v):
+        return gl.LOSSES[loss](jnp.asarray(pred), jnp.asarray(target), **{option: v})
+
+    with pytest.raises(TypeError, match=f"{option} must be a Python value, got a traced JAX "
+                                        r"value.*static_argnames"):
+        jax.jit(f)(value)
