@@ -255,7 +255,8 @@ struct GlHuber {  // a = {delta}: d^2 / 2 where |d| <= delta, else delta (|d| - 
     }
 };
 // a = {beta}: huber(delta = beta) / beta, i.e. d^2 / (2 beta) where |d| < beta, else
-// |d| - beta / 2, written as m (|d| - m / 2) / beta with m = min(|d|, beta) as on the CPU;
+// |d| - beta / 2, written as (m / beta) (|d| - m / 2) with m = min(|d|, beta) as on the CPU
+// (m / beta is exactly 1 outside: nothing is multiplied by a tiny beta and divided back);
 // beta = 0 is |d|, sign(d)
 struct GlSmoothL1 {
     template <typename T>
@@ -267,7 +268,7 @@ struct GlSmoothL1 {
         }
         T m = ad < beta ? ad : beta;
         *g = gl_clip(d, -beta, beta) / beta;  // NaN passes through
-        return m * (ad - T(0.5) * m) / beta;
+        return (m / beta) * (ad - T(0.5) * m);
     }
 };
 // log cosh d from t = tanh d (its derivative), without overflow and without cancellation

@@ -254,7 +254,7 @@ def _smooth_l1(xp, P, Y, call):
     a = xp.abs(d)
     inside = a < beta  # never for beta = 0: then it is |d|, sign(d)
     safe = beta if beta > 0 else 1.0
-    loss = xp.where(inside, 0.5 * d * d / safe, a - 0.5 * beta)
+    loss = xp.where(inside, (a / safe) * (0.5 * a), a - 0.5 * beta)  # no d^2 overflow
     return loss, xp.where(inside, d / safe, xp.sign(d))
 
 

@@ -570,15 +570,26 @@ def _huber_block(P, Y, W, PW, G, L, s, k):
 
 
 def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
-    # huber with delta = beta, over beta (= d^2 / 2 beta inside, |d| - beta/2 outside);
+    # huber with delta = beta, over beta: with m = min(|d|, beta), L = (m / beta) (|d| - m/2)
+    # (d^2 / 2 beta inside, |d| - beta/2 outside, where m / beta is exactly 1: a subnormal
+    # beta is not multiplied in and divided back out), G = clip(d, -beta, beta) / beta;
     # beta = 0: l = |d|, g = sign(d)
     beta = k.cdt(k.opt["beta"])
     if beta == 0:
         return _mae_block(P, Y, W, PW, G, L, s, k)
-    _huber_terms(_diff(P, Y, s, k), beta, G, L, s, k)
-    for out in (L, G):
-        if out is not None:
-            np.divide(out, beta, out=out)
+    d = _diff(P, Y, s, k)
+    if L is not None:
+        a = s.get("a", d.shape, k.cdt)
+        np.abs(d, out=a)
+        m = s.get("m", d.shape, k.cdt)
+        np.minimum(a, beta, out=m)  # NaN stays NaN
+        np.multiply(m, k.cdt(0.5), out=L)
+        np.subtract(a, L, out=a)
+        np.divide(m, beta, out=m)
+        np.multiply(m, a, out=L)
+    if G is not None:
+        np.clip(d, -beta, beta, out=G)
+        np.divide(G, beta, out=G)
     return _weigh(G, L, W, k)
 
 
