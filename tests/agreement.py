@@ -41,15 +41,20 @@ def flush(x, float32_only=True):
 
 
 def device_view(pred, target, opts):
-    """(pred, target, opts) as a float32 kernel computes with them: pred and float32 weights
-    flushed; float targets flushed on their conversion to float (any float dtype). float64
-    data (float64 kernels) is returned unchanged."""
+    """(pred, target, opts) as a float32 kernel computes with them: pred, float32 weights and
+    the loss's float parameters flushed; float targets flushed on their conversion to float
+    (any float dtype). float64 data (float64 kernels) is returned unchanged."""
     if not isinstance(pred, np.ndarray) or pred.dtype not in (np.float16, BF16, np.float32):
         return pred, target, opts
     opts = dict(opts)
     for key in ("sample_weight", "pos_weight", "class_weight"):
         if isinstance(opts.get(key), np.ndarray):
             opts[key] = flush(opts[key])  # weights are float64 on the device: float32 flushes
+    for key, value in opts.items():
+        # a loss's float parameters (eps, beta, ...) enter float32 arithmetic in the kernel:
+        # a subnormal one counts as zero there
+        if isinstance(value, float) and 0 < abs(value) < FLT_TINY:
+            opts[key] = float(np.copysign(0.0, value))
     return flush(pred), flush(target, float32_only=False), opts
 
 
