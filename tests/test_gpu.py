@@ -169,12 +169,16 @@ def test_torch_cuda_through_dlpack(cp):
     assert cp.from_dlpack(z).data.ptr == z.data_ptr()
 
 
-def test_jax_cuda_through_dlpack(cp):
+def _jax_and_its_gpu():
     jax = pytest.importorskip("jax")
     try:
-        gpu = jax.devices("gpu")[0]
+        return jax, jax.devices("gpu")[0]
     except RuntimeError:
         pytest.skip("JAX without a GPU")
+
+
+def test_jax_cuda_through_dlpack(cp):
+    jax, gpu = _jax_and_its_gpu()
     rng = np.random.default_rng(6)
     pred, target = make_inputs("bce_with_logits", rng, (512,), dtype=np.float32)
     z = jax.device_put(pred, gpu)
@@ -243,11 +247,7 @@ def test_torch_cuda_bfloat16_training_step(cp, loss):
 
 
 def test_jax_cuda_bfloat16(cp):
-    jax = pytest.importorskip("jax")
-    try:
-        gpu = jax.devices("gpu")[0]
-    except RuntimeError:
-        pytest.skip("JAX without a GPU")
+    jax, gpu = _jax_and_its_gpu()
     from gpuloss.backends import cuda
 
     if not cuda.cupy_has_bfloat16():

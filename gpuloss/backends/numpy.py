@@ -549,9 +549,10 @@ def _mae_block(P, Y, W, PW, G, L, s, k):
     return _weigh(G, L, W, k)
 
 
-def _huber_terms(d, limit, G, L, s, k):
+def _huber_terms(d, limit, G, L, s, k, over_limit=False):
     # m = min(|d|, limit):  L = m (|d| - m/2)  (= d^2/2 inside, limit (|d| - limit/2) outside)
-    # G = clip(d, -limit, limit)
+    # G = clip(d, -limit, limit); over_limit: both divided by limit, L as (m / limit)(|d| - m/2)
+    # (m / limit is exactly 1 outside: a subnormal limit is not multiplied in and divided back)
     if L is not None:
         a = s.get("a", d.shape, k.cdt)
         np.abs(d, out=a)
@@ -559,9 +560,13 @@ def _huber_terms(d, limit, G, L, s, k):
         np.minimum(a, limit, out=m)  # NaN stays NaN
         np.multiply(m, k.cdt(0.5), out=L)
         np.subtract(a, L, out=a)
+        if over_limit:
+            np.divide(m, limit, out=m)
         np.multiply(m, a, out=L)
     if G is not None:
         np.clip(d, -limit, limit, out=G)
+        if over_limit:
+            np.divide(G, limit, out=G)
 
 
 def _huber_block(P, Y, W, PW, G, L, s, k):
@@ -570,26 +575,12 @@ def _huber_block(P, Y, W, PW, G, L, s, k):
 
 
 def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
-    # huber with delta = beta, over beta: with m = min(|d|, beta), L = (m / beta) (|d| - m/2)
-    # (d^2 / 2 beta inside, |d| - beta/2 outside, where m / beta is exactly 1: a subnormal
-    # beta is not multiplied in and divided back out), G = clip(d, -beta, beta) / beta;
+    # huber with delta = beta, over beta (= d^2 / 2 beta inside, |d| - beta/2 outside);
     # beta = 0: l = |d|, g = sign(d)
     beta = k.cdt(k.opt["beta"])
     if beta == 0:
         return _mae_block(P, Y, W, PW, G, L, s, k)
-    d = _diff(P, Y, s, k)
-    if L is not None:
-        a = s.get("a", d.shape, k.cdt)
-        np.abs(d, out=a)
-        m = s.get("m", d.shape, k.cdt)
-        np.minimum(a, beta, out=m)  # NaN stays NaN
-        np.multiply(m, k.cdt(0.5), out=L)
-        np.subtract(a, L, out=a)
-        np.divide(m, beta, out=m)
-        np.multiply(m, a, out=L)
-    if G is not None:
-        np.clip(d, -beta, beta, out=G)
-        np.divide(G, beta, out=G)
+    _huber_terms(_diff(P, Y, s, k), beta, G, L, s, k, over_limit=True)
     return _weigh(G, L, W, k)
 
 
