@@ -15,6 +15,7 @@ import ctypes
 import os
 
 import array_api_strict
+import ml_dtypes
 import numpy as np
 import pytest
 from agreement import assert_agree, device_view
@@ -26,6 +27,7 @@ import gpuloss as gl
 from gpuloss.backends import cuda as _cuda_backend
 
 EXAMPLES = int(os.environ.get("GPULOSS_EMULATED_FUZZ_EXAMPLES", "2000"))
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _outcome(fn):
@@ -35,13 +37,14 @@ def _outcome(fn):
         return "error", exc
 
 
-# fixed examples in CI (reproducible); GPULOSS_HYPOTHESIS_RANDOM=1 explores new ones
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          derandomize=os.environ.get("GPULOSS_HYPOTHESIS_RANDOM") != "1",
-          suppress_health_check=list(HealthCheck))
-@given(cases())
-def test_emulated_fuzz_agrees_with_numpy(case):
-    loss, entry, pred, target, opts = case
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, database=None,
+    # fixed examples in CI (reproducible); GPULOSS_HYPOTHESIS_RANDOM=1 explores new ones
+    derandomize=os.environ.get("GPULOSS_HYPOTHESIS_RANDOM") != "1",
+    suppress_health_check=list(HealthCheck))
+
+
+def _agrees_with_numpy(loss, entry, pred, target, opts):
     kind, got = _outcome(lambda: emulated_compute(loss, entry, pred, target, **opts))
     want_kind, want = _outcome(lambda: _run(loss, entry, pred, target, opts))
     assert kind == want_kind, (kind, got, want)
@@ -56,6 +59,30 @@ def test_emulated_fuzz_agrees_with_numpy(case):
         assert (g is None) == (w is None)
         if w is not None:
             assert_agree(g, w, pred.dtype, f"{loss} {entry} {name} {opts}")
+
+
+@FUZZ_SETTINGS
+@given(cases())
+def test_emulated_fuzz_agrees_with_numpy(case):
+    _agrees_with_numpy(*case)
+
+
+def _in_bfloat16(case):
+    """The case with a float pred (and a float target of the same dtype) in bfloat16."""
+    loss, entry, pred, target, opts = case
+    if pred.dtype.kind == "f":
+        if target.dtype == pred.dtype:
+            target = target.astype(np.float32).astype(BF16)
+        pred = pred.astype(np.float32).astype(BF16)
+    return loss, entry, pred, target, opts
+
+
+@FUZZ_SETTINGS
+@given(cases().map(_in_bfloat16))
+def test_emulated_fuzz_agrees_with_numpy_in_bfloat16(case):
+    """The same generator, its float predictions stored in bfloat16 (the 16-bit pattern
+    the kernels read and write; flush-to-zero as float32)."""
+    _agrees_with_numpy(*case)
 
 
 # ---------------------------------------------------------------------------------------------
