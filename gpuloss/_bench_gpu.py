@@ -35,13 +35,6 @@ def _dtype(name):
     return _cuda_backend.BF16 if name == "bfloat16" else np.dtype(name)
 
 
-def _to_torch(torch, a):
-    """A CuPy array as a torch tensor on the same memory (bfloat16 through int16 views)."""
-    if a.dtype == _cuda_backend.BF16:
-        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_dlpack(a)
-
-
 def time_ms(cp, fn, inputs, warmup=3, repeat=15):
     """Median of CUDA-event timings, cycling through several input sets."""
     for i in range(warmup):
@@ -339,7 +332,7 @@ def main(argv=None):
                 row["speedup_vs_reduction_kernel"] = round(row["reduction_kernel_ms"] /
                                                            row["ms"], 2)
             if torch is not None and torch.cuda.is_available():
-                tin = [tuple(_to_torch(torch, a) for a in pair) for pair in inputs]
+                tin = [tuple(_cuda_backend.to_torch(a) for a in pair) for pair in inputs]
                 ours = gpuloss_autograd_fn(loss_fn)
                 row["torch_autograd_ms"] = round(time_ms(cp, ours, tin, repeat=repeat), 4)
             if torch is not None and torch.cuda.is_available() and loss_fn.torch_peer:

@@ -5,8 +5,9 @@ backend (`gpuloss.backends.cuda`) when it can run here, and so do PyTorch and JA
 CUDA device (through DLPack); PyTorch CPU tensors and JAX CPU arrays take the NumPy backend
 through zero-copy views. JAX arrays being traced (jit, grad, vmap) compute with `jax.numpy`
 inside the trace (`gpuloss._jax`). Every other array-API array (array-api-strict, ...) goes
-to the generic array-API backend. Results come back in the caller's library. Backends are imported only when an input needs them, so `import gpuloss` works
-with no CuPy, no CUDA and no GPU.
+to the generic array-API backend. Results come back in the caller's library. Backends are
+imported only when an input needs them, so `import gpuloss` works with no CuPy, no CUDA and
+no GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from types import ModuleType
 
 import array_api_compat
 import numpy as np
+
+from . import _jax
 
 __all__ = ["array_namespace", "backend_for", "route", "preferred_namespace"]
 
@@ -83,10 +86,9 @@ def route(call, rerun=None):
     """The function that computes the checked `call`: `backend_for` its pred, unless one of
     its arrays is a JAX tracer (jit, grad, vmap, ...); then the computation stays in the
     trace."""
-    jax_route = importlib.import_module("gpuloss._jax")
     arrays = (call.pred, call.target, call.sample_weight, call.pos_weight, call.class_weight)
-    if any(jax_route.is_traced(a) for a in arrays):
-        return jax_route.compute
+    if any(_jax.is_traced(a) for a in arrays):
+        return _jax.compute
     return backend_for(call.pred, rerun)
 
 

@@ -48,10 +48,6 @@ template <>
 __device__ __forceinline__ float gl_read<float, gl_bf16>(const gl_bf16* a, long long i) {
     return gl_bf16_to_float(a[i].bits);
 }
-template <>
-__device__ __forceinline__ double gl_read<double, gl_bf16>(const gl_bf16* a, long long i) {
-    return (double)gl_bf16_to_float(a[i].bits);
-}
 template <typename S, typename C>
 __device__ __forceinline__ void gl_write(S* a, long long i, C v) {
     a[i] = (S)v;

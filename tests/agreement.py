@@ -58,6 +58,15 @@ def device_view(pred, target, opts):
     return flush(pred), flush(target, float32_only=False), opts
 
 
+def assert_within_one_bfloat16_rounding(got, want, what=""):
+    """Two bfloat16 results of (nearly) the same float32 computation: equal, or one bfloat16
+    unit in the last place apart (close float32 values may round to neighbours)."""
+    got = np.asarray(got).astype(np.float32)
+    want = np.asarray(want).astype(np.float32)
+    ulp = np.abs(want) * 2.0**-7
+    assert np.all((np.abs(got - want) <= ulp) | (got == want)), (what, got, want)
+
+
 def assert_agree(got, want, dtype, what=""):
     """`got` (device) agrees with `want` (NumPy on the device view)."""
     dtype = np.dtype(dtype)

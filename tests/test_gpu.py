@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from agreement import assert_within_one_bfloat16_rounding
 from conftest import make_inputs
 from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED
 from test_losses import REDUCTIONS, _cases, _options
@@ -190,14 +191,6 @@ def test_jax_cuda_through_dlpack(cp):
     _close(np.asarray(g), want[1], np.float32)
 
 
-def _assert_bf16_rounding_of(got, want):
-    """got is within one bfloat16 rounding of want (both bfloat16 results of float32 work)."""
-    got = np.asarray(got).astype(np.float32)
-    want = np.asarray(want).astype(np.float32)
-    ulp = np.abs(want) * 2.0**-7
-    assert np.all((np.abs(got - want) <= ulp) | (got == want)), (got, want)
-
-
 @pytest.mark.parametrize("loss", ALL)
 def test_gpu_bfloat16_cupy_arrays(cp, loss):
     from gpuloss.backends import cuda
@@ -215,8 +208,8 @@ def test_gpu_bfloat16_cupy_arrays(cp, loss):
         v, g = gl.LOSSES[loss].value_and_grad(cp.asarray(pred), cp.asarray(target),
                                               reduction=reduction)
         assert g.dtype == bf16 and v.dtype == bf16
-        _assert_bf16_rounding_of(v.get(), want_v)
-        _assert_bf16_rounding_of(g.get(), want_g)
+        assert_within_one_bfloat16_rounding(v.get(), want_v)
+        assert_within_one_bfloat16_rounding(g.get(), want_g)
 
 
 @pytest.mark.parametrize("loss", ALL)
@@ -242,8 +235,8 @@ def test_torch_cuda_bfloat16_training_step(cp, loss):
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert x.grad.device.type == "cuda"
     want_v, want_g = gl.LOSSES[loss].value_and_grad(x.detach().cpu(), t.cpu())
-    _assert_bf16_rounding_of(out.detach().float().cpu().numpy(), want_v.float().numpy())
-    _assert_bf16_rounding_of(x.grad.float().cpu().numpy(), want_g.float().numpy())
+    assert_within_one_bfloat16_rounding(out.detach().float().cpu().numpy(), want_v.float().numpy())
+    assert_within_one_bfloat16_rounding(x.grad.float().cpu().numpy(), want_g.float().numpy())
 
 
 def test_jax_cuda_bfloat16(cp):
@@ -258,8 +251,8 @@ def test_jax_cuda_bfloat16(cp):
     v, g = gl.cce_with_logits.value_and_grad(z, jax.device_put(target, gpu))
     assert str(g.dtype) == "bfloat16"
     want_v, want_g = gl.cce_with_logits.value_and_grad(pred.astype(cuda.BF16), target)
-    _assert_bf16_rounding_of(np.asarray(v), want_v)
-    _assert_bf16_rounding_of(np.asarray(g), want_g)
+    assert_within_one_bfloat16_rounding(np.asarray(v), want_v)
+    assert_within_one_bfloat16_rounding(np.asarray(g), want_g)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from agreement import assert_within_one_bfloat16_rounding
 from conftest import make_inputs, require
 from reference import ALL, CATEGORICAL, ELEMENTWISE, LABELED, target_kinds
 from test_losses import REDUCTIONS, _cases, _options
@@ -414,10 +415,7 @@ def test_kernels_bfloat16(runtime, loss, reduction):
         v, g = _emulated(runtime, loss, pred, t, reduction=reduction)
         assert g.dtype == bf16 and np.asarray(v).dtype == bf16, t.dtype
         for got, want in ((v, want_v), (g, want_g)):
-            got = np.asarray(got).astype(np.float32)
-            want = np.asarray(want).astype(np.float32)
-            ulp = np.abs(want) * 2.0**-7  # one bfloat16 unit in the last place, at most
-            assert np.all((np.abs(got - want) <= ulp) | (got == want)), (t.dtype, got, want)
+            assert_within_one_bfloat16_rounding(got, want, t.dtype)
 
 
 @pytest.mark.parametrize("loss", ALL)

@@ -584,13 +584,18 @@ def compute_foreign(call: _call.Call):
     def back(x):
         if x is None:
             return None
-        if is_torch and x.dtype == BF16:
-            import torch
-
-            return xp.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
-        return xp.from_dlpack(x)
+        return to_torch(x) if is_torch else xp.from_dlpack(x)
 
     return back(value), back(grad)
+
+
+def to_torch(x):
+    """A CuPy array as a torch tensor on the same memory (bfloat16 through its int16 view)."""
+    import torch
+
+    if x.dtype == BF16:
+        return torch.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(x)
 
 
 def _as_cupy(cp, x):
