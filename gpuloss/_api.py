@@ -122,9 +122,9 @@ def _traced_option_message(name, value):
 
 
 def _check_number(value, name, lo, hi, closed, hi_closed=None):
-    """A finite real number in the interval from lo to hi (closed at each finite end as
-    asked; an infinite end is open)."""
-    hi_closed = (closed if hi_closed is None else hi_closed) and math.isfinite(hi)
+    """A real number in the interval from lo to hi (closed at each finite end as asked; an
+    infinite end is open unless hi_closed says otherwise)."""
+    hi_closed = (closed and math.isfinite(hi)) if hi_closed is None else hi_closed
     closed = closed and math.isfinite(lo)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a real number, got {type(value).__name__} {value!r}."

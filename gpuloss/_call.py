@@ -162,6 +162,18 @@ def raise_bad_labels(lo, hi, num_classes, ignore_index):
     raise ValueError(labels_message(num_classes, ignore_index).format(lo=lo, hi=hi))
 
 
+INT64_MAX = 2**63 - 1
+
+
+def check_labels_fit_int64(hi: int):
+    """Class indices are int64 inside gpuloss: an unsigned label beyond that is refused (cast,
+    it would wrap to a negative number, which ignore_index=-1 would silently skip)."""
+    if hi > INT64_MAX:
+        msg = (f"target holds the class index {hi}, which does not fit in int64 (class indices "
+               f"are at most {INT64_MAX}).")
+        raise ValueError(msg)
+
+
 def weights_message(name) -> str:
     return (
         f"{name} must be non-negative and not NaN or infinite; found values in "

@@ -102,6 +102,13 @@ __device__ __forceinline__ double gl_weight(const double* w, long long i, long l
     return w == 0 ? 1.0 : w[(i / div) % mod];
 }
 
+// g times its row's weight w / D. A row of weight 0 gets 0 even where g overflowed to +-inf
+// (inf * 0 would make it NaN: a row that counts for nothing adds nothing); NaN stays NaN.
+template <typename C>
+__device__ __forceinline__ C gl_weigh_grad(C g, C gw) {
+    return (gw == C(0) && g == g && g - g != C(0)) ? C(0) : g * gw;
+}
+
 // The mean's 1/D (0 when nothing was counted) or 1; D = denom, times *denom_dev when a
 // weights' sum was computed on the device (so the host never waits for it).
 __device__ __forceinline__ double gl_grad_scale(int mean, double denom,
@@ -112,16 +119,18 @@ __device__ __forceinline__ double gl_grad_scale(int mean, double denom,
 
 // ---------------------------------------------------------------------------------------------
 // Domain check of a whole array as stored, before any conversion: weights (negative, NaN or
-// infinite: WEIGHTS 1) or probabilities (outside [0, 1]: WEIGHTS 0). Sets `bit` in *flags.
+// infinite: WEIGHTS 1) or values against the GL_RULE_* `rule` (WEIGHTS 0). Sets `bit` in
+// *flags.
 template <int WEIGHTS, typename S>
 __global__ void __launch_bounds__(GL_BLOCK_THREADS)
-gpuloss_check(const S* __restrict__ a, long long n, int bit, int* __restrict__ flags) {
+gpuloss_check(const S* __restrict__ a, long long n, int rule, int bit,
+              int* __restrict__ flags) {
     typedef typename GlExact<S>::type E;
     bool bad = false;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         E v = gl_read<E>(a, i);
-        bad |= WEIGHTS ? gl_bad_weight(v) : gl_outside_unit(v);
+        bad |= WEIGHTS ? gl_bad_weight(v) : gl_violates(rule, v);
     }
     if (bad) atomicOr(flags, bit);
 }
@@ -164,7 +173,7 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
     typedef typename GlCompute<TP>::type C;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
     C gscale_c = (C)gscale;  // unweighted: dl/dp times this, as the CPU backend does
-    const C a[4] = {(C)a0, (C)a1, (C)a2, (C)a3};
+    const C a[4] = {gl_param<C>(a0), gl_param<C>(a1), gl_param<C>(a2), gl_param<C>(a3)};
     double acc = 0.0;
     int bad = 0;
     long long stride = (long long)gridDim.x * blockDim.x;
@@ -322,7 +331,10 @@ __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long 
     return cwk * (t * (C(1) - s) + s * inv_k);
 }
 
-// Weights (sample_weight per row, class_weight per class) are float64 on the device. A row
+// Weights (sample_weight per row, class_weight per class) are float64 on the device; class
+// weights arrive divided by *cw_scale (their maximum where it lies outside [1e-20, 1e20]),
+// which the row's weight takes back in double, so that neither huge nor tiny class weights
+// over- or underflow in the compute type. A row
 // whose label is out of range (validate=False) or, for cce with labels, whose probabilities
 // hold a NaN, gets a NaN weight: its loss and its whole gradient row are NaN, as on the CPU.
 template <typename F, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT>
@@ -330,7 +342,7 @@ __global__ void __launch_bounds__(GL_BLOCK_THREADS)
 gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long long rows,
              long long K, const double* __restrict__ sample_weight, long long sw_div,
              long long sw_mod, const double* __restrict__ class_weight,
-             const double* __restrict__ cw_sum_dev, long long ignore_index, int has_ignore,
+             const double* __restrict__ cw_scale, const double* __restrict__ cw_sum_dev, long long ignore_index, int has_ignore,
              double smoothing, int mean, double denom, const double* __restrict__ denom_dev,
              double a0, double a1, int check, TP* __restrict__ grad,
              TP* __restrict__ per_sample, double* __restrict__ partials,
@@ -346,7 +358,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
     const int slot = threadIdx.x / ROW_THREADS;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
     C s = (C)smoothing, inv_k = K > 0 ? C(1) / (C)K : C(0);
-    const C a[2] = {(C)a0, (C)a1};
+    const C a[2] = {gl_param<C>(a0), gl_param<C>(a1)};
     double acc = 0.0;
     int bad = 0;
     // every thread of a block runs the same number of iterations (block-wide barriers inside)
@@ -357,6 +369,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         bool live = row < rows;
         long long base = (live ? row : 0) * K;
         double w = live ? gl_weight(sample_weight, row, sw_div, sw_mod) : 0.0;
+        if (cw_scale) w *= *cw_scale;  // class weights arrive divided by it (see above)
         long long label = 0;
         C cw_label = C(1);
         // constexpr: a probability target (LABELS 0, maybe bfloat16) is never an index
@@ -442,21 +455,23 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             c_sum = (C)gl_row_sum<ROW_THREADS>((double)c_sum, scratch_d);
         }
         r.c_sum = c_sum;
-        r.extra = C(0);
-        if (F::extra_pass(a)) {  // a row sum the terms need, from registers where cached
-            double extra = 0.0;
+        r.extra[0] = r.extra[1] = C(0);
+        const int passes = F::extra_passes(a);
+        for (int pass = 0; pass < passes; ++pass) {  // row sums the terms need, from registers
+            double extra = 0.0;                        // where cached
 #pragma unroll
             for (int j = 0; j < CACHE; ++j) {
                 long long k = lane + (long long)j * ROW_THREADS;
-                if (k < K) extra += (double)F::extra_term(zc[j], cc[j], r, a);
+                if (k < K) extra += (double)F::extra_term(zc[j], cc[j], r, a, pass);
             }
             for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
                 int ignored_bad = 0;
                 C c = gl_row_coef<LABELS, C>(target, base, k, label, cw_label, class_weight, s,
                                              inv_k, 0, &ignored_bad);
-                extra += (double)F::extra_term(gl_read<C>(pred, base + k), c, r, a);
+                extra += (double)F::extra_term(gl_read<C>(pred, base + k), c, r, a, pass);
             }
-            r.extra = (C)gl_row_sum<ROW_THREADS>(extra, scratch_d);
+            C sum = (C)gl_row_sum<ROW_THREADS>(extra, scratch_d);
+            if (pass == 0) r.extra[0] = sum; else r.extra[1] = sum;  // no dynamic index
         }
         // pass 2: loss terms and gradient, from registers where cached
         double row_loss = 0.0;
@@ -467,7 +482,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             if (k < K) {
                 C g;
                 row_loss += (double)F::term(zc[j], cc[j], k, r, a, &g);
-                if (grad && live) gl_write(grad, base + k, g * gw);
+                if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw));
             }
         }
         for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
@@ -477,7 +492,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                                          0, &ignored_bad);
             C g;
             row_loss += (double)F::term(z, c, k, r, a, &g);
-            if (grad && live) gl_write(grad, base + k, g * gw);
+            if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw));
         }
         row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d);
         if (lane == 0) row_loss += (double)F::row_term(r, a);

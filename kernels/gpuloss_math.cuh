@@ -81,6 +81,32 @@ GL_FN double gl_mul_rn(double a, double b) {
 }
 #endif
 
+// A loss's scalar parameter (a double) in the compute type: a value beyond the type's range
+// becomes its largest finite value (an overflow to inf would turn inf - inf or inf * 0 into NaN
+// in the formulas); NaN stays NaN. The CPU backend clamps the same way (_Consts).
+GL_FN float gl_param_float(double v) {
+    return v > 3.4028234663852886e38 ? 3.4028234663852886e38f
+                                     : (v < -3.4028234663852886e38 ? -3.4028234663852886e38f
+                                                                   : (float)v);
+}
+GL_FN double gl_param_double(double v) {
+    return v > 1.7976931348623157e308 ? 1.7976931348623157e308
+                                      : (v < -1.7976931348623157e308 ? -1.7976931348623157e308 : v);
+}
+template <typename T>
+GL_FN T gl_param(double v);
+template <>
+GL_FN float gl_param<float>(double v) { return gl_param_float(v); }
+template <>
+GL_FN double gl_param<double>(double v) { return gl_param_double(v); }
+
+// sign(p - y) decided on the inputs, not on their difference: under flush-to-zero a subnormal
+// difference of two normal numbers is 0 (+1, -1, 0 for p == y, NaN for NaN)
+template <typename T>
+GL_FN T gl_sign_diff(T p, T y) {
+    return p > y ? T(1) : (p < y ? T(-1) : (p == y ? p - y : p + y));  // inf - inf: NaN
+}
+
 // sign(x) as NumPy's: +1, -1, 0 at +-0, NaN for NaN
 template <typename T>
 GL_FN T gl_sign(T x) {
@@ -202,10 +228,12 @@ struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
     }
 };
 // the sigmoid focal loss from the cross-entropy ce and its derivative *g, in place:
-// l = alpha_t M ce, g = alpha_t M (ce' + gamma (1 - 2y) R ce) with M = (1 - p_t)^gamma,
-// alpha_t = a_pos y + a_neg (1 - y) (1 without alpha), (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for
-// z >= 0, (e, 1) below) and R = p (1 - p) / (1 - p_t) = e / ((1 + e) den) in [0, 1]: finite
-// for every finite z and gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1.
+// l = alpha_t M ce, g = alpha_t (M ce' + (gamma M) (1 - 2y) R ce) with M = (1 - p_t)^gamma,
+// alpha_t = a_pos y + a_neg (1 - y) (1 without alpha), (1 + e)(1 - p_t) = den = a (1 - y) + b y
+// ((a, b) = (1, e) for z >= 0, (e, 1) below) and R = p (1 - p) / (1 - p_t) = e / ((1 + e) den)
+// in [0, 1]. M and gamma M come from the log domain (gamma M = exp(gamma log(1 - p_t) +
+// log gamma)), so that no huge gamma meets M = 0 as inf * 0: finite for every finite z and
+// gamma >= 0; gamma = 0 gives M = 1.
 template <typename T>
 GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
     T m = (a_pos == T(1) && a_neg == T(1)) ? T(1) : y * a_pos + (T(1) - y) * a_neg;
@@ -214,9 +242,12 @@ GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
         bool nonneg = z >= T(0);
         T a = nonneg ? T(1) : e, b = nonneg ? e : T(1);
         T den = (T(1) - y) * a + b * y;
-        m = m * gl_exp((gl_log(den) - gl_log1p(e)) * gamma);
+        T lm = (gl_log(den) - gl_log1p(e)) * gamma;  // log M
         T r = e / (gl_max_tiny(den) * (e + T(1)));  // den = 0 only where M = 0 too
-        *g = *g + r * ce * (y * (T(-2) * gamma) + gamma);
+        T gm = gl_exp(lm + gl_log(gamma));           // gamma M
+        T M = gl_exp(lm);
+        *g = m * (*g * M + gm * (r * ce * (T(1) - T(2) * y)));
+        return ce * (m * M);
     }
     *g = *g * m;
     return ce * m;
@@ -234,12 +265,11 @@ struct GlBceLogits {
 };
 
 // ---- the elementwise catalogue (CATALOGUE.md); d = p - y -------------------------------------
-struct GlMae {  // |d|, sign(d)
+struct GlMae {  // |d|, sign(d) (decided on p and y)
     template <typename T>
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
-        T d = p - y;
-        *g = gl_sign(d);
-        return gl_abs(d);
+        *g = gl_sign_diff(p, y);
+        return gl_abs(p - y);
     }
 };
 struct GlHuber {  // a = {delta}: d^2 / 2 where |d| <= delta, else delta (|d| - delta / 2)
@@ -263,11 +293,14 @@ struct GlSmoothL1 {
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
         T d = p - y, ad = gl_abs(d), beta = a[0];
         if (beta == T(0)) {
-            *g = gl_sign(d);
+            *g = gl_sign_diff(p, y);
             return ad;
         }
         T m = ad < beta ? ad : beta;
-        *g = gl_clip(d, -beta, beta) / beta;  // NaN passes through
+        // the slope from the difference in double: a subnormal d of normal p, y (0 under
+        // flush-to-zero) over a tiny beta is an O(1) slope; exact for float data
+        double dd = (double)p - (double)y, bd = (double)beta;
+        *g = (T)(gl_clip(dd, -bd, bd) / bd);  // NaN passes through
         return (m / beta) * (ad - T(0.5) * m);
     }
 };
@@ -326,7 +359,8 @@ struct GlPinball {  // a = {q}, r = y - p: max(q r, (q - 1) r); grad -q where r 
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
         T q = a[0], r = y - p;
         T above = q * r, below = (q - T(1)) * r;
-        *g = r > T(0) ? -q : (r < T(0) ? T(1) - q : (r == r ? T(0) : r));
+        // the side decided on y and p: a subnormal r flushes to 0 on the device
+        *g = y > p ? -q : (y < p ? T(1) - q : r * T(0));  // 0, or NaN (NaN, inf - inf)
         return above > below ? above : below;  // NaN: below is NaN too
     }
 };
@@ -442,7 +476,7 @@ struct GlRow {
     T z_label;           // F::runner_up: the label's value,
     T runner;            // the largest other value (-inf when there is none)
     long long runner_k;  // and its first class (-1 when there is none)
-    T extra;             // F::extra_pass: the row's sum of F::extra_term
+    T extra[2];          // F::extra_passes: the row's sums of F::extra_term, pass by pass
 };
 
 // (v, k) merged with (ov, ok): the larger value, the first class among equal ones; k = -1 is
@@ -464,11 +498,14 @@ struct GlRowDefaults {
     GL_FN static T logit(T x, const T* a) { return x; }
     template <typename T>
     GL_FN static bool target_lse(const T* a) { return false; }
-    // an extra pass over the row summing extra_term, after pass 1 (uniform over a launch)
+    // up to two extra passes over the row, after pass 1, each summing extra_term into
+    // extra[pass]; a pass sees the sums of the passes before it (uniform over a launch)
     template <typename T>
-    GL_FN static bool extra_pass(const T* a) { return false; }
+    GL_FN static int extra_passes(const T* a) { return 0; }
     template <typename T>
-    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a) { return T(0); }
+    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a, int pass) {
+        return T(0);
+    }
     // a share of the sample's loss that belongs to the row, not to a class
     template <typename T>
     GL_FN static T row_term(const GlRow<T>& r, const T* a) { return T(0); }
@@ -501,10 +538,10 @@ GL_FN T gl_focal_h(T c, T q, T one_minus_q, T nlq, T m_k, T gamma) {
 struct GlCceLogits : GlRowDefaults {
     enum { logits = 1 };
     template <typename T>
-    GL_FN static bool extra_pass(const T* a) { return a[0] != T(0); }
+    GL_FN static int extra_passes(const T* a) { return a[0] != T(0) ? 1 : 0; }
     // h_k of the focal gradient
     template <typename T>
-    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a) {
+    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a, int pass) {
         T d = z - r.lse.m;
         T inv = T(1) / (T(1) + r.lse.rest);
         T one_minus_q = (r.lse.rest - gl_expm1(d)) * inv;
@@ -525,12 +562,12 @@ struct GlCceLogits : GlRowDefaults {
             T one_minus_q = (r.lse.rest - gl_expm1(d)) * inv;
             T nlq = -d + r.log_s;
             T m_k = gl_exp(gl_log(one_minus_q) * a[0]);
-            *g = gl_focal_h(c, q, one_minus_q, nlq, m_k, a[0]) - q * r.extra;
+            *g = gl_focal_h(c, q, one_minus_q, nlq, m_k, a[0]) - q * r.extra[0];
             l = c == T(0) ? T(0) * r.log_s : c * m_k * nlq;
         }
-        if (a[1] != T(0)) {
+        if (a[1] != T(0)) {  // the small factors first: inf only where the term overflows
             T q = gl_exp(z - r.lse.m) / (T(1) + r.lse.rest);
-            *g = *g + T(2) * a[1] * (r.lse.m + r.log_s) * q * r.cw_label;
+            *g = *g + ((T(2) * a[1]) * r.cw_label * q) * (r.lse.m + r.log_s);
         }
         return l;
     }
@@ -561,10 +598,46 @@ struct GlKlDiv : GlRowDefaults {
         return t == T(0) ? (z != z ? z : T(0)) : t * (log_t - z);
     }
 };
+// t T^2 (expm1(x) - x) and t T expm1(x) for x = d / T and the teacher's probability t (log_t
+// its log): where |x| < 1/2 as t d^2 times the series 1/2 + x/6 + x^2/24 + ... (no
+// cancellation near 0) and t d expm1(x) / x; beyond it from t e^x = exp(log t + x) (no
+// underflow of t hides a large e^x; at most a few ulps of cancellation); never T^2 alone
+template <typename T>
+GL_FN T gl_kl_series(T x) {  // (expm1(x) - x) / x^2 for |x| < 1/2
+    const T c[15] = {T(4.7794773323873853e-14), T(7.6471637318198164e-13),
+                     T(1.1470745597729725e-11), T(1.6059043836821613e-10),
+                     T(2.08767569878681e-09),   T(2.505210838544172e-08),
+                     T(2.7557319223985888e-07), T(2.7557319223985893e-06),
+                     T(2.4801587301587302e-05), T(0.00019841269841269841),
+                     T(0.0013888888888888889),  T(0.0083333333333333332),
+                     T(0.041666666666666664),   T(0.16666666666666666), T(0.5)};  // 1/16!..1/2!
+    T series = c[0];
+    for (int i = 1; i < 15; ++i) series = series * x + c[i];
+    return series;
+}
+template <typename T>
+GL_FN T gl_kl_t2_em(T t, T log_t, T d, T temp) {
+    T x = d / temp;
+    if (gl_abs(x) < T(0.5)) return t == T(0) ? T(0) : t * ((d * d) * gl_kl_series(x));
+    return temp * (temp * ((gl_exp(log_t + x) - t) - t * x));  // NaN falls here
+}
+template <typename T>
+GL_FN T gl_kl_t_expm1(T t, T log_t, T d, T temp) {
+    T x = d / temp;
+    if (gl_abs(x) < T(0.5)) return t * (x == T(0) ? d : d * (gl_expm1(x) / x));
+    return temp * (gl_exp(log_t + x) - t);
+}
+
 // kl_div_with_logits, a = {temperature T, target holds logits}: q = softmax(z / T), t the
 // target or softmax(target / T); T^2 t (log t - log q), 0 log 0 = 0; derivative
 // T (q sum_j t_j - t) (sum_j t_j = 1 for target logits). log q and log t come from the rows'
 // log-sum-exps, never from a log of a rounded probability.
+// With teacher logits the loss is computed so that its relative error does not grow with T:
+// KL does not change when the logit difference u = z - target moves by a constant, so with
+// s = sum_k t_k u_k (extra pass 0) and d = u - s, x = d / T,
+//   T^2 KL = T^2 log1p(X),  X = sum_k t_k (expm1(x_k) - x_k) >= 0 term by term,
+// Y = T^2 X from gl_kl_t2_em (extra pass 1), and T (q - t) = t (T expm1(x) - Y / T) / (1 + X). Where that overflows (a tiny T with far-apart logits, when the loss is large and the
+// direct form is accurate) or a row holds NaN or infinities, the direct form is used.
 struct GlKlDivLogits : GlRowDefaults {
     enum { logits = 1 };
     template <typename T>
@@ -572,7 +645,39 @@ struct GlKlDivLogits : GlRowDefaults {
     template <typename T>
     GL_FN static bool target_lse(const T* a) { return a[1] != T(0); }
     template <typename T>
+    GL_FN static int extra_passes(const T* a) { return a[1] != T(0) ? 2 : 0; }
+    template <typename T>
+    GL_FN static T teacher(T c, const GlRow<T>& r, const T* a) {
+        return gl_exp(c / a[0] - r.tlse.m) / (T(1) + r.tlse.rest);
+    }
+    template <typename T>
+    GL_FN static T log_teacher(T c, const GlRow<T>& r, const T* a) {
+        return (c / a[0] - r.tlse.m) - r.tlog_s;
+    }
+    template <typename T>
+    GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a, int pass) {
+        T t = teacher(c, r, a);
+        if (pass == 0) return t * (z - c);
+        return gl_kl_t2_em(t, log_teacher(c, r, a), (z - c) - r.extra[0], a[0]);
+    }
+    // X of the shifted form, or -1 where the direct form is used
+    template <typename T>
+    GL_FN static T shifted_x(const GlRow<T>& r, const T* a) {
+        if (a[1] == T(0)) return T(-1);
+        T y = r.extra[1], x = y / a[0] / a[0];
+        bool ok = y - y == T(0) && x - x == T(0) && r.lse.rest == r.lse.rest &&
+                  r.tlse.rest == r.tlse.rest;  // finite, and no NaN or +inf logit
+        return ok ? x : T(-1);
+    }
+    template <typename T>
     GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
+        T X = shifted_x(r, a);
+        if (X >= T(0)) {  // the loss is the row's (row_term)
+            T t = teacher(c, r, a);
+            T te = gl_kl_t_expm1(t, log_teacher(c, r, a), (z - c) - r.extra[0], a[0]);
+            *g = (te - t * (r.extra[1] / a[0])) / (T(1) + X);
+            return T(0);
+        }
         T d = z / a[0] - r.lse.m;
         T q = gl_exp(d) / (T(1) + r.lse.rest);
         T log_q = d - r.log_s;
@@ -589,27 +694,39 @@ struct GlKlDivLogits : GlRowDefaults {
         *g = a[0] * (q * t_sum - t);
         return t == T(0) ? (log_q != log_q ? log_q : T(0)) : a[0] * a[0] * (t * (log_t - log_q));
     }
+    template <typename T>
+    GL_FN static T row_term(const GlRow<T>& r, const T* a) {
+        T X = shifted_x(r, a), y = r.extra[1];
+        if (X < T(0)) return T(0);
+        return X > T(0) ? y * (gl_log1p(X) / X) : y;
+    }
 };
 // multiclass_hinge (Crammer-Singer), class indices, a = {margin}: the row's loss is
 // cw_label max(0, margin + runner - z_label); where it is > 0 the derivative is +cw_label at the
-// runner-up's first class and -cw_label at the label
+// runner-up's first class and -cw_label at the label. Whether it is > 0 is decided on
+// margin + runner and z_label (their difference may be subnormal: 0 under flush-to-zero).
+// A row of one class has nothing to beat: 0 (NaN for a NaN score).
 struct GlMulticlassHinge : GlRowDefaults {
     enum { runner_up = 1 };
     template <typename T>
     GL_FN static T margin(const GlRow<T>& r, const T* a) {
+        if (r.runner_k < 0) return r.z_label != r.z_label ? r.z_label : -GL_INF;
         return (a[0] + r.runner) - r.z_label;
     }
     template <typename T>
+    GL_FN static bool active(const GlRow<T>& r, const T* a) {
+        return r.runner_k >= 0 && a[0] + r.runner > r.z_label;
+    }
+    template <typename T>
     GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
-        T m = margin(r, a);
-        T s = m > T(0) ? r.cw_label : T(0);
+        T s = active(r, a) ? r.cw_label : T(0);
         *g = k == r.label ? -s : (k == r.runner_k ? s : T(0));
         return T(0);
     }
     template <typename T>
     GL_FN static T row_term(const GlRow<T>& r, const T* a) {
         T m = margin(r, a);
-        return r.cw_label * (m > T(0) ? m : (m != m ? m : T(0)));
+        return r.cw_label * (active(r, a) ? m : (m != m ? m : T(0)));
     }
 };
 

@@ -26,8 +26,8 @@ ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "i
              "focal_gamma", "focal_alpha", "z_loss", "temperature", "target_logits", "margin")
 # the catalogue's own options: valid values and a few that must be refused
 CATALOGUE_OPTIONS = {
-    "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, "x"]},
-    "smooth_l1": {"beta": [1.0, 0.0, 0.5, 3.0, -1.0, np.nan, np.inf]},
+    "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, 1e39, "x"]},
+    "smooth_l1": {"beta": [1.0, 0.0, 0.5, 3.0, -1.0, np.nan, np.inf, 1e39, 1e-37]},
     "pinball": {"quantile": [0.5, 0.1, 0.9, 0.0, 1.0, -0.5, np.nan]},
     "poisson_nll": {"log_input": [True, False, 1, None], "full": [False, True, "yes"],
                     "eps": [1e-8, 0.0, 1e-3, -1.0, np.nan]},
@@ -35,14 +35,19 @@ CATALOGUE_OPTIONS = {
                         "focal_alpha": [None, 0.25, 0.0, 1.0, 1.5, np.nan]},
     "cce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, -1.0, np.nan],
                         "z_loss": [0.0, 1e-4, 0.1, -1.0, np.inf]},
-    "kl_div_with_logits": {"temperature": [1.0, 0.5, 4.0, 0.0, -1.0, np.nan],
+    "kl_div_with_logits": {"temperature": [1.0, 0.5, 4.0, 1e-3, 1e3, 0.0, -1.0, np.nan, 1e-40,
+                                           np.inf],
                            "target_logits": [False, True, 1]},
     "multiclass_hinge": {"margin": [1.0, 0.0, 2.5, -1.0, np.nan]},
 }
 DTYPES = ("bool", "int8", "int32", "int64", "uint8", "float16", "float32", "float64",
           "complex64", "object")
+# FLT_MIN and 1.5 FLT_MIN: normal float32 numbers whose difference is subnormal (0 under
+# flush-to-zero); 3e38: logits whose z-loss overflows float32
+FLT_MIN = float(np.finfo(np.float32).tiny)
 VALUES = (0.0, 1.0, 0.5, 0.25, -0.5, 1.5, 2.0, -3.0, 7.0, 1e30, -1e30, 1e-40, -1e-40, 5e-324,
-          np.nan, np.inf, -np.inf, 0.999, 1e-7)
+          np.nan, np.inf, -np.inf, 0.999, 1e-7, FLT_MIN, 1.5 * FLT_MIN, -FLT_MIN, 3e38)
+LABEL_DTYPES = ("int32", "int64", "uint8", "uint64")  # unsigned: a -1 wraps to 2^64 - 1
 
 
 @st.composite
@@ -79,7 +84,7 @@ def cases(draw):
         K = shape[axis]
         sample_shape = shape[: axis % ndim] + shape[axis % ndim + 1 :]
         if draw(st.booleans()):
-            tdtype = draw(st.sampled_from(("int32", "int64"))) if well_formed else None
+            tdtype = draw(st.sampled_from(LABEL_DTYPES)) if well_formed else None
             labels = np.array(draw(st.lists(st.integers(-2, K + 1), min_size=int(np.prod(
                 sample_shape)), max_size=int(np.prod(sample_shape)))), dtype=np.int64)
             target = labels.reshape(sample_shape).astype(tdtype or "int64")
@@ -94,6 +99,9 @@ def cases(draw):
             cw_shape = (K,) if well_formed else draw(st.sampled_from([(K,), (K + 1,), ()]))
             opts["class_weight"] = draw(arrays(cw_shape, "float64", values=(1.0, 0.5, 2.0, 0.0,
                                                                            -1.0, np.nan)))
+            # extreme class weights: beyond float32's range at either end
+            opts["class_weight"] = opts["class_weight"] * draw(st.sampled_from([1.0, 1e39,
+                                                                                1e-39]))
         wshape_pool = [sample_shape, sample_shape[-1:], (), (7,)]
     else:
         target = draw(arrays(shape if well_formed else draw(st.sampled_from([shape, (5,)])),

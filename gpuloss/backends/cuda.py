@@ -269,9 +269,10 @@ def _blocks_for(rt, count: int, per_block: int, x) -> int:
     return max(1, min(-(-count // per_block), rt.grid_cap(x)))
 
 
-def _check_stored(rt, call, a, weights: bool, bit: int, flags):
+def _check_stored(rt, call, a, weights: bool, bit: int, flags, rule=_call.UNIT):
     """Launch gpuloss_check on `a` as stored (before any conversion, which would flush float32
-    subnormals on the device); integer and boolean arrays are checked as float64 (exact)."""
+    subnormals on the device): weights, or values against `rule`; integer and boolean arrays
+    are checked as float64 (exact)."""
     cp = rt.xp
     if a.size == 0:
         return
@@ -281,7 +282,8 @@ def _check_stored(rt, call, a, weights: bool, bit: int, flags):
     rt.kernel(check_name(weights, a.dtype), call.pred)(
         (_blocks_for(rt, a.size, BLOCK_THREADS, call.pred),),
         (BLOCK_THREADS,),
-        (_raw(a), np.int64(a.size), np.int32(bit), flags),
+        (_raw(a), np.int64(a.size), np.int32(0 if weights else RULE_CODE[rule]), np.int32(bit),
+         flags),
     )
 
 
@@ -393,8 +395,12 @@ def _elementwise(rt, call):
     flags = cp.zeros(1, np.int32) if call.validate else _NULL
     p = cp.ascontiguousarray(call.pred)
     y = call.target
-    if y.dtype not in target_dtypes(call.pred.dtype):  # others: exact in the compute type
-        y = y.astype(cdt)
+    target_rule = RULE_CODE[call.target_rule] if call.validate else 0
+    if y.dtype not in target_dtypes(call.pred.dtype):  # others: exact in the compute type,
+        if target_rule:  # except 16-bit subnormals the device's cast flushes: checked first
+            _check_stored(rt, call, y, False, FLAG_TARGET, flags, call.target_rule)
+            target_rule = 0
+        y = rt.astype(y, cdt)
     y = cp.ascontiguousarray(y)
     w, w_div, w_mod = _weights(rt, call, "sample_weight", shape, flags)
     pw, pw_div, pw_mod = _weights(rt, call, "pos_weight", shape, flags)
@@ -403,7 +409,6 @@ def _elementwise(rt, call):
         denom = float(n // max(w.size, 1)) if w.size else 0.0
         denom_dev = _device_sum(cp, w)
     pred_rule = RULE_CODE[call.pred_rule] if call.validate else 0
-    target_rule = RULE_CODE[call.target_rule] if call.validate else 0
     grad = cp.empty(shape, call.pred.dtype) if call.want_grad else None
     per = cp.empty(shape, call.pred.dtype) if call.want_value and call.reduction == "none" \
         else None
@@ -440,7 +445,11 @@ def _categorical(rt, call):
     if call.validate:
         check = FLAG_LABEL | (FLAG_PRED if call.pred_rule == _call.UNIT else 0)
     if call.labels:
-        t = call.target if call.target.dtype in LABEL_DTYPES else call.target.astype(np.int64)
+        t = call.target
+        if t.dtype not in LABEL_DTYPES:
+            if t.dtype == np.uint64 and t.size:  # would wrap to negative: one host read
+                _call.check_labels_fit_int64(int(rt.to_host(t.max())))
+            t = t.astype(np.int64)
         t = cp.ascontiguousarray(t)
     else:
         t = cp.moveaxis(call.target, call.axis, -1)
@@ -456,12 +465,14 @@ def _categorical(rt, call):
         t = cp.ascontiguousarray(t)
     sw, sw_div, sw_mod = _weights(rt, call, "sample_weight", sample_shape, flags)
     cw, _, _ = _weights(rt, call, "class_weight", None, flags)
-    cw_sum_dev = _NULL
-    if call.class_weight is not None and call.labels and call.label_smoothing:
-        cw_sum_dev = _device_sum(cp, cw)
     denom, denom_dev = float(rows), _NULL
     if call.reduction == "mean":
         denom, denom_dev = _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows)
+    cw_scale = cw_sum_dev = _NULL
+    if call.class_weight is not None and cw.size:
+        cw, cw_scale = _scaled_class_weights(cp, cw)
+        if call.labels and call.label_smoothing:
+            cw_sum_dev = _device_sum(cp, cw)
     grad_full = cp.empty(z.shape, call.pred.dtype) if call.want_grad else None
     per = (
         cp.empty(sample_shape, call.pred.dtype)
@@ -478,7 +489,8 @@ def _categorical(rt, call):
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(z), _raw(t), np.int64(rows), np.int64(K), sw, np.int64(sw_div),
-             np.int64(sw_mod), cw, cw_sum_dev, np.int64(call.ignore_index if has_ignore else 0),
+             np.int64(sw_mod), cw, cw_scale, cw_sum_dev,
+             np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),
              np.int32(call.reduction == "mean"), np.float64(denom), denom_dev,
              *_params(call, 2), np.int32(check),
@@ -492,6 +504,17 @@ def _categorical(rt, call):
     value = _finish(rt, call, partials, nblocks, denom, denom_dev)
     grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
     return (per if call.reduction == "none" else value), grad
+
+
+def _scaled_class_weights(cp, cw):
+    """(class weights / scale, scale) with the scale a one-element device array: their maximum
+    where it lies outside [1e-20, 1e20] (finite and > 0), else 1, as the CPU backend rescales
+    them. The row kernel multiplies each row's weight by the scale in double, so that no class
+    weight over- or underflows in the compute type. No host wait."""
+    top = cp.max(cw, keepdims=True).reshape(1)
+    odd = cp.isfinite(top) & (top > 0) & ((top < 1e-20) | (top > 1e20))
+    scale = cp.where(odd, top, 1.0)
+    return cw / scale, scale
 
 
 def _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows):

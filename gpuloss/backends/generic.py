@@ -311,12 +311,23 @@ _ELEMENTWISE = {
 }
 
 
+def _rest(xp, S, E, acc):
+    """Σ exp(S) over the last axis without the row maximum's own 1 (S = Z - max), in `acc`:
+    log of the sum = log1p(rest) keeps the digits of a row dominated by its maximum (1 + 1e-22
+    rounds to 1), as the kernels and the NumPy backend. NaN in a row stays NaN."""
+    classes = xp.arange(S.shape[-1], device=array_api_compat.device(S))
+    top = xp.expand_dims(xp.argmax(S, axis=-1), axis=-1) == classes
+    rest = xp.sum(xp.astype(xp.where(top, xp.zeros_like(E), E), acc), axis=-1, keepdims=True)
+    nan_row = xp.any(xp.isnan(S), axis=-1, keepdims=True)
+    return xp.where(nan_row, xp.full_like(rest, math.nan), rest)
+
+
 def _log_softmax(xp, U, acc):
     """(log softmax, softmax) over the last axis, max-shifted, the sum of exp in `acc`."""
     S = U - xp.max(U, axis=-1, keepdims=True)
     E = xp.exp(S)
-    se = xp.sum(xp.astype(E, acc), axis=-1, keepdims=True)
-    return S - xp.astype(xp.log(se), U.dtype), E / xp.astype(se, U.dtype)
+    rest = _rest(xp, S, E, acc)
+    return S - xp.astype(xp.log1p(rest), U.dtype), E / xp.astype(1 + rest, U.dtype)
 
 
 def _categorical(call, xp, cdt, acc):
@@ -345,6 +356,11 @@ def _categorical(call, xp, cdt, acc):
 
     if call.labels:
         t = call.target
+        if xp.isdtype(t.dtype, "unsigned integer"):  # class indices are int64 inside
+            traced = any(c.__name__.endswith("Tracer") for c in type(t).__mro__)  # JAX
+            if t.dtype == xp.uint64 and math.prod(sample_shape) and not traced:
+                _call.check_labels_fit_int64(int(xp.max(t)))
+            t = xp.astype(t, xp.int64)
         counted = xp.ones(sample_shape, dtype=xp.bool, device=array_api_compat.device(Z))
         if call.ignore_index is not None:
             counted = t != call.ignore_index
@@ -417,8 +433,11 @@ def _categorical(call, xp, cdt, acc):
                   xp.full(sample_shape, -math.inf, dtype=cdt, device=array_api_compat.device(Z)))
         runner_k = xp.argmax(others, axis=-1) if K > 1 else None
         zy = xp.sum(xp.where(T > 0, Z, xp.zeros_like(Z)), axis=-1)
-        m = (margin + runner) - zy
-        active = m > 0
+        lead = margin + runner
+        m = lead - zy
+        if K == 1:  # nothing to beat: 0 (NaN for a NaN score), not -inf - -inf
+            m = xp.where(xp.isnan(zy), zy, xp.full_like(zy, -math.inf))
+        active = lead > zy  # decided on the inputs, as the kernel
         loss = cwy * xp.where(active | xp.isnan(m), m, xp.zeros_like(m))
         s = xp.astype(active, cdt) * cwy
         grad = -T * xp.expand_dims(s, axis=-1)
@@ -432,13 +451,13 @@ def _categorical(call, xp, cdt, acc):
             m = xp.max(Z, axis=-1, keepdims=True)
             S = Z - m  # max-shifted: exp never overflows
             E = xp.exp(S)
-            # the row sum in float64 (where there is one): log(se) stays exact near se = 1
-            se = xp.sum(xp.astype(E, acc), axis=-1, keepdims=True)
-            logp = S - xp.astype(xp.log(se), cdt)
+            # the row sum in float64 (where there is one) as 1 + rest, log1p(rest)
+            rest = _rest(xp, S, E, acc)
+            se = 1 + rest
+            logp = S - xp.astype(xp.log1p(rest), cdt)
             soft = E / xp.astype(se, cdt)
-            # 1 - softmax as (se - e) / se: no cancellation near softmax = 1 when se is
-            # float64; in float32 (JAX without x64) its error is float32's, as p - 1's is
-            one_minus_soft = xp.astype((se - xp.astype(E, acc)) / se, cdt)
+            # 1 - softmax as (rest - expm1(S)) / se: no cancellation near softmax = 1
+            one_minus_soft = xp.astype((rest - xp.astype(xp.expm1(S), acc)) / se, cdt)
         ls = call.label_smoothing
         if call.labels:
             # PyTorch: (1 - ls) * nll + ls / K * sum_k cw_k (-log p_k), with the mean over
@@ -470,7 +489,7 @@ def _categorical(call, xp, cdt, acc):
             grad = h - soft * xp.sum(h, axis=-1, keepdims=True)
         if z_loss and K:  # z lse^2 with the label's class weight (1 for probabilities)
             zw = cwy if call.labels else xp.ones_like(w)
-            lse = xp.squeeze(m, axis=-1) + xp.astype(xp.log(xp.squeeze(se, axis=-1)), cdt)
+            lse = xp.squeeze(m, axis=-1) + xp.astype(xp.log1p(xp.squeeze(rest, axis=-1)), cdt)
             loss = loss + z_loss * lse * lse * zw
             grad = grad + xp.expand_dims(2 * z_loss * lse * zw, axis=-1) * soft
     # a sample of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)

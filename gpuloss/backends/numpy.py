@@ -186,6 +186,16 @@ def _for_mean(w: np.ndarray, call) -> np.ndarray:
     return w
 
 
+def _scaled_class_weights(cw: np.ndarray) -> tuple[np.ndarray, float]:
+    """(class weights / scale, scale): their maximum where it lies outside [1e-20, 1e20], else
+    1 (as the CUDA backend), so that no class weight over- or underflows in float32. A mean
+    over class indices divides it out; elsewhere the rows' weights take it back in float64."""
+    top = float(np.max(cw)) if cw.size else 0.0
+    if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
+        return cw.astype(_F64) / top, top
+    return cw, 1.0
+
+
 def _check_weights(w, name, validate):
     """Weights as given (before any rescaling or cast): finite and non-negative."""
     if validate and w is not None and w.size:
@@ -338,23 +348,35 @@ class _Consts:
     """Scalars a block kernel needs, in the compute dtype; for cce*, the class count K and
     the class weights (cw, and their sum)."""
 
-    def __init__(self, call, cdt, gscale, want_sum, K=0, cw=None):
+    def __init__(self, call, cdt, gscale, want_sum, K=0, cw=None, w_scale=1.0):
         self.K = K
+        # a factor of every row's weight that class weights were divided by (see
+        # _scaled_class_weights): on the losses' float64 sums and on the gradient's 1/D, which
+        # is then a float64 scalar, so that w * gscale is formed in float64 (0 stays 0)
+        self.w_scale = w_scale
         self.cw = cw
         self.cw_sum = float(K) if cw is None else float(np.sum(cw, dtype=_F64))
         self.ignore_index = call.ignore_index
         self.validate = call.validate
         self.want_sum = want_sum
-        self.gscale = cdt(gscale)
+        self.gscale = cdt(gscale) if w_scale == 1 else _F64(gscale * w_scale)
         self.two_gscale = cdt(2 * gscale)
         self.smooth = call.label_smoothing
         self.opt = call.options  # the loss's own options, by name
-        self.params = tuple(cdt(v) for v in call.kernel_params)  # as the kernels get them
+        self.params = tuple(_param(v, cdt) for v in call.kernel_params)  # as the kernels get
+        # them
         if call.eps is not None:
             # the bounds as the kernels get them: 1 - eps in float64, then rounded once
             lo, hi = call.kernel_params[:2]
             self.lo, self.hi = cdt(lo), cdt(hi)
         self.cdt = cdt
+
+
+def _param(value, cdt):
+    """A loss's scalar parameter in the compute dtype as the kernels take it (gl_param): a
+    value beyond the dtype's range becomes its largest finite value, never inf."""
+    top = float(np.finfo(cdt).max)
+    return cdt(min(max(float(value), -top), top)) if not math.isnan(value) else cdt(value)
 
 
 def _sum_f64(x) -> float:
@@ -484,20 +506,21 @@ def _bce_logits_block(Z, Y, W, PW, G, L, s, k):
 
 def _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg):
     """The sigmoid focal loss from the cross-entropy L and its scaled derivative G, in place:
-    l = alpha_t M CE, g = alpha_t M (CE' + gamma (1 - 2y) R CE), with M = (1 - p_t)^gamma,
+    l = alpha_t M CE, g = alpha_t (M CE' + (gamma M) (1 - 2y) R CE), with M = (1 - p_t)^gamma,
     alpha_t = a_pos y + a_neg (1 - y) (alpha y + (1 - alpha)(1 - y); 1 without alpha),
     (1 + e)(1 - p_t) = den = a (1 - y) + b y ((a, b) = (1, e) for z >= 0, (e, 1) below) and
-    R = p (1 - p) / (1 - p_t) = e / ((1 + e) den), which lies in [0, 1]: finite for every
-    finite z and every gamma >= 0. M comes from the log domain; gamma = 0 gives M = 1."""
-    M = s.get("M", Z.shape, k.cdt)
+    R = p (1 - p) / (1 - p_t) = e / ((1 + e) den), which lies in [0, 1]. M and gamma M come
+    from the log domain (gamma M = exp(gamma log(1 - p_t) + log gamma): a huge gamma never
+    meets M = 0 as inf * 0), so both are finite for every finite z and gamma >= 0."""
+    A = s.get("M", Z.shape, k.cdt)  # alpha_t
     if a_pos == 1 and a_neg == 1:
-        M.fill(1)
+        A.fill(1)
     else:  # two products: (2 alpha - 1) y + (1 - alpha) would cancel for a tiny alpha
         neg = s.get("fneg", Z.shape, k.cdt)
         np.subtract(1, Y, out=neg)
         np.multiply(neg, a_neg, out=neg)
-        np.multiply(Y, a_pos, out=M)
-        np.add(M, neg, out=M)
+        np.multiply(Y, a_pos, out=A)
+        np.add(A, neg, out=A)
     if gamma:
         pos = s.get("fpos", Z.shape, k.cdt)
         np.greater_equal(Z, 0, out=pos)
@@ -510,14 +533,12 @@ def _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg):
         np.multiply(den, a, out=den)
         np.multiply(pos, Y, out=pos)
         np.add(den, pos, out=den)
-        lm = s.get("flm", Z.shape, k.cdt)
+        lm = s.get("flm", Z.shape, k.cdt)  # log M
         with np.errstate(divide="ignore"):
             np.log(den, out=lm)
         np.log1p(e, out=a)
         np.subtract(lm, a, out=lm)
         np.multiply(lm, gamma, out=lm)
-        np.exp(lm, out=lm)
-        np.multiply(M, lm, out=M)
         if G is not None:
             # R = e / ((1 + e) max(den, tiny)): den = 0 only where M = 0 as well
             np.maximum(den, np.finfo(k.cdt).tiny, out=den)
@@ -525,14 +546,21 @@ def _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg):
             np.multiply(den, a, out=den)
             np.divide(e, den, out=den)
             np.multiply(den, L, out=den)  # R CE
-            np.multiply(Y, -2 * gamma, out=a)
-            np.add(a, gamma, out=a)  # gamma (1 - 2y)
+            np.multiply(Y, k.cdt(2), out=a)
+            np.subtract(1, a, out=a)  # 1 - 2y
+            np.multiply(den, a, out=den)
+            np.add(lm, np.log(gamma), out=a)
+            np.exp(a, out=a)  # gamma M
             np.multiply(den, a, out=den)
             np.multiply(den, k.gscale, out=den)
+        np.exp(lm, out=lm)  # M
+        if G is not None:
+            np.multiply(G, lm, out=G)
             np.add(G, den, out=G)
+        np.multiply(L, lm, out=L)
     if G is not None:
-        np.multiply(G, M, out=G)
-    np.multiply(L, M, out=L)
+        np.multiply(G, A, out=G)
+    np.multiply(L, A, out=L)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,14 +598,14 @@ def _huber_terms(d, limit, G, L, s, k, over_limit=False):
 
 
 def _huber_block(P, Y, W, PW, G, L, s, k):
-    _huber_terms(_diff(P, Y, s, k), k.cdt(k.opt["delta"]), G, L, s, k)
+    _huber_terms(_diff(P, Y, s, k), _param(k.opt["delta"], k.cdt), G, L, s, k)
     return _weigh(G, L, W, k)
 
 
 def _smooth_l1_block(P, Y, W, PW, G, L, s, k):
     # huber with delta = beta, over beta (= d^2 / 2 beta inside, |d| - beta/2 outside);
     # beta = 0: l = |d|, g = sign(d)
-    beta = k.cdt(k.opt["beta"])
+    beta = _param(k.opt["beta"], k.cdt)
     if beta == 0:
         return _mae_block(P, Y, W, PW, G, L, s, k)
     _huber_terms(_diff(P, Y, s, k), beta, G, L, s, k, over_limit=True)
@@ -626,7 +654,7 @@ def _poisson_nll_block(P, Y, W, PW, G, L, s, k):
             np.multiply(Y, P, out=t)
             np.subtract(e, t, out=L)
     else:
-        np.add(P, k.cdt(k.opt["eps"]), out=e)
+        np.add(P, _param(k.opt["eps"], k.cdt), out=e)
         if G is not None:
             np.divide(Y, e, out=G)
             np.subtract(1, G, out=G)
@@ -682,7 +710,7 @@ def _squared_hinge_block(P, Y, W, PW, G, L, s, k):
 
 def _pinball_block(P, Y, W, PW, G, L, s, k):
     # r = y - p:  l = max(q r, (q - 1) r) ;  g = -q where r > 0, 1 - q where r < 0, 0 at r = 0
-    q = k.cdt(k.opt["quantile"])
+    q = _param(k.opt["quantile"], k.cdt)
     r = _diff(Y, P, s, k, "r")
     if L is not None:
         below = s.get("below", P.shape, k.cdt)
@@ -723,13 +751,19 @@ def _categorical(call):
     sample_shape = P.shape[:-1]
     N = math.prod(sample_shape)
     T = y if call.labels else np.moveaxis(y, call.axis, -1)
+    if call.labels and T.dtype.kind == "u":  # class indices are int64 inside
+        if T.dtype.itemsize == 8 and T.size:
+            _call.check_labels_fit_int64(int(T.max()))
+        T = T.astype(np.int64)
 
     cw = None
+    w_scale = 1.0  # what the rows' weights take back of the class weights' rescaling
     if call.class_weight is not None:
         cw = np.asarray(call.class_weight)
         _check_weights(cw, "class_weight", call.validate)
-        if call.labels:  # only then are class weights in the mean's denominator
-            cw = _for_mean(cw, call)
+        cw, w_scale = _scaled_class_weights(cw)
+        if call.labels and call.reduction == "mean":  # the scale cancels in the mean
+            w_scale = 1.0
         cw = cw.astype(cdt)
     sw = call.sample_weight
     if sw is not None:
@@ -756,7 +790,7 @@ def _categorical(call):
         else None
     )
     want_sum = call.want_value and call.reduction != "none"
-    consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw)
+    consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw, w_scale=w_scale)
     kernel = _CATEGORICAL[(call.loss, call.labels)]
     index = blocks(P.shape, ROW_BLOCK, whole_last_axis=True)
 
@@ -869,7 +903,16 @@ def _weigh_rows(L, w, k) -> float:
         np.multiply(L, w, out=L)
     if zero_inf is not None:
         L[zero_inf] = 0
-    return _sum_f64(L) if k.want_sum else 0.0
+    return _scaled_total(L, k)
+
+
+def _scaled_total(L, k) -> float:
+    """The float64 sum of the rows' weighted losses when one is wanted, with the class
+    weights' scale taken back (on L too, for reduction="none"), in float64."""
+    total = _sum_f64(L) * k.w_scale if k.want_sum else 0.0
+    if k.w_scale != 1:
+        L[...] = L.astype(_F64) * k.w_scale
+    return total
 
 
 def _class_coefs(T, s, k):
@@ -886,6 +929,18 @@ def _class_coefs(T, s, k):
     else:
         np.multiply(T, k.cw, out=C)
     return C
+
+
+def _rest(S, E):
+    """Σ_k E_k of each row without the row maximum's own 1 (S = Z - max, E = exp(S)), in
+    float64: log Σ exp(S) = log1p(rest) keeps the digits of a row dominated by its maximum
+    (1 + 1e-22 would round to 1), as the kernel's (m, rest) does. NaN in a row stays NaN."""
+    top = _flat(S.shape[1], np.argmax(S, axis=1))  # argmax stops at a NaN
+    e_top = _at(E, top)
+    _put(E, top, 0)
+    rest = np.add.reduce(E, axis=1, dtype=_F64)
+    _put(E, top, e_top)
+    return np.where(np.isnan(e_top), e_top, rest), top
 
 
 def _cce_logits_block(Z, labels, swb, G, L, s, k):
@@ -905,8 +960,9 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     np.subtract(Z, m[:, None], out=S)  # max-shifted: exp never overflows
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    se = np.add.reduce(E, axis=1, dtype=_F64)  # float64: log(se) stays exact near se = 1
-    lse = np.log(se)
+    rest, _ = _rest(S, E)
+    se = 1 + rest
+    lse = np.log1p(rest)
     ls = k.smooth
     cw_y = 1 if cwy is None else cwy  # the label's class weight
     c_true = (1 - ls) * cw_y
@@ -930,14 +986,15 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
         if zl:
             c_sum = c_sum + 2 * zl * (m + lse) * cw_y
         e_label = _at(E, at).astype(_F64)
+        om_label = rest - np.expm1(_at(S, at).astype(_F64))  # (1 - p_y) se, no cancellation
         np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
             cw = 1 if k.cw is None else k.cw
             G -= (gw * (ls / K))[:, None] * cw
-        # the label's column as p (c_sum - c) - c (1 - p), 1 - p = (se - e) / se in float64:
-        # no cancellation when the label is predicted with confidence
+        # the label's column as p (c_sum - c) - c (1 - p), 1 - p = (rest - expm1(z_y - m)) / se
+        # in float64: no cancellation when the label is predicted with confidence
         c_label = c_true + ls / K * cw_y if ls else c_true
-        _put(G, at, gw * ((e_label / se) * (c_sum - c_label) - c_label * (se - e_label) / se))
+        _put(G, at, gw * ((e_label / se) * (c_sum - c_label) - c_label * om_label / se))
     return (total,)
 
 
@@ -955,8 +1012,9 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     np.subtract(Z, m[:, None], out=S)
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    se = np.add.reduce(E, axis=1, dtype=_F64)
-    lse = np.log(se)
+    rest, top = _rest(S, E)
+    se = 1 + rest
+    lse = np.log1p(rest)
     C = _class_coefs(T, s, k)
     csum = np.add.reduce(C, axis=1)
     total = 0.0
@@ -971,18 +1029,25 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
             L += zl * full * full
         total = _weigh_rows(L, w, k)
     if G is not None:
-        # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se: no cancellation near p = 1
-        gw = (w * k.gscale).astype(k.cdt)[:, None]
+        # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se (rest at the row's maximum): no
+        # cancellation near p = 1
+        gw64 = w * _F64(k.gscale)
+        gw = gw64.astype(k.cdt)[:, None]
         om = s.get("om", (R, K), k.cdt)
         np.subtract(se[:, None], E, out=om)
+        _put(om, top, rest)
         np.multiply(om, (1 / se).astype(k.cdt)[:, None], out=om)
         np.multiply(om, C, out=om)
         np.multiply(E, (1 / se).astype(k.cdt)[:, None], out=E)
-        if zl:  # the z-loss's 2 z lse softmax folds into the softmax's coefficient
-            csum = csum + (2 * zl * (m + np.log(se))).astype(k.cdt)
+        zq = None
+        if zl:  # the z-loss's 2 z lse softmax, weighted in float64 (a row of weight 0 adds 0)
+            zq = s.get("zq", (R, K), k.cdt)
+            np.multiply(E, (2 * zl * (m + lse) * gw64).astype(k.cdt)[:, None], out=zq)
         np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
         np.subtract(E, om, out=E)
         np.multiply(E, gw, out=E)
+        if zq is not None:
+            np.add(E, zq, out=E)
     return (total, _NO_RANGE, trange)
 
 
@@ -1014,13 +1079,14 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
     np.subtract(Z, m[:, None], out=S)
     q = s.get("q", (R, K), k.cdt)
     np.exp(S, out=q)
-    se = np.add.reduce(q, axis=1, dtype=_F64)
-    log_se = np.log(se)
+    rest, _ = _rest(S, q)
+    se = 1 + rest
+    log_se = np.log1p(rest)
     inv = (1 / se).astype(k.cdt)[:, None]
     np.multiply(q, inv, out=q)
     omq = s.get("omq", (R, K), k.cdt)  # 1 - q
     np.expm1(S, out=omq)
-    np.subtract((se - 1).astype(k.cdt)[:, None], omq, out=omq)
+    np.subtract(rest.astype(k.cdt)[:, None], omq, out=omq)
     np.multiply(omq, inv, out=omq)
     nlq = S  # -log q = log se - (z - m), in place of S
     np.subtract(log_se.astype(k.cdt)[:, None], S, out=nlq)
@@ -1054,9 +1120,12 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
             hs = np.add.reduce(h, axis=1, dtype=_F64)
             if zl:  # the z-loss's 2 z lse q joins q's coefficient
                 hs = hs - 2 * zl * (m + log_se) * zw
-            np.multiply(q, hs.astype(k.cdt)[:, None], out=q)
-            np.subtract(h, q, out=G)
-            np.multiply(G, (w * k.gscale).astype(k.cdt)[:, None], out=G)
+            # (h - q hs) w / D, with hs w / D in float64: a row of weight 0 adds 0 even where
+            # hs overflows the compute dtype
+            gw64 = w * _F64(k.gscale)
+            np.multiply(h, gw64.astype(k.cdt)[:, None], out=G)
+            np.multiply(q, (hs * gw64).astype(k.cdt)[:, None], out=q)
+            np.subtract(G, q, out=G)
     total = 0.0
     if L is not None:
         np.copyto(L, per, casting="unsafe")
@@ -1083,8 +1152,7 @@ def _cce_block(P, labels, swb, G, L, s, k):
         np.log(py, out=L)
         np.negative(L, out=L)
         np.multiply(L, c, out=L)
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _scaled_total(L, k)
     if G is not None:
         G.fill(0)
         _put(G, at, -(c * k.gscale) / py)
@@ -1144,8 +1212,7 @@ def _nll_block(A, labels, swb, G, L, s, k):
         np.multiply(c, ay, out=L)
         np.negative(L, out=L)
         L[c == 0] = 0  # an ignored or unweighted sample adds 0, even at a = -inf
-        if k.want_sum:
-            total = _sum_f64(L)
+        total = _scaled_total(L, k)
     if G is not None:
         G.fill(0)
         _put(G, at, -(c * k.gscale))
@@ -1196,7 +1263,8 @@ def _kl_div_block(A, T, swb, G, L, s, k):
 
 def _log_softmax(Z, s, k, name, scale=None):
     """log softmax(Z / scale) and softmax(Z / scale) per row, in scratch arrays (max-shifted;
-    the row sums of exp in float64)."""
+    log of the row sums of exp from log1p of the sum without the maximum's 1, in float64), and
+    that sum (NaN for a row with a NaN or +inf value)."""
     U = s.get(name, Z.shape, k.cdt)
     if scale is None:
         np.copyto(U, Z)
@@ -1206,23 +1274,87 @@ def _log_softmax(Z, s, k, name, scale=None):
     np.subtract(U, m[:, None], out=U)
     E = s.get(name + "_e", Z.shape, k.cdt)
     np.exp(U, out=E)
-    se = np.add.reduce(E, axis=1, dtype=_F64)
-    np.subtract(U, np.log(se).astype(k.cdt)[:, None], out=U)
-    np.multiply(E, (1 / se).astype(k.cdt)[:, None], out=E)
-    return U, E
+    rest, _ = _rest(U, E)
+    np.subtract(U, np.log1p(rest).astype(k.cdt)[:, None], out=U)
+    np.multiply(E, (1 / (1 + rest)).astype(k.cdt)[:, None], out=E)
+    return U, E, rest
+
+
+_EM_SERIES = [1 / math.factorial(n) for n in range(16, 1, -1)]  # 1/16! .. 1/2!
+
+
+def _kl_shifted(Z, T, t, logt, temp, s, k):
+    """The teacher-logit KL in the form whose relative error does not grow with T (as the
+    kernel's GlKlDivLogits): u = z - target, s = Σ t u, d = u - s, x = d / T,
+    Y = T^2 X = Σ t T^2 (expm1(x) - x) (t d^2 times a series where |x| < 1/2, from
+    t e^x = exp(log t + x) beyond), and per row the loss T^2 log1p(X) and the gradient
+    T (q - t) = (t T expm1(x) - t Y / T) / (1 + X); also which rows it is finite in."""
+    R, K = Z.shape
+    d = s.get("kd", (R, K), k.cdt)
+    np.subtract(Z, T, out=d)
+    a = s.get("ka", (R, K), k.cdt)
+    np.multiply(t, d, out=a)
+    shift = np.add.reduce(a, axis=1, dtype=_F64).astype(k.cdt)
+    np.subtract(d, shift[:, None], out=d)
+    x = s.get("kx", (R, K), k.cdt)
+    np.divide(d, temp, out=x)
+    small = np.abs(x) < 0.5
+    series = s.get("kser", (R, K), k.cdt)  # (expm1(x) - x) / x^2
+    series.fill(_EM_SERIES[0])
+    for c in _EM_SERIES[1:]:
+        np.multiply(series, x, out=series)
+        np.add(series, k.cdt(c), out=series)
+    te = s.get("kte", (R, K), k.cdt)  # t e^x
+    np.add(logt, x, out=te)
+    np.exp(te, out=te)
+    y = s.get("ky", (R, K), k.cdt)  # t T^2 (expm1(x) - x)
+    np.subtract(te, t, out=y)
+    np.multiply(t, x, out=a)
+    np.subtract(y, a, out=y)
+    np.multiply(y, temp, out=y)
+    np.multiply(y, temp, out=y)
+    np.multiply(d, d, out=a)
+    np.multiply(a, series, out=a)
+    np.multiply(a, t, out=a)
+    a[t == 0] = 0
+    np.copyto(y, a, where=small)
+    Y = np.add.reduce(y, axis=1, dtype=_F64).astype(k.cdt)
+    X = Y / temp / temp
+    # t T expm1(x): t d expm1(x) / x where |x| < 1/2 (t d at x = 0), T (t e^x - t) beyond
+    g = y
+    np.subtract(te, t, out=g)
+    np.multiply(g, temp, out=g)
+    np.expm1(x, out=a)
+    np.divide(a, x, out=a)
+    np.multiply(a, d, out=a)
+    np.copyto(a, d, where=x == 0)
+    np.multiply(a, t, out=a)
+    np.copyto(g, a, where=small)
+    np.multiply(t, (Y / temp)[:, None], out=a)
+    np.subtract(g, a, out=g)
+    np.multiply(g, (1 / (1 + X))[:, None], out=g)
+    loss = np.where(X > 0, Y * (np.log1p(X) / np.where(X > 0, X, 1)), Y)
+    return loss, g, np.isfinite(Y) & np.isfinite(X)
 
 
 def _kl_div_logits_block(Z, T, swb, G, L, s, k):
     # q = softmax(z / T); t = target, or softmax(target / T) with target_logits;
     # l = T^2 Σ_k t_k (log t_k - log q_k), 0 log 0 = 0 ;  g_k = sw T (q_k Σ_j t_j - t_k) / D
+    # With teacher logits, rows in the shifted form of _kl_shifted (rows it overflows in, or
+    # with a NaN or +inf logit, in the direct form above).
     R, K = Z.shape
     temp, target_logits = k.params
     trange = _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
-    logq, q = _log_softmax(Z, s, k, "q", temp)
+    logq, q, rest_q = _log_softmax(Z, s, k, "q", temp)
+    shifted = None
     if target_logits:
-        logt, t = _log_softmax(T, s, k, "t", temp)
+        logt, t, rest_t = _log_softmax(T, s, k, "t", temp)
         t_sum = k.cdt(1)
+        with np.errstate(all="ignore"):
+            sh_loss, sh_grad, ok = _kl_shifted(Z, T, t, logt, temp, s, k)
+        ok &= ~np.isnan(rest_q) & ~np.isnan(rest_t)
+        shifted = ok if ok.any() else None
     else:
         trange = _min_max(T) if k.validate else _NO_RANGE
         t = T
@@ -1236,11 +1368,16 @@ def _kl_div_logits_block(Z, T, swb, G, L, s, k):
         # log q is NaN for a NaN or +inf logit (inf - inf, as cce_with_logits): kept
         L[...] = _masked_row_sum(t, logt, s, k, (logq, T))
         np.multiply(L, temp * temp, out=L)
+        if shifted is not None:
+            np.copyto(L, sh_loss, where=shifted)
         total = _weigh_rows(L, w, k)
     if G is not None:
         np.multiply(q, t_sum, out=G)
         np.subtract(G, t, out=G)
-        np.multiply(G, (k.gscale * temp * w).astype(k.cdt)[:, None], out=G)
+        np.multiply(G, temp, out=G)
+        if shifted is not None:
+            np.copyto(G, sh_grad, where=shifted[:, None])
+        np.multiply(G, (k.gscale * w).astype(k.cdt)[:, None], out=G)
     return (total, _NO_RANGE, trange)
 
 
@@ -1267,8 +1404,11 @@ def _multiclass_hinge_block(Z, labels, swb, G, L, s, k):
         else:  # no other class: nothing to beat
             runner[own] = -np.inf
     with np.errstate(invalid="ignore"):
-        m = (margin + runner) - zy  # margin is in the compute dtype
-        active = m > 0
+        lead = margin + runner  # margin is in the compute dtype
+        m = lead - zy
+        if K == 1:  # nothing to beat: 0, and NaN for a NaN score (not -inf - -inf)
+            m = np.where(np.isnan(zy), zy, -np.inf).astype(k.cdt)
+        active = lead > zy if K > 1 else np.zeros(R, bool)  # as the kernel decides it
         c = w if cwy is None else w * cwy
     total = 0.0
     if L is not None:  # cw[y] max(0, m), then the sample weight, as the kernel

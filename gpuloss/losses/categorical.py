@@ -341,6 +341,9 @@ kl_div = Loss(
 # kl_div_with_logits
 
 
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
 def _naive_kl_div_with_logits(xp, z, t):  # probability targets, T = 1
     e = xp.exp(z - z.max(axis=1, keepdims=True))
     q = e / e.sum(axis=1, keepdims=True)
@@ -355,7 +358,8 @@ kl_div_with_logits = Loss(
     aliases=("distillation", "distillation_loss", "kd_loss"),
     family=CATEGORICAL,
     kernel="GlKlDivLogits",
-    options=(number("temperature", 1.0, "softmax temperature T (> 0)", 0.0, closed=False),
+    options=(number("temperature", 1.0, "softmax temperature T (finite, >= 1.2e-38: float32's "
+                    "smallest normal number, which no GPU flushes to 0)", _FLT_MIN),
              flag("target_logits", False, "target holds the teacher's logits"), AXIS),
     target_rule=lambda o: None if o["target_logits"] else UNIT,
     kernel_params=lambda o: (o["temperature"], float(o["target_logits"])),
@@ -390,8 +394,11 @@ kl_div_with_logits = Loss(
         with ``target_logits=True`` (not checked). Class indices are refused.
     {_CATEGORICAL_PARAMS}
     temperature : float, default 1
-        \(T > 0\), applied to the student's logits and to the teacher's (with
-        ``target_logits``); given probabilities are used as they are.
+        \(T\), finite and at least 1.18e-38 (float32's smallest normal number, which no GPU
+        flushes to 0), applied to the student's logits and to the teacher's (with
+        ``target_logits``); given probabilities are used as they are. With teacher logits the
+        loss is computed in a form whose relative error does not grow with \(T\) (see the
+        math page).
     target_logits : bool, default False
         The target holds the teacher's logits.
     axis : int, default -1

@@ -141,8 +141,8 @@ huber = Loss(
     aliases=("huber_loss",),
     family=ELEMENTWISE,
     kernel="GlHuber",
-    options=(number("delta", 1.0, "where the loss turns from quadratic to linear (> 0)",
-                    0.0, closed=False),),
+    options=(number("delta", 1.0, "where the loss turns from quadratic to linear (> 0; inf "
+                    "is half the squared error)", 0.0, closed=False, hi_closed=True),),
     naive=_naive_huber,
     torch_peer=lambda F, x, y: F.huber_loss(x, y),
     doc=rf"""Huber loss and its gradient: quadratic near the target, linear beyond delta.
@@ -164,7 +164,8 @@ huber = Loss(
     ----------
     {_ELEMENTWISE_PARAMS}
     delta : float, default 1.0
-        Where the quadratic part ends (> 0).
+        Where the quadratic part ends (> 0; ``inf`` gives half the squared error). A value
+        beyond the data's dtype is taken as its largest finite value.
 
 {RETURNS.format(unit="element")}
 
@@ -204,7 +205,7 @@ smooth_l1 = Loss(
     family=ELEMENTWISE,
     kernel="GlSmoothL1",
     options=(number("beta", 1.0, "where the loss turns from quadratic to linear (>= 0; 0 is "
-                    "mae)", 0.0),),
+                    "mae)", 0.0, hi_closed=True),),
     naive=_naive_smooth_l1,
     torch_peer=lambda F, x, y: F.smooth_l1_loss(x, y),
     doc=rf"""Smooth L1 loss and its gradient: quadratic below beta, then linear (PyTorch).
@@ -225,7 +226,8 @@ smooth_l1 = Loss(
     ----------
     {_ELEMENTWISE_PARAMS}
     beta : float, default 1.0
-        Where the quadratic part ends (>= 0).
+        Where the quadratic part ends (>= 0; ``inf`` allowed). A value beyond the data's
+        dtype is taken as its largest finite value.
 
 {RETURNS.format(unit="element")}
 
