@@ -104,8 +104,11 @@ __device__ __forceinline__ double gl_weight(const double* w, long long i, long l
 
 // g times its row's weight w / D. A row of weight 0 gets 0 even where g overflowed to +-inf
 // (inf * 0 would make it NaN: a row that counts for nothing adds nothing); NaN stays NaN.
+// gw is w / D rounded to C, gwd the same in double: where gw overflows (huge weights, e.g.
+// class weights' scale), the product is formed in double, so that a 0 stays 0.
 template <typename C>
-__device__ __forceinline__ C gl_weigh_grad(C g, C gw) {
+__device__ __forceinline__ C gl_weigh_grad(C g, C gw, double gwd) {
+    if (gw - gw != C(0) && gw == gw) return (C)((double)g * gwd);
     return (gw == C(0) && g == g && g - g != C(0)) ? C(0) : g * gw;
 }
 
@@ -171,7 +174,7 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
                     TP* __restrict__ grad, TP* __restrict__ per_elem,
                     double* __restrict__ partials, int* __restrict__ flags) {
     typedef typename GlCompute<TP>::type C;
-    double gscale = gl_grad_scale(mean, denom, denom_dev);
+    double gscale = gl_grad_scale(mean, denom, denom_dev) * GlGradFactor<F>::value;
     C gscale_c = (C)gscale;  // unweighted: dl/dp times this, as the CPU backend does
     const C a[4] = {gl_param<C>(a0), gl_param<C>(a1), gl_param<C>(a2), gl_param<C>(a3)};
     double acc = 0.0;
@@ -332,7 +335,7 @@ __device__ __forceinline__ C gl_row_coef(const TT* target, long long base, long 
 }
 
 // Weights (sample_weight per row, class_weight per class) are float64 on the device; class
-// weights arrive divided by *cw_scale (their maximum where it lies outside [1e-20, 1e20]),
+// weights arrive divided by *cw_scale (their maximum where it lies outside [1e-30, 1e30]),
 // which the row's weight takes back in double, so that neither huge nor tiny class weights
 // over- or underflow in the compute type. A row
 // whose label is out of range (validate=False) or, for cce with labels, whose probabilities
@@ -475,14 +478,15 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         }
         // pass 2: loss terms and gradient, from registers where cached
         double row_loss = 0.0;
-        C gw = (C)(w * gscale);
+        double gwd = w * gscale;
+        C gw = (C)gwd;
 #pragma unroll
         for (int j = 0; j < CACHE; ++j) {
             long long k = lane + (long long)j * ROW_THREADS;
             if (k < K) {
                 C g;
                 row_loss += (double)F::term(zc[j], cc[j], k, r, a, &g);
-                if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw));
+                if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw, gwd));
             }
         }
         for (long long k = lane + (long long)CACHE * ROW_THREADS; k < K; k += ROW_THREADS) {
@@ -492,10 +496,11 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                                          0, &ignored_bad);
             C g;
             row_loss += (double)F::term(z, c, k, r, a, &g);
-            if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw));
+            if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw, gwd));
         }
         row_loss = gl_row_sum<ROW_THREADS>(row_loss, scratch_d);
-        if (lane == 0) row_loss += (double)F::row_term(r, a);
+        // a row with no classes is an empty sum: 0 (its z-loss too), as on the CPU
+        if (lane == 0 && K > 0) row_loss += (double)F::row_term(r, a);
         // a row of weight 0 adds 0 even where its loss is infinite (NaN stays NaN)
         row_loss = (w == 0.0 && row_loss - row_loss != 0.0 && row_loss == row_loss)
                        ? 0.0 : row_loss * w;

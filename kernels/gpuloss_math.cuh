@@ -188,7 +188,9 @@ template <typename T>
 GL_FN T gl_bce(T p, T y, T lo, T hi, T* dl_dp) {
     T pc = gl_clip(p, lo, hi);
     *dl_dp = (pc - y) / (pc * (T(1) - pc));
-    return -(y * gl_log(pc) + (T(1) - y) * gl_log1p(-pc));  // log1p keeps small p' exact
+    // log1p keeps small p' exact; the products rounded on their own, as on the CPU (a target
+    // outside [0, 1], with validate=False, makes the two terms cancel)
+    return -(gl_mul_rn(y, gl_log(pc)) + gl_mul_rn(T(1) - y, gl_log1p(-pc)));
 }
 
 // ---- bce on logits with positive weight c ----------------------------------------------------
@@ -202,10 +204,13 @@ GL_FN T gl_bce_logits(T z, T y, T c, T* dl_dz) {
     T pos = z > T(0) ? z : T(0);
     T r = T(1) / (T(1) + e);
     bool nonneg = z >= T(0);
-    T sig = nonneg ? r : e * r;      // sigmoid(z)
-    T sig_neg = nonneg ? e * r : r;  // sigmoid(-z)
-    *dl_dz = (T(1) - y) * sig - c * y * sig_neg;
-    return (T(1) - y) * (pos + tail) + c * y * ((pos - z) + tail);
+    // sigmoid(z) = a r, sigmoid(-z) = b r: dl/dz = ((1 - y) a - c y b) r, the difference
+    // formed as on the CPU (for a target outside [0, 1] it cancels)
+    T a = nonneg ? T(1) : e, b = nonneg ? e : T(1);
+    *dl_dz = (gl_mul_rn(a, T(1) - y) - gl_mul_rn(b, c * y)) * r;
+    // the products rounded on their own, as on the CPU: for a target outside [0, 1]
+    // (validate=False) the two terms cancel, and a fused multiply-add would round apart
+    return gl_mul_rn(T(1) - y, pos + tail) + gl_mul_rn(c * y, (pos - z) + tail);
 }
 
 // label smoothing for bce: y' = y (1 - s) + s / 2
@@ -215,11 +220,24 @@ GL_FN T gl_smooth_binary(T y, T s) {
 }
 
 // ---- the elementwise functors of the first three losses -------------------------------------
-struct GlMse {
+// The elementwise kernel multiplies a functor's dl/dp by GlGradFactor<F>::value together with
+// the mean's 1/D, in double: mse's 2 (p - y) would overflow float for |p - y| > 1.7e38 where
+// 2 (p - y) / n does not (the CPU backend multiplies by 2 / n in one product too)
+template <typename F>
+struct GlGradFactor {
+    static constexpr double value = 1.0;
+};
+struct GlMse {  // dl/dp without its factor 2 (GlGradFactor)
     template <typename T>
     GL_FN static T eval(T p, T y, T c, const T* a, T* g) {
-        return gl_mse(p, y, g);
+        T d = p - y;
+        *g = d;
+        return d * d;
     }
+};
+template <>
+struct GlGradFactor<GlMse> {
+    static constexpr double value = 2.0;
 };
 struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
     template <typename T>
@@ -231,9 +249,9 @@ struct GlBce {  // a = {lo, hi}, the clipping bounds eps, 1 - eps
 // l = alpha_t M ce, g = alpha_t (M ce' + (gamma M) (1 - 2y) R ce) with M = (1 - p_t)^gamma,
 // alpha_t = a_pos y + a_neg (1 - y) (1 without alpha), (1 + e)(1 - p_t) = den = a (1 - y) + b y
 // ((a, b) = (1, e) for z >= 0, (e, 1) below) and R = p (1 - p) / (1 - p_t) = e / ((1 + e) den)
-// in [0, 1]. M and gamma M come from the log domain (gamma M = exp(gamma log(1 - p_t) +
-// log gamma)), so that no huge gamma meets M = 0 as inf * 0: finite for every finite z and
-// gamma >= 0; gamma = 0 gives M = 1.
+// in [0, 1]. M and gamma M R come from the log domain (gamma M = exp(gamma log(1 - p_t) +
+// log gamma)), so that no huge gamma meets M = 0 or R = 0 as inf * 0: finite for every finite z
+// and gamma >= 0; gamma = 0 gives M = 1.
 template <typename T>
 GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
     T m = (a_pos == T(1) && a_neg == T(1)) ? T(1) : y * a_pos + (T(1) - y) * a_neg;
@@ -245,8 +263,11 @@ GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
         T lm = (gl_log(den) - gl_log1p(e)) * gamma;  // log M
         T r = e / (gl_max_tiny(den) * (e + T(1)));  // den = 0 only where M = 0 too
         T gm = gl_exp(lm + gl_log(gamma));           // gamma M
+        // gamma M R; where gamma M overflows (gamma near the dtype's largest value), from the
+        // log domain, so that R = 0 gives 0, not inf * 0
+        T gmr = gm - gm == T(0) ? gm * r : gl_exp((lm + gl_log(gamma)) + gl_log(r));
         T M = gl_exp(lm);
-        *g = m * (*g * M + gm * (r * ce * (T(1) - T(2) * y)));
+        *g = m * (*g * M + gmr * (ce * (T(1) - T(2) * y)));
         return ce * (m * M);
     }
     *g = *g * m;
@@ -567,7 +588,7 @@ struct GlCceLogits : GlRowDefaults {
         }
         if (a[1] != T(0)) {  // the small factors first: inf only where the term overflows
             T q = gl_exp(z - r.lse.m) / (T(1) + r.lse.rest);
-            *g = *g + ((T(2) * a[1]) * r.cw_label * q) * (r.lse.m + r.log_s);
+            *g = *g + ((a[1] * r.cw_label * q) * (r.lse.m + r.log_s)) * T(2);
         }
         return l;
     }

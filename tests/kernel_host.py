@@ -378,13 +378,15 @@ int main() {
             bad |= run(&gpuloss_rows<GlCceLogits, 1, 256, 32, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
-                       (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,
+                       (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
+                       (const double*)nullptr, 0.0,
                        0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
         else
             bad |= run(&gpuloss_rows<GlCceLogits, 1, 4, 4, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
-                       (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0, (const double*)nullptr, 0.0,
+                       (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
+                       (const double*)nullptr, 0.0,
                        0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
         bad |= close_to(rparts[0] + rparts[1] + rparts[2], want_rows, "cce_with_logits sum");
     }

@@ -222,7 +222,7 @@ def test_hinge_refusals_on_every_namespace(xp):
 
 @pytest.mark.parametrize(("loss", "name", "bad", "error"), [
     ("huber", "delta", 0.0, ValueError), ("huber", "delta", -1.0, ValueError),
-    ("huber", "delta", math.inf, ValueError), ("huber", "delta", "1", TypeError),
+    ("huber", "delta", math.nan, ValueError), ("huber", "delta", "1", TypeError),
     ("smooth_l1", "beta", -0.1, ValueError), ("smooth_l1", "beta", math.nan, ValueError),
     ("pinball", "quantile", 0.0, ValueError), ("pinball", "quantile", 1.0, ValueError),
     ("poisson_nll", "log_input", 1, TypeError), ("poisson_nll", "full", "yes", TypeError),

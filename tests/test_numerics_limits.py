@@ -78,6 +78,30 @@ def test_class_weights_keep_their_range(path, dtype, scale, loss, opts):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_class_weights_in_range_are_left_alone(path):
+    """A small weight beside a large one (both float32 numbers) is not pushed below float32's
+    range by a rescaling."""
+    z, t = _label_inputs("cce_with_logits", np.float32)
+    cw = np.array([1e21, 1e-20, 1.0, 1.0, 1.0])
+    per = run(path, "cce_with_logits", "call", z, t, class_weight=cw, reduction="none")
+    base = gl.cce_with_logits(z, t, reduction="none")
+    np.testing.assert_allclose(f64(per), f64(base) * cw[t], rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e39, 1e-39])
+def test_streaming_sums_keep_the_class_weights_scale(scale):
+    """Partial states (StreamingLoss) carry the weights' own scale, whatever the rescaling."""
+    z, t = _label_inputs("cce_with_logits", np.float32)
+    cw = np.array([1.0, 2.0, 0.5, 3.0, 1.5])
+    for reduction in ("sum", "mean"):
+        s = gl.StreamingLoss("cce_with_logits", reduction=reduction, class_weight=cw * scale)
+        got = s.update(z[:3], t[:3]).update(z[3:], t[3:]).compute()
+        want = gl.cce_with_logits(z.astype(np.float64), t, class_weight=cw * scale,
+                                  reduction=reduction)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [1e39, 1e-39])
 def test_class_weights_keep_their_range_with_probability_targets(path, scale):
     """A mean over probability targets scales with the class weights: huge weights give a
@@ -99,18 +123,20 @@ def test_class_weights_keep_their_range_with_probability_targets(path, scale):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("focal", [0.0, 2.0])
 @pytest.mark.parametrize("how", ["sample_weight", "ignore_index"])
-def test_zero_weight_rows_add_nothing_under_z_loss(path, focal, how):
+@pytest.mark.parametrize("z_loss", [1.0, 2e38])
+def test_zero_weight_rows_add_nothing_under_z_loss(path, focal, how, z_loss):
     z = np.array([[3e38, 0.0, -3e38], [1.0, 2.0, 3.0]], np.float32)
     t = np.array([0, 1])
-    opts = {"z_loss": 1.0, "focal_gamma": focal}
+    opts = {"z_loss": z_loss, "focal_gamma": focal}
     opts.update({"sample_weight": np.array([0.0, 1.0])} if how == "sample_weight"
                 else {"ignore_index": 0})
     v, g = run(path, "cce_with_logits", "value_and_grad", z, t, **opts)
-    want_v, want_g = gl.cce_with_logits.value_and_grad(z[1:], t[1:], z_loss=1.0,
+    want_v, want_g = gl.cce_with_logits.value_and_grad(z[1:], t[1:], z_loss=z_loss,
                                                        focal_gamma=focal)
     assert np.array_equal(g[0], np.zeros(3, np.float32)), g
-    np.testing.assert_allclose(g[1], want_g[0], rtol=1e-5)
-    np.testing.assert_allclose(float(v), float(want_v), rtol=1e-5)
+    if z_loss < 1e38:  # (2e38: the counted row's gradient overflows float32, differently)
+        np.testing.assert_allclose(g[1], want_g[0], rtol=1e-5)
+        np.testing.assert_allclose(float(v), float(want_v), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +315,7 @@ def test_multiclass_hinge_single_class_is_zero(path, dtype, score):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("gamma", [50.0, 1e4, 1e10, 1e30, 1e38])
+@pytest.mark.parametrize("gamma", [50.0, 1e4, 1e10, 1e30, 1e38, 3.4e38, 1e39, 1e300])
 def test_binary_focal_gradient_is_finite_for_every_gamma(path, dtype, gamma):
     z = np.array([-200, -80, -30, -3, -1e-3, 0, 1e-3, 0.5, 4, 30, 80, 200], dtype)
     for y in (0.0, 1.0, 0.5, 0.9, 1e-3):

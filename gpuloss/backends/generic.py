@@ -218,15 +218,26 @@ def _focal_binary(xp, P, Y, e, ce, ce_grad, gamma, a_pos, a_neg):
     alpha_t = 1.0 if a_pos == 1 and a_neg == 1 else Y * a_pos + (1 - Y) * a_neg
     if not gamma:
         return alpha_t * ce, alpha_t * ce_grad
+    gamma = _param(xp, gamma, P.dtype)
     one = xp.ones_like(P)
     positive = P >= 0
     a, b = xp.where(positive, one, e), xp.where(positive, e, one)
     den = a * (1 - Y) + b * Y
-    with np.errstate(divide="ignore"):
-        M = alpha_t * xp.exp(gamma * (xp.log(den) - xp.log1p(e)))
     tiny = float(xp.finfo(P.dtype).smallest_normal)  # den = 0 only where M = 0 too
     R = e / ((1 + e) * xp.maximum(den, xp.full_like(den, tiny)))
-    return M * ce, M * (ce_grad + gamma * (1 - 2 * Y) * R * ce)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        lm = gamma * (xp.log(den) - xp.log1p(e))  # log M
+        gm = xp.exp(lm + math.log(gamma))  # gamma M; near the dtype's largest gamma, with R
+        gmr = xp.where(xp.isfinite(gm), gm * R, xp.exp(lm + math.log(gamma) + xp.log(R)))
+        M = xp.exp(lm)
+    return alpha_t * (M * ce), alpha_t * (M * ce_grad + gmr * ((1 - 2 * Y) * ce))
+
+
+def _param(xp, value, dtype):
+    """A loss's scalar parameter as the kernels take it: beyond the dtype's range, its largest
+    finite value (NaN stays NaN)."""
+    top = float(xp.finfo(dtype).max)
+    return value if math.isnan(value) else min(max(float(value), -top), top)
 
 
 def _where_nan(xp, x, value):
@@ -240,7 +251,7 @@ def _mae(xp, P, Y, call):
 
 
 def _huber(xp, P, Y, call):
-    delta = call.options["delta"]
+    delta = _param(xp, call.options["delta"], P.dtype)
     d = P - Y
     a = xp.abs(d)
     inside = a <= delta
@@ -249,7 +260,7 @@ def _huber(xp, P, Y, call):
 
 
 def _smooth_l1(xp, P, Y, call):
-    beta = call.options["beta"]
+    beta = _param(xp, call.options["beta"], P.dtype)
     d = P - Y
     a = xp.abs(d)
     inside = a < beta  # never for beta = 0: then it is |d|, sign(d)

@@ -187,11 +187,12 @@ def _for_mean(w: np.ndarray, call) -> np.ndarray:
 
 
 def _scaled_class_weights(cw: np.ndarray) -> tuple[np.ndarray, float]:
-    """(class weights / scale, scale): their maximum where it lies outside [1e-20, 1e20], else
-    1 (as the CUDA backend), so that no class weight over- or underflows in float32. A mean
-    over class indices divides it out; elsewhere the rows' weights take it back in float64."""
+    """(class weights / scale, scale): their maximum where it lies outside [1e-30, 1e30], else
+    1 (as the CUDA backend), so that no class weight over- or underflows in float32 (weights
+    in range are left alone: a small one is not pushed below float32's range). A mean over
+    class indices divides the scale out; elsewhere the rows' weights take it back in float64."""
     top = float(np.max(cw)) if cw.size else 0.0
-    if math.isfinite(top) and top > 0 and not 1e-20 <= top <= 1e20:
+    if math.isfinite(top) and top > 0 and not 1e-30 <= top <= 1e30:
         return cw.astype(_F64) / top, top
     return cw, 1.0
 
@@ -544,13 +545,18 @@ def _focal_binary(Z, Y, e, L, G, s, k, gamma, a_pos, a_neg):
             np.maximum(den, np.finfo(k.cdt).tiny, out=den)
             np.add(e, 1, out=a)
             np.multiply(den, a, out=den)
-            np.divide(e, den, out=den)
-            np.multiply(den, L, out=den)  # R CE
+            R = s.get("fR", Z.shape, k.cdt)
+            np.divide(e, den, out=R)
             np.multiply(Y, k.cdt(2), out=a)
             np.subtract(1, a, out=a)  # 1 - 2y
-            np.multiply(den, a, out=den)
+            np.multiply(L, a, out=den)  # CE (1 - 2y)
             np.add(lm, np.log(gamma), out=a)
             np.exp(a, out=a)  # gamma M
+            huge = ~np.isfinite(a)  # gamma near the dtype's largest value: R from the logs
+            if huge.any():
+                np.copyto(a, np.exp(np.log(gamma) + lm + np.log(R)), where=huge)
+                np.copyto(R, 1, where=huge)
+            np.multiply(R, a, out=a)  # gamma M R
             np.multiply(den, a, out=den)
             np.multiply(den, k.gscale, out=den)
         np.exp(lm, out=lm)  # M
@@ -762,7 +768,7 @@ def _categorical(call):
         cw = np.asarray(call.class_weight)
         _check_weights(cw, "class_weight", call.validate)
         cw, w_scale = _scaled_class_weights(cw)
-        if call.labels and call.reduction == "mean":  # the scale cancels in the mean
+        if call.labels and call.reduction == "mean" and not call.parts:  # it cancels
             w_scale = 1.0
         cw = cw.astype(cdt)
     sw = call.sample_weight
@@ -774,8 +780,8 @@ def _categorical(call):
     else:
         SW = None
 
-    if call.labels:
-        denom = _label_prepass(call, T, K, cw, SW)
+    if call.labels:  # partial states keep the class weights' own scale
+        denom = _label_prepass(call, T, K, cw, SW) * w_scale
     elif sw is not None:
         denom = _weight_total(sw, sample_shape, cdt)
     else:
@@ -950,6 +956,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # z_loss: l gains z lse_full^2 cw[y]; g gains 2 z lse_full cw[y] softmax, which folds into
     # the softmax's coefficient c_sum
     gamma, zl = k.params
+    zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if gamma:
         return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
     R, K = Z.shape
@@ -1002,6 +1009,7 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
     # g_k = sw/D (softmax_k Σ_j c_j - c_k); z_loss as for class indices (weight 1)
     gamma, zl = k.params
+    zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if gamma:
         return _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels=False)
     R, K = Z.shape
@@ -1061,6 +1069,7 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
     #   z_loss: l gains z lse^2 cw[y] (cw[y] = 1 for probabilities), g gains 2 z lse q cw[y]
     R, K = Z.shape
     gamma, zl = k.params
+    zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if labels:
         trange = _NO_RANGE
         safe, cwy, w = _row_weights(T, swb, k)
@@ -1349,7 +1358,8 @@ def _kl_div_logits_block(Z, T, swb, G, L, s, k):
     logq, q, rest_q = _log_softmax(Z, s, k, "q", temp)
     shifted = None
     if target_logits:
-        logt, t, rest_t = _log_softmax(T, s, k, "t", temp)
+        # not "t": the driver may have loaded the target itself into scratch "t"
+        logt, t, rest_t = _log_softmax(T, s, k, "teacher", temp)
         t_sum = k.cdt(1)
         with np.errstate(all="ignore"):
             sh_loss, sh_grad, ok = _kl_shifted(Z, T, t, logt, temp, s, k)
