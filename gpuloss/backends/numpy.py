@@ -352,15 +352,15 @@ class _Consts:
     def __init__(self, call, cdt, gscale, want_sum, K=0, cw=None, w_scale=1.0):
         self.K = K
         # a factor of every row's weight that class weights were divided by (see
-        # _scaled_class_weights): on the losses' float64 sums and on the gradient's 1/D, which
-        # is then a float64 scalar, so that w * gscale is formed in float64 (0 stays 0)
+        # _scaled_class_weights), taken back on the losses' float64 sums (the gradient's in
+        # _categorical)
         self.w_scale = w_scale
         self.cw = cw
         self.cw_sum = float(K) if cw is None else float(np.sum(cw, dtype=_F64))
         self.ignore_index = call.ignore_index
         self.validate = call.validate
         self.want_sum = want_sum
-        self.gscale = cdt(gscale) if w_scale == 1 else _F64(gscale * w_scale)
+        self.gscale = cdt(gscale)
         self.two_gscale = cdt(2 * gscale)
         self.smooth = call.label_smoothing
         self.opt = call.options  # the loss's own options, by name
@@ -787,6 +787,13 @@ def _categorical(call):
     else:
         denom = float(N)
     gscale = _grad_scale(call, denom)
+    # the class weights' scale on the gradient: inside 1/D where the mean divides it out (a
+    # partial state's denominator carries it), else multiplied in afterwards, in float64
+    grad_post = 1.0
+    if call.labels and call.reduction == "mean":
+        gscale *= w_scale
+    else:
+        grad_post = w_scale
 
     grad = _pool.empty(p.shape, p.dtype) if call.want_grad else None
     G = None if grad is None else np.moveaxis(grad, call.axis, -1)
@@ -829,6 +836,8 @@ def _categorical(call):
             if want_sum or per_sample is not None:
                 lb = scratch.get("l", (R,), cdt)
             result = kernel(pb, tb, swb, gb, lb, scratch, consts)
+            if gb is not None and grad_post != 1:  # rare: extreme class weights
+                gb[...] = gb.astype(_F64) * grad_post
             if call.validate and not call.labels and T.dtype != cdt:
                 result = (*result[:2], _min_max(T[ix]))  # the targets as stored, not as cast
             if G is not None and not direct:
