@@ -507,11 +507,11 @@ def _categorical(rt, call):
 
 
 def _scaled_class_weights(cp, cw):
-    """(class weights / scale, scale) with the scale a one-element device array: their maximum
-    where it lies outside [1e-30, 1e30] (finite and > 0), else 1, as the CPU backend rescales
-    them. The row kernel multiplies each row's weight by the scale in double, so that no class
-    weight over- or underflows in the compute type. No host wait."""
-    top = cp.max(cw, keepdims=True).reshape(1)
+    """(class weights / scale, scale) with the scale a one-element device array: their largest
+    magnitude where it lies outside [1e-30, 1e30] (finite and > 0), else 1, as the CPU backend
+    rescales them. The row kernel multiplies each row's weight by the scale in double, so that
+    no class weight over- or underflows in the compute type. No host wait."""
+    top = cp.max(cp.abs(cw), keepdims=True).reshape(1)  # abs: negative ones (validate=False)
     odd = cp.isfinite(top) & (top > 0) & ((top < 1e-30) | (top > 1e30))
     scale = cp.where(odd, top, 1.0)
     return cw / scale, scale

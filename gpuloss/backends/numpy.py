@@ -187,11 +187,12 @@ def _for_mean(w: np.ndarray, call) -> np.ndarray:
 
 
 def _scaled_class_weights(cw: np.ndarray) -> tuple[np.ndarray, float]:
-    """(class weights / scale, scale): their maximum where it lies outside [1e-30, 1e30], else
-    1 (as the CUDA backend), so that no class weight over- or underflows in float32 (weights
-    in range are left alone: a small one is not pushed below float32's range). A mean over
-    class indices divides the scale out; elsewhere the rows' weights take it back in float64."""
-    top = float(np.max(cw)) if cw.size else 0.0
+    """(class weights / scale, scale): their largest magnitude where it lies outside [1e-30,
+    1e30], else 1 (as the CUDA backend), so that no class weight over- or underflows in
+    float32 (weights in range are left alone: a small one is not pushed below float32's range).
+    A mean over class indices divides the scale out; elsewhere the rows' weights take it back in
+    float64."""
+    top = float(np.max(np.abs(cw))) if cw.size else 0.0  # abs: negative ones (validate=False)
     if math.isfinite(top) and top > 0 and not 1e-30 <= top <= 1e30:
         return cw.astype(_F64) / top, top
     return cw, 1.0
