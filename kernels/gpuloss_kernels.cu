@@ -104,12 +104,14 @@ __device__ __forceinline__ double gl_weight(const double* w, long long i, long l
 
 // g times its row's weight w / D. A row of weight 0 gets 0 even where g overflowed to +-inf
 // (inf * 0 would make it NaN: a row that counts for nothing adds nothing); NaN stays NaN.
-// gw is w / D rounded to C, gwd the same in double: where gw overflows (huge weights, e.g.
-// class weights' scale), the product is formed in double, so that a 0 stays 0.
+// gw is w / D rounded to C, gwd the same in double: where gw over- or underflows C (extreme
+// weights, e.g. the class weights' scale) the product is formed in double, so that a 0 stays
+// 0 and a tiny weight keeps a large g's product.
 template <typename C>
 __device__ __forceinline__ C gl_weigh_grad(C g, C gw, double gwd) {
-    if (gw - gw != C(0) && gw == gw) return (C)((double)g * gwd);
-    return (gw == C(0) && g == g && g - g != C(0)) ? C(0) : g * gw;
+    if (gwd == 0.0) return (g == g && g - g != C(0)) ? C(0) : g * C(0);  // NaN stays NaN
+    if (gw - gw != C(0) || gw == C(0)) return (C)((double)g * gwd);
+    return g * gw;
 }
 
 // The mean's 1/D (0 when nothing was counted) or 1; D = denom, times *denom_dev when a

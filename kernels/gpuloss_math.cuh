@@ -596,7 +596,8 @@ struct GlCceLogits : GlRowDefaults {
     GL_FN static T row_term(const GlRow<T>& r, const T* a) {
         if (a[1] == T(0)) return T(0);
         T lse = r.lse.m + r.log_s;
-        return a[1] * lse * lse * r.cw_label;
+        return ((a[1] * r.cw_label) * lse) * lse;  // a label of weight 0: 0, even where lse^2
+                                                    // overflows
     }
 };
 

@@ -21,7 +21,7 @@ import pytest
 from agreement import assert_agree, device_view
 from hypothesis import HealthCheck, given, settings
 from kernel_host import emulated_compute
-from test_fuzz import _run, cases
+from test_fuzz import _run, cases, edge_cases
 
 import gpuloss as gl
 from gpuloss.backends import cuda as _cuda_backend
@@ -64,6 +64,16 @@ def _agrees_with_numpy(loss, entry, pred, target, opts):
 @FUZZ_SETTINGS
 @given(cases())
 def test_emulated_fuzz_agrees_with_numpy(case):
+    _agrees_with_numpy(*case)
+
+
+@settings(max_examples=int(os.environ.get("GPULOSS_EMULATED_EDGE_EXAMPLES", "400")),
+          deadline=None, database=None,
+          derandomize=os.environ.get("GPULOSS_HYPOTHESIS_RANDOM") != "1",
+          suppress_health_check=list(HealthCheck))
+@given(edge_cases())
+def test_emulated_edge_families_agree_with_numpy(case):
+    """The numerical edge families (test_fuzz.edge_cases), drawn on purpose."""
     _agrees_with_numpy(*case)
 
 

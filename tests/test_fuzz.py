@@ -139,6 +139,70 @@ def cases(draw):
     return loss, entry, pred, target, opts
 
 
+@st.composite
+def edge_cases(draw):
+    """The numerical edge families of the CUDA path, drawn on purpose (the generic generator
+    meets them too rarely): normal float32 inputs whose difference is subnormal, extreme
+    temperatures, huge delta/beta, extreme class weights with z-loss and zero-weight rows,
+    unsigned labels. Returns a case as `cases` does."""
+    family = draw(st.sampled_from(["subnormal", "temperature", "limit", "class", "hinge"]))
+    entry = draw(st.sampled_from(ENTRY_POINTS))
+    n = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from(("float32", "float64")))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    pair = st.sampled_from([(1.5 * FLT_MIN, FLT_MIN), (FLT_MIN, 1.5 * FLT_MIN),
+                            (-FLT_MIN, -1.5 * FLT_MIN), (1.0, 0.5), (FLT_MIN, FLT_MIN)])
+    logits = st.floats(-30, 30, allow_nan=False, width=32)
+    if family in ("subnormal", "hinge"):
+        # the gradients that are decisions (a sign, a side, a margin, d / beta): a value that
+        # is the subnormal difference itself (the loss, mse's 2d) is flushed on the device and
+        # may add up to a normal number on the CPU: flush-to-zero, documented
+        entry = "grad"
+    if family == "subnormal":
+        loss = draw(st.sampled_from(["mae", "pinball", "smooth_l1"]))
+        p, y = zip(*draw(st.lists(pair, min_size=n, max_size=n)))
+        opts = {"smooth_l1": {"beta": draw(st.sampled_from([1e-37, 1e-30, 1.0]))},
+                "pinball": {"quantile": 0.25}}.get(loss, {})
+        return loss, entry, np.array(p, dtype), np.array(y, dtype), {**opts,
+                                                                     "reduction": reduction}
+    if family == "hinge":
+        rows = draw(st.lists(pair, min_size=n, max_size=n))
+        z = np.array(rows, dtype)
+        t = np.array(draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+        return "multiclass_hinge", entry, z, t, {"margin": 0.0, "reduction": reduction}
+    if family == "temperature":
+        K = draw(st.integers(1, 5))
+        z = np.array(draw(st.lists(logits, min_size=n * K, max_size=n * K)), dtype)
+        v = np.array(draw(st.lists(logits, min_size=n * K, max_size=n * K)), dtype)
+        temp = draw(st.sampled_from([1e-3, 0.5, 20.0, 1e3, 1e4, 1e6, 1e-40]))
+        return "kl_div_with_logits", entry, z.reshape(n, K), v.reshape(n, K), {
+            "temperature": temp, "target_logits": True, "reduction": reduction}
+    if family == "limit":
+        loss = draw(st.sampled_from(["huber", "smooth_l1"]))
+        # (a small d over a beta near the dtype's largest value is subnormal: flushed on the
+        # device, as any subnormal intermediate; the limits are at infinite and huge d)
+        vals = st.sampled_from([np.inf, -np.inf, 1e30, -1e30, 0.0])
+        p = np.array(draw(st.lists(vals, min_size=n, max_size=n)), dtype)
+        name = "delta" if loss == "huber" else "beta"
+        return loss, entry, p, np.zeros(n, dtype), {
+            name: draw(st.sampled_from([1e39, np.inf, 1e300])), "reduction": reduction}
+    K = draw(st.integers(1, 4))  # "class"
+    z = np.array(draw(st.lists(st.sampled_from([0.0, 1.0, -2.0, 1e30, -1e30, 5.0]),
+                               min_size=n * K, max_size=n * K)), dtype).reshape(n, K)
+    t = np.array(draw(st.lists(st.integers(0, K - 1), min_size=n, max_size=n)))
+    t = t.astype(draw(st.sampled_from(LABEL_DTYPES)))
+    cw = np.array(draw(st.lists(st.sampled_from([1.0, 2.0, 0.5, 0.0]), min_size=K,
+                                max_size=K))) * draw(st.sampled_from([1.0, 1e39, 1e-39]))
+    sw = np.array(draw(st.lists(st.sampled_from([1.0, 0.0, 2.0]), min_size=n, max_size=n)))
+    loss = draw(st.sampled_from(["cce_with_logits", "nll", "multiclass_hinge"]))
+    opts = {"class_weight": cw, "sample_weight": sw, "reduction": reduction}
+    if loss == "cce_with_logits":
+        opts.update(z_loss=draw(st.sampled_from([0.0, 1e-4])),
+                    focal_gamma=draw(st.sampled_from([0.0, 2.0])),
+                    label_smoothing=draw(st.sampled_from([0.0, 0.1])))
+    return loss, entry, z, t, opts
+
+
 def _run(loss, entry, pred, target, opts):
     fn = gl.LOSSES[loss]
     if entry == "call":
