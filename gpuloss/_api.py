@@ -452,8 +452,18 @@ class Loss:
                              labels=class_indices, probabilities=probability_targets)
         _BY_NAME[name] = self
 
-    def __call__(self, pred, target, **options):
+    def __call__(self, pred, target, *positional, **options):
+        self._refuse_positional(positional)
         return self._run(pred, target, options, want_value=True, want_grad=False)[0]
+
+    def _refuse_positional(self, positional):
+        if positional:
+            own = [o for o in self.declared if o.kind == "number"]
+            value = positional[0] if isinstance(positional[0], (int, float)) else "..."
+            example = f"{own[0].name}={value}" if own else "reduction='sum'"
+            msg = (f"{self.name}() got {len(positional)} option(s) by position; options are "
+                   f"keyword-only: {self.name}(pred, target, {example}).")
+            raise TypeError(msg)
 
     def __repr__(self):
         return f"<gpuloss loss {self.name!r}>"
@@ -462,7 +472,8 @@ class Loss:
         return (_by_name, (self.name,))
 
     def _entry_point(self, method, *, want_value, want_grad):
-        def entry(pred, target, **options):
+        def entry(pred, target, *positional, **options):
+            self._refuse_positional(positional)
             value, grad = self._run(
                 pred, target, options, want_value=want_value, want_grad=want_grad
             )
@@ -489,6 +500,9 @@ class Loss:
                 f"{self.name}() got an unexpected keyword argument {unknown[0]!r}; "
                 f"it accepts {', '.join(self.options)}."
             )
+            if unknown[0] == "weight":  # PyTorch's name
+                msg += (" PyTorch's weight= is class_weight= here (one weight per class); "
+                        "weights per sample or element are sample_weight=.")
             raise TypeError(msg)
         return prepare(
             self, pred, target, options, want_value=want_value, want_grad=want_grad, parts=parts

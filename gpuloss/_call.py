@@ -159,7 +159,11 @@ def labels_message(num_classes, ignore_index) -> str:
 
 
 def raise_bad_labels(lo, hi, num_classes, ignore_index):
-    raise ValueError(labels_message(num_classes, ignore_index).format(lo=lo, hi=hi))
+    msg = labels_message(num_classes, ignore_index).format(lo=lo, hi=hi)
+    if ignore_index is None and int(lo) == -100:  # PyTorch's default ignore_index
+        msg += (" Labels of -100 mark samples to skip in PyTorch (its default ignore_index): "
+                "pass ignore_index=-100.")
+    raise ValueError(msg)
 
 
 INT64_MAX = 2**63 - 1

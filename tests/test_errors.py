@@ -253,3 +253,34 @@ def test_no_classes_says_so(xp, loss):
                                          r"0\), so no class index is valid") as info:
         gl.LOSSES[loss](pred, target)
     assert "[0, -1]" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# messages that say what to do (issue "Fast at the batch sizes people train with", item 4)
+
+
+@pytest.mark.parametrize("entry", ["call", "grad", "value_and_grad"])
+def test_a_positional_option_says_options_are_keyword_only(entry):
+    fn = gl.huber if entry == "call" else getattr(gl.huber, entry)
+    with pytest.raises(TypeError, match=r"keyword-only: huber\(pred, target, delta=2.0\)"):
+        fn(np.zeros(3), np.zeros(3), 2.0)
+
+
+def test_weight_points_to_class_weight_and_sample_weight():
+    with pytest.raises(TypeError, match="class_weight=.*sample_weight="):
+        gl.cce_with_logits(np.zeros((2, 3)), np.array([0, 1]), weight=np.ones(3))
+
+
+def test_labels_of_minus_100_get_a_hint_to_pass_ignore_index():
+    with pytest.raises(ValueError, match="pass ignore_index=-100"):
+        gl.cce_with_logits(np.zeros((2, 3)), np.array([1, -100]))
+    # with the option given, no error and the sample is skipped
+    assert float(gl.cce_with_logits(np.zeros((2, 3)), np.array([1, -100]), ignore_index=-100)) \
+        == pytest.approx(np.log(3))
+
+
+def test_cce_with_logits_documents_every_option():
+    doc = gl.cce_with_logits.__doc__
+    for name in gl.cce_with_logits.options:
+        if name not in ("reduction", "sample_weight", "validate"):
+            assert f"{name} :" in doc, name

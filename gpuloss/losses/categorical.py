@@ -163,6 +163,12 @@ cce_with_logits = Loss(
         the denominator.
     label_smoothing : float, default 0
         In [0, 1], PyTorch's formula.
+    focal_gamma : float, default 0
+        \(\gamma \ge 0\): Keras' categorical focal loss, each class's term weighed by
+        \((1 - p_{{ik}})^\gamma\); 0 is plain cross-entropy.
+    z_loss : float, default 0
+        \(z \ge 0\): PaLM's auxiliary loss \(z \cdot \mathrm{{lse}}_i^2\) per sample (times the
+        label's class weight), which keeps the log-partition near 0.
     axis : int, default -1
         The class axis (use ``axis=1`` for PyTorch's (N, C, d1, ...) layout).
 
