@@ -365,8 +365,8 @@ class _Consts:
         self.two_gscale = cdt(2 * gscale)
         self.smooth = call.label_smoothing
         self.opt = call.options  # the loss's own options, by name
-        self.params = tuple(_param(v, cdt) for v in call.kernel_params)  # as the kernels get
-        # them
+        # the loss's scalar parameters as the kernels get them
+        self.params = tuple(_param(v, cdt) for v in call.kernel_params)
         if call.eps is not None:
             # the bounds as the kernels get them: 1 - eps in float64, then rounded once
             lo, hi = call.kernel_params[:2]
