@@ -8,7 +8,8 @@
     gpuloss bench   the benchmarks for this device
 
 Exit status: 0 on success, 2 with a one-line message (no traceback) for a missing file, an
-unknown loss, a shape mismatch, a bad option or a domain error.
+unknown loss, a shape mismatch, a bad option or a domain error; 2 after listing the commands
+when none is given.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def demo(args) -> int:
     xp, device = _device(args.device)
     if xp is np:
         device = "cpu (NumPy)"
-    dtype = np.dtype(args.dtype)
+    dtype = _demo_dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
     print(f"gpuloss demo on {device}, {dtype.name}; cross-check: "
           f"{'NumPy backend' if xp is not np else 'generic array-API backend'}")
@@ -65,7 +66,8 @@ def demo(args) -> int:
     print(header)
     print("-" * len(header))
     failures = 0
-    tol = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-12}[dtype.name]
+    # two units in the last place of the 16-bit types (both sides round their result)
+    tol = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-5, "float64": 1e-12}[dtype.name]
     for name, fn in LOSSES.items():
         pred, target = example_inputs(fn, rng, dtype=dtype)
         p, t = xp.asarray(pred), xp.asarray(target)
@@ -90,6 +92,17 @@ def demo(args) -> int:
           f"{failures} loss(es) disagree")
     return 1 if failures else 0
 
+
+DEMO_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _demo_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a --dtype name; bfloat16 is ml_dtypes' (NumPy has none)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +155,21 @@ def _device(choice: str):
                          "no device); use --device cpu") from None
 
 
+def _loss_name(name: str) -> str:
+    """An argparse type: a loss name, refused with `gpuloss.LOSSES`' own message (the names,
+    and the closest one or the loss another library's name means: l1_loss -> mae)."""
+    from .losses import LOSSES
+
+    try:
+        LOSSES[name]
+    except KeyError as exc:
+        raise argparse.ArgumentTypeError(exc.args[0]) from None
+    return name
+
+
 def score(args) -> int:
     """`gpuloss score`: the flags checked as flags, then gpuloss.score_files."""
-    from ._score import score_files
+    from ._score import rows_text, score_files
     from .losses import LOSSES
 
     fn = LOSSES[args.loss]
@@ -170,13 +195,20 @@ def score(args) -> int:
         out = {"loss": value if math.isfinite(value) else None, "n": result.n,
                "nan_rows": result.nan_rows, "device": result.device,
                "seconds": round(result.seconds, 6)}
+        if result.nan_first_rows:
+            out["nan_first_rows"] = list(result.nan_first_rows)
         if result.per_sample:
             out["per_sample"] = result.per_sample
         print(json.dumps(out))
     else:
         label = f"{args.loss} ({'sum' if args.reduction == 'none' else args.reduction})"
+        nan_rows = str(result.nan_rows)
+        if result.nan_first_rows:
+            # all of them, or the first few
+            first = "" if len(result.nan_first_rows) == result.nan_rows else "first "
+            nan_rows += f" ({first}at {rows_text(result.nan_first_rows)}, counting from 0)"
         print(f"{'loss':10s} {label}\n{'value':10s} {value:.10g}\n{'n':10s} {result.n}\n"
-              f"{'nan rows':10s} {result.nan_rows}\n{'device':10s} {result.device}\n"
+              f"{'nan rows':10s} {nan_rows}\n{'device':10s} {result.device}\n"
               f"{'seconds':10s} {result.seconds:.3f}")
         if result.per_sample:
             print(f"{'per-sample':10s} {result.per_sample}")
@@ -202,6 +234,40 @@ def _positive(kind):
 # info and bench
 
 
+def _cupy_and_gpu() -> tuple[str, str]:
+    """(CuPy's version, the GPUs and driver in words, or why none is usable)."""
+    from ._gpu_probe import nvidia_driver_present
+
+    if not nvidia_driver_present():  # say so without importing CuPy (a second or two)
+        return _installed_version("cupy"), "none usable (no NVIDIA driver)"
+    try:
+        import cupy
+    except ImportError:
+        return "not installed", "none"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+        names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
+                 for i in range(count)]
+        driver = cupy.cuda.runtime.driverGetVersion()
+        gpu = f"{', '.join(names)} (driver {driver // 1000}.{driver % 1000 // 10})"
+    except Exception as exc:  # no driver, no device: say why
+        gpu = f"none usable ({_gpu_reason(exc)})"
+    return cupy.__version__, gpu
+
+
+def _installed_version(module: str) -> str:
+    """A package's version from its metadata, without importing it ("not installed" if
+    absent); CuPy's distribution is named after its CUDA version (cupy-cuda12x, ...)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    for dist in importlib.metadata.packages_distributions().get(module, []):
+        return importlib.metadata.version(dist)
+    return "installed"
+
+
 def info(args) -> int:
     import array_api_compat
 
@@ -210,21 +276,8 @@ def info(args) -> int:
 
     lines = [("gpuloss", __version__), ("python", sys.version.split()[0]),
              ("numpy", np.__version__), ("array-api-compat", array_api_compat.__version__)]
-    gpu = "none"
-    try:
-        import cupy
-
-        lines.append(("cupy", cupy.__version__))
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-            names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
-                     for i in range(count)]
-            driver = cupy.cuda.runtime.driverGetVersion()
-            gpu = f"{', '.join(names)} (driver {driver // 1000}.{driver % 1000 // 10})"
-        except Exception as exc:  # no driver, no device: say why
-            gpu = f"none usable ({_gpu_reason(exc)})"
-    except ImportError:
-        lines.append(("cupy", "not installed"))
+    cupy_version, gpu = _cupy_and_gpu()
+    lines.append(("cupy", cupy_version))
     for mod in ("torch", "dask", "pyarrow"):
         try:
             lines.append((mod, __import__(mod).__version__))
@@ -257,8 +310,9 @@ def _gpu_reason(exc: BaseException) -> str:
 
 def bench(args) -> int:
     from ._dispatch import preferred_namespace
+    from ._gpu_probe import nvidia_driver_present
 
-    if preferred_namespace() is np:
+    if not nvidia_driver_present() or preferred_namespace() is np:  # CuPy only with a driver
         from ._bench_cpu import main as run
     else:
         from ._bench_gpu import main as run
@@ -298,10 +352,12 @@ def _main(argv=None) -> int:
 
     parser = _Parser(prog="gpuloss", description="Fused losses and gradients.")
     parser.add_argument("--version", action="version", version=f"gpuloss {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND",
+                                help="gpuloss COMMAND --help lists its options",
+                                parser_class=_Parser)
     p_demo = sub.add_parser("demo", help="every loss with its gradient, cross-checked")
-    p_demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
-                        help="data type of the generated data (default float32)")
+    p_demo.add_argument("--dtype", default="float32", choices=DEMO_DTYPES,
+                        help="data type of the generated data: %(choices)s (default float32)")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p_demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to compute: auto (a GPU if usable), cpu or cuda")
@@ -310,7 +366,7 @@ def _main(argv=None) -> int:
     p_score = sub.add_parser("score", help="a loss over files, streamed in chunks",
                              epilog=_SCORE_EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_score.add_argument("loss", choices=list(LOSSES), help="the loss: %(choices)s")
+    p_score.add_argument("loss", type=_loss_name, help=f"the loss: {', '.join(LOSSES)}")
     p_score.add_argument("pred", help="predictions: FILE.npy, FILE.npz:KEY or FILE.parquet:COLUMN")
     p_score.add_argument("target", help="targets, same forms")
     p_score.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"],
@@ -341,6 +397,9 @@ def _main(argv=None) -> int:
     p_bench.set_defaults(func=bench)
 
     args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # bare `gpuloss`: what there is to run, and argparse's status 2
+        parser.print_help(sys.stderr)
+        return 2
     if args.command == "bench":
         args.bench_args = extra  # the benchmark's own options
     elif extra:

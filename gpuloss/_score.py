@@ -35,6 +35,8 @@ class ScoreResult:
         Wall time of the scoring loop.
     per_sample : str or None
         The absolute path of the per-sample file written, or None.
+    nan_first_rows : tuple of int
+        The first rows (at most three, counting from 0) whose loss is NaN; empty when none.
     """
 
     loss: float
@@ -43,6 +45,7 @@ class ScoreResult:
     device: str
     seconds: float
     per_sample: str | None = None
+    nan_first_rows: tuple[int, ...] = ()
 
 
 def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per_sample=None,
@@ -85,7 +88,8 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     ------
     ValueError
         A missing or unreadable file, rows that differ, an option that does not apply to the
-        loss, a domain error, and every error the loss itself raises.
+        loss, a domain error (its message names the first offending rows), and every error
+        the loss itself raises.
 
     Examples
     --------
@@ -141,6 +145,7 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         bar = progress_bar(rows) if progress else None
         written = None
         n_loss = nan_rows = 0
+        nan_first: list[int] = []
         start_time = time.perf_counter()
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
@@ -152,11 +157,22 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
             elif weight_all is not None:
                 w = xp.asarray(weight_all)
             part = StreamingLoss(fn, reduction=stream.reduction, **opts)
-            part.update(p, t, sample_weight=w)
+            try:
+                part.update(p, t, sample_weight=w)
+            except ValueError as exc:
+                bad = _first_bad_rows(fn, p, t, w, opts, w_per_row=weight is not None)
+                if not bad:
+                    raise
+                # the earlier chunks passed: these are the first offending rows of the files
+                text = str(exc) if str(exc).endswith(".") else f"{exc}."
+                where_bad = rows_text([start + row for row in bad])
+                raise ValueError(f"{text} First at {where_bad} (counting from 0).") from exc
             stream.merge(part)
             if per_sample is not None or math.isnan(part.state[0]):
                 per = fn(p, t, reduction="none", sample_weight=w, **opts)
-                nan_rows += _nan_rows(per, stop - start)
+                nan_at = _nan_rows(per, stop - start)
+                nan_rows += len(nan_at)
+                nan_first += [start + int(row) for row in nan_at[:FIRST_ROWS - len(nan_first)]]
                 if per_sample is not None:
                     if written is None:
                         tmp_out = f"{per_sample}.tmp-{os.getpid()}"
@@ -181,18 +197,20 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         if tmp_out is not None and os.path.exists(tmp_out):
             os.remove(tmp_out)
     path = str(Path(per_sample).resolve()) if per_sample is not None else None
-    return ScoreResult(value, n_loss, nan_rows, where, seconds, path)
+    return ScoreResult(value, n_loss, nan_rows, where, seconds, path, tuple(nan_first))
 
 
 def device_namespace(choice: str):
     """(array namespace, description) for ``"auto"``, ``"cpu"`` or ``"cuda"``."""
     from ._dispatch import preferred_namespace
+    from ._gpu_probe import nvidia_driver_present
 
     if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}.")
     if choice == "cpu":
         return np, "cpu"
-    xp = preferred_namespace()
+    # Without a driver no GPU can be usable: skip importing CuPy (about a second or two)
+    xp = preferred_namespace() if nvidia_driver_present() else np
     if choice == "cuda" and xp is np:
         raise ValueError("device cuda: no usable CUDA GPU here (CuPy missing, no driver or no "
                          "device); use cpu.")
@@ -221,12 +239,53 @@ def rows_per_chunk(megabytes: float, sources) -> int:
     return max(1, int(megabytes * (1 << 20)) // max(row_bytes, 1))
 
 
-def _nan_rows(per, rows: int) -> int:
-    """Rows (first axis) of a chunk whose loss is NaN anywhere."""
+def _nan_rows(per, rows: int) -> np.ndarray:
+    """The rows (first axis) of a chunk whose loss is NaN anywhere, in order."""
     per = per.get() if hasattr(per, "get") else np.asarray(per)
-    if per.ndim == 0:
-        return int(np.isnan(per))
-    return int(np.isnan(per.reshape(rows, -1)).any(axis=1).sum())
+    return np.flatnonzero(np.isnan(per.reshape(rows, -1)).any(axis=1))
+
+
+FIRST_ROWS = 3  # offending rows named in a message: enough to find the pattern in the data
+
+
+def rows_text(rows) -> str:
+    """ "row 17" or "rows 17, 203, 999": row numbers for a message."""
+    return f"{'row' if len(rows) == 1 else 'rows'} {', '.join(map(str, rows))}"
+
+
+def _first_bad_rows(fn, p, t, w, opts, *, w_per_row: bool) -> list[int]:
+    """The first rows of a chunk (at most FIRST_ROWS) that the loss refuses, found by halving
+    the chunk and asking the loss itself, so that every check it makes is covered (ranges,
+    class indices, weights). [] when the error is not in the rows' values: a shape, an option,
+    a weight array shared by every row, or a class axis that runs along the rows."""
+    if p.ndim == 0 or t.ndim == 0:
+        return []  # a single value: no rows to tell apart
+    if fn.family == "categorical" and opts.get("axis", -1) % p.ndim == 0:
+        return []  # the "rows" are classes: slicing them changes the loss' question
+
+    def refused(a, b):
+        try:
+            fn(p[a:b], t[a:b], reduction="sum", sample_weight=w[a:b] if w_per_row else w,
+               **opts)
+        except ValueError:
+            return True
+        return False
+
+    if refused(0, 0):  # no rows at all and still refused: not the rows' fault
+        return []
+    found: list[int] = []
+
+    def search(a, b):  # a range is refused exactly when it holds a refused row
+        if len(found) >= FIRST_ROWS or not refused(a, b):
+            return
+        if b - a == 1:
+            found.append(a)
+            return
+        search(a, (a + b) // 2)
+        search((a + b) // 2, b)
+
+    search(0, len(p))
+    return found
 
 
 def _count(fn, p, opts):

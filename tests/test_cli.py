@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -11,10 +12,11 @@ import gpuloss as gl
 from gpuloss import _cli
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_demo_cross_checks_every_loss(capsys, dtype):
     assert _cli.main(["demo", "--dtype", dtype]) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("gpuloss demo on ") and f", {dtype};" in out
     for name in ("mse", "bce", "bce_with_logits", "cce", "cce_with_logits"):
         assert f"\n{name} " in out
     assert out.count("  ok") == len(gl.LOSSES) and f"all {len(gl.LOSSES)} losses agree" in out
@@ -32,6 +34,17 @@ def test_unknown_command_exits_2():
     with pytest.raises(SystemExit) as exc:
         _cli.main(["frobnicate"])
     assert exc.value.code == 2
+
+
+def test_no_command_lists_the_commands_and_exits_2(capsys):
+    assert _cli.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    with pytest.raises(SystemExit):
+        _cli.main(["--help"])
+    assert err == capsys.readouterr().out  # the same listing as --help, on stderr
+    for command in ("demo", "score", "info", "bench"):  # each with its one-line help
+        assert re.search(rf"^ +{command} +\w", err, flags=re.MULTILINE), command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +134,7 @@ def test_score_npz_and_parquet_inputs(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["mse", "{d}/missing.npy", "{t}"], "pred: no such file"),
-    (["l3_loss", "{p}", "{t}"], "invalid choice: 'l3_loss'"),
+    (["l3_loss", "{p}", "{t}"], "argument loss: No loss named 'l3_loss'"),
     (["mse", "{p}", "{short}"], "Shape mismatch: pred has 1000 rows"),
     (["bce_with_logits", "{p}", "{t}", "--label-smoothing", "2"], "label_smoothing must lie in"),
     (["bce", "{p}", "{t}"], "pred must hold probabilities"),
@@ -238,7 +251,8 @@ def test_version(capsys):
 def test_demo_takes_a_device(capsys, monkeypatch):
     assert _cli.main(["demo", "--device", "cpu", "--dtype", "float64"]) == 0
     assert "gpuloss demo on cpu (NumPy)" in capsys.readouterr().out
-    monkeypatch.setattr("gpuloss.preferred_namespace", lambda: np)  # as on a machine sans GPU
+    # as on a machine sans GPU (the module the command line asks, not the package's name)
+    monkeypatch.setattr("gpuloss._dispatch.preferred_namespace", lambda: np)
     assert _cli.main(["demo", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda: no usable CUDA GPU" in err
@@ -358,8 +372,65 @@ def test_score_counts_the_rows_whose_loss_is_nan(tmp_path, capsys, loss):
     assert code == 0, err
     result = json.loads(out)
     assert result["nan_rows"] == 4 and result["loss"] is None
+    assert result["nan_first_rows"] == [3, 500, 501]  # the first three, across chunks
     code, out, _ = _score(capsys, loss, p, t, "--chunk-size", 100)
-    assert "nan rows   4" in out
+    assert "nan rows   4 (first at rows 3, 500, 501, counting from 0)\n" in out
+    pred[[500, 501, 999]] = 0  # one NaN row left: all of them are named
+    np.save(p, pred)
+    code, out, _ = _score(capsys, loss, p, t, "--chunk-size", 100)
+    assert "nan rows   1 (at row 3, counting from 0)\n" in out
+    assert gl.score_files(loss, p, t, chunk_size=100).nan_first_rows == (3,)
+
+
+@pytest.mark.parametrize("name", ["l1_loss", "msee", "crossentropy", "nothing_like_it"])
+def test_score_suggests_a_loss_as_gpuloss_losses_does(tmp_path, capsys, name):
+    _, _, p, t = _files(tmp_path, "mse")
+    with pytest.raises(KeyError) as lookup:
+        gl.LOSSES[name]
+    with pytest.raises(SystemExit) as exc:
+        _score(capsys, name, p, t)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"gpuloss: error: argument loss: {lookup.value.args[0]}\n"
+    if name == "l1_loss":  # another library's name for one of ours
+        assert lookup.value.args[0].endswith("Did you mean 'mae'?")
+
+
+def _save(tmp_path, **arrays):
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    return [tmp_path / f"{name}.npy" for name in arrays]
+
+
+def test_score_domain_errors_name_the_first_offending_rows(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    prob = rng.uniform(0.1, 0.9, 1000)
+    prob[[17, 203, 999, 600]] = [1.5, -0.5, 2.0, 3.0]
+    p, y = _save(tmp_path, p=prob, y=np.zeros(1000))
+    code, _, err = _score(capsys, "bce", p, y)  # one chunk: its first three
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("gpuloss: error: pred must hold probabilities in [0, 1]")
+    assert err.endswith(" First at rows 17, 203, 600 (counting from 0).\n")
+    code, _, err = _score(capsys, "bce", y, p, "--chunk-size", 100)  # stops in rows 0..99
+    assert code == 2 and "target must hold targets" in err
+    assert err.endswith(" First at row 17 (counting from 0).\n")
+    # class indices out of range, in a later chunk
+    labels = rng.integers(0, 5, 1000)
+    labels[[250, 260]] = [7, -1]
+    z, lab = _save(tmp_path, z=rng.standard_normal((1000, 5)), lab=labels)
+    code, _, err = _score(capsys, "cce_with_logits", z, lab, "--chunk-size", 100)
+    assert code == 2 and "outside [0, 4]" in err
+    assert err.endswith(" First at rows 250, 260 (counting from 0).\n")
+    # a negative weight of one row is found; one shared by every row has no row to name
+    sw = np.ones(1000)
+    sw[42] = -1
+    w_rows, w_shared = _save(tmp_path, w_rows=sw, w_shared=np.array([1.0, -1, 1, 1, 1]))
+    code, _, err = _score(capsys, "mse", y, y, "--sample-weight", w_rows)
+    assert code == 2 and err.endswith(" First at row 42 (counting from 0).\n")
+    code, _, err = _score(capsys, "mse", z, z, "--sample-weight", w_shared)
+    assert code == 2 and "sample_weight must be non-negative" in err and "row" not in err
+    # the same message from Python
+    with pytest.raises(ValueError, match=r"First at rows 17, 203, 600 \(counting from 0\)"):
+        gl.score_files("bce", p, y)
 
 
 def test_score_chunks_by_a_memory_budget_and_refuses_empty_chunks(tmp_path, capsys):
@@ -436,3 +507,62 @@ def test_score_files_is_the_python_side_of_gpuloss_score(tmp_path, capsys):
         with pytest.raises(ValueError, match=message):
             gl.score_files("cce_with_logits", p, t, **bad)
     assert capsys.readouterr().err == ""  # no progress bar unless asked (and on a terminal)
+
+
+# ---------------------------------------------------------------------------------------------
+# --device auto without a driver: no CuPy import (it costs a second or two)
+
+
+def test_no_driver_no_cupy_import(tmp_path):
+    import importlib.util
+
+    from gpuloss._gpu_probe import nvidia_driver_present
+
+    if nvidia_driver_present():
+        pytest.skip("an NVIDIA driver is here: CuPy is meant to be asked")
+    if importlib.util.find_spec("cupy") is None:
+        pytest.skip("CuPy is not installed: nothing could import it")
+    a, b = _save(tmp_path, a=np.zeros(10), b=np.ones(10))
+    code = (
+        "import sys\n"
+        "from gpuloss._cli import main\n"
+        "from gpuloss._score import device_namespace\n"
+        "assert device_namespace('auto')[1] == 'cpu'\n"
+        "assert main(['score', 'mse', sys.argv[1], sys.argv[2], '--json']) == 0\n"
+        "assert main(['info']) == 0\n"
+        "assert main(['bench', '--losses', 'mse', '--quick', '--out', sys.argv[3]]) == 0\n"
+        "print('CUPY', 'cupy' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(a), str(b), str(tmp_path / "bench")],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"device": "cpu"' in done.stdout
+    assert "none usable (no NVIDIA driver)" in done.stdout  # gpuloss info says why
+    assert "CUPY False" in done.stdout
+
+
+def test_the_driver_probe_looks_for_driver_files_then_the_library(monkeypatch):
+    import ctypes.util
+
+    from gpuloss import _gpu_probe
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the probe's Linux branch")
+    seen = []
+
+    def probe(files, library):
+        _gpu_probe.nvidia_driver_present.cache_clear()
+        monkeypatch.setattr(_gpu_probe.os.path, "exists", lambda path: path in files)
+        monkeypatch.setattr(ctypes.util, "find_library",
+                            lambda name: seen.append(name) or library)
+        return _gpu_probe.nvidia_driver_present()
+
+    try:
+        assert probe((), None) is False and seen == ["cuda"]
+        assert probe(("/dev/nvidia0",), None) is True
+        assert probe(("/proc/driver/nvidia",), None) is True
+        assert probe(("/dev/dxg",), None) is True  # WSL2
+        assert probe((), "libcuda.so.1") is True  # the library alone: CuPy decides
+    finally:
+        monkeypatch.undo()
+        _gpu_probe.nvidia_driver_present.cache_clear()
