@@ -16,3 +16,18 @@ from .losses import *  # noqa: F403 - every loss, by its name (gpuloss.losses de
 __all__ = ["ScoreResult", "StreamingLoss", "__version__", "preferred_namespace", "score_files"]
 __all__ += _losses.__all__  # LOSSES and every loss
 __all__.sort()
+
+
+def _register_torch_operators():
+    """torch.ops.gpuloss.<loss>, for torch.compile and torch.export: registered now when
+    PyTorch is already imported (a trace cannot register them; 15 ms), else by `import
+    gpuloss.torch` or the first call on a tensor."""
+    import sys
+
+    if "torch" in sys.modules:
+        from . import _torch
+
+        _torch.operators()
+
+
+_register_torch_operators()

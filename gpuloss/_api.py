@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
-from . import _call, _dispatch, _jax
+from . import _call, _dispatch, _jax, _torch
 from ._call import CATEGORICAL, Call
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -30,8 +31,26 @@ _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # bfloat16: float
 # dtype helpers, valid for NumPy dtypes and for any array-API namespace
 
 
+# (type, dtype) -> kind, and -> name: a dtype's .name costs microseconds. The type comes first
+# so that dtypes of different libraries are never compared (array-api-strict warns)
+_KINDS: dict = {}
+_NAMES: dict = {}
+
+
 def dtype_kind(xp, dtype) -> str:
     """One of 'bool', 'int', 'float', 'complex', 'other'."""
+    key = (type(dtype), dtype)
+    try:
+        return _KINDS[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype (not cached)
+        pass
+    kind = _dtype_kind(xp, dtype)
+    if isinstance(dtype, np.dtype) or array_api_compat.is_torch_namespace(xp):
+        _KINDS[key] = kind  # these libraries' dtypes mean one thing whatever the namespace
+    return kind
+
+
+def _dtype_kind(xp, dtype) -> str:
     if isinstance(dtype, np.dtype):
         if dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (kind 'V' to NumPy)
             return "float"
@@ -53,7 +72,16 @@ def dtype_kind(xp, dtype) -> str:
 
 
 def dtype_name(dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]  # torch.float32, array_api_strict.float32 -> float32
+    key = (type(dtype), dtype)
+    try:
+        return _NAMES[key]
+    except (KeyError, TypeError):
+        name = str(dtype).rsplit(".", 1)[-1]  # torch.float32, array_api_strict.float32 -> float32
+    try:
+        _NAMES[key] = name
+    except TypeError:
+        pass
+    return name
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -278,28 +306,12 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         _check_broadcastable(pos_weight, "pos_weight", shape, "pred's shape")
         fields["pos_weight"] = pos_weight
 
-    # the loss's own scalar options (and eps, label_smoothing), checked by their declaration
-    checked = {}
-    for opt in loss.declared:
-        if opt.check is not None and opt.name not in _STRUCTURAL:
-            checked[opt.name] = opt.check(options.get(opt.name, opt.default),
-                                          dtype_name(pred.dtype))
+    checked, kernel_params, pred_rule, target_rule = _checked_options(
+        loss, options, dtype_name(pred.dtype), fields)
     if "eps" in checked and loss.clips:
         fields["eps"] = checked["eps"]
     if "label_smoothing" in checked:
         fields["label_smoothing"] = checked["label_smoothing"]
-    for key in ("axis", "ignore_index"):
-        if key in fields and key in loss.options:
-            checked[key] = fields[key]
-
-    pred_rule = loss.pred_rule(checked) if callable(loss.pred_rule) else loss.pred_rule
-    target_rule = loss.target_rule(checked) if callable(loss.target_rule) else loss.target_rule
-    if loss.family == CATEGORICAL:  # the declared rule is for probability targets, UNIT unless
-        # a callable says otherwise (kl_div's log-probability targets have none)
-        if fields.get("labels"):
-            target_rule = None
-        elif not callable(loss.target_rule) and target_rule is None:
-            target_rule = _call.UNIT
     return Call(
         loss=loss.name,
         pred=pred,
@@ -307,7 +319,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         reduction="mean" if parts else reduction,
         family=loss.family,
         kernel=loss.kernel,
-        kernel_params=tuple(float(v) for v in loss.kernel_params(checked)),
+        kernel_params=kernel_params,
         options=checked,
         pred_rule=pred_rule,
         target_rule=target_rule,
@@ -317,6 +329,39 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         parts=parts,
         **fields,
     )
+
+
+def _checked_options(loss, options, pred_dtype, fields):
+    """(the loss's own scalar options checked by their declaration (and eps, label_smoothing),
+    its kernel parameters, pred's and target's domain rules). Remembered per loss and option
+    values (with their types: True is not 1 here), since training loops repeat one call."""
+    own = loss.own_checks
+    values = tuple(options.get(opt.name, opt.default) for opt in own)
+    key = (pred_dtype, fields.get("labels"), fields.get("axis"), fields.get("ignore_index"),
+           values, tuple(map(type, values)))
+    try:
+        return loss.checked_cache[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable value (an array, a JAX tracer): check it, keep nothing
+        key = None
+    checked = {opt.name: opt.check(value, pred_dtype) for opt, value in zip(own, values)}
+    for name in ("axis", "ignore_index"):
+        if name in fields and name in loss.options:
+            checked[name] = fields[name]
+    pred_rule = loss.pred_rule(checked) if callable(loss.pred_rule) else loss.pred_rule
+    target_rule = loss.target_rule(checked) if callable(loss.target_rule) else loss.target_rule
+    if loss.family == CATEGORICAL:  # the declared rule is for probability targets, UNIT unless
+        # a callable says otherwise (kl_div's log-probability targets have none)
+        if fields.get("labels"):
+            target_rule = None
+        elif not callable(loss.target_rule) and target_rule is None:
+            target_rule = _call.UNIT
+    result = (checked, tuple(float(v) for v in loss.kernel_params(checked)), pred_rule,
+              target_rule)
+    if key is not None and len(loss.checked_cache) < 256:  # bounded: option sweeps stay small
+        loss.checked_cache[key] = result
+    return result
 
 
 def _check_categorical(loss, shape, target, arrays, options, xp, fields):
@@ -424,9 +469,13 @@ class Loss:
         self.kernel = kernel
         self.declared = COMMON + tuple(options)
         self.options = tuple(o.name for o in self.declared)
+        self.option_set = frozenset(self.options)
         self.pred_rule = pred_rule
         self.target_rule = target_rule
         self.clips = any(o is CLIP_EPS for o in options)
+        self.own_checks = tuple(o for o in self.declared
+                                if o.check is not None and o.name not in _STRUCTURAL)
+        self.checked_cache: dict = {}  # see _checked_options
         own = [o.name for o in options if o.kind in ("number", "bool")]
         self.kernel_params = kernel_params or (lambda o: tuple(float(o[k]) for k in own))
         self.naive = naive
@@ -453,7 +502,8 @@ class Loss:
         _BY_NAME[name] = self
 
     def __call__(self, pred, target, *positional, **options):
-        self._refuse_positional(positional)
+        if positional:
+            self._refuse_positional(positional)
         return self._run(pred, target, options, want_value=True, want_grad=False)[0]
 
     def _refuse_positional(self, positional):
@@ -473,7 +523,8 @@ class Loss:
 
     def _entry_point(self, method, *, want_value, want_grad):
         def entry(pred, target, *positional, **options):
-            self._refuse_positional(positional)
+            if positional:
+                self._refuse_positional(positional)
             value, grad = self._run(
                 pred, target, options, want_value=want_value, want_grad=want_grad
             )
@@ -494,7 +545,7 @@ class Loss:
 
     def prepare(self, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
         """The checked call of one entry point (an unknown option is a TypeError)."""
-        unknown = sorted(set(options) - set(self.options))
+        unknown = sorted(options.keys() - self.option_set) if options else ()
         if unknown:
             msg = (
                 f"{self.name}() got an unexpected keyword argument {unknown[0]!r}; "
@@ -509,8 +560,16 @@ class Loss:
         )
 
     def _run(self, pred, target, options, *, want_value, want_grad):
+        if _torch.is_tensor(pred):  # autograd, torch.compile, torch.func: gpuloss._torch
+            return _torch.run(self, pred, target, options, want_value=want_value,
+                              want_grad=want_grad, compute=_compute)
         call = self.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
         return _dispatch.route(call, rerun=run)(call)
+
+
+def _compute(call):
+    """The checked call, computed by the backend for its arrays."""
+    return _dispatch.route(call, rerun=run)(call)
 
 
 def run(name, pred, target, options, *, want_value, want_grad, parts=False):

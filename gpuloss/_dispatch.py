@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from types import ModuleType
 
 import array_api_compat
@@ -25,6 +26,9 @@ __all__ = ["array_namespace", "backend_for", "route", "preferred_namespace"]
 
 
 def _is_array(x) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and type(x) is torch.Tensor:  # (before array_api_compat's long look)
+        return True
     return isinstance(x, (np.ndarray, np.generic)) or array_api_compat.is_array_api_obj(x)
 
 
@@ -58,6 +62,14 @@ def library_name(x) -> str:
 
 def array_namespace(pred, others: dict):
     """The namespace of `pred`; every other array must come from the same library and device."""
+    if type(pred) is np.ndarray and all(type(a) is np.ndarray for a in others.values()):
+        return _NUMPY_NS  # the common call: one library, one device
+    torch = sys.modules.get("torch")
+    if torch is not None and type(pred) is torch.Tensor:  # a training loop's call, checked
+        # without array_api_compat's general (slower) look
+        dev = pred.device
+        if all(type(a) is torch.Tensor and a.device == dev for a in others.values()):
+            return _torch_namespace()
     xp = array_api_compat.array_namespace(pred)
     lib = library_name(pred)
     dev = array_api_compat.device(pred)
@@ -86,6 +98,8 @@ def route(call, rerun=None):
     """The function that computes the checked `call`: `backend_for` its pred, unless one of
     its arrays is a JAX tracer (jit, grad, vmap, ...); then the computation stays in the
     trace."""
+    if type(call.pred) is np.ndarray and type(call.target) is np.ndarray:
+        return _numpy_backend().compute  # NumPy arrays throughout (others are refused)
     arrays = (call.pred, call.target, call.sample_weight, call.pos_weight, call.class_weight)
     if any(_jax.is_traced(a) for a in arrays):
         return _jax.compute
@@ -102,24 +116,34 @@ def backend_for(pred, rerun=None):
     nothing here imports the layers above.
     """
     if isinstance(pred, np.ndarray):
-        return importlib.import_module("gpuloss.backends.numpy").compute
+        return _numpy_backend().compute
     if array_api_compat.is_dask_array(pred):
         compute = importlib.import_module("gpuloss._dask").compute
         return functools.partial(compute, rerun=rerun)
     if array_api_compat.is_cupy_array(pred):
         return importlib.import_module("gpuloss.backends.cuda").compute
     plain = None  # how to compute on this array without an autograd graph
-    if _on_cuda(pred):
-        plain = importlib.import_module("gpuloss.backends.cuda").compute_foreign
-    elif _torch_cpu(pred):
+    if _torch_cpu(pred):  # (first: asking a tensor for its DLPack device costs microseconds)
         plain = _compute_torch_cpu
+    elif _on_cuda(pred):
+        plain = importlib.import_module("gpuloss.backends.cuda").compute_foreign
     elif _jax_cpu(pred):
         return _compute_jax_cpu
     if plain is None:
         return importlib.import_module("gpuloss.backends.generic").compute
-    if _needs_graph(pred):
-        return functools.partial(_compute_torch_with_graph, plain=plain)
-    return plain
+    return plain  # (a torch tensor's autograd graph is gpuloss._torch's)
+
+
+@functools.cache
+def _torch_namespace():
+    import torch
+
+    return array_api_compat.array_namespace(torch.empty(0))
+
+
+@functools.cache
+def _numpy_backend():
+    return importlib.import_module("gpuloss.backends.numpy")
 
 
 _NUMPY_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
@@ -134,7 +158,8 @@ def _torch_cpu(x) -> bool:
 
 def _numpy_view(x):
     """A torch CPU tensor as a NumPy array on the same memory (bfloat16 through ml_dtypes)."""
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if str(x.dtype) == "torch.bfloat16":
         import ml_dtypes
         import torch
@@ -148,26 +173,9 @@ def _torch_view(a):
     import torch
 
     a = np.asarray(a)
-    if a.dtype.name == "bfloat16":
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":  # (.name alone costs microseconds)
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
-
-
-def _needs_graph(x) -> bool:
-    """A torch tensor whose loss must be attached to autograd."""
-    if not array_api_compat.is_torch_array(x) or not x.requires_grad:
-        return False
-    import torch
-
-    return torch.is_grad_enabled()
-
-
-def _compute_torch_with_graph(call, plain):
-    """The call of a loss (not .grad or .value_and_grad, which return plain tensors) on a
-    tensor that requires grad: value attached to autograd, fused pass once."""
-    if call.want_grad or not call.want_value:
-        return plain(call)
-    return importlib.import_module("gpuloss._torch").compute_with_graph(call, plain)
 
 
 def _compute_torch_cpu(call):
@@ -225,6 +233,10 @@ def _on_cuda(x) -> bool:
 
 @functools.cache
 def _cupy_if_usable():
+    from ._gpu_probe import nvidia_driver_present
+
+    if not nvidia_driver_present():  # importing CuPy to learn that costs a second or two
+        return None
     try:
         import cupy
 

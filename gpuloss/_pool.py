@@ -17,6 +17,7 @@ a copy of an unaligned 256 MB gradient into JAX costs more than computing it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -50,7 +51,7 @@ def _is_free(i: int) -> bool:
 def empty(shape, dtype, order="C") -> np.ndarray:
     """Like np.empty, but large arrays reuse the memory of dropped ones."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = (math.prod(shape) if isinstance(shape, tuple) else int(shape)) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype, order=order)
     limit = _limit()

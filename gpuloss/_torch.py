@@ -1,54 +1,298 @@
-"""PyTorch autograd for every loss: the fused pass once in forward, `grad_output` times the
-saved gradient in backward (DESIGN §10).
+"""PyTorch as a host: autograd for every loss, and every loss as a PyTorch operator.
 
-Handed the checked call and the function that computes it without a graph (the NumPy backend
-on views of CPU tensors, the CUDA kernels for CUDA tensors), so it imports nothing of gpuloss
-and the dispatch stays free of import circles. torch is imported only when a tensor arrives.
+Two ways in, one autograd rule (DESIGN §10: the fused pass once in forward, `grad_output`
+times the saved gradient in backward):
+
+- Eager calls on plain tensors (the training loop) compute straight away: the checked call
+  goes to the NumPy backend on views of CPU tensors or to the CUDA kernels, and `_LossFn`
+  attaches the value to autograd.
+- Under `torch.compile`, `torch.export`, `torch.func` transforms, or with tensor subclasses,
+  the call goes through the custom operator ``torch.ops.gpuloss.<loss>`` (one per loss,
+  registered with a fake implementation that gives the shapes, so the compiler sees one opaque
+  node and no graph break), still inside `_LossFn`, whose `vmap` rule maps over the batch.
+
+There is no second derivative: a backward with ``create_graph=True`` raises at once, and
+differentiating the saved gradient again (torch.func.hessian, grad of grad) raises too; a
+gradient is never silently detached. Only pred gets a gradient: a target or weight that
+requires grad is refused with a message, never given a silent None.
+
+torch is imported only when a tensor arrives (`sys.modules`), so `import gpuloss` needs none.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
+
+NO_SECOND_DERIVATIVE = (
+    "gpuloss losses have no second derivative: backward computes the fused gradient, which "
+    "is not itself differentiable (create_graph=True, torch.func.hessian, grad of grad). "
+    "Use the loss's PyTorch formula where second derivatives are needed."
+)
+
+_ARRAY_OPTIONS = ("sample_weight", "pos_weight", "class_weight")
 
 
-def compute_with_graph(call, compute):
-    """(the loss of `call` attached to autograd through `call.pred`, None).
+def is_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
-    `compute(call)` returns (value, grad) as plain tensors. Forward asks it for both in one
-    pass and keeps only the gradient (one pred-sized tensor: no logits, no softmax copy).
-    """
-    value, grad = compute(dataclasses.replace(call, want_value=True, want_grad=True))
+
+def run(loss, pred, target, options, *, want_value, want_grad, compute):
+    """One entry point of `loss` called with a torch tensor as pred. `compute(call)` is the
+    checked dispatch (gpuloss._api's), for calls that need no autograd graph."""
+    import torch
+
+    tensors = (pred, target, *(options.get(k) for k in _ARRAY_OPTIONS))
+    if not _OPERATORS and not torch.compiler.is_compiling():
+        operators()  # registered on the first eager call, ready for a later torch.compile
+    if _traced(torch, tensors):
+        return _run_traced(torch, loss, pred, target, options, want_value, want_grad)
+    graph = want_value and not want_grad and pred.requires_grad and torch.is_grad_enabled()
+    call = loss.prepare(pred, target, options, want_value=want_value,
+                        want_grad=want_grad or graph)
+    if not graph:
+        return compute(call)
+    _refuse_other_grads(call)
+    value, grad = compute(call)
     axis = call.axis if call.categorical and call.reduction == "none" else None
-    return _attach().apply(call.pred, value, grad, axis), None
+    return _EagerFn.apply(pred, value, grad, axis), None
 
 
-_FN = None
+def _traced(torch, tensors) -> bool:
+    """Whether a compiler or a torch.func transform is looking (or a tensor subclass: fake,
+    functional, distributed ...): then the loss has to be one operator node."""
+    if torch.compiler.is_compiling():
+        return True
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and isinstance(t, torch.Tensor)
+               and (type(t) not in (torch.Tensor, torch.nn.Parameter) or is_wrapped(t))
+               for t in tensors)
 
 
-def _attach():
-    """The autograd Function, made on first use (so that importing gpuloss needs no torch)."""
-    global _FN
-    if _FN is None:
+def _refuse_other_grads(call):
+    for name in ("target", *_ARRAY_OPTIONS):
+        x = getattr(call, name)
+        if x is not None and getattr(x, "requires_grad", False):
+            _raise_other_grad(name)
+
+
+def _raise_other_grad(name):
+    msg = (f"{name} requires grad, but gpuloss differentiates with respect to pred only (its "
+           f"gradient would be lost). Pass {name}.detach(); a teacher that must learn too "
+           f"needs a PyTorch formula for its side.")
+    raise RuntimeError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one autograd rule
+
+
+class _ViaOp:
+    """How `_LossFn` computes a traced call: the loss's operator, with its scalar options."""
+
+    def __init__(self, op, scalars, axis, want_grad):
+        self.op, self.scalars, self.axis, self.want_grad = op, scalars, axis, want_grad
+
+    def __call__(self, pred, target, sample_weight, pos_weight, class_weight):
+        return self.op(pred, target, sample_weight, pos_weight, class_weight, *self.scalars,
+                       self.want_grad)
+
+
+def _backward(torch, grad, grad_value, axis):
+    """grad_output times the saved gradient (broadcast along the classes for one loss per
+    sample)."""
+    if axis is not None:
+        return grad * grad_value.unsqueeze(axis)
+    if (type(grad_value) is torch.Tensor and grad_value.device.type == "cpu"
+            and grad_value.dim() == 0 and not torch.compiler.is_compiling()
+            and torch._C._functorch.maybe_current_level() is None
+            and grad_value.item() == 1.0):
+        # loss.backward(): the saved gradient itself, no pass and no new tensor (autograd
+        # copies it if it is still shared, e.g. with retain_graph)
+        return grad
+    return grad * grad_value
+
+
+def _make_eager_fn():
+    import torch
+
+    class EagerFn(torch.autograd.Function):
+        """The eager form: (value, grad) computed before, grad saved. (The setup_context form
+        that torch.func needs costs an inspect.signature per call, about 40 us.)"""
+
+        @staticmethod
+        def forward(ctx, pred, value, grad, axis):
+            ctx.save_for_backward(grad)
+            ctx.axis = axis
+            return value
+
+        @staticmethod
+        def backward(ctx, grad_value):
+            if torch.is_grad_enabled():  # create_graph=True
+                raise RuntimeError(NO_SECOND_DERIVATIVE)
+            (grad,) = ctx.saved_tensors
+            return _backward(torch, grad, grad_value, ctx.axis), None, None, None
+
+    return EagerFn
+
+
+def _make_loss_fn():
+    import torch
+
+    class LossFn(torch.autograd.Function):
+        """value, grad = the fused pass; backward = grad_output x the saved grad."""
+
+        @staticmethod
+        def forward(pred, target, sample_weight, pos_weight, class_weight, how):
+            return how(pred, target, sample_weight, pos_weight, class_weight)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(output[1])
+            ctx.axis = inputs[-1].axis  # reduction="none" over classes: one loss per sample
+
+        @staticmethod
+        def backward(ctx, grad_value, grad_of_grad):
+            if not torch.compiler.is_compiling():  # (the compiler traces this with every
+                # gradient present, and has no double backward of its own)
+                if grad_of_grad is not None:  # something differentiates the gradient itself
+                    raise RuntimeError(NO_SECOND_DERIVATIVE)
+                if (torch.is_grad_enabled()
+                        and torch._C._functorch.maybe_current_level() is None):
+                    raise RuntimeError(NO_SECOND_DERIVATIVE)  # create_graph=True, eager
+            none = (None,) * 5
+            if grad_value is None:
+                return (None, *none)
+            (grad,) = ctx.saved_tensors
+            return (_backward(torch, grad, grad_value, ctx.axis), *none)
+
+        @staticmethod
+        def vmap(info, in_dims, pred, target, sample_weight, pos_weight, class_weight, how):
+            # one call per batch entry: exact, and as fast as the batch is short
+            args = (pred, target, sample_weight, pos_weight, class_weight)
+            values, grads = [], []
+            for b in range(info.batch_size):
+                one = [a if d is None or a is None else a.select(d, b)
+                       for a, d in zip(args, in_dims[:5])]
+                value, grad = how(*one)
+                values.append(value)
+                grads.append(grad)
+            return (torch.stack(values), torch.stack(grads)), (0, 0)
+
+    return LossFn
+
+
+_LossFn = _EagerFn = None  # made with the operators (a trace cannot define a class)
+
+
+# ---------------------------------------------------------------------------------------------
+# the operators
+
+
+def _run_traced(torch, loss, pred, target, options, want_value, want_grad):
+    op = operators()[loss.name]
+    unknown = [k for k in options if k not in loss.option_set]
+    if unknown:  # the eager message (loss.prepare raises it)
+        loss.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
+    arrays = []
+    for name in _ARRAY_OPTIONS:
+        value = options.get(name)
+        if value is not None and not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value, device=pred.device)
+        arrays.append(value)
+    for name, value in (("target", target), *zip(_ARRAY_OPTIONS, arrays)):
+        if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+            _raise_other_grad(name)
+    scalars = tuple(options.get(o.name, o.default) for o in loss.declared
+                    if o.kind != "array")
+    axis = None
+    if loss.family == "categorical" and options.get("reduction", "mean") == "none":
+        axis = options.get("axis", -1) % pred.dim()
+    graph = want_value and not want_grad and pred.requires_grad and torch.is_grad_enabled()
+    value, grad = _LossFn.apply(pred, target, *arrays,
+                                _ViaOp(op, scalars, axis, want_grad or graph))
+    if graph or not pred.requires_grad:
+        return value, (grad if want_grad else None)
+    # .grad and .value_and_grad return plain tensors, as in eager mode
+    return value.detach(), (grad.detach() if want_grad else None)
+
+
+_OPERATORS: dict = {}
+
+
+def operators() -> dict:
+    """{loss name: torch.ops.gpuloss.<name>}, registered on first use (with `_LossFn`).
+    Registration cannot
+    happen inside a torch.compile trace: `import gpuloss.torch` (or any eager call on a
+    tensor, or importing gpuloss after torch) does it beforehand."""
+    if not _OPERATORS:
         import torch
 
-        class FusedLoss(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, pred, value, grad, axis):
-                ctx.save_for_backward(grad)
-                ctx.axis = axis
-                return value
+        if torch.compiler.is_compiling():
+            msg = ("gpuloss's PyTorch operators are not registered yet, and cannot be while "
+                   "torch.compile traces: import gpuloss.torch (or import gpuloss after torch) "
+                   "before compiling.")
+            raise RuntimeError(msg)
+        from . import _api
 
-            @staticmethod
-            def backward(ctx, grad_output):
-                (grad,) = ctx.saved_tensors
-                if ctx.axis is not None:  # one loss per sample: broadcast along the classes
-                    grad_output = grad_output.unsqueeze(ctx.axis)
-                elif (grad_output.device.type == "cpu" and grad_output.dim() == 0
-                      and grad_output.item() == 1.0):
-                    # loss.backward(): the saved gradient itself, no pass and no new tensor
-                    # (autograd copies it if it is still shared, e.g. with retain_graph)
-                    return grad, None, None, None
-                return grad * grad_output, None, None, None
+        global _LossFn, _EagerFn
+        _LossFn, _EagerFn = _make_loss_fn(), _make_eager_fn()
+        for loss in _api._BY_NAME.values():
+            _OPERATORS[loss.name] = _define(torch, loss)
+    return _OPERATORS
 
-        _FN = FusedLoss
-    return _FN
+
+_SCHEMA_TYPES = {"reduction": "str", "validate": "bool", "axis": "int",
+                 "ignore_index": "int?", "bool": "bool"}
+
+
+def _define(torch, loss):
+    """torch.ops.gpuloss.<loss>(pred, target, sample_weight, pos_weight, class_weight, <the
+    loss's scalar options in declared order>, want_grad) -> (value, grad)."""
+    scalar_options = [o for o in loss.declared if o.kind != "array"]
+    names = [o.name for o in scalar_options]
+    args = ["Tensor pred", "Tensor target", "Tensor? sample_weight", "Tensor? pos_weight",
+            "Tensor? class_weight"]
+    for o in scalar_options:
+        kind = _SCHEMA_TYPES.get(o.name) or _SCHEMA_TYPES.get(o.kind)
+        if kind is None:  # a number: None where it is optional (eps, ...)
+            kind = "float?" if o.default is None else "float"
+        args.append(f"{kind} {o.name}")
+    schema = f"({', '.join(args)}, bool want_grad) -> (Tensor, Tensor)"
+
+    def impl(pred, target, sample_weight, pos_weight, class_weight, *rest):
+        *scalars, want_grad = rest
+        options = dict(zip(names, scalars))
+        for key, value in zip(_ARRAY_OPTIONS, (sample_weight, pos_weight, class_weight)):
+            if value is not None:
+                options[key] = value
+        from . import _api
+
+        value, grad = _api.run(loss.name, pred, target, options, want_value=True,
+                               want_grad=want_grad)
+        value = value.clone() if _shares(value, pred, target) else value
+        return value, (grad if want_grad else pred.new_empty(0))
+
+    def fake(pred, target, sample_weight, pos_weight, class_weight, *rest):
+        *scalars, want_grad = rest
+        options = dict(zip(names, scalars))
+        shape = ()
+        if options["reduction"] == "none":
+            shape = pred.shape
+            if loss.family == "categorical":
+                axis = options["axis"] % pred.dim()
+                shape = (*pred.shape[:axis], *pred.shape[axis + 1:])
+        grad = pred.new_empty(pred.shape) if want_grad else pred.new_empty(0)
+        return pred.new_empty(shape), grad
+
+    op = torch.library.custom_op(f"gpuloss::{loss.name}", impl, mutates_args=(),
+                                 schema=schema)
+    op.register_fake(fake)
+    return getattr(torch.ops.gpuloss, loss.name).default
+
+
+def _shares(x, *inputs) -> bool:
+    """An operator's output may not alias an input (never the case in gpuloss's backends;
+    checked, since a view would corrupt the traced graph)."""
+    return any(x is i for i in inputs)

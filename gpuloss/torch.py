@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _api
+from . import _api, _torch
+
+_torch.operators()  # torch.ops.gpuloss.<loss>, registered before anything is compiled
 
 __all__ = ["Loss"]
 

@@ -34,15 +34,18 @@ def test_torch_cpu_tensors_give_the_numpy_backends_bits(torch, loss, dtype):
     assert per.numpy().tobytes() == gl.LOSSES[loss](pred, target, reduction="none").tobytes()
 
 
-def test_which_tensors_take_the_numpy_backend(torch):
+def test_which_tensors_take_the_numpy_backend(torch, monkeypatch):
     z = torch.zeros(4, 3)
     assert _dispatch.backend_for(z) is _dispatch._compute_torch_cpu
+    # a tensor that needs a graph computes the same way; gpuloss._torch attaches the result
     needs_graph = z.clone().requires_grad_()
-    route = _dispatch.backend_for(needs_graph)
-    assert route.func is _dispatch._compute_torch_with_graph
-    assert route.keywords["plain"] is _dispatch._compute_torch_cpu
-    with torch.no_grad():
-        assert _dispatch.backend_for(needs_graph) is _dispatch._compute_torch_cpu
+    assert _dispatch.backend_for(needs_graph) is _dispatch._compute_torch_cpu
+    seen = []
+    real = _dispatch._compute_torch_cpu
+    monkeypatch.setattr(_dispatch, "_compute_torch_cpu",
+                        lambda call: seen.append(call.want_grad) or real(call))
+    out = gl.cce_with_logits(needs_graph, torch.zeros(4, dtype=torch.int64))
+    assert seen == [True] and out.grad_fn is not None  # one fused pass, value and gradient
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ one comment line what it computes. Adding an elementwise loss adds one block fun
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -34,6 +35,8 @@ BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a
 # inputs and scratch (a few MB) stay in the L2/L3 caches
 ROW_BLOCK = 1 << 19  # the same for whole rows: the row losses make fewer passes per block, so
 # the per-block Python overhead weighs more (measured: nll, cce 2x faster than at 1 << 17)
+MIN_SHARE = 1 << 16  # elements: from twice this size, every core gets a block (a thread's
+# start-up, tens of microseconds, is then less than the work it takes over)
 _F64 = np.float64
 
 
@@ -63,6 +66,13 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _executor_now
 
 
+def block_size(size: int, block: int) -> int:
+    """`block`, or less where that leaves a core idle on a mid-sized call: 256 x 1000 logits
+    are one row block, but two threads finish them in about half the time."""
+    share = -(-size // _num_threads())
+    return block if size <= 2 * MIN_SHARE else max(MIN_SHARE, min(block, share))
+
+
 def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list:
     """Index tuples that cut an array of `shape` into C-order blocks of about `block` elements.
 
@@ -90,14 +100,16 @@ def run_blocks(num_blocks: int, work) -> list:
     """Run `work(i, scratch)` for every block i; results come back in block order.
 
     `scratch` is a per-thread `Scratch`. Which thread runs which block does not matter: each
-    result is stored at its block's index.
+    result is stored at its block's index. The caller holds np.errstate(all="ignore").
     """
+    if num_blocks == 1:  # a small call: this thread, no closures (np.errstate is the caller's)
+        return [work(0, _thread_scratch())]
     results: list = [None] * num_blocks
     workers = min(_num_threads(), num_blocks)
     counter = itertools.count()
 
     def worker():
-        scratch = Scratch()
+        scratch = _thread_scratch()
         with np.errstate(all="ignore"):  # inf/NaN are results here, not warnings
             for i in iter(counter.__next__, None):
                 if i >= num_blocks:
@@ -111,6 +123,18 @@ def run_blocks(num_blocks: int, work) -> list:
         for f in futures:
             f.result()
     return results
+
+
+_local = threading.local()
+
+
+def _thread_scratch() -> Scratch:
+    """This thread's scratch buffers, kept from call to call (a call never keeps a reference
+    to them after it returns: results are always fresh arrays)."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = Scratch()
+    return scratch
 
 
 class Scratch:
@@ -298,13 +322,17 @@ def _elementwise(call):
     def view(x, broadcast=True):
         if x is None:
             return None
-        if broadcast:
-            x = np.broadcast_to(x, shape)  # read-only view: inputs are never written
+        if broadcast:  # read-only views: inputs are never written
+            if type(x) is not np.ndarray or x.shape != shape:  # (NumPy scalars too)
+                x = np.broadcast_to(x, shape)
+            else:
+                x = x.view()  # (broadcast_to costs microseconds a small call notices)
+                x.flags.writeable = False
         return x.T if flip else x
 
     P, Y, W, PW = (view(x) for x in (p, y, w, pw))
     G, L = (view(x, broadcast=False) for x in (grad, per_elem))
-    index = blocks(P.shape, BLOCK)
+    index = blocks(P.shape, block_size(n, BLOCK))
     kernel = _ELEMENTWISE[call.loss]
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum)
@@ -366,7 +394,7 @@ class _Consts:
         self.smooth = call.label_smoothing
         self.opt = call.options  # the loss's own options, by name
         # the loss's scalar parameters as the kernels get them
-        self.params = tuple(_param(v, cdt) for v in call.kernel_params)
+        self.params = _params(call.kernel_params, cdt)
         if call.eps is not None:
             # the bounds as the kernels get them: 1 - eps in float64, then rounded once
             lo, hi = call.kernel_params[:2]
@@ -374,10 +402,19 @@ class _Consts:
         self.cdt = cdt
 
 
+_LARGEST = {np.float32: float(np.finfo(np.float32).max), _F64: float(np.finfo(_F64).max)}
+
+
+@functools.lru_cache(maxsize=256)
+def _params(values, cdt) -> tuple:
+    """`_param` of each value (remembered: a training loop repeats one option set)."""
+    return tuple(_param(v, cdt) for v in values)
+
+
 def _param(value, cdt):
     """A loss's scalar parameter in the compute dtype as the kernels take it (gl_param): a
     value beyond the dtype's range becomes its largest finite value, never inf."""
-    top = float(np.finfo(cdt).max)
+    top = _LARGEST[cdt]
     return cdt(min(max(float(value), -top), top)) if not math.isnan(value) else cdt(value)
 
 
@@ -754,10 +791,11 @@ def _categorical(call):
     p, y = call.pred, call.target
     K = p.shape[call.axis]
     cdt = _compute_dtype(p.dtype)
-    P = np.moveaxis(p, call.axis, -1)
+    last = call.axis == p.ndim - 1  # the usual layout: no moveaxis views to make
+    P = p if last else np.moveaxis(p, call.axis, -1)
     sample_shape = P.shape[:-1]
     N = math.prod(sample_shape)
-    T = y if call.labels else np.moveaxis(y, call.axis, -1)
+    T = y if call.labels or last else np.moveaxis(y, call.axis, -1)
     if call.labels and T.dtype.kind == "u":  # class indices are int64 inside
         if T.dtype.itemsize == 8 and T.size:
             _call.check_labels_fit_int64(int(T.max()))
@@ -797,7 +835,7 @@ def _categorical(call):
         grad_post = w_scale
 
     grad = _pool.empty(p.shape, p.dtype) if call.want_grad else None
-    G = None if grad is None else np.moveaxis(grad, call.axis, -1)
+    G = grad if grad is None or last else np.moveaxis(grad, call.axis, -1)
     per_sample = (
         _pool.empty(sample_shape, p.dtype)
         if call.want_value and call.reduction == "none"
@@ -806,7 +844,7 @@ def _categorical(call):
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw, w_scale=w_scale)
     kernel = _CATEGORICAL[(call.loss, call.labels)]
-    index = blocks(P.shape, ROW_BLOCK, whole_last_axis=True)
+    index = blocks(P.shape, block_size(p.size, ROW_BLOCK), whole_last_axis=True)
 
     if N == 0:
         results = []
@@ -829,10 +867,11 @@ def _categorical(call):
             tb = T[ix]
             tb = tb.reshape(R) if call.labels else scratch.load("t", tb, cdt).reshape(R, K)
             swb = None if SW is None else scratch.load("sw", SW[ix], cdt).reshape(R)
-            gb = None
+            gb = Gb = None
             if G is not None:
-                direct = G[ix].dtype == cdt and G[ix].flags.c_contiguous
-                gb = G[ix].reshape(R, K) if direct else scratch.get("g", (R, K), cdt)
+                Gb = G[ix]
+                direct = Gb.dtype == cdt and Gb.flags.c_contiguous
+                gb = Gb.reshape(R, K) if direct else scratch.get("g", (R, K), cdt)
             lb = None
             if want_sum or per_sample is not None:
                 lb = scratch.get("l", (R,), cdt)
@@ -842,7 +881,7 @@ def _categorical(call):
             if call.validate and not call.labels and T.dtype != cdt:
                 result = (*result[:2], _min_max(T[ix]))  # the targets as stored, not as cast
             if G is not None and not direct:
-                np.copyto(G[ix], gb.reshape(G[ix].shape), casting="unsafe")
+                np.copyto(Gb, gb.reshape(Gb.shape), casting="unsafe")
             if per_sample is not None:
                 np.copyto(per_sample[ix], lb.reshape(rows))
             return result
@@ -860,6 +899,12 @@ def _categorical(call):
 
 def _label_prepass(call, labels, K, cw, SW) -> float:
     """Check the class indices and return the mean's denominator Σ_i sw_i cw[y_i]."""
+    if call.ignore_index is None and cw is None and SW is None:  # the common call: a range
+        if call.validate and labels.size:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= K:
+                _call.raise_bad_labels(lo, hi, K, None)
+        return float(labels.size) if call.reduction == "mean" else 0.0
     counted = np.ones(labels.shape, bool)
     if call.ignore_index is not None:
         counted = labels != call.ignore_index
@@ -902,7 +947,7 @@ def _flat(K, cols):
 def _at(X, flat):
     """X's values at the flat positions of a C-contiguous block (one per row): np.take on
     the flat view is several times faster than X[rows, cols]."""
-    return np.take(X.reshape(-1), flat)
+    return X.reshape(-1).take(flat)
 
 
 def _put(X, flat, values):
@@ -947,16 +992,27 @@ def _class_coefs(T, s, k):
     return C
 
 
-def _rest(S, E):
-    """Σ_k E_k of each row without the row maximum's own 1 (S = Z - max, E = exp(S)), in
-    float64: log Σ exp(S) = log1p(rest) keeps the digits of a row dominated by its maximum
-    (1 + 1e-22 would round to 1), as the kernel's (m, rest) does. NaN in a row stays NaN."""
-    top = _flat(S.shape[1], np.argmax(S, axis=1))  # argmax stops at a NaN
+def _row_max(Z, starts=None):
+    """(each row's maximum, its flat position): argmax and a gather, several times faster than
+    np.maximum.reduce along short rows. argmax stops at a NaN, so a row with NaN gets NaN.
+    `starts`: the rows' flat starts, if at hand."""
+    cols = Z.argmax(axis=1)
+    top = _flat(Z.shape[1], cols) if starts is None else starts + cols
+    return _at(Z, top), top
+
+
+def _rest(S, E, top):
+    """Σ_k E_k of each row without the row maximum's own 1 (S = Z - max, E = exp(S), `top` the
+    maximum's flat positions), in float64: log Σ exp(S) = log1p(rest) keeps the digits of a row
+    dominated by its maximum (1 + 1e-22 would round to 1), as the kernel's (m, rest) does. NaN
+    in a row stays NaN."""
     e_top = _at(E, top)
     _put(E, top, 0)
-    rest = np.add.reduce(E, axis=1, dtype=_F64)
+    # einsum's row sums: a sequential float64 sum, 2-4x faster than add.reduce along short
+    # rows (float64 has the digits to spare for K float32 terms in [0, 1])
+    rest = np.einsum("ij->i", E, dtype=_F64)
     _put(E, top, e_top)
-    return np.where(np.isnan(e_top), e_top, rest), top
+    return np.where(np.isnan(e_top), e_top, rest)
 
 
 def _cce_logits_block(Z, labels, swb, G, L, s, k):
@@ -970,23 +1026,32 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     if gamma:
         return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
     R, K = Z.shape
-    safe, cwy, w = _row_weights(labels, swb, k)
-    at = _flat(K, safe)  # each row's label, flat
-    m = np.maximum.reduce(Z, axis=1)
+    if swb is None and k.ignore_index is None and k.validate:  # the common call: every label
+        safe, w = labels, None  # was checked to be in range, every row weighs 1
+        cwy = None if k.cw is None else k.cw[labels]
+    else:
+        safe, cwy, w = _row_weights(labels, swb, k)
+    starts = np.arange(0, R * K, K)
+    at = starts + safe  # each row's label, flat
+    m, top = _row_max(Z, starts)
     S = s.get("S", (R, K), k.cdt)
     np.subtract(Z, m[:, None], out=S)  # max-shifted: exp never overflows
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    rest, _ = _rest(S, E)
+    rest = _rest(S, E, top)
     se = 1 + rest
     lse = np.log1p(rest)
     ls = k.smooth
     cw_y = 1 if cwy is None else cwy  # the label's class weight
     c_true = (1 - ls) * cw_y
+    unit_label = cwy is None and not ls  # c_true = 1: the common call skips its products
+    s_y = _at(S, at)
     total = 0.0
     if L is not None:
-        np.subtract(lse, _at(S, at), out=L)  # -log p_y
-        if np.any(c_true == 0):  # rare: a label term with no weight adds 0, even at -inf
+        np.subtract(lse, s_y, out=L)  # -log p_y
+        if unit_label:
+            pass
+        elif np.any(c_true == 0):  # rare: a label term with no weight adds 0, even at -inf
             np.copyto(L, np.where((c_true == 0) & ~np.isnan(L), 0, L * c_true))
         else:
             np.multiply(L, c_true, out=L)
@@ -996,14 +1061,25 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
         if zl:
             full = m + lse
             L += zl * full * full * cw_y
-        total = _weigh_rows(L, w, k)
+        total = _scaled_total(L, k) if w is None else _weigh_rows(L, w, k)
     if G is not None:
-        gw = w * k.gscale
+        gw = k.gscale if w is None else w * k.gscale
+        if unit_label and not zl:  # c_sum = c_label = 1: g = gw (p - [k = y]), where at the
+            # label p - 1 = (expm1(z_y - m) - rest) / se in float64: no cancellation
+            scale = gw / se
+            np.multiply(E, scale.astype(k.cdt)[:, None], out=E)
+            p_minus_1 = np.expm1(s_y.astype(_F64))
+            p_minus_1 -= rest
+            p_minus_1 *= scale
+            _put(G, at, p_minus_1)
+            return (total,)
+        om_label = rest - np.expm1(s_y.astype(_F64))  # (1 - p_y) se, no cancellation
+        if w is None:
+            gw = np.full(R, gw, k.cdt)  # the per-row forms below broadcast it
         c_sum = c_true + ls / K * k.cw_sum if ls else c_true  # unsmoothed: no other cw
         if zl:
             c_sum = c_sum + 2 * zl * (m + lse) * cw_y
         e_label = _at(E, at).astype(_F64)
-        om_label = rest - np.expm1(_at(S, at).astype(_F64))  # (1 - p_y) se, no cancellation
         np.multiply(E, (c_sum * gw / se).astype(k.cdt)[:, None], out=E)
         if ls:
             cw = 1 if k.cw is None else k.cw
@@ -1025,12 +1101,12 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     R, K = Z.shape
     trange = _min_max(T) if k.validate else _NO_RANGE
     w = np.ones(R, k.cdt) if swb is None else swb
-    m = np.maximum.reduce(Z, axis=1)
+    m, top = _row_max(Z)
     S = s.get("S", (R, K), k.cdt)
     np.subtract(Z, m[:, None], out=S)
     E = G if G is not None else s.get("E", (R, K), k.cdt)
     np.exp(S, out=E)
-    rest, top = _rest(S, E)
+    rest = _rest(S, E, top)
     se = 1 + rest
     lse = np.log1p(rest)
     C = _class_coefs(T, s, k)
@@ -1093,12 +1169,12 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
         w = np.ones(R, k.cdt) if swb is None else swb
         zw = 1
         C = _class_coefs(T, s, k)
-    m = np.maximum.reduce(Z, axis=1)
+    m, top = _row_max(Z)
     S = s.get("S", (R, K), k.cdt)
     np.subtract(Z, m[:, None], out=S)
     q = s.get("q", (R, K), k.cdt)
     np.exp(S, out=q)
-    rest, _ = _rest(S, q)
+    rest = _rest(S, q, top)
     se = 1 + rest
     log_se = np.log1p(rest)
     inv = (1 / se).astype(k.cdt)[:, None]
@@ -1289,11 +1365,11 @@ def _log_softmax(Z, s, k, name, scale=None):
         np.copyto(U, Z)
     else:
         np.divide(Z, scale, out=U)
-    m = np.maximum.reduce(U, axis=1)
+    m, top = _row_max(U)
     np.subtract(U, m[:, None], out=U)
     E = s.get(name + "_e", Z.shape, k.cdt)
     np.exp(U, out=E)
-    rest, _ = _rest(U, E)
+    rest = _rest(U, E, top)
     np.subtract(U, np.log1p(rest).astype(k.cdt)[:, None], out=U)
     np.multiply(E, (1 / (1 + rest)).astype(k.cdt)[:, None], out=E)
     return U, E, rest
