@@ -23,11 +23,13 @@ IMG = ROOT / "docs" / "img"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _latest(pattern):
-    # the newest date; on the same date, the file written last
-    files = sorted(RESULTS.glob(pattern),
-                   key=lambda p: (json.loads(p.read_text())["date"], p.stat().st_mtime))
-    return (files[-1], json.loads(files[-1].read_text())) if files else (None, None)
+def _latest(pattern, key="rows"):
+    # the newest date; on the same date, the file written last; only files with a `key`
+    # section (a --small-batch-only run has no rows, an older run no small_batch)
+    files = [(p, json.loads(p.read_text())) for p in RESULTS.glob(pattern)]
+    files = sorted(((p, d) for p, d in files if d.get(key)),
+                   key=lambda pd: (pd[1]["date"], pd[0].stat().st_mtime))
+    return files[-1] if files else (None, None)
 
 
 def cpu_plots():
@@ -102,6 +104,59 @@ def gpu_plots():
     return path
 
 
+def small_batch_plots(kind="cpu", path=None):
+    """Time per call against size, log-log, gpuloss and PyTorch, one panel per case with the
+    crossover marked, and the MLP training step; from `path` or the newest result that has
+    a small-batch sweep. Writes img/<kind>-small-batch.png; returns the source or None."""
+    if path is None:
+        path, data = _latest(f"{kind}-*.json", key="small_batch")
+    else:
+        data = json.loads(Path(path).read_text())
+    if not data or not data.get("small_batch"):
+        return None
+    sweep, steps = data["small_batch"], data.get("training_step")
+    where = data.get("cpu") or data.get("device")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = axes.ravel()
+    for ax, case in zip(axes, sweep["cases"]):
+        pts = case["points"]
+        n = [p["n"] for p in pts]
+        ax.loglog(n, [p["gpuloss_us"] for p in pts], "o-", label="gpuloss")
+        ax.loglog(n, [p["torch_us"] for p in pts], "s-", label="PyTorch")
+        if all("naive_us" in p for p in pts):
+            ax.loglog(n, [p["naive_us"] for p in pts], ".:", color="gray", label="naive")
+        if case["crossover_n"]:
+            ax.axvline(case["crossover_n"], color="k", ls="--", lw=0.8,
+                       label=f"crossover 2^{int(np.log2(case['crossover_n']))}")
+        sizes = sweep["sizes"]
+        ax.set_xticks(sizes, [f"2^{int(np.log2(x))}" for x in sizes], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
+        ax.set(title=case["case"], xlabel="elements per call", ylabel="µs per call")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    for ax in axes[len(sweep["cases"]):]:
+        ax.axis("off")
+    if steps and len(sweep["cases"]) < len(axes):  # the training step, in the spare panel
+        ax = axes[-1]
+        ax.axis("on")
+        x = np.arange(len(steps["rows"]))
+        ax.bar(x - 0.2, [r["step_torch_us"] for r in steps["rows"]], 0.4, label="F.cross_entropy")
+        ax.bar(x + 0.2, [r["step_gpuloss_us"] for r in steps["rows"]], 0.4,
+               label="gl.cce_with_logits")
+        ax.set_xticks(x, [f"C = {r['classes']}\ngpuloss / torch {r['step_ratio']:.2f}"
+                          for r in steps["rows"]], fontsize=8)
+        ax.set(ylabel="µs per step", title=f"MLP training step, batch {steps['batch']}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Small batches, {kind.upper()} — {where}, torch threads "
+                 f"{sweep['torch_threads']}, {data['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(IMG / f"{kind}-small-batch.png", dpi=100)
+    plt.close(fig)
+    return path
+
+
 def curves():
     cases = {
         "mse": (np.linspace(-2, 3, 401), {}),
@@ -156,6 +211,17 @@ Source: `{cpu}`.
 ## GPU
 
 {gpu}
+## Small batches
+
+A call has a fixed cost whatever its size (checking the arguments, choosing the backend,
+allocating the outputs and, on torch tensors, the hop through autograd): at the batch sizes
+people train with it can outweigh the work on the data, so the time per call stays flat on
+the left of each panel and grows with the size only on the right. The crossover is the
+smallest size from which gpuloss is faster than PyTorch at every larger size measured
+(`gpuloss bench --small-batch-only`; float32, time per call in µs, log-log). The last panel
+is one SGD step of an MLP 64-256-C at batch 256 with either loss.
+
+{small}
 """
 
 
@@ -171,7 +237,17 @@ def main():
         "No GPU run is recorded yet: the plots appear here once `python benchmarks/gpu.py` "
         "has written `benchmarks/results/gpu-*.json` and this script has run again.\n"
     )
-    page = PAGE.format(cpu=cpu.relative_to(ROOT) if cpu else "none yet", gpu=gpu_text)
+    small_text = ""
+    for kind in ("cpu", "gpu"):
+        source = small_batch_plots(kind)
+        if source:
+            small_text += (f"{kind.upper()}, source: `{source.relative_to(ROOT)}`.\n\n"
+                           f"![{kind.upper()} small batches](img/{kind}-small-batch.png)\n\n")
+    small_text = small_text or (
+        "No small-batch run is recorded yet: the plots appear here once `gpuloss bench` has "
+        "written a result with a `small_batch` section and this script has run again.\n")
+    page = PAGE.format(cpu=cpu.relative_to(ROOT) if cpu else "none yet", gpu=gpu_text,
+                       small=small_text.rstrip("\n") + "\n")
     (ROOT / "docs" / "performance.md").write_text(page)
     print(f"wrote {IMG} and docs/performance.md")
 

@@ -3,6 +3,10 @@
 All in one process, on the same inputs, medians after warm-up, in interleaved rounds. Writes
 <out>/cpu-<machine>-<date>.json and prints a table. Run as `gpuloss bench` on a machine
 without a GPU, or `python benchmarks/cpu.py`.
+
+Then the small batches (gpuloss/_bench_small.py): time per call from 2^8 to 2^24 elements
+against PyTorch, and an MLP's training step, under PyTorch's default thread count
+(`--small-batch-only` runs only these and writes cpu-small-batch-<machine>-<date>.json).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _bench_io
+from gpuloss import _bench_io, _bench_small
 from gpuloss._examples import example_inputs
 
 N_ELEM = 1 << 24  # mse, bce, bce_with_logits
@@ -140,6 +144,11 @@ def interleaved_ms(fns: dict, repeat: int, warmup: int = 2) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def interleaved_us(fns: dict, rounds: int) -> dict:
+    """interleaved_ms in microseconds, without its own warm-up: the small-batch timer."""
+    return {name: 1e3 * ms for name, ms in interleaved_ms(fns, rounds, warmup=0).items()}
+
+
 def copy_bandwidth(repeat):
     """Bytes per second of a large memory copy (read + write counted), as the floor's rate."""
     src = np.random.default_rng(0).standard_normal(N_ELEM, dtype=np.float32)
@@ -162,15 +171,42 @@ def inputs(fn, rng):
 def main(argv=None):
     ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds (default 15)")
-    ap.add_argument("--quick", action="store_true", help="5 rounds instead of --repeat")
+    ap.add_argument("--quick", action="store_true",
+                    help="5 rounds instead of --repeat, and a short small-batch sweep")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="skip the option variants (focal, z-loss, distillation at T = 2)")
+    _bench_small.add_args(ap)
     _bench_io.add_common_args(ap, "cpu", gl.LOSSES)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeat = 5
 
     torch, torch_run = torch_fns()
+    # first, while torch has its default threads: what a training script gets
+    small = _bench_small.run(args, interleaved_us, "time.perf_counter per call", np, torch,
+                             None if torch is None else torch.from_numpy, "cpu",
+                             _bench_io.progress)
+    result = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores)",
+        "cpu": _cpu_name(),
+        "numpy": np.__version__,
+        "torch": None if torch is None else torch.__version__,
+        "gpuloss": gl.__version__,
+        "date": dt.date.today().isoformat(),
+    }
+    stem = f"{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json"
+    if args.small_batch_only:
+        result.update(rows=[], **small)
+
+        def table():
+            print("\n".join(_bench_small.summary_lines(small.get("small_batch"),
+                                                       small.get("training_step"))))
+
+        path = _bench_io.output_path(args.out, f"cpu-small-batch-{stem}")
+        _bench_io.finish(result, path, args.json, table)
+        return 0
+
     if torch is not None:
         torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
@@ -226,19 +262,13 @@ def main(argv=None):
     exact = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     mse_rel_err = abs(float(gl.mse(a, b)) - exact) / exact
 
-    result = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores)",
-        "cpu": _cpu_name(),
-        "numpy": np.__version__,
-        "torch": None if torch is None else torch.__version__,
-        "gpuloss": gl.__version__,
-        "date": dt.date.today().isoformat(),
+    result.update({
         "copy_GBps": round(bandwidth / 1e9, 2),
         "mse_float32_1e7_rel_err": mse_rel_err,
+        "torch_threads": None if torch is None else torch.get_num_threads(),
         "rows": rows,
-    }
-    name = f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json"
+        **small,
+    })
 
     def table():
         print(f"copy bandwidth {result['copy_GBps']} GB/s; mse float32 n=1e7 rel. error "
@@ -252,8 +282,11 @@ def main(argv=None):
                   f"{r.get('speedup_vs_torch', float('nan')):5.1f} "
                   f"{r.get('autograd_ms', float('nan')):8.2f} "
                   f"{r.get('autograd_speedup_vs_torch', float('nan')):5.1f}")
+        for line in _bench_small.summary_lines(small.get("small_batch"),
+                                               small.get("training_step")):
+            print(line)
 
-    _bench_io.finish(result, _bench_io.output_path(args.out, name), args.json, table)
+    _bench_io.finish(result, _bench_io.output_path(args.out, f"cpu-{stem}"), args.json, table)
     return 0
 
 

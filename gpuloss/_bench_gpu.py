@@ -10,6 +10,10 @@ backward (`torch_ms`) and gpuloss through autograd on the same torch tensors,
 where CuPy has it: CuPy 14 with ml_dtypes). Then the large-vocabulary cross-entropy,
 (N, K) = (16384, 131072) in bfloat16 and float32 (where memory allows), through autograd
 against torch eager and torch.compile, with peak memory next to time.
+
+Then the small batches (gpuloss/_bench_small.py): time per call from 2^8 to 2^24 elements
+against PyTorch on CUDA tensors, and an MLP's training step (`--small-batch-only` runs only
+these and writes gpu-small-batch-<card>-<date>.json).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import statistics
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _bench_io
+from gpuloss import _bench_io, _bench_small
 from gpuloss._examples import default_rules, example_inputs
 from gpuloss.backends import cuda as _cuda_backend
 
@@ -49,6 +53,36 @@ def time_ms(cp, fn, inputs, warmup=3, repeat=15):
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop))
     return statistics.median(times)
+
+
+def interleaved_us(cp, fns: dict, rounds: int) -> dict:
+    """Median microseconds of each function by CUDA events, in interleaved rounds on the same
+    inputs (the small-batch timer). The stream is idle at each start event, so the time
+    between the events includes the host's work before and between the launches: at small
+    sizes that fixed cost per call is what is measured."""
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times[name].append(cp.cuda.get_elapsed_time(start, stop))
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def small_batch(cp, torch, args):
+    """The small-batch sections (sweep and training step) on this GPU, as dicts for the JSON;
+    a failure is recorded, not raised, so that the rest of the run is kept."""
+    if torch is not None and not torch.cuda.is_available():
+        torch = None  # PyTorch without CUDA: nothing to compare with
+    try:
+        return _bench_small.run(args, functools.partial(interleaved_us, cp),
+                                "CUDA events around each call", cp, torch,
+                                _cuda_backend.to_torch, "cuda", _bench_io.progress)
+    except Exception as exc:  # noqa: BLE001 - one failing part must not lose the rest
+        return {"small_batch_error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def copy_bandwidth(cp):
@@ -286,6 +320,7 @@ def main(argv=None):
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time torch.compile of PyTorch's loss")
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller sets")
+    _bench_small.add_args(ap)
     _bench_io.add_common_args(ap, "gpu", gl.LOSSES)
     args = ap.parse_args(argv)
     import cupy as cp
@@ -296,6 +331,24 @@ def main(argv=None):
         torch = None
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     card = props["name"].decode()
+    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
+    small = small_batch(cp, torch, args)
+    if args.small_batch_only:
+        result = {"device": card, "cupy": cp.__version__,
+                  "cuda": cp.cuda.runtime.runtimeGetVersion(),
+                  "torch": None if torch is None else torch.__version__,
+                  "date": dt.date.today().isoformat(), "rows": [], **small}
+
+        def small_table():
+            print(f"{card}")
+            print("\n".join(_bench_small.summary_lines(small.get("small_batch"),
+                                                       small.get("training_step"))))
+            if "small_batch_error" in small:
+                print(small["small_batch_error"])
+
+        path = _bench_io.output_path(args.out, f"gpu-small-batch-{slug}-{result['date']}.json")
+        _bench_io.finish(result, path, args.json, small_table)
+        return 0
     bandwidth = copy_bandwidth(cp)
     elementwise = [n for n, fn in gl.LOSSES.items() if fn.family != "categorical"]
     categorical = [n for n, fn in gl.LOSSES.items() if fn.family == "categorical"]
@@ -370,8 +423,8 @@ def main(argv=None):
         "date": dt.date.today().isoformat(),
         "copy_GBps": round(bandwidth / 1e9, 1),
         "rows": rows,
+        **small,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
 
     def table():
         print(f"{card}: copy {result['copy_GBps']} GB/s")
@@ -392,6 +445,11 @@ def main(argv=None):
                   f"{r.get('naive_cupy_ms', float('nan')):9.4f} "
                   f"{r.get('torch_ms', float('nan')):9.4f} "
                   f"{r['launches']:6d}")
+        for line in _bench_small.summary_lines(small.get("small_batch"),
+                                               small.get("training_step")):
+            print(line)
+        if "small_batch_error" in small:
+            print(small["small_batch_error"])
 
     path = _bench_io.output_path(args.out, f"gpu-{slug}-{result['date']}.json")
     _bench_io.finish(result, path, args.json, table)

@@ -98,6 +98,29 @@ def test_plots_regenerate(tmp_path, monkeypatch):
     assert {"curves-mse.png", "curves-bce.png", "cpu-speedup.png", "cpu-floor.png"} <= made
 
 
+def test_small_batch_plot_from_a_quick_run(tmp_path, monkeypatch):
+    """The small-batch figure, from a quick benchmark run (the recorded results may predate
+    the section): found as the newest result with a small_batch section, which a CPU plot
+    of the large sizes skips (it has no rows)."""
+    require("matplotlib")
+    pytest.importorskip("torch")
+    from gpuloss import _bench_cpu
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import plots
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    monkeypatch.setattr(plots, "IMG", tmp_path)
+    monkeypatch.setattr(plots, "RESULTS", tmp_path)
+    assert _bench_cpu.main(["--small-batch-only", "--quick", "--sweep-max", "10",
+                            "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.glob("cpu-small-batch-*.json")
+    assert plots.small_batch_plots("cpu") == run and plots.small_batch_plots("gpu") is None
+    assert (tmp_path / "cpu-small-batch.png").stat().st_size > 0
+    assert plots.cpu_plots() is None
+
+
 def test_the_option_matrix_matches_the_losses():
     """docs/options.md: a ✓ exactly where the loss takes the option."""
     text = (ROOT / "docs" / "options.md").read_text()
