@@ -85,6 +85,8 @@ def dtype_name(dtype) -> str:
 
 
 def _shape(x) -> tuple[int, ...]:
+    if type(x) is np.ndarray:
+        return x.shape  # already Python ints
     return tuple(int(d) for d in x.shape)
 
 

@@ -34,6 +34,8 @@ def _is_array(x) -> bool:
 
 def as_array(x, name: str, like=None, xp=None):
     """Return `x` as an array; lists and scalars become arrays of `like`'s library."""
+    if type(x) is np.ndarray:  # the common case, first (a MaskedArray is a subclass)
+        return x
     if isinstance(x, np.ma.MaskedArray):
         # A mask would be dropped silently by np.asarray: refuse instead.
         msg = f"{name} is a masked array; pass the data and a sample_weight of 0 for masked entries."

@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _api, _torch
+from . import _api
+from ._torch import operators as _register_operators
 
-_torch.operators()  # torch.ops.gpuloss.<loss>, registered before anything is compiled
+_register_operators()  # torch.ops.gpuloss.<loss>, registered before anything is compiled
 
 __all__ = ["Loss"]
 

@@ -69,8 +69,9 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 def block_size(size: int, block: int) -> int:
     """`block`, or less where that leaves a core idle on a mid-sized call: 256 x 1000 logits
     are one row block, but two threads finish them in about half the time."""
-    share = -(-size // _num_threads())
-    return block if size <= 2 * MIN_SHARE else max(MIN_SHARE, min(block, share))
+    if size <= 2 * MIN_SHARE:
+        return block
+    return max(MIN_SHARE, min(block, -(-size // _num_threads())))
 
 
 def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list:
@@ -901,7 +902,8 @@ def _label_prepass(call, labels, K, cw, SW) -> float:
     """Check the class indices and return the mean's denominator Σ_i sw_i cw[y_i]."""
     if call.ignore_index is None and cw is None and SW is None:  # the common call: a range
         if call.validate and labels.size:
-            lo, hi = int(labels.min()), int(labels.max())
+            lo = int(np.minimum.reduce(labels, axis=None))  # (the ufuncs: .min() wraps them)
+            hi = int(np.maximum.reduce(labels, axis=None))
             if lo < 0 or hi >= K:
                 _call.raise_bad_labels(lo, hi, K, None)
         return float(labels.size) if call.reduction == "mean" else 0.0
