@@ -201,7 +201,7 @@ def one_each() -> int:
 
     rng = np.random.default_rng(2)
     p = cp.asarray(rng.uniform(0.1, 0.9, 3000).astype(np.float32))
-    gl.bce.value_and_grad(p, p, sample_weight=cp.ones(3000, cp.float32))  # check, pass, finish
+    gl.bce.value_and_grad(p, p, sample_weight=cp.ones(3000, cp.float32))  # check, pass (finishing its own sum)
     for K in (10, 300, 9000):  # lanes per row, a block per row, a row read twice
         z = cp.asarray(rng.standard_normal((40, K)).astype(np.float32))
         gl.cce_with_logits.value_and_grad(z, cp.asarray(rng.integers(0, K, 40)))

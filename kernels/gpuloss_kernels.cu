@@ -3,11 +3,13 @@
 // so CuPy's kernel cache sees every change).
 //
 // Every kernel reads its inputs once and writes the gradient once. Loss sums are kept in
-// double, one partial per block written to `partials`, and added by gpuloss_finish in a fixed
-// order: no float atomics, bit-identical results run to run. Domain checks set bits in one
-// int flag with atomicOr (order-free), read by the host once when validate=True. Values are
-// checked as stored, before any conversion (see gpuloss_math.cuh on flush-to-zero); weights
-// are checked whole by gpuloss_check, so an empty batch still validates its weights.
+// double, one partial per block written to `partials`; the last block to finish adds them in
+// a fixed order (gl_grid_finish): no float atomics, bit-identical results run to run, one
+// launch. Domain checks set bits in one int flag with atomicOr (order-free). The flag and the
+// reduced value share one small zeroed buffer, `state` (GL_STATE_*), so that the host reads
+// both in one transfer when validate=True. Values are checked as stored, before any
+// conversion (see gpuloss_math.cuh on flush-to-zero); weights are checked whole by
+// gpuloss_check, so an empty batch still validates its weights.
 #include "gpuloss_math.cuh"
 
 #define GL_BLOCK_THREADS 256  // every launch uses this block size (the backend's BLOCK_THREADS)
@@ -18,6 +20,13 @@
 #define GL_FLAG_LABEL 8           // a class index outside [0, K) that is not ignore_index
 #define GL_FLAG_POS_WEIGHT 16     // the same for pos_weight
 #define GL_FLAG_CLASS_WEIGHT 32   // the same for class_weight
+
+// the int32 words of `state` (the backend's STATE_*): the reduced value first (16 bytes,
+// aligned: the value the caller gets is a view of them), then the flags, then the count of
+// blocks done
+#define GL_STATE_FLAGS 4
+#define GL_STATE_DONE 5
+#define GL_MEAN_PARTS 2  // `mean` for [sum, denominator] in float64 (streaming states)
 
 template <typename T>
 struct GlCompute {
@@ -158,6 +167,42 @@ __device__ __forceinline__ double gl_block_sum(double v) {
     return v;
 }
 
+// The grid's reduced value, in the launch that computed the partials: each block writes its
+// partial, and the last block to take a ticket adds all of them in a fixed order (the same
+// whichever block is last: bit-identical results) and writes sum, sum / D for the mean (NaN
+// when D == 0, as NumPy), or [sum, D] in float64 (GL_MEAN_PARTS) at the start of `state`.
+// Every thread of every block calls it (barriers inside).
+template <typename TP>
+__device__ __forceinline__ void gl_grid_finish(double acc, double* partials, int mean,
+                                               double denom, const double* denom_dev,
+                                               int* state) {
+    __shared__ int last;
+    acc = gl_block_sum(acc);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = acc;
+        __threadfence();  // the partial is visible to every block before the ticket is taken
+        unsigned done = atomicAdd((unsigned*)(state + GL_STATE_DONE), 1u);
+        last = done == gridDim.x - 1;
+        if (last) __threadfence();  // and every other block's partial before the reads below
+    }
+    __syncthreads();
+    if (!last) return;
+    const volatile double* all = partials;  // written by other blocks: not from a stale cache
+    double v = 0.0;
+    for (int i = threadIdx.x; i < (int)gridDim.x; i += blockDim.x) v += all[i];
+    v = gl_block_sum(v);
+    if (threadIdx.x == 0) {
+        double d = (denom_dev ? *denom_dev : 1.0) * denom;
+        if (mean == GL_MEAN_PARTS) {
+            double* out = (double*)state;
+            out[0] = v;
+            out[1] = d;
+        } else {
+            gl_write((TP*)state, 0, (typename GlCompute<TP>::type)(mean ? v / d : v));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Every elementwise loss: one loss per element, computed by the functor F (gpuloss_math.cuh).
 //
@@ -174,7 +219,7 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
                     long long n, int mean, double denom, const double* __restrict__ denom_dev,
                     double a0, double a1, double a2, double a3, int pred_rule, int target_rule,
                     TP* __restrict__ grad, TP* __restrict__ per_elem,
-                    double* __restrict__ partials, int* __restrict__ flags) {
+                    double* __restrict__ partials, int* __restrict__ state) {
     typedef typename GlCompute<TP>::type C;
     double gscale = gl_grad_scale(mean, denom, denom_dev) * GlGradFactor<F>::value;
     C gscale_c = (C)gscale;  // unweighted: dl/dp times this, as the CPU backend does
@@ -201,27 +246,8 @@ gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
         if (per_elem) gl_write(per_elem, i, (C)lw);
         acc += lw;
     }
-    if (partials) {
-        acc = gl_block_sum(acc);
-        if (threadIdx.x == 0) partials[blockIdx.x] = acc;
-    }
-    if (bad && flags) atomicOr(flags, bad);
-}
-
-// Adds the per-block partials in a fixed order and writes the reduced value:
-// sum, or sum / D for the mean (NaN when D == 0, as NumPy). One block.
-template <typename TP>
-__global__ void __launch_bounds__(GL_BLOCK_THREADS)
-gpuloss_finish(const double* __restrict__ partials, int count, int mean,
-                               double denom, const double* __restrict__ denom_dev,
-                               TP* __restrict__ out) {
-    double v = 0.0;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) v += partials[i];
-    v = gl_block_sum(v);
-    if (threadIdx.x == 0) {
-        double d = (denom_dev ? *denom_dev : 1.0) * denom;
-        gl_write(out, 0, (typename GlCompute<TP>::type)(mean ? v / d : v));
-    }
+    if (bad && state) atomicOr(state + GL_STATE_FLAGS, bad);
+    if (partials) gl_grid_finish<TP>(acc, partials, mean, denom, denom_dev, state);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,7 +377,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
              double smoothing, int mean, double denom, const double* __restrict__ denom_dev,
              double a0, double a1, int check, TP* __restrict__ grad,
              TP* __restrict__ per_sample, double* __restrict__ partials,
-             int* __restrict__ flags) {
+             int* __restrict__ state) {
     typedef typename GlCompute<TP>::type C;
     const bool LOGITS = F::logits;
     __shared__ double scratch_d[32];
@@ -511,9 +537,6 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             acc += row_loss;
         }
     }
-    if (partials) {
-        acc = gl_block_sum(acc);
-        if (threadIdx.x == 0) partials[blockIdx.x] = acc;
-    }
-    if (bad && flags) atomicOr(flags, bad);
+    if (bad && state) atomicOr(state + GL_STATE_FLAGS, bad);
+    if (partials) gl_grid_finish<TP>(acc, partials, mean, denom, denom_dev, state);
 }

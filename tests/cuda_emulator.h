@@ -1,7 +1,8 @@
 // A tiny CUDA execution model for the host, so that the test suite can run the real kernels of
 // kernels/gpuloss_kernels.cu with g++ on a machine without a GPU.
 //
-// Blocks run one after another; the threads of a block are real std::threads, so
+// Blocks run one after another, in order or (gl_emu_reverse_blocks) in reverse, so that a test
+// can change which block finishes last; the threads of a block are real std::threads, so
 // __syncthreads is a real barrier and warp shuffles exchange values through a per-warp slot
 // array between two warp barriers. __shared__ becomes `static`: one instance, reused by the
 // blocks in turn, as a GPU's shared memory is (uninitialised at each block's start).
@@ -58,6 +59,7 @@ struct GlEmuBlock {
 inline GlEmuBlock* gl_emu_block = nullptr;
 // set when a kernel does something a GPU would not define (e.g. a partial shuffle mask)
 inline std::atomic<int> gl_emu_fault{0};
+inline std::atomic<int> gl_emu_reverse_blocks{0};  // run the blocks last to first
 
 inline void __syncthreads() { gl_emu_block->block->arrive_and_wait(); }
 
@@ -93,13 +95,27 @@ inline T __shfl_xor_sync(unsigned members, T v, int mask) {
     return gl_emu_exchange(v, lane ^ mask);
 }
 
-inline int atomicOr(int* address, int value) {
+// Atomics: one lock for all of them, so that two kinds on one address exclude each other too.
+inline std::mutex& gl_emu_atomic_lock() {
     static std::mutex m;
-    std::lock_guard<std::mutex> lock(m);
+    return m;
+}
+inline int atomicOr(int* address, int value) {
+    std::lock_guard<std::mutex> lock(gl_emu_atomic_lock());
     int old = *address;
     *address = old | value;
     return old;
 }
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+    std::lock_guard<std::mutex> lock(gl_emu_atomic_lock());
+    unsigned old = *address;
+    *address = old + value;
+    return old;
+}
+// Orders this thread's earlier writes before its later ones for every other thread. Blocks run
+// one after another here (a barrier between them), so a later block sees an earlier one's
+// writes anyway; the fence keeps the device's rule in the code the emulator runs.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // Launch `kernel` on a grid of `grid` blocks of `threads` threads; args[i] points at the i-th
 // argument's value (as CUDA's kernel-parameter array does).
@@ -140,12 +156,13 @@ int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** 
     // block's threads done (a barrier) before the next block starts with the same shared memory
     std::vector<std::thread> pool;
     pool.reserve(threads);
+    const bool reverse = gl_emu_reverse_blocks.load();
     for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([=, &blk] {
             if (ftz) gl_emu_flush_to_zero();
             threadIdx.x = t;
             for (unsigned b = 0; b < grid; ++b) {
-                blockIdx.x = b;
+                blockIdx.x = reverse ? grid - 1 - b : b;
                 gl_emu_call(kernel, args, std::index_sequence_for<A...>{});
                 blk.block->arrive_and_wait();
             }

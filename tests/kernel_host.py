@@ -129,7 +129,8 @@ def emulator_source(mode: str = "device", names=None, source: str | None = None)
     a launcher (gl_emu_k<i>) and its signature (gl_emu_sig<i>)."""
     source = source or _cuda_backend.kernel_source()
     bounds = launch_bounds(source)
-    parts = ['#include "cuda_emulator.h"', source, MATH_WRAPPERS]
+    parts = ['#include "cuda_emulator.h"', source, MATH_WRAPPERS,
+             'extern "C" void gl_emu_set_reverse_blocks(int r) { gl_emu_reverse_blocks = r; }']
     for i, name in enumerate(names or _cuda_backend.all_kernel_names()):
         ftz = int(mode == "device" and _cuda_backend.compute_is_float32(name))
         bound = bounds[name.split("<", 1)[0]]
@@ -199,14 +200,57 @@ class ArgumentMismatch(RuntimeError):
     """A kernel argument whose width or kind differs from the kernel's C parameter."""
 
 
+# CuPy functions that make no kernel launch: allocations, memsets (cupy.zeros) and views;
+# ascontiguousarray and asarray only when they neither copy nor convert
+_NO_KERNEL = frozenset({"empty", "empty_like", "zeros", "zeros_like", "moveaxis", "reshape",
+                        "broadcast_to", "expand_dims", "squeeze", "swapaxes", "transpose",
+                        "ascontiguousarray", "asarray"})
+
+
+class CountingNumpy:
+    """NumPy as the emulator's array module, noting each function call that would launch a
+    CuPy kernel on a device (reductions, fills, element-wise functions, copies) in `ops`.
+    Arithmetic and methods on the arrays themselves (x * y, x.astype) are not seen here."""
+
+    def __init__(self, ops: list[str]):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if isinstance(attr, type) or not callable(attr):
+            return attr  # dtypes, ndarray (isinstance checks), constants
+
+        def call(*args, **kwargs):
+            if _launches_kernel(name, args, kwargs):
+                self._ops.append(name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _launches_kernel(name, args, kwargs) -> bool:
+    if name not in _NO_KERNEL:
+        return True
+    if name in ("ascontiguousarray", "asarray") and args:
+        x, dtype = args[0], kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        if not isinstance(x, np.ndarray):
+            return False  # a host value: a transfer, not a kernel
+        converts = dtype is not None and np.dtype(dtype) != x.dtype
+        return converts or (name == "ascontiguousarray" and not x.flags.c_contiguous)
+    return False
+
+
 class EmulatorRuntime:
     """Runs _cuda_backend on the CPU: NumPy arrays as device arrays, kernels from g++.
 
     Each launch checks every argument against the kernel's C signature (count, kind, width)
     and its block size against the kernel's __launch_bounds__. In mode "device" float kernels
-    flush subnormals (see cuda_emulator.h) and so do the runtime's own casts, as CuPy's."""
+    flush subnormals (see cuda_emulator.h) and so do the runtime's own casts, as CuPy's.
 
-    xp = np
+    It counts what a call costs on a device: `launches` (our kernels, by name), `device_ops`
+    (CuPy operations that would launch kernels of their own: casts, and calls through `xp`
+    that CountingNumpy sees) and `host_reads` (what each device-to-host transfer returned);
+    `reset_counts` clears them."""
 
     def __init__(self, lib: ctypes.CDLL, grid_cap: int = 3, mode: str = "device"):
         self.lib = lib
@@ -214,6 +258,23 @@ class EmulatorRuntime:
         self.ftz = mode == "device"
         self.index = {n: i for i, n in enumerate(_cuda_backend.all_kernel_names())}
         self.launches: list[str] = []
+        self.device_ops: list[str] = []
+        self.host_reads: list[np.ndarray] = []
+        self.xp = CountingNumpy(self.device_ops)
+
+    @contextlib.contextmanager
+    def blocks_reversed(self):
+        """Run the blocks last to first (another block finishes the grid's sum)."""
+        self.lib.gl_emu_set_reverse_blocks(1)
+        try:
+            yield
+        finally:
+            self.lib.gl_emu_set_reverse_blocks(0)
+
+    def reset_counts(self):
+        self.launches.clear()
+        self.device_ops.clear()
+        self.host_reads.clear()
 
     def device(self, x):
         return contextlib.nullcontext()
@@ -222,9 +283,12 @@ class EmulatorRuntime:
         return self.cap
 
     def to_host(self, x):
-        return np.asarray(x)
+        out = np.array(x)  # a copy, as a transfer gives
+        self.host_reads.append(out)
+        return out
 
     def astype(self, x, dtype):
+        self.device_ops.append("astype")
         if self.ftz:  # a float32 operand or result of a device cast is flushed
             out = flush_float32(x).astype(dtype)
             return flush_float32(out)
@@ -327,6 +391,7 @@ SANITIZE = {
 SANITIZER_MAIN = r"""
 #include <cstdio>
 #include <cmath>
+#include <cstring>
 #include <vector>
 template <typename... A>
 static int run(void (*k)(A...), unsigned g, unsigned t, A... a) {
@@ -343,6 +408,7 @@ int main() {
     const long long n = 1500;  // 3 blocks of 256 threads, several grid-stride steps
     std::vector<float> p(n), y(n), g(n);
     std::vector<double> parts(3);
+    int state[6] __attribute__((aligned(16))) = {0, 0, 0, 0, 0, 0};  // value, flags, blocks done
     double want = 0;
     for (long long i = 0; i < n; ++i) {
         p[i] = 0.001f * (float)(i % 97);
@@ -352,11 +418,11 @@ int main() {
     bad |= run(&gpuloss_elementwise<GlMse, float, float>, 3, 256, (const float*)p.data(),
                (const float*)y.data(), (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                1ll, 1ll, n, 0, 1.0, (const double*)nullptr, 0.0, 0.0, 0.0, 0.0, 0, 0, g.data(),
-               (float*)nullptr, parts.data(), (int*)nullptr);
-    float total = 0;
-    bad |= run(&gpuloss_finish<float>, 1, 256, (const double*)parts.data(), 3, 0, 1.0,
-               (const double*)nullptr, &total);
+               (float*)nullptr, parts.data(), state);
+    float total;  // the last block's sum of the partials, at the start of state
+    std::memcpy(&total, state, sizeof total);
     bad |= close_to(total, want, "mse sum");
+    bad |= close_to(state[5], 3, "blocks done");
     // rows: a whole block per row (barriers between warps), and 4 lanes per row
     const long long Ks[2] = {300, 10};
     for (int v = 0; v < 2; ++v) {
@@ -374,21 +440,24 @@ int main() {
             want_rows += m + std::log(s) - z[r * K + t[r]];
         }
         std::vector<double> rparts(3);
+        int rstate[6] __attribute__((aligned(16))) = {0, 0, 0, 0, 0, 0};
         if (v == 0)
             bad |= run(&gpuloss_rows<GlCceLogits, 1, 256, 32, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
                        (const double*)nullptr, 0.0,
-                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
+                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), rstate);
         else
             bad |= run(&gpuloss_rows<GlCceLogits, 1, 4, 4, float, long long>, 3, 256,
                        (const float*)z.data(), (const long long*)t.data(), rows, K,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
                        (const double*)nullptr, 0.0,
-                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), (int*)nullptr);
-        bad |= close_to(rparts[0] + rparts[1] + rparts[2], want_rows, "cce_with_logits sum");
+                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), rstate);
+        float rtotal;
+        std::memcpy(&rtotal, rstate, sizeof rtotal);
+        bad |= close_to(rtotal, want_rows, "cce_with_logits sum");
     }
     std::printf(bad ? "FAILED\n" : "ok\n");
     return bad ? 3 : 0;

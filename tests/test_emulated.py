@@ -324,15 +324,124 @@ def test_defect_10_every_kernel_declares_the_launch_size():
     import kernel_host
 
     bounds = kernel_host.launch_bounds()
-    assert set(bounds) == {"gpuloss_elementwise", "gpuloss_finish", "gpuloss_check",
-                           "gpuloss_rows"}
+    assert set(bounds) == {"gpuloss_elementwise", "gpuloss_check", "gpuloss_rows"}
     assert set(bounds.values()) == {_cuda_backend.BLOCK_THREADS}
     source = _cuda_backend.kernel_source()
     assert f"#define GL_BLOCK_THREADS {_cuda_backend.BLOCK_THREADS}" in source
     # a kernel without a bound is refused when the emulator is built
     with pytest.raises(RuntimeError, match="declares no __launch_bounds__"):
         kernel_host.launch_bounds(source.replace("__launch_bounds__(GL_BLOCK_THREADS)\n"
-                                                 "gpuloss_finish(", "gpuloss_finish("))
+                                                 "gpuloss_check(", "gpuloss_check("))
+
+
+# ---------------------------------------------------------------------------------------------
+# what one call costs on a device: kernel launches, other CuPy kernels, host reads (issue 25)
+
+
+def _counted(rt, loss, pred, target, *, want_value=True, want_grad=True, parts=False, **opts):
+    from gpuloss import _api
+
+    call = _api.prepare(loss, pred, target, opts, want_value=want_value, want_grad=want_grad,
+                        parts=parts)
+    rt.reset_counts()
+    value, grad = _cuda_backend.compute(call, rt)
+    return value, grad, list(rt.launches), list(rt.device_ops), list(rt.host_reads)
+
+
+def _common_calls():
+    rng = np.random.default_rng(25)
+    p = rng.standard_normal(1000).astype(np.float32)  # 4 blocks' worth: the 3 of the cap
+    z = rng.standard_normal((300, 10)).astype(np.float32)
+    return [("mse", p, rng.standard_normal(1000).astype(np.float32)),
+            ("cce_with_logits", z, rng.integers(0, 10, 300).astype(np.int64))]
+
+
+@pytest.mark.parametrize("want_grad", [True, False])
+@pytest.mark.parametrize("case", range(2))
+def test_common_call_is_one_launch_and_one_host_read(device_runtime, case, want_grad):
+    """No options, float32, mean: one kernel (the last block adds the partials and writes the
+    value), no other CuPy kernel, and one transfer that brings the flags with the value."""
+    loss, pred, target = _common_calls()[case]
+    value, grad, launches, ops, reads = _counted(device_runtime, loss, pred, target,
+                                                 want_grad=want_grad)
+    assert len(launches) == 1 and launches[0].startswith(("gpuloss_elementwise<",
+                                                          "gpuloss_rows<")), launches
+    assert ops == []
+    assert len(reads) == 1 and reads[0].dtype == np.int32 and reads[0].nbytes == 24
+    assert reads[0][_cuda_backend.STATE_FLAGS] == 0
+    assert reads[0][:1].view(np.float32)[0] == value  # the value came in the same read
+    assert value.shape == () and value.dtype == np.float32 and (grad is None) != want_grad
+    want = gl.LOSSES[loss].value_and_grad(pred, target)
+    assert_agree(value, want[0], np.float32)
+    if want_grad:
+        assert_agree(grad, want[1], np.float32)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_without_validation_nothing_is_read_back(device_runtime, case):
+    loss, pred, target = _common_calls()[case]
+    for want_value, want_grad in ((True, True), (True, False), (False, True)):
+        value, _, launches, ops, reads = _counted(
+            device_runtime, loss, pred, target, want_value=want_value, want_grad=want_grad,
+            validate=False)
+        assert len(launches) == 1 and ops == [] and reads == [], (launches, ops, reads)
+        if want_value:  # a device array, filled by the launch
+            assert_agree(value, gl.LOSSES[loss](pred, target), np.float32)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_grad_and_none_read_only_the_flags(device_runtime, case):
+    loss, pred, target = _common_calls()[case]
+    for opts in ({"reduction": "none"}, {}):
+        value, _, launches, ops, reads = _counted(device_runtime, loss, pred, target,
+                                                  want_value=bool(opts), **opts)
+        assert len(launches) == 1 and ops == [] and len(reads) == 1, (launches, ops, reads)
+        assert (value is None) != bool(opts)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_streaming_parts_are_one_launch(device_runtime, case):
+    """parts=True (StreamingLoss, dask): [Σ l, denominator] in float64 from the same launch."""
+    loss, pred, target = _common_calls()[case]
+    value, _, launches, ops, reads = _counted(device_runtime, loss, pred, target,
+                                              want_grad=False, parts=True)
+    assert len(launches) == 1 and ops == [] and len(reads) == 1
+    assert value.dtype == np.float64 and value.shape == (2,)
+    assert value[1] == pred.shape[0] if loss != "mse" else value[1] == pred.size
+    assert_agree(np.float32(value[0] / value[1]), gl.LOSSES[loss](pred, target), np.float32)
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_the_sum_does_not_depend_on_which_block_finishes_last(device_runtime, case):
+    loss, pred, target = _common_calls()[case]
+    for opts in ({}, {"reduction": "sum"}, {"parts": True, "want_grad": False}):
+        first = _counted(device_runtime, loss, pred, target, **opts)[:2]
+        with device_runtime.blocks_reversed():
+            again = _counted(device_runtime, loss, pred, target, **opts)[:2]
+        for a, b in zip(first, again):
+            assert (a is None and b is None) or a.tobytes() == b.tobytes()
+
+
+def test_options_that_add_work_before_the_pass(device_runtime):
+    """Documented costs (gpuloss/backends/cuda.py): a sample-weighted mean validates the weights
+    (gpuloss_check) and sums them on the device (the gradient's 1/D, needed before the pass);
+    still one host read, after everything."""
+    loss, pred, target = _common_calls()[0]
+    w = np.linspace(0.5, 2.0, pred.size)
+    value, _, launches, ops, reads = _counted(device_runtime, loss, pred, target,
+                                              sample_weight=w)
+    assert [n.split("<")[0] for n in launches] == ["gpuloss_check", "gpuloss_elementwise"]
+    assert ops == ["sum"] and len(reads) == 1
+    assert_agree(value, gl.mse(pred, target, sample_weight=w), np.float32)
+
+
+def test_validation_errors_raise_before_returning(device_runtime):
+    loss, pred, target = _common_calls()[1]
+    target = target.copy()
+    target[7] = 10
+    with pytest.raises(ValueError, match="class indices"):
+        _counted(device_runtime, loss, pred, target)
+    assert len(device_runtime.launches) == 1 and len(device_runtime.host_reads) >= 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,9 +456,9 @@ def device_runtime():
 
 
 def test_twin_refuses_a_block_larger_than_the_launch_bound(device_runtime):
-    name = _cuda_backend.finish_name(np.float64)
-    parts, out = np.zeros(1), np.zeros(())
-    args = (parts, np.int32(1), np.int32(0), np.float64(1), np.uint64(0), out)
+    name = _cuda_backend.check_name(True, np.float64)
+    a, flags = np.zeros(1), np.zeros(1, np.int32)
+    args = (a, np.int64(1), np.int32(0), np.int32(4), flags)
     device_runtime.kernel(name, None)((1,), (256,), args)
     with pytest.raises(RuntimeError, match="exceeds its __launch_bounds__"):
         device_runtime.kernel(name, None)((1,), (512,), args)
@@ -358,21 +467,21 @@ def test_twin_refuses_a_block_larger_than_the_launch_bound(device_runtime):
 def test_twin_checks_argument_widths_against_the_c_signature(device_runtime):
     import kernel_host
 
-    name = _cuda_backend.finish_name(np.float64)
-    parts, out = np.zeros(1), np.zeros(())
-    good = [parts, np.int32(1), np.int32(0), np.float64(1), np.uint64(0), out]
+    name = _cuda_backend.check_name(True, np.float64)
+    a, flags = np.zeros(1), np.zeros(1, np.int32)
+    good = [a, np.int64(1), np.int32(0), np.int32(4), flags]
     sig = device_runtime.signature(name)
-    assert sig == [("p", 8), ("i", 4), ("i", 4), ("f", 8), ("p", 8), ("p", 8)]
-    for j, wrong in ((1, np.int64(1)), (3, np.float32(1)), (2, 0), (0, np.uint64(0)),
-                     (3, np.int64(1))):
+    assert sig == [("p", 8), ("i", 8), ("i", 4), ("i", 4), ("p", 8)]
+    for j, wrong in ((1, np.int32(1)), (3, np.float32(1)), (2, 0), (0, np.uint64(0)),
+                     (2, np.int64(1))):
         args = list(good)
         args[j] = wrong
         if j == 0:  # a null where an array is passed is fine; a scalar of 4 bytes is not
             args[j] = np.int32(0)
         with pytest.raises(kernel_host.ArgumentMismatch, match=f"argument {j}"):
             device_runtime.kernel(name, None)((1,), (256,), tuple(args))
-    with pytest.raises(kernel_host.ArgumentMismatch, match="5 arguments for 6"):
-        device_runtime.kernel(name, None)((1,), (256,), tuple(good[:5]))
+    with pytest.raises(kernel_host.ArgumentMismatch, match="4 arguments for 5"):
+        device_runtime.kernel(name, None)((1,), (256,), tuple(good[:4]))
 
 
 def test_twin_modes_flush_and_contract():

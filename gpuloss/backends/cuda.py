@@ -1,13 +1,25 @@
 """CUDA backend: the fused kernels of kernels/gpuloss_kernels.cu, launched through CuPy.
 
-One `value_and_grad` of an elementwise loss is one pass over the data (the elementwise kernel,
-templated on the loss's functor, writes the gradient and one float64 partial sum per block)
-plus one tiny launch that adds the partials in a fixed order. Categorical losses run one row
-kernel whose threads keep the row in registers (K up to 8192; larger rows are read twice),
-plus the same finishing launch. Which functor a loss uses, its scalar parameters and its
-domain rules come with the call (from the loss's declaration): nothing here names a loss. No float atomics, no host synchronisation except the one read of the error flag when
-validate=True. CuPy is imported only when a CuPy (or CUDA DLPack) array arrives; the source
-and the list of kernel instantiations are importable without it, for the CPU-side checks.
+The common call (no options, any dtype, mean, sum or none) is one kernel launch: the
+elementwise kernel, templated on the loss's functor, writes the gradient and one float64
+partial per block, and the last block to finish adds the partials in a fixed order
+(bit-identical run to run; no float atomics) and writes the value. Categorical losses run one
+row kernel whose threads keep the row in registers (K up to 8192; larger rows are read twice),
+finished the same way. Which functor a loss uses, its scalar parameters and its domain rules
+come with the call (from the loss's declaration): nothing here names a loss.
+
+Per call: one zeroed int32 buffer (a memset, no kernel) holds the value, the error flags and
+the count of blocks done. With validate=True the host reads it once, after the launch (the
+flags and the value in one transfer; the only synchronisation), and raises before returning;
+with validate=False nothing is read back. The value is a device view of that buffer. Options
+add launches before the pass: gpuloss_check per weight array (validated as stored), a device
+cast of a target or weight of another dtype, a copy of non-contiguous data (a class axis
+other than the last), and CuPy reductions for a mean's denominator
+that the gradient needs before the pass (a sample_weight's sum; with labels and class_weight,
+sample_weight or ignore_index, the counted weights' sum) and for class weights' scale; none of
+them waits on the host. CuPy is imported only when a CuPy (or CUDA DLPack) array arrives; the
+source and the list of kernel instantiations are importable without it, for the CPU-side
+checks.
 """
 
 from __future__ import annotations
@@ -50,6 +62,10 @@ ROW_CONFIGS = ((4, 4), (8, 4), (16, 4), (32, 4), (32, 32), (256, 32), (256, 0))
 # the kernels' GL_FLAG_* bits
 FLAG_PRED, FLAG_TARGET, FLAG_SAMPLE_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
 FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
+# the int32 words of the per-call `state` buffer (= GL_STATE_*): the reduced value (16 bytes,
+# at the start so that its view is aligned), the error flags, the count of blocks done
+STATE_WORDS, STATE_VALUE_WORDS, STATE_FLAGS = 6, 4, 4
+MEAN_PARTS = 2  # = GL_MEAN_PARTS: the value is [sum, denominator] in float64
 WEIGHT_FLAGS = {"sample_weight": FLAG_SAMPLE_WEIGHT, "pos_weight": FLAG_POS_WEIGHT,
                 "class_weight": FLAG_CLASS_WEIGHT}
 
@@ -97,10 +113,6 @@ def elementwise_name(functor, pred_dtype, target_dtype) -> str:
     return f"gpuloss_elementwise<{functor}, {tp}, {ty}>"
 
 
-def finish_name(pred_dtype) -> str:
-    return f"gpuloss_finish<{C_TYPE[np.dtype(pred_dtype)]}>"
-
-
 def check_name(weights: bool, dtype) -> str:
     return f"gpuloss_check<{int(weights)}, {C_TYPE[np.dtype(dtype)]}>"
 
@@ -120,7 +132,6 @@ def all_kernel_names() -> list[str]:
             for y in target_dtypes(p):
                 if y != np.bool_ or _call.takes_bool_targets(functor):
                     names.append(elementwise_name(functor, p, y))
-    names += [finish_name(p) for p in PRED_DTYPES]
     names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
     for functor in _call.declared_kernels(_call.CATEGORICAL):
         labels = LABEL_DTYPES if _call.takes_labels(functor) else ()
@@ -354,10 +365,43 @@ def explain_device_error(exc: BaseException, call: _call.Call) -> BaseException:
     return exc
 
 
+def _wants_sum(call) -> bool:
+    return call.want_value and call.reduction != "none"
+
+
+def _state(cp, call):
+    """The call's zeroed int32 state buffer (a memset, no kernel), null when neither a flag nor
+    a reduced value is wanted."""
+    return cp.zeros(STATE_WORDS, np.int32) if call.validate or _wants_sum(call) else _NULL
+
+
+def _flags(call, state):
+    """The flag word of `state`, for gpuloss_check (null without validation)."""
+    return state[STATE_FLAGS : STATE_FLAGS + 1] if call.validate else _NULL
+
+
 def _partials(cp, call, nblocks):
     """One float64 partial per block, when a sum is wanted (null otherwise)."""
-    want_sum = call.want_value and call.reduction != "none"
-    return cp.empty(nblocks, np.float64) if want_sum else _NULL
+    return cp.empty(nblocks, np.float64) if _wants_sum(call) else _NULL
+
+
+def _mean_code(call) -> np.int32:
+    """The kernels' `mean`: 0 a sum, 1 a mean, MEAN_PARTS [sum, denominator] (a mean's
+    gradient)."""
+    return np.int32(MEAN_PARTS if call.parts else call.reduction == "mean")
+
+
+def _result(rt, call, state, per):
+    """Read the flags and the reduced value in one transfer where validate=True (raising on a
+    flagged error), and return the value: a device view of `state`, or `per` for "none"."""
+    if call.validate:
+        _raise_flags(rt.xp, call, int(rt.to_host(state)[STATE_FLAGS]))
+    if call.reduction == "none":
+        return per
+    if not call.want_value:
+        return None
+    value = state[:STATE_VALUE_WORDS].view(_F64 if call.parts else call.pred.dtype)
+    return value[:2] if call.parts else value[:1].reshape(())
 
 
 def _params(call, count):
@@ -369,30 +413,13 @@ def _params(call, count):
     return [np.float64(v) for v in values]
 
 
-def _finish(rt, call, partials, nblocks, denom, denom_dev):
-    if not (call.want_value and call.reduction != "none"):
-        return None
-    # with parts: the float64 sum, then [sum, denominator], all on the device
-    dtype = _F64 if call.parts else call.pred.dtype
-    out = rt.xp.empty((), dtype)
-    rt.kernel(finish_name(dtype), call.pred)(
-        (1,),
-        (BLOCK_THREADS,),
-        (partials, np.int32(nblocks), np.int32(call.reduction == "mean" and not call.parts),
-         np.float64(denom), denom_dev, _raw(out)),
-    )
-    if call.parts:
-        d = denom_dev * denom if isinstance(denom_dev, rt.xp.ndarray) else rt.xp.full(1, denom)
-        return rt.xp.concatenate([out.reshape(1), d.astype(_F64).reshape(1)])
-    return out
-
-
 def _elementwise(rt, call):
     cp = rt.xp
     shape = tuple(call.pred.shape)
     n = math.prod(shape)
     cdt = compute_type(call.pred.dtype)
-    flags = cp.zeros(1, np.int32) if call.validate else _NULL
+    state = _state(cp, call)
+    flags = _flags(call, state)
     p = cp.ascontiguousarray(call.pred)
     y = call.target
     target_rule = RULE_CODE[call.target_rule] if call.validate else 0
@@ -414,23 +441,18 @@ def _elementwise(rt, call):
         else None
     nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
     partials = _partials(cp, call, nblocks)
-    if n:
+    if n or _wants_sum(call):  # no data: one block still writes the empty sum
         rt.kernel(elementwise_name(call.kernel, p.dtype, y.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
             (_raw(p), _raw(y), w, np.int64(w_div), np.int64(w_mod), pw, np.int64(pw_div),
-             np.int64(pw_mod), np.int64(n), np.int32(call.reduction == "mean"),
+             np.int64(pw_mod), np.int64(n), _mean_code(call),
              np.float64(denom), denom_dev, *_params(call, 4), np.int32(pred_rule),
              np.int32(target_rule),
              _raw(grad) if grad is not None else _NULL, _raw(per) if per is not None else _NULL,
-             partials, flags),
+             partials, state),
         )
-    elif isinstance(partials, cp.ndarray):
-        partials, nblocks = cp.zeros(1, np.float64), 1
-    if call.validate:
-        _raise_flags(cp, call, int(rt.to_host(flags)[0]))
-    value = _finish(rt, call, partials, nblocks, denom, denom_dev)
-    return (per if call.reduction == "none" else value), grad
+    return _result(rt, call, state, per), grad
 
 
 def _categorical(rt, call):
@@ -440,7 +462,8 @@ def _categorical(rt, call):
     sample_shape = tuple(z.shape[:-1])
     rows = math.prod(sample_shape)
     z = cp.ascontiguousarray(z)
-    flags = cp.zeros(1, np.int32) if call.validate else _NULL
+    state = _state(cp, call)
+    flags = _flags(call, state)
     check = 0
     if call.validate:
         check = FLAG_LABEL | (FLAG_PRED if call.pred_rule == _call.UNIT else 0)
@@ -484,7 +507,7 @@ def _categorical(rt, call):
     nblocks = _blocks_for(rt, rows, per_block, call.pred)
     partials = _partials(cp, call, nblocks)
     has_ignore = call.ignore_index is not None
-    if rows:
+    if rows or _wants_sum(call):  # no rows: one block still writes the empty sum
         rt.kernel(rows_name(call.kernel, call.labels, config, z.dtype, t.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
@@ -492,18 +515,13 @@ def _categorical(rt, call):
              np.int64(sw_mod), cw, cw_scale, cw_sum_dev,
              np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),
-             np.int32(call.reduction == "mean"), np.float64(denom), denom_dev,
+             _mean_code(call), np.float64(denom), denom_dev,
              *_params(call, 2), np.int32(check),
              _raw(grad_full) if grad_full is not None else _NULL,
-             _raw(per) if per is not None else _NULL, partials, flags),
+             _raw(per) if per is not None else _NULL, partials, state),
         )
-    elif isinstance(partials, cp.ndarray):
-        partials, nblocks = cp.zeros(1, np.float64), 1
-    if call.validate:
-        _raise_flags(cp, call, int(rt.to_host(flags)[0]))
-    value = _finish(rt, call, partials, nblocks, denom, denom_dev)
     grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
-    return (per if call.reduction == "none" else value), grad
+    return _result(rt, call, state, per), grad
 
 
 def _scaled_class_weights(cp, cw):
