@@ -24,7 +24,8 @@ import threading
 
 import numpy as np
 
-MIN_BYTES = 1 << 20  # below this, malloc is cheap and the pool would only hold memory
+MIN_BYTES = 1 << 20  # below this malloc serves from its heap (glibc maps fresh pages from
+# 128 KiB up: page faults, and on freeing TLB shootdowns that stall the other threads)
 ALIGN = 64  # bytes
 _lock = threading.Lock()
 _owners: list[np.ndarray] = []  # uint8 arrays owned by the pool

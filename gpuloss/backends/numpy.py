@@ -35,8 +35,6 @@ BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a
 # inputs and scratch (a few MB) stay in the L2/L3 caches
 ROW_BLOCK = 1 << 19  # the same for whole rows: the row losses make fewer passes per block, so
 # the per-block Python overhead weighs more (measured: nll, cce 2x faster than at 1 << 17)
-MIN_SHARE = 1 << 16  # elements: from twice this size, every core gets a block (a thread's
-# start-up, tens of microseconds, is then less than the work it takes over)
 _F64 = np.float64
 
 
@@ -64,14 +62,6 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         if _executor_now is None or _executor_now._max_workers != workers:
             _executor_now = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss")
         return _executor_now
-
-
-def block_size(size: int, block: int) -> int:
-    """`block`, or less where that leaves a core idle on a mid-sized call: 256 x 1000 logits
-    are one row block, but two threads finish them in about half the time."""
-    if size <= 2 * MIN_SHARE:
-        return block
-    return max(MIN_SHARE, min(block, -(-size // _num_threads())))
 
 
 def blocks(shape: tuple[int, ...], block: int, whole_last_axis: bool = False) -> list:
@@ -117,11 +107,13 @@ def run_blocks(num_blocks: int, work) -> list:
                     break
                 results[i] = work(i, scratch)
 
-    if workers <= 1:
+    # the calling thread works too: one thread fewer to wake (a wake-up costs tens of
+    # microseconds on a VM, which a 256 x 1000 call notices), and its caches are warm
+    helpers = [_executor(workers - 1).submit(worker) for _ in range(workers - 1)]
+    try:
         worker()
-    else:
-        futures = [_executor(workers).submit(worker) for _ in range(workers)]
-        for f in futures:
+    finally:
+        for f in helpers:
             f.result()
     return results
 
@@ -333,7 +325,7 @@ def _elementwise(call):
 
     P, Y, W, PW = (view(x) for x in (p, y, w, pw))
     G, L = (view(x, broadcast=False) for x in (grad, per_elem))
-    index = blocks(P.shape, block_size(n, BLOCK))
+    index = blocks(P.shape, BLOCK)
     kernel = _ELEMENTWISE[call.loss]
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum)
@@ -845,7 +837,7 @@ def _categorical(call):
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum, K=K, cw=cw, w_scale=w_scale)
     kernel = _CATEGORICAL[(call.loss, call.labels)]
-    index = blocks(P.shape, block_size(p.size, ROW_BLOCK), whole_last_axis=True)
+    index = blocks(P.shape, ROW_BLOCK, whole_last_axis=True)
 
     if N == 0:
         results = []
