@@ -35,6 +35,9 @@ BLOCK = 1 << 17  # elements per block: fewer blocks cost less Python overhead; a
 # inputs and scratch (a few MB) stay in the L2/L3 caches
 ROW_BLOCK = 1 << 19  # the same for whole rows: the row losses make fewer passes per block, so
 # the per-block Python overhead weighs more (measured: nll, cce 2x faster than at 1 << 17)
+ONE_BLOCK = 1 << 19  # elements: an elementwise call up to this size is one block on the
+# calling thread (measured on the 2-core VM: 2^18 elements take 200 us in one block, 384 us
+# split in two; from 2^20 the split pays)
 _F64 = np.float64
 
 
@@ -325,7 +328,7 @@ def _elementwise(call):
 
     P, Y, W, PW = (view(x) for x in (p, y, w, pw))
     G, L = (view(x, broadcast=False) for x in (grad, per_elem))
-    index = blocks(P.shape, BLOCK)
+    index = blocks(P.shape, BLOCK if n > ONE_BLOCK else ONE_BLOCK)
     kernel = _ELEMENTWISE[call.loss]
     want_sum = call.want_value and call.reduction != "none"
     consts = _Consts(call, cdt, gscale, want_sum)
