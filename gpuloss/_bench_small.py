@@ -60,6 +60,12 @@ def run(args, timer, clock, xp, torch, to_torch, device, progress=None) -> dict:
     if "cce_with_logits" in args.losses:
         out["training_step"] = training_step(timer, torch, device, plan=plan,
                                              progress=progress)
+        if device == "cpu" and not args.quick:
+            out["training_step"]["thread_contention"] = thread_contention(timer, torch,
+                                                                          plan=plan)
+            if progress:
+                progress({"thread_contention": True,
+                          **out["training_step"]["thread_contention"]})
     return out
 
 
@@ -204,6 +210,44 @@ def _training_fns(torch, c, device):
             "loss_gpuloss": lambda: _backward(gl.cce_with_logits, logits, y)}
 
 
+def _one_thread(fn):
+    """`fn` with gpuloss's CPU backend held to the calling thread (GPULOSS_NUM_THREADS=1)."""
+    import os
+
+    def call():
+        before = os.environ.get("GPULOSS_NUM_THREADS")
+        os.environ["GPULOSS_NUM_THREADS"] = "1"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GPULOSS_NUM_THREADS"]
+            else:
+                os.environ["GPULOSS_NUM_THREADS"] = before
+
+    return call
+
+
+def thread_contention(timer, torch, *, batch=4096, classes=1000, plan=None):
+    """The CPU step at a batch whose loss runs on several of gpuloss's threads, with them and
+    held to one thread, beside PyTorch's step: whether gpuloss's threads and PyTorch's
+    (OpenMP, spinning after each parallel region) slow each other down."""
+    F, nn = torch.nn.functional, torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(MLP["inputs"], MLP["hidden"]), nn.ReLU(),
+                          nn.Linear(MLP["hidden"], classes))
+    x, y = torch.randn(batch, MLP["inputs"]), torch.randint(0, classes, (batch,))
+    step = _sgd_step(torch, model, gl.cce_with_logits, x, y)
+    fns = {"step_torch": _sgd_step(torch, model, F.cross_entropy, x, y),
+           "step_gpuloss": step, "step_gpuloss_one_thread": _one_thread(step)}
+    us, rounds = measure(timer, fns, plan or Plan(), batch * classes)
+    return {"batch": batch, "classes": classes, "rounds": rounds,
+            "torch_threads": torch.get_num_threads(),
+            **{f"{name}_us": round(t, 2) for name, t in us.items()},
+            "step_ratio": _ratio(us["step_gpuloss"], us["step_torch"]),
+            "threads_vs_one": _ratio(us["step_gpuloss"], us["step_gpuloss_one_thread"])}
+
+
 def training_step(timer, torch, device="cpu", *, plan=None, progress=None):
     """One SGD step of an MLP (inputs-hidden-C: Linear, ReLU, Linear) with PyTorch's
     cross-entropy and with gpuloss's, and the loss alone (forward + backward at batch x C),
@@ -247,4 +291,11 @@ def summary_lines(small_batch: dict | None, steps: dict | None) -> list[str]:
                          f"gpuloss {r['step_gpuloss_us']:8.1f} ({r['step_ratio']:.2f}x)  "
                          f"loss torch {r['loss_torch_us']:7.1f} gpuloss "
                          f"{r['loss_gpuloss_us']:7.1f} ({r['loss_ratio']:.2f}x)")
+        c = steps.get("thread_contention")
+        if c:
+            lines.append(f"  batch {c['batch']} C={c['classes']}: step torch "
+                         f"{c['step_torch_us']:.0f}, gpuloss {c['step_gpuloss_us']:.0f} "
+                         f"({c['step_ratio']:.2f}x), gpuloss on one thread "
+                         f"{c['step_gpuloss_one_thread_us']:.0f} (its threads / one: "
+                         f"{c['threads_vs_one']:.3f})")
     return lines

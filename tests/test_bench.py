@@ -131,3 +131,25 @@ def test_crossover_is_where_gpuloss_stays_faster():
     assert _bench_small.crossover(pts(0.5, 0.9)) == 1
     assert _bench_small.crossover(pts(0.5, 1.0)) is None  # a tie is not faster
     assert _bench_small.crossover([]) is None
+
+
+def test_thread_contention_holds_gpuloss_to_one_thread_and_back(monkeypatch):
+    """The contention row: three steps timed, and GPULOSS_NUM_THREADS restored after the
+    one-thread step (set or unset before)."""
+    torch = pytest.importorskip("torch")
+    seen = []
+    real = _bench_small._sgd_step
+
+    def spy_step(torch_, model, loss_fn, x, y):
+        step = real(torch_, model, loss_fn, x, y)
+        return lambda: seen.append(os.environ.get("GPULOSS_NUM_THREADS")) or step()
+
+    monkeypatch.setattr(_bench_small, "_sgd_step", spy_step)
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "2")
+    row = _bench_small.thread_contention(_bench_cpu.interleaved_us, torch, batch=64,
+                                         classes=10, plan=_bench_small.QUICK_PLAN)
+    assert {"1", "2"} <= set(seen) and os.environ["GPULOSS_NUM_THREADS"] == "2"
+    for key in ("step_torch_us", "step_gpuloss_us", "step_gpuloss_one_thread_us"):
+        assert row[key] > 0, key
+    assert row["threads_vs_one"] == pytest.approx(
+        row["step_gpuloss_us"] / row["step_gpuloss_one_thread_us"], rel=0.01)
