@@ -333,6 +333,25 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
     )
 
 
+def check_scalar_options(loss, options, ndim: int, pred_dtype: str) -> None:
+    """The checks `prepare` makes on the scalar options alone (no arrays): for the PyTorch
+    operator path, whose schema would otherwise convert a wrong type (ignore_index=True
+    becoming 1) instead of refusing it."""
+    _check_reduction(options.get("reduction", "mean"))
+    validate = options.get("validate", True)
+    if not isinstance(validate, bool):
+        msg = f"validate must be True or False, got {validate!r}."
+        raise TypeError(msg)
+    if loss.family == CATEGORICAL:
+        if ndim < 1:
+            msg = f"{loss.name} needs pred with a class axis (ndim >= 1), got a 0-d array."
+            raise ValueError(msg)
+        _check_axis(options.get("axis", -1), ndim)
+        _check_ignore_index(options.get("ignore_index"))
+    for opt in loss.own_checks:
+        opt.check(options.get(opt.name, opt.default), pred_dtype)
+
+
 def _checked_options(loss, options, pred_dtype, fields):
     """(the loss's own scalar options checked by their declaration (and eps, label_smoothing),
     its kernel parameters, pred's and target's domain rules). Remembered per loss and option

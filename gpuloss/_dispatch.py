@@ -58,6 +58,9 @@ _NUMPY_NS = array_api_compat.array_namespace(np.empty(0))
 
 
 def library_name(x) -> str:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"  # subclasses too (nn.Parameter, a user's own)
     mod = type(x).__module__.split(".")[0]
     return {"jaxlib": "jax"}.get(mod, mod)
 

@@ -22,6 +22,7 @@ torch is imported only when a tensor arrives (`sys.modules`), so `import gpuloss
 from __future__ import annotations
 
 import sys
+import threading
 
 NO_SECOND_DERIVATIVE = (
     "gpuloss losses have no second derivative: backward computes the fused gradient, which "
@@ -175,7 +176,7 @@ def _make_loss_fn():
             for b in range(info.batch_size):
                 one = [a if d is None or a is None else a.select(d, b)
                        for a, d in zip(args, in_dims[:5])]
-                value, grad = how(*one)
+                value, grad = LossFn.apply(*one, how)  # (a slice may be differentiated)
                 values.append(value)
                 grads.append(grad)
             return (torch.stack(values), torch.stack(grads)), (0, 0)
@@ -191,16 +192,17 @@ _LossFn = _EagerFn = None  # made with the operators (a trace cannot define a cl
 
 
 def _run_traced(torch, loss, pred, target, options, want_value, want_grad):
+    from . import _api
+
     op = operators()[loss.name]
     unknown = [k for k in options if k not in loss.option_set]
     if unknown:  # the eager message (loss.prepare raises it)
         loss.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
-    arrays = []
-    for name in _ARRAY_OPTIONS:
-        value = options.get(name)
-        if value is not None and not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(value, device=pred.device)
-        arrays.append(value)
+    # the eager checks of the scalar options: the operator's schema would convert a wrong
+    # type rather than refuse it (ignore_index=True would become 1)
+    _api.check_scalar_options(loss, options, pred.dim(), str(pred.dtype).rsplit(".", 1)[-1])
+    target = _as_tensor(torch, target, "target", pred)
+    arrays = [_as_tensor(torch, options.get(name), name, pred) for name in _ARRAY_OPTIONS]
     for name, value in (("target", target), *zip(_ARRAY_OPTIONS, arrays)):
         if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
             _raise_other_grad(name)
@@ -210,15 +212,33 @@ def _run_traced(torch, loss, pred, target, options, want_value, want_grad):
     if loss.family == "categorical" and options.get("reduction", "mean") == "none":
         axis = options.get("axis", -1) % pred.dim()
     graph = want_value and not want_grad and pred.requires_grad and torch.is_grad_enabled()
+    # under vmap a batched pred says requires_grad=False although its base may need the
+    # gradient: there, compute it whenever grad mode is on
+    wrapped = not torch.compiler.is_compiling() and \
+        torch._C._functorch.is_functorch_wrapped_tensor(pred)
+    need_grad = want_grad or graph or (want_value and wrapped and torch.is_grad_enabled())
     value, grad = _LossFn.apply(pred, target, *arrays,
-                                _ViaOp(op, scalars, axis, want_grad or graph))
+                                _ViaOp(op, scalars, axis, need_grad))
     if graph or not pred.requires_grad:
         return value, (grad if want_grad else None)
     # .grad and .value_and_grad return plain tensors, as in eager mode
     return value.detach(), (grad.detach() if want_grad else None)
 
 
+def _as_tensor(torch, x, name, pred):
+    """A list or number as a tensor on pred's device, as eager calls take them; another
+    library's array is refused, as eager calls refuse it."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    if hasattr(x, "__array_namespace__") or hasattr(x, "__array__"):
+        msg = (f"Arrays from different libraries in one call: pred is a torch array, {name} "
+               f"is a {type(x).__module__.split('.')[0]} array. Convert {name} to torch first.")
+        raise TypeError(msg)
+    return torch.as_tensor(x, device=pred.device)
+
+
 _OPERATORS: dict = {}
+_REGISTERING = threading.Lock()
 
 
 def operators() -> dict:
@@ -226,20 +246,23 @@ def operators() -> dict:
     Registration cannot
     happen inside a torch.compile trace: `import gpuloss.torch` (or any eager call on a
     tensor, or importing gpuloss after torch) does it beforehand."""
-    if not _OPERATORS:
-        import torch
+    if _OPERATORS:
+        return _OPERATORS
+    import torch
 
-        if torch.compiler.is_compiling():
-            msg = ("gpuloss's PyTorch operators are not registered yet, and cannot be while "
-                   "torch.compile traces: import gpuloss.torch (or import gpuloss after torch) "
-                   "before compiling.")
-            raise RuntimeError(msg)
-        from . import _api
+    if torch.compiler.is_compiling():
+        msg = ("gpuloss's PyTorch operators are not registered yet, and cannot be while "
+               "torch.compile traces: import gpuloss.torch (or import gpuloss after torch) "
+               "before compiling.")
+        raise RuntimeError(msg)
+    with _REGISTERING:  # one registration, published whole (threads' first calls race here)
+        if not _OPERATORS:
+            from . import _api
 
-        global _LossFn, _EagerFn
-        _LossFn, _EagerFn = _make_loss_fn(), _make_eager_fn()
-        for loss in _api._BY_NAME.values():
-            _OPERATORS[loss.name] = _define(torch, loss)
+            global _LossFn, _EagerFn
+            _LossFn, _EagerFn = _make_loss_fn(), _make_eager_fn()
+            ops = {loss.name: _define(torch, loss) for loss in _api._BY_NAME.values()}
+            _OPERATORS.update(ops)
     return _OPERATORS
 
 
@@ -271,8 +294,9 @@ def _define(torch, loss):
 
         value, grad = _api.run(loss.name, pred, target, options, want_value=True,
                                want_grad=want_grad)
-        value = value.clone() if _shares(value, pred, target) else value
-        return value, (grad if want_grad else pred.new_empty(0))
+        # contiguous, as the fake implementation says (the CPU backend returns pred's layout)
+        value = value.clone() if _shares(value, pred, target) else value.contiguous()
+        return value, (grad.contiguous() if want_grad else pred.new_empty(0))
 
     def fake(pred, target, sample_weight, pos_weight, class_weight, *rest):
         *scalars, want_grad = rest

@@ -87,3 +87,17 @@ def test_fortran_order_and_small_arrays():
     assert f.flags.f_contiguous and f.shape == (256, 2048)
     small = _pool.empty((10,), np.float32)
     assert small.base is None  # small arrays come straight from NumPy
+
+
+def test_a_huge_rows_scratch_is_not_kept_after_the_call():
+    """Each thread keeps its block-sized scratch from call to call; a row longer than a
+    block gets buffers of its own size, which go with the call (a review found 192 MiB kept
+    after one 2^24-class row)."""
+    from gpuloss.backends import numpy as nb
+
+    K = nb.ROW_BLOCK * 4
+    z = np.random.default_rng(0).standard_normal((1, K)).astype(np.float32)
+    t = np.full_like(z, 1.0 / K)
+    gl.cce_with_logits.value_and_grad(z, t, label_smoothing=0.1)
+    kept = nb._thread_scratch()._bufs.values()
+    assert kept and max(b.size for b in kept) <= nb.ROW_BLOCK

@@ -211,3 +211,81 @@ def test_module_losses_compile_too(torch, loss):
     np.testing.assert_allclose(compiled(pred, target).numpy(),
                                gl.LOSSES[loss](pred.numpy(), target.numpy(), reduction="sum"),
                                rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# what an adversarial review found (each failed before its fix)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's own
+def test_a_transposed_pred_compiles_with_inductor(torch):
+    """The operator's outputs are contiguous, as its fake implementation says (the CPU
+    backend returns pred's own layout, which inductor's layout check refused)."""
+    torch._dynamo.reset()
+    w, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    x = w.clone().requires_grad_()
+    torch.compile(lambda a: gl.mse(a.t(), y), fullgraph=True)(x).backward()
+    want = gl.mse.grad(w.t().contiguous().numpy(), y.numpy())
+    np.testing.assert_allclose(x.grad.numpy(), want.T, rtol=1e-12)
+    per = torch.compile(lambda a: gl.mse(a.t(), y, reduction="none").reshape(-1),
+                        backend="aot_eager")(w)
+    np.testing.assert_allclose(per.numpy(), ((w.t() - y) ** 2).reshape(-1).numpy(), rtol=1e-12)
+
+
+def test_wrong_option_types_are_refused_under_torch_func_too(torch):
+    y, p = torch.tensor([0, 1, 2, 1, 0, 1]), torch.randn(6, 3)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        torch.func.grad(lambda a: gl.cce_with_logits(a, y, ignore_index=True))(p)
+    with pytest.raises(TypeError, match="delta must be a real number"):
+        torch.func.grad(lambda a: gl.huber(a, a.detach(), delta=True))(p)
+    with pytest.raises(TypeError, match="different libraries"):
+        torch.func.grad(lambda a: gl.cce_with_logits(a, y, sample_weight=np.ones(6)))(p)
+    with pytest.raises(ValueError, match="class axis"):
+        torch.func.grad(lambda a: gl.cce_with_logits(a, torch.tensor(0)))(torch.tensor(1.0))
+    # a list is a target as in eager calls
+    got = torch.func.grad(lambda a: gl.cce_with_logits(a, [0, 1, 2, 1, 0, 1]))(p)
+    np.testing.assert_allclose(got.numpy(), gl.cce_with_logits.grad(p.numpy(), y.numpy()),
+                               rtol=1e-6)
+
+
+def test_vmap_outputs_can_be_differentiated(torch):
+    p = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (4,))
+    torch.func.vmap(lambda x: gl.cce_with_logits(x, y))(p).sum().backward()
+    want = np.stack([gl.cce_with_logits.grad(x, y.numpy()) for x in p.detach().numpy()])
+    np.testing.assert_allclose(p.grad.numpy(), want, rtol=1e-12)
+    got = torch.func.grad(
+        lambda a: torch.func.vmap(lambda x: gl.cce_with_logits(x, y))(a).sum())(p.detach())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+
+
+def test_a_tensor_subclass_is_a_torch_tensor(torch):
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(4, 3, dtype=torch.float64).as_subclass(Tagged).requires_grad_()
+    gl.cce_with_logits(x, torch.tensor([0, 1, 2, 0])).backward()
+    want = gl.cce_with_logits.grad(x.detach().as_subclass(torch.Tensor).numpy(),
+                                   np.array([0, 1, 2, 0]))
+    np.testing.assert_allclose(x.grad.as_subclass(torch.Tensor).numpy(), want, rtol=1e-12)
+
+
+def test_first_calls_from_many_threads_register_once():
+    require("torch")
+    code = (
+        "import threading, gpuloss as gl, torch\n"  # gpuloss first: registered on first call
+        "barrier, errors = threading.Barrier(4), []\n"
+        "def first():\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        gl.mse(torch.ones(3, requires_grad=True), torch.zeros(3)).backward()\n"
+        "    except Exception as e:\n"
+        "        errors.append(repr(e))\n"
+        "threads = [threading.Thread(target=first) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('ERRORS', errors)\n"
+    )
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        assert "ERRORS []" in out, out

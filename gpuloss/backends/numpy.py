@@ -141,6 +141,8 @@ class Scratch:
 
     def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         size = math.prod(shape)
+        if size > ROW_BLOCK:  # one huge row's buffers: not kept after the call
+            return np.empty(shape, dtype)
         key = (name, np.dtype(dtype))
         buf = self._bufs.get(key)
         if buf is None or buf.size < size:
