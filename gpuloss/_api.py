@@ -604,6 +604,9 @@ def _by_name(name):
     return _BY_NAME[name]
 
 
+_torch.bind(_BY_NAME, run, check_scalar_options)  # (the dict fills as losses are declared)
+
+
 def declared_aliases() -> dict[str, str]:
     """Every declared loss's other names, mapped to its name."""
     return {alias: loss.name for loss in _BY_NAME.values() for alias in loss.aliases}

@@ -33,6 +33,20 @@ NO_SECOND_DERIVATIVE = (
 _ARRAY_OPTIONS = ("sample_weight", "pos_weight", "class_weight")
 
 
+class _Api:
+    """What this module uses of gpuloss._api, handed in by it (`bind`), so that nothing here
+    imports the layer above: the declared losses by name, `run` (check and compute one call)
+    and `check_scalar_options`."""
+
+    losses: dict = {}
+    run = None
+    check_scalar_options = None
+
+
+def bind(losses: dict, run, check_scalar_options) -> None:
+    _Api.losses, _Api.run, _Api.check_scalar_options = losses, run, check_scalar_options
+
+
 def is_tensor(x) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
@@ -192,15 +206,13 @@ _LossFn = _EagerFn = None  # made with the operators (a trace cannot define a cl
 
 
 def _run_traced(torch, loss, pred, target, options, want_value, want_grad):
-    from . import _api
-
     op = operators()[loss.name]
     unknown = [k for k in options if k not in loss.option_set]
     if unknown:  # the eager message (loss.prepare raises it)
         loss.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
     # the eager checks of the scalar options: the operator's schema would convert a wrong
     # type rather than refuse it (ignore_index=True would become 1)
-    _api.check_scalar_options(loss, options, pred.dim(), str(pred.dtype).rsplit(".", 1)[-1])
+    _Api.check_scalar_options(loss, options, pred.dim(), str(pred.dtype).rsplit(".", 1)[-1])
     target = _as_tensor(torch, target, "target", pred)
     arrays = [_as_tensor(torch, options.get(name), name, pred) for name in _ARRAY_OPTIONS]
     for name, value in (("target", target), *zip(_ARRAY_OPTIONS, arrays)):
@@ -257,11 +269,9 @@ def operators() -> dict:
         raise RuntimeError(msg)
     with _REGISTERING:  # one registration, published whole (threads' first calls race here)
         if not _OPERATORS:
-            from . import _api
-
             global _LossFn, _EagerFn
             _LossFn, _EagerFn = _make_loss_fn(), _make_eager_fn()
-            ops = {loss.name: _define(torch, loss) for loss in _api._BY_NAME.values()}
+            ops = {name: _define(torch, loss) for name, loss in _Api.losses.items()}
             _OPERATORS.update(ops)
     return _OPERATORS
 
@@ -290,9 +300,7 @@ def _define(torch, loss):
         for key, value in zip(_ARRAY_OPTIONS, (sample_weight, pos_weight, class_weight)):
             if value is not None:
                 options[key] = value
-        from . import _api
-
-        value, grad = _api.run(loss.name, pred, target, options, want_value=True,
+        value, grad = _Api.run(loss.name, pred, target, options, want_value=True,
                                want_grad=want_grad)
         # contiguous, as the fake implementation says (the CPU backend returns pred's layout)
         value = value.clone() if _shares(value, pred, target) else value.contiguous()
