@@ -103,9 +103,19 @@ def _check_pred(pred, xp, loss: Loss):
             f"got {dtype_name(pred.dtype)}."
         )
         raise TypeError(msg)
-    if loss.family == CATEGORICAL and pred.ndim < 1:
+    _check_class_axis_exists(loss, pred.ndim)
+
+
+def _check_class_axis_exists(loss, ndim):
+    if loss.family == CATEGORICAL and ndim < 1:
         msg = f"{loss.name} needs pred with a class axis (ndim >= 1), got a 0-d array."
         raise ValueError(msg)
+
+
+def _check_validate(validate):
+    if not isinstance(validate, bool):
+        msg = f"validate must be True or False, got {validate!r}."
+        raise TypeError(msg)
 
 
 def _check_real(x, name, xp):
@@ -280,9 +290,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
     reduction = options.get("reduction", "mean")
     _check_reduction(reduction)
     validate = options.get("validate", True)
-    if not isinstance(validate, bool):
-        msg = f"validate must be True or False, got {validate!r}."
-        raise TypeError(msg)
+    _check_validate(validate)
 
     shape = _shape(pred)
     fields: dict[str, Any] = {}
@@ -338,18 +346,12 @@ def check_scalar_options(loss, options, ndim: int, pred_dtype: str) -> None:
     operator path, whose schema would otherwise convert a wrong type (ignore_index=True
     becoming 1) instead of refusing it."""
     _check_reduction(options.get("reduction", "mean"))
-    validate = options.get("validate", True)
-    if not isinstance(validate, bool):
-        msg = f"validate must be True or False, got {validate!r}."
-        raise TypeError(msg)
+    _check_validate(options.get("validate", True))
+    _check_class_axis_exists(loss, ndim)
     if loss.family == CATEGORICAL:
-        if ndim < 1:
-            msg = f"{loss.name} needs pred with a class axis (ndim >= 1), got a 0-d array."
-            raise ValueError(msg)
         _check_axis(options.get("axis", -1), ndim)
         _check_ignore_index(options.get("ignore_index"))
-    for opt in loss.own_checks:
-        opt.check(options.get(opt.name, opt.default), pred_dtype)
+    _checked_options(loss, options, pred_dtype, {})  # the loss's own, as `prepare` checks them
 
 
 def _checked_options(loss, options, pred_dtype, fields):
@@ -528,13 +530,12 @@ class Loss:
         return self._run(pred, target, options, want_value=True, want_grad=False)[0]
 
     def _refuse_positional(self, positional):
-        if positional:
-            own = [o for o in self.declared if o.kind == "number"]
-            value = positional[0] if isinstance(positional[0], (int, float)) else "..."
-            example = f"{own[0].name}={value}" if own else "reduction='sum'"
-            msg = (f"{self.name}() got {len(positional)} option(s) by position; options are "
-                   f"keyword-only: {self.name}(pred, target, {example}).")
-            raise TypeError(msg)
+        own = [o for o in self.declared if o.kind == "number"]
+        value = positional[0] if isinstance(positional[0], (int, float)) else "..."
+        example = f"{own[0].name}={value}" if own else "reduction='sum'"
+        msg = (f"{self.name}() got {len(positional)} option(s) by position; options are "
+               f"keyword-only: {self.name}(pred, target, {example}).")
+        raise TypeError(msg)
 
     def __repr__(self):
         return f"<gpuloss loss {self.name!r}>"

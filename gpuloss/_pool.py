@@ -24,8 +24,7 @@ import threading
 
 import numpy as np
 
-MIN_BYTES = 1 << 20  # below this malloc serves from its heap (glibc maps fresh pages from
-# 128 KiB up: page faults, and on freeing TLB shootdowns that stall the other threads)
+MIN_BYTES = 1 << 20  # below this, malloc is cheap and the pool would only hold memory
 ALIGN = 64  # bytes
 _lock = threading.Lock()
 _owners: list[np.ndarray] = []  # uint8 arrays owned by the pool
@@ -52,7 +51,7 @@ def _is_free(i: int) -> bool:
 def empty(shape, dtype, order="C") -> np.ndarray:
     """Like np.empty, but large arrays reuse the memory of dropped ones."""
     dtype = np.dtype(dtype)
-    nbytes = (math.prod(shape) if isinstance(shape, tuple) else int(shape)) * dtype.itemsize
+    nbytes = math.prod(shape if isinstance(shape, (tuple, list)) else (shape,)) * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype, order=order)
     limit = _limit()

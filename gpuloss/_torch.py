@@ -255,9 +255,8 @@ _REGISTERING = threading.Lock()
 
 def operators() -> dict:
     """{loss name: torch.ops.gpuloss.<name>}, registered on first use (with `_LossFn`).
-    Registration cannot
-    happen inside a torch.compile trace: `import gpuloss.torch` (or any eager call on a
-    tensor, or importing gpuloss after torch) does it beforehand."""
+    Registration cannot happen inside a torch.compile trace: `import gpuloss.torch` (or any
+    eager call on a tensor, or importing gpuloss after torch) does it beforehand."""
     if _OPERATORS:
         return _OPERATORS
     import torch

@@ -1048,7 +1048,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     total = 0.0
     if L is not None:
         np.subtract(lse, s_y, out=L)  # -log p_y
-        if unit_label:
+        if unit_label:  # weight 1: nothing to multiply
             pass
         elif np.any(c_true == 0):  # rare: a label term with no weight adds 0, even at -inf
             np.copyto(L, np.where((c_true == 0) & ~np.isnan(L), 0, L * c_true))
