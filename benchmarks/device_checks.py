@@ -27,8 +27,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from agreement import assert_agree, device_view  # noqa: E402 - the tests' definition of agreeing
 
 SMALL = {name: (37,) for name, fn in gl.LOSSES.items() if fn.family == "elementwise"}
-K_FOR_CONFIG = {config: (config[0] * config[1] if config[1] else 9000)
-                for config in _cuda_backend.ROW_CONFIGS}
+# a K per row layout (the small layout at each of its threads per row) and one read twice
+# options that turn each compile-time switch on (gpuloss.losses: kernel_switches)
+SWITCH_OPTIONS = {"GL_FOCAL": {"focal_gamma": 2.0}, "GL_Z_LOSS": {"z_loss": 1e-3},
+                  "GL_TEACHER_LOGITS": {"target_logits": True}}
+
+
+def switch_variants(loss) -> list[dict]:
+    """The options of every switch combination of `loss` (one dict per functor variant)."""
+    switches = list(gl.LOSSES[loss].kernel_switches)
+    return [{k: v for bit, name in enumerate(switches) if mask >> bit & 1
+             for k, v in SWITCH_OPTIONS[name].items()} for mask in range(1 << len(switches))]
+
+
+def ks_for_layouts(loss, pred_dtype, labels) -> list[int]:
+    """A K for each row layout of `loss` at `pred_dtype` and target kind: the small layout at
+    4 and 32 threads per row, the warp and block layouts full, and a row read twice."""
+    functor = gl.LOSSES[loss].functor(0)
+    ks = [10, _cuda_backend.SMALL_ROW_THREADS[-1] * _cuda_backend.SMALL_CACHE]
+    shift = 32 // np.dtype(pred_dtype).itemsize - 1  # (see row_config)
+    for threads, cache in _cuda_backend.row_configs(pred_dtype, labels, functor)[1:]:
+        ks.append(threads * cache - shift if cache else ks[-1] + 1)
+    return ks
 
 
 class Recording:
@@ -90,17 +110,20 @@ def variants(runtime=None) -> int:
     bad = []
     cases = []
     for loss in SMALL:
-        for p in _cuda_backend.PRED_DTYPES:
-            for t in _cuda_backend.target_dtypes(p):
-                cases.append((loss, p, t, None, True, {}))  # (hinge: booleans are -1/+1)
-    for loss in (n for n, fn in gl.LOSSES.items() if fn.family == "categorical"):
-        for K in K_FOR_CONFIG.values():
+        for opts in switch_variants(loss):
             for p in _cuda_backend.PRED_DTYPES:
-                for t in _cuda_backend.LABEL_DTYPES if gl.LOSSES[loss].class_indices else ():
-                    cases.append((loss, p, t, K, True, {}))
-                if gl.LOSSES[loss].probability_targets:
-                    cases += [(loss, p, t, K, False, {})
-                              for t in _cuda_backend.probability_target_dtypes(p)]
+                for t in _cuda_backend.target_dtypes(p):
+                    cases.append((loss, p, t, None, True, opts))  # (hinge: booleans are -1/+1)
+    for loss in (n for n, fn in gl.LOSSES.items() if fn.family == "categorical"):
+        fn = gl.LOSSES[loss]
+        for opts in switch_variants(loss):
+            for p in _cuda_backend.PRED_DTYPES:
+                for t in _cuda_backend.LABEL_DTYPES if fn.class_indices else ():
+                    cases += [(loss, p, t, K, True, opts) for K in ks_for_layouts(loss, p, True)]
+                if fn.probability_targets:
+                    cases += [(loss, p, t, K, False, opts)
+                              for t in _cuda_backend.probability_target_dtypes(p)
+                              for K in ks_for_layouts(loss, p, False)]
     for p in _cuda_backend.PRED_DTYPES:  # the weight checks, every stored dtype
         cases.append(("mse", p, p, None, True, {"sample_weight": np.ones(37, p)}))
     for p, t in zip(_cuda_backend.PRED_DTYPES, np.roll(_cuda_backend.PRED_DTYPES, 1)):
@@ -109,7 +132,8 @@ def variants(runtime=None) -> int:
         pred, target = _inputs(loss, p, t, K, labels)
         try:
             call = _api.prepare(loss, xp.asarray(pred), xp.asarray(target),
-                                {k: xp.asarray(v) for k, v in opts.items()},
+                                {k: xp.asarray(v) if isinstance(v, np.ndarray) else v
+                                 for k, v in opts.items()},
                                 want_value=True, want_grad=True)
             value, grad = _cuda_backend.compute(call, rt)
             p_dev, t_dev, o_dev = device_view(pred, target, opts)

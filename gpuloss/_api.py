@@ -316,7 +316,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         _check_broadcastable(pos_weight, "pos_weight", shape, "pred's shape")
         fields["pos_weight"] = pos_weight
 
-    checked, kernel_params, pred_rule, target_rule = _checked_options(
+    checked, kernel_params, pred_rule, target_rule, functor = _checked_options(
         loss, options, dtype_name(pred.dtype), fields)
     if "eps" in checked and loss.clips:
         fields["eps"] = checked["eps"]
@@ -328,7 +328,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         target=target,
         reduction="mean" if parts else reduction,
         family=loss.family,
-        kernel=loss.kernel,
+        kernel=functor,
         kernel_params=kernel_params,
         options=checked,
         pred_rule=pred_rule,
@@ -356,8 +356,9 @@ def check_scalar_options(loss, options, ndim: int, pred_dtype: str) -> None:
 
 def _checked_options(loss, options, pred_dtype, fields):
     """(the loss's own scalar options checked by their declaration (and eps, label_smoothing),
-    its kernel parameters, pred's and target's domain rules). Remembered per loss and option
-    values (with their types: True is not 1 here), since training loops repeat one call."""
+    its kernel parameters, pred's and target's domain rules, the functor variant). Remembered
+    per loss and option values (with their types: True is not 1 here), since training loops
+    repeat one call."""
     own = loss.own_checks
     values = tuple(options.get(opt.name, opt.default) for opt in own)
     key = (pred_dtype, fields.get("labels"), fields.get("axis"), fields.get("ignore_index"),
@@ -381,7 +382,7 @@ def _checked_options(loss, options, pred_dtype, fields):
         elif not callable(loss.target_rule) and target_rule is None:
             target_rule = _call.UNIT
     result = (checked, tuple(float(v) for v in loss.kernel_params(checked)), pred_rule,
-              target_rule)
+              target_rule, loss.functor_for(checked))
     if key is not None and len(loss.checked_cache) < 256:  # bounded: option sweeps stay small
         loss.checked_cache[key] = result
     return result
@@ -470,7 +471,11 @@ class Loss:
     CATEGORICAL), its `kernel` functor in kernels/gpuloss_math.cuh, its own `options` (after
     the common reduction, sample_weight, validate), its domain rules (`pred_rule` may depend
     on the options), and `kernel_params`, the functor's scalar parameters from the checked
-    options (default: the "number" and "bool" options in order).
+    options (default: the "number" and "bool" options in order). `kernel_switches` names the
+    functor's compile-time switches (the GL_* bits of its template argument) with, for each,
+    when the checked options turn it on: a call compiles and runs only the code of the options
+    it uses (focal and z-loss are not in plain cross-entropy's kernel). `cache_registers`
+    shrinks the row kernel's register cache for a functor that would spill with the default.
 
     `naive(p, y)` is the loss and gradient written straight from the formula with whole-array
     NumPy, as a user would (mean reduction, default options): the benchmarks' baseline.
@@ -485,11 +490,12 @@ class Loss:
 
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
                  doc: str, pred_rule=None, target_rule=None, kernel_params=None,
-                 naive=None, torch_peer=None, aliases=(), class_indices=True,
+                 kernel_switches=None, cache_registers=None, naive=None, torch_peer=None, aliases=(), class_indices=True,
                  probability_targets=True, log_probabilities=False):
         self.name = name
         self.family = family
         self.kernel = kernel
+        self.kernel_switches = dict(kernel_switches or {})  # GL_* name -> predicate, bit by bit
         self.declared = COMMON + tuple(options)
         self.options = tuple(o.name for o in self.declared)
         self.option_set = frozenset(self.options)
@@ -520,8 +526,11 @@ class Loss:
         self.__signature__ = inspect.Signature(params)
         self.grad = self._entry_point("grad", want_value=False, want_grad=True)
         self.value_and_grad = self._entry_point("value_and_grad", want_value=True, want_grad=True)
-        _call.declare_kernel(kernel, family, bool_targets=target_rule != _call.SIGN,
-                             labels=class_indices, probabilities=probability_targets)
+        for variant in range(1 << len(self.kernel_switches)):  # every switch combination
+            _call.declare_kernel(self.functor(variant), family,
+                                 bool_targets=target_rule != _call.SIGN,
+                                 labels=class_indices, probabilities=probability_targets,
+                                 cache_registers=cache_registers)
         _BY_NAME[name] = self
 
     def __call__(self, pred, target, *positional, **options):
@@ -539,6 +548,16 @@ class Loss:
 
     def __repr__(self):
         return f"<gpuloss loss {self.name!r}>"
+
+    def functor(self, switches: int) -> str:
+        """The functor's name with its compile-time switches (a bit mask), e.g.
+        ``GlCceLogits<2>`` for z-loss without focal; a functor without switches is its name."""
+        return f"{self.kernel}<{switches}>" if self.kernel_switches else self.kernel
+
+    def functor_for(self, checked: dict) -> str:
+        """The functor variant the checked options need."""
+        bits = sum(1 << i for i, on in enumerate(self.kernel_switches.values()) if on(checked))
+        return self.functor(bits)
 
     def __reduce__(self):  # pickles by name, so partial states and workers share one object
         return (_by_name, (self.name,))

@@ -88,18 +88,20 @@ class Call:
 
 
 _KERNELS: dict[str, dict] = {}  # functor -> {"family", "bool_targets", "labels",
-# "probabilities"}
+# "probabilities", "cache_registers"}
 
 
 def declare_kernel(functor: str, family: str, *, bool_targets: bool = True,
-                   labels: bool = True, probabilities: bool = True) -> None:
+                   labels: bool = True, probabilities: bool = True,
+                   cache_registers: int | None = None) -> None:
     """Record that a loss computes with `functor` (called by each loss's declaration).
     `bool_targets` is False where boolean targets are converted before the kernel (the
     hinge losses' -1/+1 labels), `labels` False for a categorical loss that takes no class
     indices (kl_div), `probabilities` False for one that takes only class indices
-    (multiclass_hinge): no kernel is built for those."""
+    (multiclass_hinge): no kernel is built for those. `cache_registers` overrides the row
+    kernel's register cache (gpuloss.backends.cuda.CACHE_REGISTERS) where ptxas would spill."""
     _KERNELS[functor] = {"family": family, "bool_targets": bool_targets, "labels": labels,
-                         "probabilities": probabilities}
+                         "probabilities": probabilities, "cache_registers": cache_registers}
 
 
 def declared_kernels(family: str) -> list[str]:
@@ -117,6 +119,10 @@ def takes_labels(functor: str) -> bool:
 
 def takes_probabilities(functor: str) -> bool:
     return _KERNELS[functor]["probabilities"]
+
+
+def cache_registers(functor: str) -> int | None:
+    return _KERNELS[functor]["cache_registers"]
 
 
 # ---------------------------------------------------------------------------------------------

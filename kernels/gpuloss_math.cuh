@@ -274,13 +274,17 @@ GL_FN T gl_focal_binary(T z, T y, T ce, T gamma, T a_pos, T a_neg, T* g) {
     return ce * m;
 }
 
-// a = {label smoothing, focal gamma, alpha, 1 - alpha}; without alpha {.., .., 1, 1}
+// a = {label smoothing, focal gamma, alpha, 1 - alpha}; without alpha {.., .., 1, 1}.
+// OPTS (compile-time switches, set by the loss's declaration): GL_FOCAL where gamma or alpha
+// is given; without it the focal code is not compiled in.
+#define GL_FOCAL 1
+template <int OPTS>
 struct GlBceLogits {
     template <typename T>
     GL_FN static T eval(T z, T y, T c, const T* a, T* g) {
         if (a[0] != T(0)) y = gl_smooth_binary(y, a[0]);
         T ce = gl_bce_logits(z, y, c, g);
-        if (a[1] == T(0) && a[2] == T(1) && a[3] == T(1)) return ce;  // not focal
+        if (!(OPTS & GL_FOCAL)) return ce;
         return gl_focal_binary(z, y, ce, a[1], a[2], a[3], g);
     }
 };
@@ -541,8 +545,9 @@ struct GlCce : GlRowDefaults {  // on probabilities; a = {lo, hi}
     }
 };
 
-// softmax cross-entropy; a = {focal gamma, z_loss}. At their defaults (0, 0): the terms of
-// gl_xent_term / gl_xent_grad alone.
+// softmax cross-entropy; a = {focal gamma, z_loss}. OPTS (compile-time switches): GL_FOCAL
+// where gamma > 0, GL_Z_LOSS where z_loss > 0; GlCceLogits<0>, plain cross-entropy, is the
+// terms of gl_xent_term / gl_xent_grad alone.
 //  focal (Keras' CategoricalFocalCrossentropy): c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from
 //    the log domain; d/dz_j = h_j - q_j sum_k h_k with h_k = -c_k M_k (1 + gamma q_k (-log q_k)
 //    / (1 - q_k)), where (-log q)/(1 - q) -> 1 as q -> 1 and q (-log q) -> 0 as q -> 0;
@@ -556,10 +561,12 @@ GL_FN T gl_focal_h(T c, T q, T one_minus_q, T nlq, T m_k, T gamma) {
     return -c * m_k * (T(1) + gamma * qr);
 }
 
+#define GL_Z_LOSS 2
+template <int OPTS>
 struct GlCceLogits : GlRowDefaults {
-    enum { logits = 1 };
+    enum { logits = 1, focal = (OPTS & GL_FOCAL) != 0, z_loss = (OPTS & GL_Z_LOSS) != 0 };
     template <typename T>
-    GL_FN static int extra_passes(const T* a) { return a[0] != T(0) ? 1 : 0; }
+    GL_FN static int extra_passes(const T* a) { return focal ? 1 : 0; }
     // h_k of the focal gradient
     template <typename T>
     GL_FN static T extra_term(T z, T c, const GlRow<T>& r, const T* a, int pass) {
@@ -573,7 +580,7 @@ struct GlCceLogits : GlRowDefaults {
     template <typename T>
     GL_FN static T term(T z, T c, long long k, const GlRow<T>& r, const T* a, T* g) {
         T l;
-        if (a[0] == T(0)) {
+        if (!focal) {
             *g = gl_xent_grad(z, r.lse.m, r.lse.rest, r.c_sum, c);
             l = gl_xent_term(z, r.lse.m, r.log_s, c);
         } else {
@@ -586,7 +593,7 @@ struct GlCceLogits : GlRowDefaults {
             *g = gl_focal_h(c, q, one_minus_q, nlq, m_k, a[0]) - q * r.extra[0];
             l = c == T(0) ? T(0) * r.log_s : c * m_k * nlq;
         }
-        if (a[1] != T(0)) {  // the small factors first: inf only where the term overflows
+        if (z_loss) {  // the small factors first: inf only where the term overflows
             T q = gl_exp(z - r.lse.m) / (T(1) + r.lse.rest);
             *g = *g + ((a[1] * r.cw_label * q) * (r.lse.m + r.log_s)) * T(2);
         }
@@ -594,7 +601,7 @@ struct GlCceLogits : GlRowDefaults {
     }
     template <typename T>
     GL_FN static T row_term(const GlRow<T>& r, const T* a) {
-        if (a[1] == T(0)) return T(0);
+        if (!z_loss) return T(0);
         T lse = r.lse.m + r.log_s;
         return ((a[1] * r.cw_label) * lse) * lse;  // a label of weight 0: 0, even where lse^2
                                                     // overflows
@@ -660,14 +667,17 @@ GL_FN T gl_kl_t_expm1(T t, T log_t, T d, T temp) {
 //   T^2 KL = T^2 log1p(X),  X = sum_k t_k (expm1(x_k) - x_k) >= 0 term by term,
 // Y = T^2 X from gl_kl_t2_em (extra pass 1), and T (q - t) = t (T expm1(x) - Y / T) / (1 + X). Where that overflows (a tiny T with far-apart logits, when the loss is large and the
 // direct form is accurate) or a row holds NaN or infinities, the direct form is used.
+// OPTS (compile-time switch): GL_TEACHER_LOGITS where the target holds logits (a[1] = 1).
+#define GL_TEACHER_LOGITS 1
+template <int OPTS>
 struct GlKlDivLogits : GlRowDefaults {
-    enum { logits = 1 };
+    enum { logits = 1, teacher_logits = (OPTS & GL_TEACHER_LOGITS) != 0 };
     template <typename T>
     GL_FN static T logit(T x, const T* a) { return x / a[0]; }
     template <typename T>
-    GL_FN static bool target_lse(const T* a) { return a[1] != T(0); }
+    GL_FN static bool target_lse(const T* a) { return teacher_logits; }
     template <typename T>
-    GL_FN static int extra_passes(const T* a) { return a[1] != T(0) ? 2 : 0; }
+    GL_FN static int extra_passes(const T* a) { return teacher_logits ? 2 : 0; }
     template <typename T>
     GL_FN static T teacher(T c, const GlRow<T>& r, const T* a) {
         return gl_exp(c / a[0] - r.tlse.m) / (T(1) + r.tlse.rest);
@@ -685,7 +695,7 @@ struct GlKlDivLogits : GlRowDefaults {
     // X of the shifted form, or -1 where the direct form is used
     template <typename T>
     GL_FN static T shifted_x(const GlRow<T>& r, const T* a) {
-        if (a[1] == T(0)) return T(-1);
+        if (!teacher_logits) return T(-1);
         T y = r.extra[1], x = y / a[0] / a[0];
         bool ok = y - y == T(0) && x - x == T(0) && r.lse.rest == r.lse.rest &&
                   r.tlse.rest == r.tlse.rest;  // finite, and no NaN or +inf logit
@@ -704,7 +714,7 @@ struct GlKlDivLogits : GlRowDefaults {
         T q = gl_exp(d) / (T(1) + r.lse.rest);
         T log_q = d - r.log_s;
         T t, log_t, t_sum;
-        if (a[1] != T(0)) {
+        if (teacher_logits) {
             log_t = (c / a[0] - r.tlse.m) - r.tlog_s;
             t = gl_exp(c / a[0] - r.tlse.m) / (T(1) + r.tlse.rest);
             t_sum = T(1);

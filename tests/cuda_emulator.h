@@ -11,12 +11,22 @@
 // with `ftz` set runs each emulated thread with flush-to-zero and denormals-are-zero, as CuPy's
 // -ftz=true compiles float arithmetic; fused multiply-add contraction is a compiler flag.
 // Each launch also checks its block size against the kernel's __launch_bounds__.
+//
+// Memory traffic (off unless gl_emu_tracing is set): the kernels route every global access of
+// their data through GL_TRACE_ACCESS (kernels/gpuloss_kernels.cu), defined here before the
+// kernel source is included. Each emulated thread notes its accesses in a buffer of its own;
+// at the end of each block thread 0 groups them per warp into warp-wide accesses (the n-th
+// access of each lane to one array, reads and writes apart: the kernels' loops keep the lanes
+// in step) and counts the 32-byte sectors each group touches. See gl_emu_trace_merge_block.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -46,7 +56,7 @@ struct dim3 {
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
-#define __launch_bounds__(n)  // checked at launch against the bound the source declares
+#define __launch_bounds__(...)  // checked at launch against the bound the source declares
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -117,6 +127,146 @@ inline unsigned atomicAdd(unsigned* address, unsigned value) {
 // writes anyway; the fence keeps the device's rule in the code the emulator runs.
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
+// ---------------------------------------------------------------------------------------------
+// Memory traffic. Switched on by the host between launches (a relaxed load per access when off).
+inline std::atomic<bool> gl_emu_tracing{false};
+
+struct GlEmuAccess {
+    const void* base;  // the array
+    uintptr_t addr;    // first byte accessed
+    uint32_t bytes;
+    uint32_t seq;      // this lane's n-th access to (base, write) in this block
+    int write;
+};
+
+struct GlEmuThreadTrace {
+    std::vector<GlEmuAccess> accesses;
+    std::vector<std::pair<std::pair<const void*, int>, uint32_t>> next_seq;  // a few arrays
+};
+inline thread_local GlEmuThreadTrace* gl_emu_my_trace = nullptr;
+
+// This lane's count of its accesses to (base, write) so far, counting this one.
+inline uint32_t gl_emu_next_seq(GlEmuThreadTrace* tt, const void* base, int write) {
+    auto key = std::make_pair(base, write);
+    auto it = std::find_if(tt->next_seq.begin(), tt->next_seq.end(),
+                           [&](const auto& e) { return e.first == key; });
+    if (it == tt->next_seq.end()) {
+        tt->next_seq.push_back({key, 1});
+        return 0;
+    }
+    return it->second++;
+}
+
+inline void gl_emu_trace(const void* base, const void* p, unsigned bytes, int write) {
+    GlEmuThreadTrace* tt = gl_emu_my_trace;
+    if (!tt) return;  // not inside a traced launch
+    uint32_t seq = gl_emu_next_seq(tt, base, write);
+    tt->accesses.push_back({base, (uintptr_t)p, bytes, seq, write});
+}
+
+// A lane that sits one warp-wide access out (predicated off on the device, e.g. a row's lane
+// before the row's first class): its next access to the array lines up with the next one of
+// the other lanes, as the device's instruction stream keeps them.
+inline void gl_emu_trace_idle(const void* base, int write) {
+    if (GlEmuThreadTrace* tt = gl_emu_my_trace) gl_emu_next_seq(tt, base, write);
+}
+#define GL_TRACE_IDLE(base, is_write) \
+    (gl_emu_tracing.load(std::memory_order_relaxed) ? gl_emu_trace_idle((base), (is_write)) \
+                                                    : (void)0)
+
+#define GL_TRACE_ACCESS(base, i, bytes, is_write)                                               \
+    (gl_emu_tracing.load(std::memory_order_relaxed)                                            \
+         ? gl_emu_trace((const void*)(base), (const void*)((base) + (i)), (bytes), (is_write)) \
+         : (void)0)
+
+// One array's reads (or writes) in one launch.
+struct GlEmuFlow {
+    uint64_t accesses = 0;     // lane accesses
+    uint64_t bytes = 0;        // bytes over the lanes' accesses
+    uint64_t groups = 0;       // warp-wide accesses
+    uint64_t sectors = 0;      // distinct 32-byte sectors within each group, summed
+    uint64_t group_bytes = 0;  // distinct bytes within each group, summed
+    uint64_t distinct = 0;     // distinct bytes over the launch (set by gl_emu_trace_finish)
+    std::vector<std::pair<uintptr_t, uint32_t>> ranges;  // every access, for `distinct`
+};
+
+struct GlEmuLaunchTrace {
+    std::vector<GlEmuThreadTrace> threads;
+    std::map<std::pair<const void*, int>, GlEmuFlow> flows;
+};
+
+// One warp-wide access: lanes' ranges sorted by address; counts its sectors and bytes.
+inline void gl_emu_trace_group(GlEmuFlow& f, const GlEmuAccess* a, const GlEmuAccess* end) {
+    uintptr_t next_sector = 0, covered = 0;  // first sector / byte not yet counted
+    bool first = true;
+    f.groups += 1;
+    for (; a != end; ++a) {
+        uintptr_t lo = a->addr, hi = a->addr + a->bytes;  // [lo, hi)
+        uintptr_t s0 = lo / 32, s1 = (hi - 1) / 32 + 1;   // sectors [s0, s1)
+        if (first || s0 >= next_sector) next_sector = s0;
+        if (s1 > next_sector) f.sectors += s1 - next_sector, next_sector = s1;
+        if (first || lo >= covered) covered = lo;
+        if (hi > covered) f.group_bytes += hi - covered, covered = hi;
+        first = false;
+        f.accesses += 1;
+        f.bytes += a->bytes;
+        f.ranges.push_back({a->addr, a->bytes});
+    }
+}
+
+// After a block: its threads' accesses, warp by warp, grouped by (array, direction, seq).
+inline void gl_emu_trace_merge_block(GlEmuLaunchTrace& lt) {
+    std::vector<GlEmuAccess> warp;
+    auto order = [](const GlEmuAccess& x, const GlEmuAccess& y) {
+        if (x.base != y.base) return std::less<const void*>()(x.base, y.base);
+        if (x.write != y.write) return x.write < y.write;
+        if (x.seq != y.seq) return x.seq < y.seq;
+        return x.addr < y.addr;
+    };
+    for (size_t w0 = 0; w0 < lt.threads.size(); w0 += 32) {
+        warp.clear();
+        for (size_t t = w0; t < std::min(w0 + 32, lt.threads.size()); ++t) {
+            auto& tt = lt.threads[t];
+            warp.insert(warp.end(), tt.accesses.begin(), tt.accesses.end());
+            tt.accesses.clear();
+            tt.next_seq.clear();
+        }
+        std::sort(warp.begin(), warp.end(), order);
+        for (size_t i = 0, j; i < warp.size(); i = j) {
+            for (j = i + 1; j < warp.size() && warp[j].base == warp[i].base &&
+                            warp[j].write == warp[i].write && warp[j].seq == warp[i].seq;
+                 ++j) {
+            }
+            gl_emu_trace_group(lt.flows[{warp[i].base, warp[i].write}], &warp[i],
+                               warp.data() + j);
+        }
+    }
+}
+
+// The last traced launch, one row per (array, direction), for the host to read.
+struct GlEmuTraceRow {
+    const void* base;
+    int write;
+    GlEmuFlow flow;
+};
+inline std::vector<GlEmuTraceRow> gl_emu_trace_rows;
+
+inline void gl_emu_trace_finish(GlEmuLaunchTrace& lt) {
+    gl_emu_trace_rows.clear();
+    for (auto& [key, f] : lt.flows) {
+        std::sort(f.ranges.begin(), f.ranges.end());
+        uintptr_t covered = 0;
+        bool first = true;
+        for (auto [lo, n] : f.ranges) {
+            if (first || lo >= covered) covered = lo;
+            if (lo + n > covered) f.distinct += lo + n - covered, covered = lo + n;
+            first = false;
+        }
+        f.ranges = {};
+        gl_emu_trace_rows.push_back({key.first, key.second, std::move(f)});
+    }
+}
+
 // Launch `kernel` on a grid of `grid` blocks of `threads` threads; args[i] points at the i-th
 // argument's value (as CUDA's kernel-parameter array does).
 template <typename... A, std::size_t... I>
@@ -143,9 +293,14 @@ template <typename... A>
 int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** args, int ftz,
                   unsigned max_threads) {
     gl_emu_fault = 0;
+    gl_emu_trace_rows.clear();
     if (threads > max_threads || threads == 0 || grid == 0) return 2;
     gridDim.x = grid;
     blockDim.x = threads;
+    // tracing: each thread's accesses in lt.threads[t], merged by thread 0 after each block
+    const bool trace = gl_emu_tracing.load();
+    GlEmuLaunchTrace lt;
+    if (trace) lt.threads.resize(threads);
     GlEmuBlock blk;
     blk.block = std::make_unique<std::barrier<>>(threads);
     for (unsigned w = 0; w < (threads + 31) / 32; ++w)
@@ -158,17 +313,24 @@ int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** 
     pool.reserve(threads);
     const bool reverse = gl_emu_reverse_blocks.load();
     for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([=, &blk] {
+        pool.emplace_back([=, &blk, &lt] {
             if (ftz) gl_emu_flush_to_zero();
             threadIdx.x = t;
+            gl_emu_my_trace = trace ? &lt.threads[t] : nullptr;
             for (unsigned b = 0; b < grid; ++b) {
                 blockIdx.x = reverse ? grid - 1 - b : b;
                 gl_emu_call(kernel, args, std::index_sequence_for<A...>{});
                 blk.block->arrive_and_wait();
+                if (trace) {  // the block's accesses are complete: merged before the next one
+                    if (t == 0) gl_emu_trace_merge_block(lt);
+                    blk.block->arrive_and_wait();
+                }
             }
+            gl_emu_my_trace = nullptr;
         });
     }
     for (auto& th : pool) th.join();
     gl_emu_block = nullptr;
+    if (trace) gl_emu_trace_finish(lt);
     return gl_emu_fault.load();
 }

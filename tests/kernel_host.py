@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -109,14 +110,43 @@ def launch_bounds(source: str | None = None) -> dict[str, int]:
     it names resolved), so that the emulator refuses a launch the device would refuse."""
     source = source or _cuda_backend.kernel_source()
     macros = dict(re.findall(r"^#define\s+(\w+)\s+(\d+)", source, flags=re.M))
-    kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\((\w+)\)\s+)?(\w+)\s*\(",
-                         source)
+    # (the first value is the block size; the second, the blocks per SM, is ptxas's business)
+    kernels = re.findall(
+        r"__global__\s+void\s+(?:__launch_bounds__\((\w+)[^)]*\)\s+)?(\w+)\s*\(", source)
     bounds = {}
     for bound, name in kernels:
         if not bound:
             raise RuntimeError(f"kernel {name} declares no __launch_bounds__")
         bounds[name] = int(macros.get(bound, bound))
     return bounds
+
+
+def kernel_parameters(source: str | None = None) -> dict[str, list[str]]:
+    """Each __global__ template's parameter names, in order, read from the kernel source: the
+    names under which `EmulatorRuntime.traffic` reports the arrays a launch accessed."""
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source or _cuda_backend.kernel_source(),
+                    flags=re.DOTALL)
+    found = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*"
+                       r"\(([^)]*)\)", source)
+    return {name: [re.findall(r"\w+", p)[-1] for p in params.split(",")]
+            for name, params in found}
+
+
+# the memory-traffic counts of the last launch (cuda_emulator.h), one row per array and
+# direction: base pointer, write flag, then TRACE_FIELDS
+TRACE_FIELDS = ("accesses", "bytes", "groups", "sectors", "group_bytes", "distinct")
+TRACE_EXPORTS = """
+extern "C" void gl_emu_set_tracing(int on) { gl_emu_tracing = on != 0; }
+extern "C" int gl_emu_trace_count() { return (int)gl_emu_trace_rows.size(); }
+extern "C" void gl_emu_trace_row(int i, unsigned long long* out) {
+    const GlEmuTraceRow& r = gl_emu_trace_rows.at(i);
+    const GlEmuFlow& f = r.flow;
+    unsigned long long v[8] = {(unsigned long long)(uintptr_t)r.base, (unsigned long long)r.write,
+                               f.accesses, f.bytes, f.groups, f.sectors, f.group_bytes,
+                               f.distinct};
+    for (int j = 0; j < 8; ++j) out[j] = v[j];
+}
+"""
 
 
 def _fma_flags() -> list[str]:
@@ -130,7 +160,8 @@ def emulator_source(mode: str = "device", names=None, source: str | None = None)
     source = source or _cuda_backend.kernel_source()
     bounds = launch_bounds(source)
     parts = ['#include "cuda_emulator.h"', source, MATH_WRAPPERS,
-             'extern "C" void gl_emu_set_reverse_blocks(int r) { gl_emu_reverse_blocks = r; }']
+             'extern "C" void gl_emu_set_reverse_blocks(int r) { gl_emu_reverse_blocks = r; }',
+             TRACE_EXPORTS]
     for i, name in enumerate(names or _cuda_backend.all_kernel_names()):
         ftz = int(mode == "device" and _cuda_backend.compute_is_float32(name))
         bound = bounds[name.split("<", 1)[0]]
@@ -172,9 +203,24 @@ def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
     flags = ["-O2", *_CONTRACT[mode], *(_fma_flags() if mode == "device" else [])]
     digest = hashlib.sha256((source + emulator + " ".join(flags)).encode()).hexdigest()[:16]
     lib_path = Path(folder) / f"gpuloss_host_{mode}_{digest}.so"
-    if not lib_path.exists():
-        _compile(flags, source, lib_path, shared=True)
+    with build_lock(lib_path):  # test workers (pytest -n) wait for one build, not race it
+        if not lib_path.exists():
+            _compile(flags, source, lib_path, shared=True)
     return ctypes.CDLL(str(lib_path))
+
+
+@contextlib.contextmanager
+def build_lock(path: Path):
+    """An exclusive lock on `path`.lock across processes (POSIX), so that one process builds
+    what the others then load."""
+    import fcntl
+
+    with open(f"{path}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _CTYPE = {
@@ -207,10 +253,35 @@ _NO_KERNEL = frozenset({"empty", "empty_like", "zeros", "zeros_like", "moveaxis"
                         "ascontiguousarray", "asarray"})
 
 
+# cudaMalloc aligns to 256 bytes (CuPy's pool hands out 512-byte multiples of it); NumPy
+# to 16. The emulator's arrays are aligned as a device's, so that the sectors a warp touches
+# (EmulatorRuntime.traffic) are the device's.
+DEVICE_ALIGNMENT = 256
+
+
+def device_array(x) -> np.ndarray:
+    """A copy of `x` at an address aligned as a device allocation is (DEVICE_ALIGNMENT)."""
+    x = np.asarray(x)
+    raw = np.empty(x.nbytes + DEVICE_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % DEVICE_ALIGNMENT
+    out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def _device_aligned(out, args):
+    """A fresh array (one the call allocated, not a view) moved to an aligned address."""
+    if (isinstance(out, np.ndarray) and out.flags.owndata and out.ctypes.data % DEVICE_ALIGNMENT
+            and not any(out is a for a in args)):
+        return device_array(out)
+    return out
+
+
 class CountingNumpy:
     """NumPy as the emulator's array module, noting each function call that would launch a
     CuPy kernel on a device (reductions, fills, element-wise functions, copies) in `ops`.
-    Arithmetic and methods on the arrays themselves (x * y, x.astype) are not seen here."""
+    Arithmetic and methods on the arrays themselves (x * y, x.astype) are not seen here.
+    Arrays the calls allocate are aligned as a device's (DEVICE_ALIGNMENT)."""
 
     def __init__(self, ops: list[str]):
         self._ops = ops
@@ -223,7 +294,7 @@ class CountingNumpy:
         def call(*args, **kwargs):
             if _launches_kernel(name, args, kwargs):
                 self._ops.append(name)
-            return attr(*args, **kwargs)
+            return _device_aligned(attr(*args, **kwargs), args)
 
         return call
 
@@ -240,6 +311,53 @@ def _launches_kernel(name, args, kwargs) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """One array's reads, or its writes, in one launch (tests/cuda_emulator.h).
+
+    A warp-wide access ("group") is the n-th access of each lane of a warp to the array; the
+    device serves it in 32-byte sectors, and `sectors` counts the distinct ones of each group,
+    summed over the groups. `efficiency` is the share of the sectors' bytes the lanes wanted:
+    `group_bytes` (distinct bytes within each group, so that lanes reading one address, as a
+    row's lanes read its label, count it once, as the device's broadcast delivers it) over
+    32 * sectors. `bytes` counts every lane's access; `distinct` the bytes touched at all, so
+    bytes == distinct means no byte was read (or written) twice."""
+
+    accesses: int = 0
+    bytes: int = 0
+    groups: int = 0
+    sectors: int = 0
+    group_bytes: int = 0
+    distinct: int = 0
+
+    @property
+    def efficiency(self) -> float:
+        return self.group_bytes / (32 * self.sectors) if self.sectors else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayTraffic:
+    read: Flow
+    written: Flow
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTraffic:
+    """What one launch moved, per array: `arrays` maps the kernel's parameter names (or, for
+    an address that is no argument's start, its hex address) to their traffic; arrays the
+    launch never touched are absent (indexing gives them as zeros). `scalars` holds the
+    launch's other arguments by name (n, K, ...), to read the layout it ran with."""
+
+    kernel: str
+    grid: int
+    block: int
+    arrays: dict[str, ArrayTraffic]
+    scalars: dict[str, int | float]
+
+    def __getitem__(self, name: str) -> ArrayTraffic:
+        return self.arrays.get(name, ArrayTraffic(Flow(), Flow()))
+
+
 class EmulatorRuntime:
     """Runs _cuda_backend on the CPU: NumPy arrays as device arrays, kernels from g++.
 
@@ -250,7 +368,8 @@ class EmulatorRuntime:
     It counts what a call costs on a device: `launches` (our kernels, by name), `device_ops`
     (CuPy operations that would launch kernels of their own: casts, and calls through `xp`
     that CountingNumpy sees) and `host_reads` (what each device-to-host transfer returned);
-    `reset_counts` clears them."""
+    `reset_counts` clears them. Inside `with rt.traffic() as seen:` it also counts each
+    launch's global-memory traffic (see `traffic`)."""
 
     def __init__(self, lib: ctypes.CDLL, grid_cap: int = 3, mode: str = "device"):
         self.lib = lib
@@ -261,6 +380,45 @@ class EmulatorRuntime:
         self.device_ops: list[str] = []
         self.host_reads: list[np.ndarray] = []
         self.xp = CountingNumpy(self.device_ops)
+        self._traffic: list[LaunchTraffic] | None = None
+        self._params: dict[str, list[str]] | None = None  # kernel_parameters(), when tracing
+
+    @contextlib.contextmanager
+    def traffic(self):
+        """Count the global-memory traffic of each launch inside the block: yields a list that
+        gets one LaunchTraffic per launch, in order. Off otherwise (the kernels' accesses then
+        cost one relaxed atomic load each)."""
+        if self._traffic is not None:
+            raise RuntimeError("traffic() does not nest")
+        self._traffic = seen = []
+        self.lib.gl_emu_set_tracing(1)
+        try:
+            yield seen
+        finally:
+            self.lib.gl_emu_set_tracing(0)
+            self._traffic = None
+
+    def _read_traffic(self, name: str, grid: int, block: int, args, signature
+                      ) -> LaunchTraffic:
+        """The last launch's counts, each array named by its kernel parameter."""
+        if self._params is None:
+            self._params = kernel_parameters()
+        params = self._params[name.split("<", 1)[0]]
+        if len(params) != len(args):
+            raise ArgumentMismatch(f"{name}: {len(args)} arguments, parameters {params}")
+        names = {a.ctypes.data: params[j] for j, a in enumerate(args)
+                 if isinstance(a, np.ndarray) and a.size}
+        flows: dict[str, dict[int, Flow]] = {}
+        row = (ctypes.c_ulonglong * (2 + len(TRACE_FIELDS)))()
+        for i in range(self.lib.gl_emu_trace_count()):
+            self.lib.gl_emu_trace_row(i, row)
+            base, write, *counts = list(row)
+            key = names.get(base, hex(base))
+            flows.setdefault(key, {})[write] = Flow(*counts)
+        arrays = {k: ArrayTraffic(v.get(0, Flow()), v.get(1, Flow())) for k, v in flows.items()}
+        scalars = {params[j]: a.item() for j, (a, (kind, _)) in enumerate(zip(args, signature))
+                   if kind != "p"}
+        return LaunchTraffic(name, grid, block, arrays, scalars)
 
     @contextlib.contextmanager
     def blocks_reversed(self):
@@ -290,9 +448,10 @@ class EmulatorRuntime:
     def astype(self, x, dtype):
         self.device_ops.append("astype")
         if self.ftz:  # a float32 operand or result of a device cast is flushed
-            out = flush_float32(x).astype(dtype)
-            return flush_float32(out)
-        return np.asarray(x).astype(dtype)
+            out = flush_float32(flush_float32(x).astype(dtype))
+        else:
+            out = np.asarray(x).astype(dtype)
+        return device_array(out)
 
     def signature(self, name: str) -> list[tuple[str, int]]:
         i = self.index[name]
@@ -335,6 +494,9 @@ class EmulatorRuntime:
                 holders.append(_CTYPE[a.dtype](a.item()))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
             fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+            if self._traffic is not None and not fault:
+                self._traffic.append(self._read_traffic(name, grid[0], block[0], args,
+                                                         signature))
             if fault == 2:
                 msg = f"{name}: block of {block[0]} threads exceeds its __launch_bounds__"
                 raise RuntimeError(msg)
@@ -442,15 +604,15 @@ int main() {
         std::vector<double> rparts(3);
         int rstate[6] __attribute__((aligned(16))) = {0, 0, 0, 0, 0, 0};
         if (v == 0)
-            bad |= run(&gpuloss_rows<GlCceLogits, 1, 256, 32, float, long long>, 3, 256,
-                       (const float*)z.data(), (const long long*)t.data(), rows, K,
+            bad |= run(&gpuloss_rows<GlCceLogits<0>, 1, 256, 32, float, long long>, 3, 256,
+                       (const float*)z.data(), (const long long*)t.data(), rows, K, 256, 0,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
                        (const double*)nullptr, 0.0,
                        0.0, 0, gz.data(), (float*)nullptr, rparts.data(), rstate);
         else
-            bad |= run(&gpuloss_rows<GlCceLogits, 1, 4, 4, float, long long>, 3, 256,
-                       (const float*)z.data(), (const long long*)t.data(), rows, K,
+            bad |= run(&gpuloss_rows<GlCceLogits<0>, 1, 0, 4, float, long long>, 3, 256,
+                       (const float*)z.data(), (const long long*)t.data(), rows, K, 4, 0,
                        (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
                        (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
                        (const double*)nullptr, 0.0,

@@ -330,8 +330,9 @@ def test_defect_10_every_kernel_declares_the_launch_size():
     assert f"#define GL_BLOCK_THREADS {_cuda_backend.BLOCK_THREADS}" in source
     # a kernel without a bound is refused when the emulator is built
     with pytest.raises(RuntimeError, match="declares no __launch_bounds__"):
-        kernel_host.launch_bounds(source.replace("__launch_bounds__(GL_BLOCK_THREADS)\n"
-                                                 "gpuloss_check(", "gpuloss_check("))
+        kernel_host.launch_bounds(source.replace(
+            "__launch_bounds__(GL_BLOCK_THREADS, GL_ELEMENTWISE_MIN_BLOCKS)\ngpuloss_check(",
+            "gpuloss_check("))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The CUDA code, checked on a machine without a GPU (DESIGN §9):
 
-- compile: every kernel instantiation compiles with NVRTC for sm_80 and sm_90;
+- compile: every kernel instantiation compiles with NVRTC for sm_80 and sm_90, without
+  spills and at its occupancy bar (ptxas's report, tests/kernel_resources.py);
 - execute: kernels/gpuloss_math.cuh, compiled with g++, against float64 references;
 - execute: every kernel of kernels/gpuloss_kernels.cu, compiled with g++ and run by the CPU
   emulator through the backend's own launch code, against the NumPy backend.
@@ -11,7 +12,6 @@ A changed operator or constant anywhere in kernels/ makes one of these fail.
 from __future__ import annotations
 
 import ctypes
-import threading
 import zipfile
 
 import numpy as np
@@ -44,33 +44,60 @@ def runtime(host_lib):
 # NVRTC
 
 
-def test_every_kernel_compiles_with_nvrtc_for_sm80_and_sm90():
-    nvrtc = require("cupy").cuda.nvrtc
-    source = _cuda_backend.kernel_source()
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_compiles_without_spills_at_its_occupancy_bar(arch):
+    """Every instantiation compiles with NVRTC under CuPy's options, and ptxas's report says:
+    no spill stores or loads, and resident warps per SM at the bars (elementwise kernels half
+    the SM, row kernels on 4- and 2-byte data a quarter). One compile per architecture,
+    shared with the table that `python tests/kernel_resources.py` writes."""
+    require("cupy")
+    import kernel_resources
+
     names = _cuda_backend.all_kernel_names()
     assert len(names) == len(set(names)) > 100
-    results = {}
+    result = kernel_resources.compiled(arch)
+    assert result["ok"], result["log"][-5000:]
+    assert not result["missing"], result["missing"][:5]
+    assert "warning" not in result["log"].lower(), result["log"][-5000:]
+    rows = kernel_resources.table({arch: result}, _cuda_backend.BLOCK_THREADS)
+    assert len(rows) == len(names)
+    spilling = [(r["kernel"], r["registers"], r["spill_stores"], r["spill_loads"])
+                for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilling, f"{len(spilling)} instantiations spill: {spilling[:10]}"
+    below = [(r["kernel"], r["registers"], r["occupancy"]) for r in rows
+             if r["occupancy"] < r["bar"]]
+    assert not below, f"{len(below)} instantiations below their occupancy bar: {below[:10]}"
 
-    def compile_for(arch):
-        prog = nvrtc.createProgram(source, "gpuloss_kernels.cu", [], [])
-        for name in names:
-            nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *_cuda_backend.OPTIONS])
-            lowered = [nvrtc.getLoweredName(prog, n) for n in names]
-            results[arch] = (len(nvrtc.getCUBIN(prog)), lowered, nvrtc.getProgramLog(prog))
-        except Exception as exc:  # the log says why
-            results[arch] = (0, [], f"{exc}\n{nvrtc.getProgramLog(prog)}")
 
-    threads = [threading.Thread(target=compile_for, args=(a,)) for a in ("sm_80", "sm_90")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for arch, (size, lowered, log) in results.items():
-        assert size > 0, f"{arch}: {log}"
-        assert len(lowered) == len(names) and all(lowered)
-        assert "warning" not in log.lower(), log
+def test_resource_report_parsing_and_occupancy():
+    """ptxas's report lines as NVRTC logs them, and the occupancy calculator's rules."""
+    import kernel_resources
+
+    log = (
+        "ptxas info    : 0 bytes gmem\n"
+        "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z1kPf\n"
+        "ptxas         .     24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 72 registers, used 1 barriers, 260 bytes smem\n"
+        "ptxas info    : Compiling entry function '_Z1gPf' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z1gPf\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 0 barriers\n")
+    got = kernel_resources.parse_log(log)
+    assert got["_Z1kPf"] == kernel_resources.Resources(72, 8, 12, 24, 260)
+    assert got["_Z1gPf"] == kernel_resources.Resources(40, 0, 0, 0, 0)
+    R = kernel_resources.Resources
+    # 64 registers x 256 threads: 4 blocks of 8 warps (half of 64 warps); 65 registers round
+    # up to 72 per thread (256 per warp), 3 blocks; 128: 2 blocks; 255: 1 block
+    for regs, blocks in ((32, 8), (64, 4), (65, 3), (128, 2), (129, 1), (255, 1)):
+        assert R(regs, 0, 0, 0, 0).blocks_per_sm("sm_90", 256) == blocks, regs
+    assert R(64, 0, 0, 0, 0).occupancy("sm_90", 256) == 0.5
+    # shared memory binds: 100 KB per block leaves room for 2 on sm_90, 1 on sm_80
+    assert R(32, 0, 0, 0, 100 * 1024).blocks_per_sm("sm_90", 256) == 2
+    assert R(32, 0, 0, 0, 100 * 1024).blocks_per_sm("sm_80", 256) == 1
+    assert kernel_resources.kind("gpuloss_rows<GlNll, 1, 0, 4, double, int>") == "rows_f64"
+    assert kernel_resources.kind("gpuloss_rows<GlCceLogits<1>, 1, 0, 4, float, int>") == "rows"
+    assert kernel_resources.kind("gpuloss_elementwise<GlMse, double, double>") == "elementwise"
 
 
 def test_design_card_reduction_kernel_code_compiles_with_nvrtc():
@@ -457,8 +484,14 @@ def test_row_kernel_variants_by_class_count(runtime, loss, K):
         np.testing.assert_allclose(value_only, want[0], rtol=1e-11)
         _, grad_only = _emulated(runtime, loss, pred, target, want_value=False, **opts)
         np.testing.assert_allclose(grad_only, want[1], rtol=1e-11, atol=1e-12 * scale)
-    threads, cache = _cuda_backend.row_config(K)
-    assert any(f", {threads}, {cache}," in name for name in runtime.launches)
+    for labels in target_kinds(loss):
+        functor = gl.LOSSES[loss].functor(0)
+        threads, cache = _cuda_backend.row_config(K, pred.dtype, labels, functor)
+        assert any(f", {int(labels)}, {threads}, {cache}," in name for name in runtime.launches)
+        # the threads per row at launch: K fits their cache, and half as many would not
+        rt = _cuda_backend.row_threads(K, pred.dtype, labels, functor)
+        assert rt in (*_cuda_backend.SMALL_ROW_THREADS, 32, 256)
+        assert not cache or K <= rt * cache and (rt == 4 or threads or K > rt // 2 * cache)
 
 
 @pytest.mark.parametrize("loss", CATEGORICAL)
@@ -657,3 +690,43 @@ def test_new_row_functors_at_their_edges_match_numpy(runtime, loss, pred, target
         finite = want_g[np.isfinite(want_g)]
         _assert_same_edges(g, want_g, rtol, opts,
                            scale=float(np.abs(finite).max()) if finite.size else 0.0)
+
+
+SWITCHED = {  # loss -> (options turning each switch on, in the declaration's order)
+    "bce_with_logits": ({"focal_gamma": 2.0},),
+    "cce_with_logits": ({"focal_gamma": 2.0}, {"z_loss": 1e-3}),
+    "kl_div_with_logits": ({"target_logits": True},),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(SWITCHED))
+def test_options_select_compile_time_switches(runtime, loss):
+    """Each combination of a loss's switched options launches its own functor variant (the
+    GL_* bits the declaration names, defined with those values in the kernel source), and
+    every variant agrees with the NumPy backend: many rows of few classes (several staged
+    tiles per block, the last one partial) and rows of a warp."""
+    fn = gl.LOSSES[loss]
+    source = _cuda_backend.kernel_source()
+    names = list(fn.kernel_switches)
+    assert len(names) == len(SWITCHED[loss])
+    for bit, name in enumerate(names):
+        assert f"#define {name} {1 << bit}\n" in source
+    rng = np.random.default_rng(11)
+    shapes = [(3001,)] if fn.family == "elementwise" else [(700, 10), (9, 300)]
+    for mask in range(1 << len(names)):
+        opts = {}
+        for bit, on in enumerate(SWITCHED[loss]):
+            if mask >> bit & 1:
+                opts.update(on)
+        for shape in shapes:
+            labels = loss == "cce_with_logits" and len(shape) == 2 and shape[1] == 10
+            pred, target = make_inputs(loss, rng, shape, labels=labels)
+            if opts.get("target_logits"):
+                target = rng.standard_normal(shape)
+            runtime.launches.clear()
+            got = _emulated(runtime, loss, pred, target, **opts)
+            want = fn.value_and_grad(pred, target, **opts)
+            assert any(f"{fn.kernel}<{mask}>" in n for n in runtime.launches), runtime.launches
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-11)
+            scale = float(np.abs(want[1]).max())
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-13 * scale)

@@ -54,11 +54,20 @@ C_TYPE = {
 }
 PRED_DTYPES = (_F16, BF16, _F32, _F64)
 TARGET_DTYPES = (_F16, _F32, _F64, np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_))
-LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+LABEL_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))  # read as they are (one instantiation:
+# the row kernel reads int32 labels through its int64 pointer by a launch flag)
 RULE_CODE = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # = GL_RULE_*
-# (threads per row, values cached per thread): rows up to threads * cache are read once;
-# small rows share a warp (no idle lanes at K = 10), large ones get a whole block
-ROW_CONFIGS = ((4, 4), (8, 4), (16, 4), (32, 4), (32, 32), (256, 32), (256, 0))
+# The row kernel's layouts, (threads per row, values cached per thread): rows up to threads *
+# cache are read once. Small rows share a warp (no idle lanes at K = 10) in one instantiation
+# whose threads per row (4 to 32, SMALL_ROW_THREADS) are chosen at launch (template value 0)
+# and which caches 4 values; large rows get a warp or a whole block, whose cache holds 32
+# registers' worth of 4-byte values (CACHE_REGISTERS): 32 logits beside class indices, 16
+# logits and 16 target values beside probabilities, half as many in float64 (the kernels then
+# fit their registers without spilling; see benchmarks/results/kernel-resources-*.json).
+# Beyond the cache the row is read twice (cache 0).
+SMALL_ROW_THREADS = (4, 8, 16, 32)
+SMALL_CACHE = 4
+CACHE_REGISTERS = 32
 # the kernels' GL_FLAG_* bits
 FLAG_PRED, FLAG_TARGET, FLAG_SAMPLE_WEIGHT, FLAG_LABEL = 1, 2, 4, 8
 FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
@@ -119,7 +128,8 @@ def check_name(weights: bool, dtype) -> str:
 
 def rows_name(functor, labels, config, pred_dtype, target_dtype) -> str:
     threads, cache = config
-    tp, tt = C_TYPE[np.dtype(pred_dtype)], C_TYPE[np.dtype(target_dtype)]
+    tp = C_TYPE[np.dtype(pred_dtype)]
+    tt = "long long" if labels else C_TYPE[np.dtype(target_dtype)]  # (int32 too: a flag)
     return f"gpuloss_rows<{functor}, {int(labels)}, {threads}, {cache}, {tp}, {tt}>"
 
 
@@ -134,13 +144,14 @@ def all_kernel_names() -> list[str]:
                     names.append(elementwise_name(functor, p, y))
     names += [check_name(w, d) for w in (True, False) for d in PRED_DTYPES]
     for functor in _call.declared_kernels(_call.CATEGORICAL):
-        labels = LABEL_DTYPES if _call.takes_labels(functor) else ()
-        for config in ROW_CONFIGS:
-            for p in PRED_DTYPES:
-                names += [rows_name(functor, True, config, p, t) for t in labels]
-                if _call.takes_probabilities(functor):
-                    names += [rows_name(functor, False, config, p, t)
-                              for t in probability_target_dtypes(p)]
+        labels = LABEL_DTYPES[-1:] if _call.takes_labels(functor) else ()
+        for p in PRED_DTYPES:
+            names += [rows_name(functor, True, config, p, t)
+                      for config in row_configs(p, True, functor) for t in labels]
+            if _call.takes_probabilities(functor):
+                names += [rows_name(functor, False, config, p, t)
+                          for config in row_configs(p, False, functor)
+                          for t in probability_target_dtypes(p)]
     return names
 
 
@@ -184,11 +195,41 @@ def compute_is_float32(name: str) -> bool:
     return _c_types(args)[0] != "double"
 
 
-def row_config(K: int) -> tuple[int, int]:
-    for threads, cache in ROW_CONFIGS:
-        if cache and K <= threads * cache:
+def row_configs(pred_dtype=_F32, labels: bool = True,
+                functor: str | None = None) -> tuple[tuple[int, int], ...]:
+    """The row kernel's layouts for `pred_dtype`, the target's kind and the loss's functor,
+    smallest rows first: (template threads per row, values cached per thread), see
+    CACHE_REGISTERS."""
+    registers = (functor and _call.cache_registers(functor)) or CACHE_REGISTERS
+    cache = registers // (1 if labels else 2) // (compute_type(pred_dtype).itemsize // 4)
+    warp = ((32, cache),) if 32 * cache > SMALL_ROW_THREADS[-1] * SMALL_CACHE else ()
+    return ((0, SMALL_CACHE), *warp, (256, cache), (256, 0))  # (no warp layout that small
+    # rows already cover)
+
+
+def row_config(K: int, pred_dtype=_F32, labels: bool = True,
+               functor: str | None = None) -> tuple[int, int]:
+    """The row kernel's (template threads per row, cache) for rows of K classes."""
+    configs = row_configs(pred_dtype, labels, functor)
+    threads, cache = configs[0]  # small rows: staged whole
+    if K <= SMALL_ROW_THREADS[-1] * cache:
+        return threads, cache
+    # a warp's or a block's row starts on its first 32-byte sector (the kernel's `shift`): up
+    # to a sector's worth of values less fit the cache
+    shift = 32 // np.dtype(pred_dtype).itemsize - 1
+    for threads, cache in configs[1:]:
+        if cache and K + shift <= threads * cache:
             return threads, cache
-    return ROW_CONFIGS[-1]
+    return configs[-1]
+
+
+def row_threads(K: int, pred_dtype=_F32, labels: bool = True,
+                functor: str | None = None) -> int:
+    """The threads that share one row of K classes at launch."""
+    threads, cache = row_config(K, pred_dtype, labels, functor)
+    if threads:
+        return threads
+    return next(t for t in SMALL_ROW_THREADS if K <= t * cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,8 +543,9 @@ def _categorical(rt, call):
         if call.want_value and call.reduction == "none"
         else None
     )
-    config = row_config(K)
-    per_block = BLOCK_THREADS // config[0]
+    config = row_config(K, z.dtype, call.labels, call.kernel)
+    threads = row_threads(K, z.dtype, call.labels, call.kernel)
+    per_block = BLOCK_THREADS // threads
     nblocks = _blocks_for(rt, rows, per_block, call.pred)
     partials = _partials(cp, call, nblocks)
     has_ignore = call.ignore_index is not None
@@ -511,7 +553,8 @@ def _categorical(rt, call):
         rt.kernel(rows_name(call.kernel, call.labels, config, z.dtype, t.dtype), call.pred)(
             (nblocks,),
             (BLOCK_THREADS,),
-            (_raw(z), _raw(t), np.int64(rows), np.int64(K), sw, np.int64(sw_div),
+            (_raw(z), _raw(t), np.int64(rows), np.int64(K), np.int32(threads),
+             np.int32(call.labels and t.dtype == np.int32), sw, np.int64(sw_div),
              np.int64(sw_mod), cw, cw_scale, cw_sum_dev,
              np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),

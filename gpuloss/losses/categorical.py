@@ -126,6 +126,8 @@ cce_with_logits = Loss(
                     0.0),
              number("z_loss", 0.0, "weight of PaLM's auxiliary z-loss, lse^2 (>= 0)", 0.0)),
     kernel_params=lambda o: (o["focal_gamma"], o["z_loss"]),
+    kernel_switches={"GL_FOCAL": lambda o: o["focal_gamma"] != 0,
+                     "GL_Z_LOSS": lambda o: o["z_loss"] != 0},
     naive=_naive_cce_with_logits,
     torch_peer=lambda F, x, t: F.cross_entropy(x, t),
     doc=rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
@@ -210,6 +212,7 @@ nll = Loss(
     aliases=("nll_loss", "negative_log_likelihood"),
     family=CATEGORICAL,
     kernel="GlNll",
+    cache_registers=16,  # at 32, ptxas spills (128 registers): see kernel-resources-*.json
     options=(CLASS_WEIGHT, IGNORE_INDEX, AXIS),
     log_probabilities=True,
     naive=_naive_nll,
@@ -369,6 +372,7 @@ kl_div_with_logits = Loss(
              flag("target_logits", False, "target holds the teacher's logits"), AXIS),
     target_rule=lambda o: None if o["target_logits"] else UNIT,
     kernel_params=lambda o: (o["temperature"], float(o["target_logits"])),
+    kernel_switches={"GL_TEACHER_LOGITS": lambda o: bool(o["target_logits"])},
     class_indices=False,
     naive=_naive_kl_div_with_logits,
     torch_peer=lambda F, x, t: F.kl_div(F.log_softmax(x, dim=-1), t, reduction="batchmean"),

@@ -1,0 +1,214 @@
+"""What each CUDA kernel instantiation costs an SM, read from ptxas's own report, without a GPU.
+
+NVRTC compiles every instantiation (gpuloss.backends.cuda.all_kernel_names) for an
+architecture with CuPy's options (-ftz=true appended, as cupy.RawModule does) and `-Xptxas -v`;
+its log gives, per kernel, the registers per thread, the spill stores and loads, the stack
+frame (local memory) and the static shared memory. From those and the architecture's limits
+the theoretical occupancy follows (the CUDA occupancy calculator's rules). tests/test_kernels.py
+fails on any spill and on occupancy below the bars; `python tests/kernel_resources.py` writes
+the table to benchmarks/results/kernel-resources-<nvrtc version>.json.
+
+One compile per architecture takes minutes on two cores: `compiled(arch)` keeps it per
+process, and on disk (GPULOSS_EMULATOR_CACHE, as the emulator's build) keyed by the source,
+the names, the options and NVRTC's version, so that a test run compiles each architecture once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ARCHS = ("sm_80", "sm_90")
+# per SM: registers, warps, blocks, shared memory (bytes), and what each block reserves of it
+LIMITS = {
+    "sm_80": dict(registers=65536, warps=64, blocks=32, shared=167936, reserved=1024),
+    "sm_90": dict(registers=65536, warps=64, blocks=32, shared=233472, reserved=1024),
+}
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
+# the bars (issue 26): elementwise kernels (and the weight checks) at least half the SM's
+# warps; row kernels on 4- and 2-byte data a quarter (16 warps); float64 rows no bar
+OCCUPANCY_BAR = {"elementwise": 0.5, "rows": 0.25, "rows_f64": 0.0}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One instantiation for one architecture, as ptxas reports it."""
+
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_frame: int  # bytes of local memory per thread
+    shared: int  # bytes of static shared memory per block
+
+    def blocks_per_sm(self, arch: str, block_threads: int) -> int:
+        """Resident blocks per SM: the smallest of the register, warp, block and shared memory
+        limits (the occupancy calculator's rules)."""
+        lim = LIMITS[arch]
+        warps = math.ceil(block_threads / 32)
+        per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
+        by_registers = (lim["registers"] // per_warp) // warps if per_warp else lim["blocks"]
+        by_shared = lim["shared"] // (self.shared + lim["reserved"])
+        return min(by_registers, lim["warps"] // warps, lim["blocks"], by_shared)
+
+    def occupancy(self, arch: str, block_threads: int) -> float:
+        """Resident warps over the SM's maximum."""
+        warps = math.ceil(block_threads / 32)
+        return self.blocks_per_sm(arch, block_threads) * warps / LIMITS[arch]["warps"]
+
+
+def kind(name: str) -> str:
+    """Which occupancy bar an instantiation answers to (see OCCUPANCY_BAR)."""
+    from gpuloss.backends import cuda as _cuda_backend
+
+    if not name.startswith("gpuloss_rows"):
+        return "elementwise"
+    return "rows" if _cuda_backend.compute_is_float32(name) else "rows_f64"
+
+
+_ENTRY = re.compile(
+    r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+)'\n"
+    r"ptxas info\s+: Function properties for [^\n]+\n"
+    r"ptxas\s+\.\s+(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, "
+    r"(?P<ld>\d+) bytes spill loads\n"
+    r"ptxas info\s+: Used (?P<regs>\d+) registers(?:[^\n]*?, (?P<smem>\d+) bytes smem)?[^\n]*\n")
+
+
+def parse_log(log: str) -> dict[str, Resources]:
+    """ptxas's verbose report, by mangled kernel name."""
+    found = {}
+    for m in _ENTRY.finditer(log):
+        found[m["name"]] = Resources(int(m["regs"]), int(m["st"]), int(m["ld"]),
+                                     int(m["stack"]), int(m["smem"] or 0))
+    return found
+
+
+def compile_options(arch: str) -> list[str]:
+    """CuPy's RawModule options for our source (it appends -ftz=true), and ptxas's report."""
+    from gpuloss.backends import cuda as _cuda_backend
+
+    return [f"-arch={arch}", *_cuda_backend.OPTIONS, "-ftz=true", "-Xptxas", "-v"]
+
+
+def _nvrtc():
+    from cupy.cuda import nvrtc
+
+    return nvrtc
+
+
+def compile_all(arch: str, names: list[str] | None = None, source: str | None = None) -> dict:
+    """Compile every instantiation for `arch` in one NVRTC program: {"ok", "log", "resources"
+    by instantiation name (not mangled), "missing": names with no report}."""
+    from gpuloss.backends import cuda as _cuda_backend
+
+    nvrtc = _nvrtc()
+    source = source or _cuda_backend.kernel_source()
+    names = list(names or _cuda_backend.all_kernel_names())
+    prog = nvrtc.createProgram(source, "gpuloss_kernels.cu", [], [])
+    for name in names:
+        nvrtc.addNameExpression(prog, name)
+    try:
+        nvrtc.compileProgram(prog, compile_options(arch))
+    except Exception as exc:  # noqa: BLE001 - the log says why; the test reports it
+        return {"ok": False, "log": f"{exc}\n{nvrtc.getProgramLog(prog)}", "resources": {},
+                "missing": names}
+    log = nvrtc.getProgramLog(prog)
+    mangled = parse_log(log)
+    resources, missing = {}, []
+    for name in names:
+        entry = mangled.get(nvrtc.getLoweredName(prog, name))
+        if entry is None:
+            missing.append(name)
+        else:
+            resources[name] = asdict(entry)
+    return {"ok": True, "log": log, "resources": resources, "missing": missing}
+
+
+def nvrtc_version() -> str:
+    return ".".join(map(str, _nvrtc().getVersion()))
+
+
+def compiled(arch: str, folder: Path | None = None) -> dict:
+    """compile_all(arch) for the current source, cached on disk by content (see above)."""
+    from gpuloss.backends import cuda as _cuda_backend
+
+    import kernel_host
+
+    names = _cuda_backend.all_kernel_names()
+    key = "\n".join([_cuda_backend.kernel_source(), *names, *compile_options(arch),
+                     nvrtc_version()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(folder or kernel_host.cache_dir()) / f"ptxas_{arch}_{digest}.json"
+    with kernel_host.build_lock(path):  # one compile per architecture across test workers
+        if path.exists():
+            return json.loads(path.read_text())
+        result = compile_all(arch, names)
+        if result["ok"]:
+            tmp = path.with_name(f"{path.name}.tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(path)
+    return result
+
+
+def table(results: dict[str, dict], block_threads: int) -> list[dict]:
+    """One row per instantiation and architecture: what ptxas reported and the occupancy."""
+    rows = []
+    for arch, result in results.items():
+        for name, fields in result["resources"].items():
+            res = Resources(**fields)
+            rows.append({"kernel": name, "arch": arch, **fields,
+                         "blocks_per_sm": res.blocks_per_sm(arch, block_threads),
+                         "occupancy": res.occupancy(arch, block_threads),
+                         "bar": OCCUPANCY_BAR[kind(name)]})
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per architecture and kind: instantiations, spills, register range, lowest occupancy."""
+    out: dict = {}
+    for r in rows:
+        s = out.setdefault(r["arch"], {}).setdefault(kind(r["kernel"]), {
+            "instantiations": 0, "spilling": 0, "registers_min": 999, "registers_max": 0,
+            "occupancy_min": 1.0})
+        s["instantiations"] += 1
+        s["spilling"] += bool(r["spill_stores"] or r["spill_loads"])
+        s["registers_min"] = min(s["registers_min"], r["registers"])
+        s["registers_max"] = max(s["registers_max"], r["registers"])
+        s["occupancy_min"] = min(s["occupancy_min"], r["occupancy"])
+    return out
+
+
+def main(argv=None) -> int:
+    """Compile for every architecture and write the table (and its summary) as JSON."""
+    import argparse
+    import datetime as dt
+
+    from gpuloss.backends import cuda as _cuda_backend
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    results = {arch: compiled(arch) for arch in ARCHS}
+    for arch, result in results.items():
+        if not result["ok"]:
+            print(result["log"][-3000:], file=sys.stderr)
+            return 1
+    rows = table(results, _cuda_backend.BLOCK_THREADS)
+    doc = {"what": "ptxas -v resource report of every kernel instantiation (NVRTC, CuPy's "
+                   "options) and the theoretical occupancy at 256 threads per block",
+           "nvrtc": nvrtc_version(), "date": dt.date.today().isoformat(),
+           "options": compile_options("<arch>"), "summary": summary(rows), "kernels": rows}
+    out = Path(args.out) / f"kernel-resources-nvrtc{nvrtc_version()}.json"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc["summary"], indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())
