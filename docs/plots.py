@@ -23,11 +23,13 @@ IMG = ROOT / "docs" / "img"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _latest(pattern, key="rows"):
+def _latest(pattern, key="rows", prediction=False):
     # the newest date; on the same date, the file written last; only files with a `key`
-    # section (a --small-batch-only run has no rows, an older run no small_batch)
+    # section (a --small-batch-only run has no rows, an older run no small_batch); a
+    # prediction (gpu-prediction-*.json) only where asked for, never as a measurement
     files = [(p, json.loads(p.read_text())) for p in RESULTS.glob(pattern)]
-    files = sorted(((p, d) for p, d in files if d.get(key)),
+    files = sorted(((p, d) for p, d in files
+                    if d.get(key) and bool(d.get("prediction")) == prediction),
                    key=lambda pd: (pd[1]["date"], pd[0].stat().st_mtime))
     return files[-1] if files else (None, None)
 
@@ -102,6 +104,103 @@ def gpu_plots():
     fig.savefig(IMG / "gpu-speedup.png", dpi=110)
     plt.close(fig)
     return path
+
+
+# plain cross-entropy's registers before the catalogue (commit 180b19d: one functor, no focal or
+# z-loss code; float32, sm_90, the same options and ptxas report), for the comparison the
+# resources section makes
+PRE_CATALOGUE_CCE = {"labels": {"4-32 lanes, cache 4": 63, "warp or block, cached": 123,
+                                "block, read twice": 64},
+                     "probabilities": {"4-32 lanes, cache 4": 64, "warp or block, cached": 122,
+                                       "block, read twice": 64}}
+
+
+def resources_section():
+    """The kernels' resource report as Markdown: per architecture and kind, instantiations,
+    spills, registers and the lowest occupancy, from the newest kernel-resources-*.json
+    (`python tests/kernel_resources.py` writes it); and plain cross-entropy's registers."""
+    files = sorted(RESULTS.glob("kernel-resources-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return "No resource report is recorded: `python tests/kernel_resources.py` writes one.\n"
+    path = files[-1]
+    data = json.loads(path.read_text())
+    bars = {"elementwise": "50%", "rows": "25%", "rows_f64": "none"}
+    what = {"elementwise": "elementwise and weight checks", "rows": "rows, 4- and 2-byte data",
+            "rows_f64": "rows, float64"}
+    lines = ["| arch | kernels | instantiations | spilling | registers | lowest occupancy | bar |",
+             "|---|---|---:|---:|---|---:|---|"]
+    for arch, kinds in data["summary"].items():
+        for kind, v in kinds.items():
+            lines.append(f"| {arch} | {what[kind]} | {v['instantiations']} | {v['spilling']} | "
+                         f"{v['registers_min']}-{v['registers_max']} | "
+                         f"{v['occupancy_min']:.1%} | {bars[kind]} |")
+    plain = {}
+    for r in data["kernels"]:
+        if r["arch"] == "sm_90" and r["kernel"].startswith("gpuloss_rows<GlCceLogits<0>") \
+                and r["kernel"].endswith(("float, long long>", "float, float>")):
+            args = r["kernel"].split(">, ", 1)[1].split(", ")
+            labels, threads, cache = args[0] == "1", int(args[1]), int(args[2])
+            layout = ("4-32 lanes, cache 4" if threads == 0 else
+                      "block, read twice" if cache == 0 else "warp or block, cached")
+            key = ("labels" if labels else "probabilities", layout)
+            plain.setdefault(key, set()).add(r["registers"])
+    rows = ["| targets | layout | before the catalogue | now |", "|---|---|---:|---:|"]
+    for targets, layouts in PRE_CATALOGUE_CCE.items():
+        for layout, before in layouts.items():
+            now = plain.get((targets, layout))
+            now_text = "-".join(map(str, sorted({min(now), max(now)}))) if now else "n/a"
+            rows.append(f"| {targets} | {layout} | {before} | {now_text} |")
+    return (
+        "ptxas's own report for every kernel instantiation (NVRTC with CuPy's options and "
+        "`-Xptxas -v`, no GPU needed), and the theoretical occupancy at 256 threads per block "
+        "by the occupancy calculator's rules. The test suite fails on any spill and on "
+        "occupancy below the bar (`tests/test_kernels.py`).\n\n"
+        f"Source: `{path.relative_to(ROOT)}` (NVRTC {data['nvrtc']}, {data['date']}).\n\n"
+        + "\n".join(lines) + "\n\n"
+        "Plain `cce_with_logits` (float32, sm_90, registers per thread) compiles none of "
+        "focal's or z-loss's code (options are compile-time switches). Small rows are now one "
+        "instantiation whose rows are staged through shared memory, with room for up to 128 "
+        "registers (2 blocks per SM); the register cache of the larger layouts holds 32 values "
+        "beside class indices and 16 + 16 beside probabilities:\n\n"
+        + "\n".join(rows) + "\n")
+
+
+def prediction_section():
+    """The predicted GPU times as Markdown (from the newest gpu-prediction-*.json, which
+    `python benchmarks/gpu.py --predict-only` writes), or a line saying there is none."""
+    from gpuloss._bench_gpu import prediction_table
+
+    path, data = _latest("gpu-prediction-*.json", prediction=True)
+    if data is None:
+        return ("No prediction is recorded: `python benchmarks/gpu.py --predict-only` writes "
+                "one.\n")
+    a = data["assumptions"]
+    cards = ", ".join(f"{name} {c['bandwidth_nominal_GBps'] / 1e3:g} TB/s"
+                      for name, c in a["cards"].items())
+    sms = sorted({c["sms"] for c in a["cards"].values()})
+    o = a["overheads_us"]
+    return (
+        "No GPU has run these kernels yet: these times are predicted by the roofline model of "
+        "`gpuloss/_roofline.py`, not measured (`python benchmarks/gpu.py --predict-only` "
+        "writes them, no GPU needed). A GPU run writes `predicted_ms` beside each measured "
+        "row, so that the first one shows at once how far off the model is.\n\n"
+        "- Bytes: each array the kernel touches, once per pass over it (a row longer than the "
+        "register cache is read twice), and a partial per block.\n"
+        f"- Time: the bytes over {a['achievable_fraction']:g} x the nominal bandwidth (what a "
+        f"large copy reaches; {cards}; {', '.join(map(str, sms))} SMs), rounded up to whole "
+        f"waves of resident blocks ({data['blocks_per_sm_source']}).\n"
+        f"- A fixed cost per call, assumed: {o['call_us']:g} µs of host work, "
+        f"{o['launch_us']:g} µs per device operation (the memset of the state word, the "
+        f"kernel), {o['read_us']:g} µs for validate=True's read of the flags.\n"
+        "- `value_and_grad` on CuPy arrays, mean reduction. The autograd rows are "
+        "`gl.cce_with_logits(x, y).backward()` on CUDA tensors "
+        f"({o['autograd_us']:g} µs more): backward multiplies the saved gradient by "
+        "grad_output, one more read and write of it.\n"
+        "- The floor: the least each loss must move (each input read once, the gradient "
+        "written once); the last column is its time over the predicted time.\n\n"
+        f"Source: `{path.relative_to(ROOT)}`.\n\n"
+        + "\n".join(prediction_table(data)) + "\n"
+    )
 
 
 def small_batch_plots(kind="cpu", path=None):
@@ -211,6 +310,12 @@ Source: `{cpu}`.
 ## GPU
 
 {gpu}
+## Kernel resources (ptxas, without a GPU)
+
+{resources}
+## Predicted GPU times (a prediction, not a measurement)
+
+{predicted}
 ## Small batches
 
 A call has a fixed cost whatever its size (checking the arguments, choosing the backend,
@@ -247,6 +352,7 @@ def main():
         "No small-batch run is recorded yet: the plots appear here once `gpuloss bench` has "
         "written a result with a `small_batch` section and this script has run again.\n")
     page = PAGE.format(cpu=cpu.relative_to(ROOT) if cpu else "none yet", gpu=gpu_text,
+                       predicted=prediction_section(), resources=resources_section(),
                        small=small_text.rstrip("\n") + "\n")
     (ROOT / "docs" / "performance.md").write_text(page)
     print(f"wrote {IMG} and docs/performance.md")

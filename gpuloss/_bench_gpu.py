@@ -14,6 +14,12 @@ against torch eager and torch.compile, with peak memory next to time.
 Then the small batches (gpuloss/_bench_small.py): time per call from 2^8 to 2^24 elements
 against PyTorch on CUDA tensors, and an MLP's training step (`--small-batch-only` runs only
 these and writes gpu-small-batch-<card>-<date>.json).
+
+Every row carries the roofline's prediction for this card (gpuloss/_roofline.py):
+`predicted_ms` beside the measured time, `predicted_card`, `predicted_bytes`; the sweep's
+points on arrays `predicted_us`. `--predict-only` needs no GPU: it writes the predictions of
+every row for H100 SXM and H200 to gpu-prediction-h100-h200-<date>.json and prints them as a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -21,17 +27,20 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import statistics
+from pathlib import Path
 
 import numpy as np
 
 import gpuloss as gl
-from gpuloss import _bench_io, _bench_small
+from gpuloss import _bench_io, _bench_small, _roofline
 from gpuloss._examples import default_rules, example_inputs
 from gpuloss.backends import cuda as _cuda_backend
 
 ELEMENTWISE_SIZES = (1 << 26, 1 << 12)
 ROW_SHAPES = ((1 << 22, 10), (65536, 1024), (8192, 32768), (4096, 131072))
 LARGE_VOCAB = (16384, 131072)  # a language model's output layer: rows x vocabulary
+# kernel-resources-*.json (registers per kernel) beside the source tree, for the occupancy
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def _dtype(name):
@@ -315,14 +324,173 @@ def large_vocabulary_row(cp, torch, dtype, bandwidth, repeat):
     return row
 
 
+def benchmark_cases(bfloat16: bool = True) -> list[tuple[str, tuple, str]]:
+    """(loss, shape, dtype) of every value_and_grad row, in the order they run; bfloat16 where
+    CuPy has it."""
+    elementwise = [n for n, fn in gl.LOSSES.items() if fn.family != "categorical"]
+    categorical = [n for n, fn in gl.LOSSES.items() if fn.family == "categorical"]
+    cases = [(loss, (n,), "float32") for loss in elementwise for n in ELEMENTWISE_SIZES]
+    cases += [(loss, shape, "float32") for loss in categorical for shape in ROW_SHAPES]
+    cases += [(loss, (1 << 26,), "float16") for loss in elementwise]
+    cases += [(loss, (65536, 1024), "float16") for loss in categorical]
+    if bfloat16:
+        cases += [(loss, (1 << 26,), "bfloat16") for loss in elementwise]
+        cases += [(loss, (65536, 1024), "bfloat16") for loss in categorical]
+    return cases
+
+
+def row_prediction(row: dict, card, resources=None) -> dict:
+    """The roofline's fields for one row (gpuloss/_roofline.py): predicted_ms of its `ms`
+    (value_and_grad rows) or of its `torch_autograd_ms` (the large-vocabulary rows),
+    predicted_card and predicted_bytes. Empty without a card model; a failing model is
+    recorded, never raised (the measurement matters more)."""
+    if card is None:
+        return {}
+    op = "autograd" if row["op"] == "autograd" else "value_and_grad"
+    try:
+        p = _roofline.predict(row["loss"], tuple(row["shape"]), row["dtype"], card, op=op,
+                              resources=resources)
+    except Exception as exc:  # noqa: BLE001 - a prediction must not lose a measured row
+        return {"predicted_error": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"predicted_ms": round(p["predicted_ms"], 4), "predicted_card": p["card"],
+            "predicted_bytes": p["bytes"]}
+
+
+def add_small_batch_predictions(small: dict, card, resources=None) -> None:
+    """predicted_us beside gpuloss_us at each point of the sweep's cases on arrays (those
+    through torch tensors add autograd, which the model leaves out)."""
+    if card is None:
+        return
+    for case in (small.get("small_batch") or {}).get("cases", []):
+        if case["case"].endswith("torch tensors"):
+            continue
+        case["predicted_card"] = card.name
+        for point in case["points"]:
+            try:
+                p = _roofline.predict(case["case"].split()[0], tuple(point["shape"]),
+                                      "float32", card, resources=resources)
+                point["predicted_us"] = round(1e3 * p["predicted_ms"], 2)
+            except Exception:  # noqa: BLE001, S112 - the measurement stays
+                continue
+
+
+def prediction_rows(card, losses=None, resources=None) -> list[dict]:
+    """Every row of a GPU run (the value_and_grad cases, then the large-vocabulary autograd
+    rows) with the roofline's prediction on `card` and what it rests on, no GPU needed."""
+    losses = gl.LOSSES if losses is None else losses
+    cases = [(loss, shape, dtype, "value_and_grad") for loss, shape, dtype in benchmark_cases()
+             if loss in losses]
+    if "cce_with_logits" in losses:
+        cases += [("cce_with_logits", LARGE_VOCAB, d, "autograd") for d in ("bfloat16", "float32")]
+    rows = []
+    for loss, shape, dtype, op in cases:
+        p = _roofline.predict(loss, shape, dtype, card, op=op, resources=resources)
+        size = _dtype(dtype).itemsize
+        floor = (2 * size * np.prod(shape) + 8 * shape[0] if op == "autograd"
+                 else floor_bytes(gl.LOSSES[loss], shape, dtype))
+        floor_ms = 1e3 * float(floor) / card.achievable
+        rows.append({"loss": loss, "op": op, "dtype": dtype, "shape": list(shape),
+                     "predicted_card": card.name, "predicted_ms": round(p["predicted_ms"], 4),
+                     "predicted_bytes": p["bytes"], "floor_bytes": int(floor),
+                     "floor_ms": round(floor_ms, 4),
+                     "predicted_fraction_of_floor": float(f"{floor_ms / p['predicted_ms']:.3g}"),
+                     **{k: p[k] for k in ("kernel", "launches", "device_ops", "blocks",
+                                          "blocks_per_sm", "blocks_per_sm_from", "waves",
+                                          "traffic")},
+                     **{k: round(p[k], 4) for k in ("memory_ms", "wave_ms", "overhead_ms")}})
+    return rows
+
+
+def _dim(d: int) -> str:
+    """A dimension as the benchmark's code writes it: 2^k from 2^20 up."""
+    return f"2^{d.bit_length() - 1}" if d >= 1 << 20 and d & (d - 1) == 0 else str(d)
+
+
+def _mb(b: int) -> str:
+    return f"{b / 1e6:.3f}" if b < 1e6 else f"{b / 1e6:,.1f}"
+
+
+def prediction_table(result: dict) -> list[str]:
+    """The predictions as a Markdown table, one line per group of losses whose rows predict
+    the same (same bytes, same grid) on every card."""
+    cards = list(result["cards"])
+    elementwise = {n for n, fn in gl.LOSSES.items() if fn.family != "categorical"}
+    groups: dict = {}
+    for r in result["rows"]:
+        key = (r["op"], r["dtype"], tuple(r["shape"]))
+        groups.setdefault(key, {}).setdefault(r["loss"], {})[r["predicted_card"]] = r
+    lines = ["| losses | dtype | shape | MB moved | floor MB | "
+             + " | ".join(f"{c} ms" for c in cards) + f" | floor / predicted ({cards[0]}) |",
+             "|---|---|---|---:|---:|" + "---:|" * len(cards) + "---:|"]
+    for (op, dtype, shape), by_loss in groups.items():
+        same: dict = {}
+        for loss, per_card in by_loss.items():
+            sig = tuple((per_card[c]["predicted_ms"], per_card[c]["predicted_bytes"],
+                         per_card[c]["floor_bytes"]) for c in cards)
+            same.setdefault(sig, []).append(loss)
+        for sig, losses in same.items():
+            first = by_loss[losses[0]][cards[0]]
+            names = ", ".join(losses) + (" (autograd)" if op == "autograd" else "")
+            if set(losses) == elementwise:
+                names = f"every elementwise loss ({len(losses)})"
+            lines.append(f"| {names} | {dtype} | {' x '.join(map(_dim, shape))} | "
+                         f"{_mb(first['predicted_bytes'])} | {_mb(first['floor_bytes'])} | "
+                         + " | ".join(f"{ms:.4g}" for ms, _, _ in sig)
+                         + f" | {first['predicted_fraction_of_floor']:.2g} |")
+    return lines
+
+
+def predict_only(args) -> int:
+    """`--predict-only`: the roofline's prediction of every row for H100 SXM and H200, no GPU
+    (and no CuPy) needed; the sweep's points on arrays too."""
+    resources, source = _roofline.newest_resources(RESULTS)
+    rows, sweep = [], []
+    for card in _roofline.CARDS.values():
+        rows += prediction_rows(card, args.losses, resources)
+        sizes = [n for n in _bench_small.SIZES if n <= 1 << args.sweep_max]
+        shapes = [("mse", (n,)) for n in sizes if "mse" in args.losses]
+        if "cce_with_logits" in args.losses:
+            shapes += [(f"cce_with_logits C={c}", (n // c, c)) for c in _bench_small.CLASSES
+                       for n in sizes if n >= c]
+        for case, shape in shapes:
+            p = _roofline.predict(case.split()[0], shape, "float32", card, resources=resources)
+            sweep.append({"case": case, "n": int(np.prod(shape)), "shape": list(shape),
+                          "predicted_card": card.name,
+                          "predicted_us": round(1e3 * p["predicted_ms"], 2)})
+    result = {
+        "what": "predicted, not measured: the roofline model of gpuloss/_roofline.py for "
+                "every GPU benchmark row; no GPU has run these kernels",
+        "prediction": True, "date": dt.date.today().isoformat(),
+        "cards": {name: {"sms": c.sms, "bandwidth_nominal_GBps": c.bandwidth / 1e9,
+                         "achievable_fraction": c.fraction}
+                  for name, c in _roofline.CARDS.items()},
+        "assumptions": _roofline.assumptions(),
+        "blocks_per_sm_source": (
+            f"blocks per SM from the registers in {source}" if source else
+            "blocks per SM: the occupancy bars the kernels are held to, elementwise "
+            f"{_roofline.FLOOR_BLOCKS_PER_SM['elementwise']}, rows "
+            f"{_roofline.FLOOR_BLOCKS_PER_SM['rows']}; no kernel-resources table"),
+        "rows": rows, "small_batch_predicted": sweep,
+    }
+    path = _bench_io.output_path(args.out, f"gpu-prediction-h100-h200-{result['date']}.json")
+    _bench_io.finish(result, path, args.json,
+                     lambda: print("\n".join(prediction_table(result))))
+    return 0
+
+
 def main(argv=None):
     ap = _bench_io.Parser(prog="gpuloss bench", description=__doc__.splitlines()[0])
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time torch.compile of PyTorch's loss")
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller sets")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="no GPU: write the roofline's prediction of every row for H100 SXM "
+                         "and H200 (gpu-prediction-h100-h200-<date>.json)")
     _bench_small.add_args(ap)
     _bench_io.add_common_args(ap, "gpu", gl.LOSSES)
     args = ap.parse_args(argv)
+    if args.predict_only:
+        return predict_only(args)
     import cupy as cp
 
     try:
@@ -334,6 +502,8 @@ def main(argv=None):
     slug = "".join(c if c.isalnum() else "-" for c in card).strip("-").lower()
     small = small_batch(cp, torch, args)
     if args.small_batch_only:
+        add_small_batch_predictions(small, _roofline.card_for(card),
+                                    _roofline.newest_resources(RESULTS)[0])
         result = {"device": card, "cupy": cp.__version__,
                   "cuda": cp.cuda.runtime.runtimeGetVersion(),
                   "torch": None if torch is None else torch.__version__,
@@ -350,15 +520,13 @@ def main(argv=None):
         _bench_io.finish(result, path, args.json, small_table)
         return 0
     bandwidth = copy_bandwidth(cp)
-    elementwise = [n for n, fn in gl.LOSSES.items() if fn.family != "categorical"]
-    categorical = [n for n, fn in gl.LOSSES.items() if fn.family == "categorical"]
-    cases = [(loss, (n,), "float32") for loss in elementwise for n in ELEMENTWISE_SIZES]
-    cases += [(loss, shape, "float32") for loss in categorical for shape in ROW_SHAPES]
-    cases += [(loss, (1 << 26,), "float16") for loss in elementwise]
-    cases += [(loss, (65536, 1024), "float16") for loss in categorical]
-    if _cuda_backend.cupy_has_bfloat16():
-        cases += [(loss, (1 << 26,), "bfloat16") for loss in elementwise]
-        cases += [(loss, (65536, 1024), "bfloat16") for loss in categorical]
+    model = _roofline.card_for(card, sms=props.get("multiProcessorCount"), copy_bandwidth=bandwidth,
+                               threads_per_sm=props.get("maxThreadsPerMultiProcessor", 2048),
+                               registers_per_sm=props.get("regsPerMultiprocessor", 65536),
+                               arch=f"sm_{props.get('major', 9)}{props.get('minor', 0)}")
+    resources, _ = _roofline.newest_resources(RESULTS)
+    add_small_batch_predictions(small, model, resources)
+    cases = benchmark_cases(_cuda_backend.cupy_has_bfloat16())
     repeat = 7 if args.quick else 15
     rows = []
     for loss, shape, dtype in cases:
@@ -380,8 +548,8 @@ def main(argv=None):
             except Exception as exc:  # noqa: BLE001 - CuPy may lack a bfloat16 routine
                 row["naive_error"] = f"{type(exc).__name__}: {exc}"[:200]
             if loss in CARD_LOSSES and dtype == "float32":
-                card = card_value_and_grad(cp, loss)
-                row["reduction_kernel_ms"] = round(time_ms(cp, card, inputs, repeat=repeat), 4)
+                card_fn = card_value_and_grad(cp, loss)
+                row["reduction_kernel_ms"] = round(time_ms(cp, card_fn, inputs, repeat=repeat), 4)
                 row["speedup_vs_reduction_kernel"] = round(row["reduction_kernel_ms"] /
                                                            row["ms"], 2)
             if torch is not None and torch.cuda.is_available():
@@ -407,12 +575,14 @@ def main(argv=None):
             del inputs
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        row.update(row_prediction(row, model, resources))
         rows.append(row)
         _bench_io.progress(row)
         cp.get_default_memory_pool().free_all_blocks()
     if torch is not None and torch.cuda.is_available() and "cce_with_logits" in args.losses:
         for dtype in ("bfloat16", "float32"):
             row = large_vocabulary_row(cp, torch, dtype, bandwidth, repeat)
+            row.update(row_prediction(row, model, resources))
             rows.append(row)
             _bench_io.progress(row)
     result = {
@@ -426,9 +596,12 @@ def main(argv=None):
         **small,
     }
 
+    nan = float("nan")
+
     def table():
-        print(f"{card}: copy {result['copy_GBps']} GB/s")
-        print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'floor':>8s} "
+        print(f"{card}: copy {result['copy_GBps']} GB/s; pred: predicted ms on "
+              f"{model.name if model else '-'} (gpuloss/_roofline.py)")
+        print(f"{'loss':16s} {'dtype':8s} {'shape':>14s} {'ms':>9s} {'pred':>8s} {'floor':>8s} "
               f"{'frac':>5s} {'naive':>9s} {'torch':>9s} {'launch':>6s}")
         for r in rows:
             if "error" in r or "skipped" in r:
@@ -436,12 +609,14 @@ def main(argv=None):
                 continue
             if "ms" not in r:  # the large-vocabulary rows: autograd, peak memory
                 print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
-                      f"{r['torch_autograd_ms']:9.4f} {r['floor_ms']:8.4f} "
+                      f"{r['torch_autograd_ms']:9.4f} {r.get('predicted_ms', nan):8.4f} "
+                      f"{r['floor_ms']:8.4f} "
                       f"{r['fraction_of_floor']:5.2f} torch {r['torch_ms']:9.4f} "
                       f"peak {r['peak_GiB']} vs torch {r['torch_peak_GiB']} GiB")
                 continue
             print(f"{r['loss']:16s} {r['dtype']:8s} {'x'.join(map(str, r['shape'])):>14s} "
-                  f"{r['ms']:9.4f} {r['floor_ms']:8.4f} {r['fraction_of_floor']:5.2f} "
+                  f"{r['ms']:9.4f} {r.get('predicted_ms', nan):8.4f} {r['floor_ms']:8.4f} "
+                  f"{r['fraction_of_floor']:5.2f} "
                   f"{r.get('naive_cupy_ms', float('nan')):9.4f} "
                   f"{r.get('torch_ms', float('nan')):9.4f} "
                   f"{r['launches']:6d}")
