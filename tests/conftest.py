@@ -9,6 +9,25 @@ import numpy as np
 import pytest
 
 
+def _fixed_hypothesis_examples():
+    """Hypothesis (6.13x on) also draws "local constants" from whichever of our modules are
+    loaded when a test runs, scanning them in random order for at most 100 ms: a derandomized
+    test's examples then depended on the test order, the number of workers and the machine's
+    load (the same test met different cases in two runs). Fixed examples must be fixed, so
+    no local constants are drawn here. (An internal of Hypothesis: if it moves, nothing is
+    patched and only the reproducibility is lost.)"""
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:
+        return
+    empty = getattr(providers, "_local_constants", None)
+    if empty is not None and hasattr(providers, "_get_local_constants"):
+        providers._get_local_constants = lambda: empty  # (never filled: the scan is gone)
+
+
+_fixed_hypothesis_examples()
+
+
 def require(module: str):
     """Import a peer library for comparison tests.
 

@@ -209,6 +209,26 @@ def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
     return ctypes.CDLL(str(lib_path))
 
 
+_LAUNCH_LOCK = None
+
+
+@contextlib.contextmanager
+def _one_launch_at_a_time():
+    """One emulated launch at a time across the test workers (pytest -n): a launch runs 256
+    OS threads that meet at barriers, and two at once on two cores made both many times
+    slower (every barrier waits for threads the other launch keeps off the cores)."""
+    global _LAUNCH_LOCK
+    import fcntl
+
+    if _LAUNCH_LOCK is None:
+        _LAUNCH_LOCK = open(cache_dir() / "emulator-launch.lock", "w")  # noqa: SIM115 - kept
+    fcntl.flock(_LAUNCH_LOCK, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(_LAUNCH_LOCK, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def build_lock(path: Path):
     """An exclusive lock on `path`.lock across processes (POSIX), so that one process builds
@@ -493,7 +513,8 @@ class EmulatorRuntime:
                         f"C parameter is a {size}-byte {what}")
                 holders.append(_CTYPE[a.dtype](a.item()))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-            fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
+            with _one_launch_at_a_time():
+                fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
             if self._traffic is not None and not fault:
                 self._traffic.append(self._read_traffic(name, grid[0], block[0], args,
                                                          signature))
