@@ -4,7 +4,8 @@ The common call (no options, any dtype, mean, sum or none) is one kernel launch:
 elementwise kernel, templated on the loss's functor, writes the gradient and one float64
 partial per block, and the last block to finish adds the partials in a fixed order
 (bit-identical run to run; no float atomics) and writes the value. Categorical losses run one
-row kernel whose threads keep the row in registers (K up to 8192; larger rows are read twice),
+row kernel whose threads keep the row in registers (K up to 8192 in float32 with class
+indices, see row_configs; larger rows are read twice),
 finished the same way. Which functor a loss uses, its scalar parameters and its domain rules
 come with the call (from the loss's declaration): nothing here names a loss.
 
@@ -168,8 +169,8 @@ def _c_types(args: list[str]) -> list[str]:
 def kernel_group(name: str) -> str:
     """The module a kernel is compiled in, so that one NVRTC run builds the variants a
     workload needs (about a second; CuPy's disk cache keeps it across processes) and a run
-    over everything compiles each variant once: for the row kernels, one loss and target kind
-    with its 7 row layouts; for the elementwise kernel, one loss and pred type with its target
+    over everything compiles each variant once: for the row kernels, one functor variant,
+    target kind and data type with its row layouts; for the elementwise kernel, one loss and pred type with its target
     types; for the others, one data type."""
     template, args = _template_args(name)
     types = _c_types(args)
