@@ -170,8 +170,8 @@ def kernel_group(name: str) -> str:
     """The module a kernel is compiled in, so that one NVRTC run builds the variants a
     workload needs (about a second; CuPy's disk cache keeps it across processes) and a run
     over everything compiles each variant once: for the row kernels, one functor variant,
-    target kind and data type with its row layouts; for the elementwise kernel, one loss and pred type with its target
-    types; for the others, one data type."""
+    target kind and data type with its row layouts; for the elementwise kernel, one loss and
+    pred type with its target types; for the others, one data type."""
     template, args = _template_args(name)
     types = _c_types(args)
     if template == "gpuloss_rows":
