@@ -382,7 +382,7 @@ def _checked_options(loss, options, pred_dtype, fields):
         elif not callable(loss.target_rule) and target_rule is None:
             target_rule = _call.UNIT
     result = (checked, tuple(float(v) for v in loss.kernel_params(checked)), pred_rule,
-              target_rule, loss.functor_for(checked))
+              target_rule, loss.functor_for(checked, pred_dtype))
     if key is not None and len(loss.checked_cache) < 256:  # bounded: option sweeps stay small
         loss.checked_cache[key] = result
     return result
@@ -458,6 +458,7 @@ def _check_categorical(loss, shape, target, arrays, options, xp, fields):
 # ---------------------------------------------------------------------------------------------
 # the public loss objects
 
+_FLT_TINY = float(np.finfo(np.float32).tiny)  # what a float kernel sees as nonzero
 _BY_NAME: dict[str, Loss] = {}  # every declared loss, for unpickling by name
 
 
@@ -490,7 +491,8 @@ class Loss:
 
     def __init__(self, name: str, *, family: str, kernel: str, options: tuple = (),
                  doc: str, pred_rule=None, target_rule=None, kernel_params=None,
-                 kernel_switches=None, cache_registers=None, naive=None, torch_peer=None, aliases=(), class_indices=True,
+                 kernel_switches=None, cache_registers=None, naive=None, torch_peer=None,
+                 aliases=(), class_indices=True,
                  probability_targets=True, log_probabilities=False):
         self.name = name
         self.family = family
@@ -554,9 +556,18 @@ class Loss:
         ``GlCceLogits<2>`` for z-loss without focal; a functor without switches is its name."""
         return f"{self.kernel}<{switches}>" if self.kernel_switches else self.kernel
 
-    def functor_for(self, checked: dict) -> str:
-        """The functor variant the checked options need."""
-        bits = sum(1 << i for i, on in enumerate(self.kernel_switches.values()) if on(checked))
+    def functor_for(self, checked: dict, pred_dtype: str) -> str:
+        """The functor variant the checked options need. A switch's predicate gets the options
+        and `nonzero`, which says whether a number is nonzero as the kernel computes with it:
+        in float (float32 and 16-bit data) a value below float32's smallest normal number is 0
+        on the device (rounded, or flushed), and its code must not be switched on for it."""
+        tiny = 0.0 if pred_dtype == "float64" else _FLT_TINY
+
+        def nonzero(v):
+            return abs(v) > tiny if tiny == 0.0 else abs(v) >= tiny
+
+        bits = sum(1 << i for i, on in enumerate(self.kernel_switches.values())
+                   if on(checked, nonzero))
         return self.functor(bits)
 
     def __reduce__(self):  # pickles by name, so partial states and workers share one object

@@ -103,7 +103,7 @@ bce_with_logits = Loss(
                              "[0, 1] (None: no alpha term)", 0.0, 1.0)),
     target_rule=UNIT,
     kernel_params=lambda o: (o["label_smoothing"], *_focal_params(o)),
-    kernel_switches={"GL_FOCAL": lambda o: o["focal_gamma"] != 0
+    kernel_switches={"GL_FOCAL": lambda o, nonzero: nonzero(o["focal_gamma"])
                      or o["focal_alpha"] is not None},
     naive=_naive_bce_with_logits,
     torch_peer=lambda F, x, y: F.binary_cross_entropy_with_logits(x, y),
