@@ -45,7 +45,7 @@ def ks_for_layouts(loss, pred_dtype, labels) -> list[int]:
     the warp and block layouts full, and a row read twice."""
     functor = gl.LOSSES[loss].functor(0)
     ks = [10]  # (one instantiation serves every small K; the tests cover its threads per row)
-    shift = 32 // np.dtype(pred_dtype).itemsize - 1  # (see row_config)
+    shift = _cuda_backend.row_shift(pred_dtype)
     for threads, cache in _cuda_backend.row_configs(pred_dtype, labels, functor)[1:]:
         ks.append(threads * cache - shift if cache else ks[-1] + 1)
     return ks

@@ -561,10 +561,12 @@ class Loss:
         and `nonzero`, which says whether a number is nonzero as the kernel computes with it:
         in float (float32 and 16-bit data) a value below float32's smallest normal number is 0
         on the device (rounded, or flushed), and its code must not be switched on for it."""
-        tiny = 0.0 if pred_dtype == "float64" else _FLT_TINY
-
-        def nonzero(v):
-            return abs(v) > tiny if tiny == 0.0 else abs(v) >= tiny
+        if pred_dtype == "float64":
+            def nonzero(v):
+                return v != 0
+        else:
+            def nonzero(v):
+                return abs(v) >= _FLT_TINY
 
         bits = sum(1 << i for i, on in enumerate(self.kernel_switches.values())
                    if on(checked, nonzero))

@@ -256,17 +256,30 @@ def newest_resources(folder) -> tuple[dict, str | None]:
     return (load_resources(files[-1]), files[-1].name) if files else ({}, None)
 
 
-def blocks_per_sm_from(registers: int, card: Card, shared: int = 0,
-                       block_threads: int = 256) -> int:
-    """Resident blocks per SM for a kernel of `registers` per thread, by the occupancy
-    calculator's rules (registers allocated per warp in units of 256, 1 KiB of shared memory
-    reserved per block), as tests/kernel_resources.py computes it."""
+def resident_blocks(registers: int, shared: int, *, block_threads: int, registers_per_sm: int,
+                    threads_per_sm: int, max_blocks_per_sm: int, shared_per_sm: int,
+                    reserved_shared: int = 1024) -> int:
+    """Resident blocks per SM of a kernel with `registers` per thread and `shared` bytes of
+    static shared memory per block, by the occupancy calculator's rules: the smallest of the
+    register limit (registers allocated per warp in units of 256), the thread and block
+    limits and the shared-memory limit (`reserved_shared` more per block). 0: it cannot run.
+    The one place the rule lives (tests/kernel_resources.py checks the bars with it)."""
     warps = -(-block_threads // 32)
     per_warp = -(-registers * 32 // 256) * 256
-    by_registers = (card.registers_per_sm // per_warp) // warps if per_warp else 32
-    by_shared = card.shared_per_sm // (shared + 1024)
-    return max(1, min(by_registers, card.threads_per_sm // block_threads,
-                      card.max_blocks_per_sm, by_shared))
+    by_registers = (registers_per_sm // per_warp) // warps if per_warp else max_blocks_per_sm
+    by_shared = shared_per_sm // (shared + reserved_shared)
+    return min(by_registers, threads_per_sm // block_threads, max_blocks_per_sm, by_shared)
+
+
+def blocks_per_sm_from(registers: int, card: Card, shared: int = 0,
+                       block_threads: int = 256) -> int:
+    """Resident blocks per SM on `card` (resident_blocks with the card's limits; at least
+    one, for the model)."""
+    return max(1, resident_blocks(registers, shared, block_threads=block_threads,
+                                  registers_per_sm=card.registers_per_sm,
+                                  threads_per_sm=card.threads_per_sm,
+                                  max_blocks_per_sm=card.max_blocks_per_sm,
+                                  shared_per_sm=card.shared_per_sm))
 
 
 def default_blocks_per_sm(launch: Launch, card: Card,

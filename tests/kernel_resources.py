@@ -29,7 +29,6 @@ LIMITS = {
     "sm_80": dict(registers=65536, warps=64, blocks=32, shared=167936, reserved=1024),
     "sm_90": dict(registers=65536, warps=64, blocks=32, shared=233472, reserved=1024),
 }
-REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 # the bars (issue 26): elementwise kernels (and the weight checks) at least half the SM's
 # warps; row kernels on 4- and 2-byte data a quarter (16 warps); float64 rows no bar
 OCCUPANCY_BAR = {"elementwise": 0.5, "rows": 0.25, "rows_f64": 0.0}
@@ -48,12 +47,14 @@ class Resources:
     def blocks_per_sm(self, arch: str, block_threads: int) -> int:
         """Resident blocks per SM: the smallest of the register, warp, block and shared memory
         limits (the occupancy calculator's rules)."""
+        from gpuloss._roofline import resident_blocks
+
         lim = LIMITS[arch]
-        warps = math.ceil(block_threads / 32)
-        per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
-        by_registers = (lim["registers"] // per_warp) // warps if per_warp else lim["blocks"]
-        by_shared = lim["shared"] // (self.shared + lim["reserved"])
-        return min(by_registers, lim["warps"] // warps, lim["blocks"], by_shared)
+        return resident_blocks(self.registers, self.shared, block_threads=block_threads,
+                               registers_per_sm=lim["registers"],
+                               threads_per_sm=32 * lim["warps"],
+                               max_blocks_per_sm=lim["blocks"], shared_per_sm=lim["shared"],
+                               reserved_shared=lim["reserved"])
 
     def occupancy(self, arch: str, block_threads: int) -> float:
         """Resident warps over the SM's maximum."""

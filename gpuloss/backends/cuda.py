@@ -215,13 +215,17 @@ def row_config(K: int, pred_dtype=_F32, labels: bool = True,
     threads, cache = configs[0]  # small rows: staged whole
     if K <= SMALL_ROW_THREADS[-1] * cache:
         return threads, cache
-    # a warp's or a block's row starts on its first 32-byte sector (the kernel's `shift`): up
-    # to a sector's worth of values less fit the cache
-    shift = 32 // np.dtype(pred_dtype).itemsize - 1
+    shift = row_shift(pred_dtype)
     for threads, cache in configs[1:]:
         if cache and K + shift <= threads * cache:
             return threads, cache
     return configs[-1]
+
+
+def row_shift(pred_dtype) -> int:
+    """The most values a warp's or a block's row starts before its first 32-byte sector (the
+    kernel's `shift`): that many fewer fit the register cache."""
+    return 32 // np.dtype(pred_dtype).itemsize - 1
 
 
 def row_threads(K: int, pred_dtype=_F32, labels: bool = True,
