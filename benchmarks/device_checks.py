@@ -22,6 +22,7 @@ from gpuloss import _api
 from gpuloss._call import NONNEG, SIGN, UNIT
 from gpuloss._examples import default_rules
 from gpuloss.backends import cuda as _cuda_backend
+from gpuloss.backends import numpy as _numpy_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from agreement import assert_agree, device_view  # noqa: E402 - the tests' definition of agreeing
@@ -30,6 +31,7 @@ SMALL = {name: (37,) for name, fn in gl.LOSSES.items() if fn.family == "elementw
 # a K per row layout (the small layout at each of its threads per row) and one read twice
 # options that turn each compile-time switch on (gpuloss.losses: kernel_switches)
 SWITCH_OPTIONS = {"GL_FOCAL": {"focal_gamma": 2.0}, "GL_Z_LOSS": {"z_loss": 1e-3},
+                  "GL_SOFTCAP": {"softcap": 2.0},  # (below the logits' spread: it caps)
                   "GL_TEACHER_LOGITS": {"target_logits": True}}
 
 
@@ -145,6 +147,7 @@ def variants(runtime=None) -> int:
         except Exception as exc:  # noqa: BLE001 - every failing variant is reported
             bad.append(f"{loss} {np.dtype(p)} {np.dtype(t)} K={K}: {type(exc).__name__} "
                        f"{str(exc)[:200]}")
+    bad += _in_place_and_sum_parts(rt)
     missing = sorted(set(_cuda_backend.all_kernel_names()) - rt.names)
     for line in bad:
         print("  FAIL", line)
@@ -153,6 +156,42 @@ def variants(runtime=None) -> int:
     print(f"stage a: {len(rt.names)}/{len(_cuda_backend.all_kernel_names())} kernel variants "
           f"launched, {len(bad)} disagreements{compiled}")
     return 1 if bad or missing else 0
+
+
+def _in_place_and_sum_parts(rt) -> list[str]:
+    """The gradient written over pred (grad_out = pred, linear cross-entropy's chunks) is bit
+    for bit the one written to a new buffer, in every row layout of float32 cce_with_logits
+    with all of its switches; and parts with reduction "sum" give NumPy's [sum, D]."""
+    xp = rt.xp
+    bad = []
+    opts = {"focal_gamma": 2.0, "z_loss": 1e-3, "softcap": 2.0, "reduction": "sum"}
+    for labels in (True, False):
+        for K in ks_for_layouts("cce_with_logits", np.float32, labels):
+            pred, target = _inputs("cce_with_logits", np.float32,
+                                   np.int64 if labels else np.float32, K, labels)
+            pred = pred * np.float32(4)
+            try:
+                results = []
+                for in_place in (False, True):
+                    z = xp.asarray(pred.copy())  # (the emulator's asarray is no copy)
+                    call = _api.prepare("cce_with_logits", z, xp.asarray(target), opts,
+                                        want_value=True, want_grad=True, parts=True,
+                                        grad_out=z if in_place else None)
+                    value, grad = _cuda_backend.compute(call, rt)
+                    results.append((rt.to_host(value), rt.to_host(grad)))
+                    assert not in_place or grad is z, "grad_out = pred was not written"
+                (v0, g0), (v1, g1) = results
+                assert v0.tobytes() == v1.tobytes() and g0.tobytes() == g1.tobytes(), \
+                    "in place differs from a new buffer"
+                want = _numpy_backend.compute(_api.prepare(
+                    "cce_with_logits", pred, target, opts, want_value=True, want_grad=True,
+                    parts=True))
+                np.testing.assert_allclose(v0, want[0], rtol=1e-5)
+                assert_agree(g0, want[1], np.float32, "sum-parts grad")
+            except Exception as exc:  # noqa: BLE001 - every failing case is reported
+                bad.append(f"in place / sum parts K={K} labels={labels}: "
+                           f"{type(exc).__name__} {str(exc)[:200]}")
+    return bad
 
 
 def ftz() -> int:

@@ -270,9 +270,10 @@ _STRUCTURAL = ("reduction", "sample_weight", "validate", "pos_weight", "class_we
                "ignore_index", "axis")
 
 
-def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, parts=False) -> Call:
+def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, parts=False,
+            grad_out=None) -> Call:
     """Check every argument that can be checked without reading the data. `loss` is a Loss
-    or the name of one."""
+    or the name of one. `parts` and `grad_out`: see `gpuloss._call.Call`."""
     if isinstance(loss, str):
         loss = _BY_NAME[loss]
     pred = _dispatch.as_array(pred, "pred")
@@ -326,7 +327,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         loss=loss.name,
         pred=pred,
         target=target,
-        reduction="mean" if parts else reduction,
+        reduction="mean" if parts and reduction != "sum" else reduction,
         family=loss.family,
         kernel=functor,
         kernel_params=kernel_params,
@@ -337,6 +338,7 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
         want_value=want_value,
         want_grad=want_grad,
         parts=parts,
+        grad_out=grad_out,
         **fields,
     )
 

@@ -33,8 +33,14 @@ class Call:
     NumPy and array-API formulas read). `pred_rule`/`target_rule` are the domain rules to check
     when `validate`. `axis` is non-negative and only meaningful for the categorical family;
     `labels` says that a categorical target holds class indices; `eps` is the clipping bound
-    of bce/cce (None otherwise). With `parts` (always with reduction "mean") the value is the
-    float64 pair [Σ w·l, Σ of the mean's weights], the state that streaming and Dask add up.
+    of bce/cce (None otherwise). With `parts` (reduction "mean", or "sum") the value is the
+    float64 pair [Σ w·l, Σ of the mean's weights], the state that streaming and Dask add up;
+    the gradient is the mean's with "mean" and that of Σ w·l with "sum" (a chunk of a larger
+    mean, which the caller divides by the whole denominator: linear cross-entropy's chunks).
+    `grad_out`, where given, is the buffer the gradient is written to (pred's shape and dtype,
+    C-contiguous); it may be pred itself: the gradient then replaces the values it is computed
+    from (linear cross-entropy's chunk of logits). A backend that cannot write in place
+    ignores it and returns a new array.
     """
 
     loss: str
@@ -59,12 +65,13 @@ class Call:
     want_value: bool = True
     want_grad: bool = False
     parts: bool = False  # return [Σ w·l, the mean's denominator] (float64) as the value
+    grad_out: Any = None  # where to write the gradient (may be pred itself)
 
     def with_arrays(self, convert) -> Call:
         """This call with `convert` applied to every array it holds (absent ones stay None):
         how a backend views another library's arrays as its own."""
         copy = _copy.copy(self)  # (dataclasses.replace re-runs __init__: slow for a small call)
-        for f in ("pred", "target", "sample_weight", "pos_weight", "class_weight"):
+        for f in ("pred", "target", "sample_weight", "pos_weight", "class_weight", "grad_out"):
             x = getattr(self, f)
             if x is not None:
                 object.__setattr__(copy, f, convert(x))

@@ -41,6 +41,8 @@ struct GlRowMinBlocks<double> {
 #define GL_STATE_FLAGS 4
 #define GL_STATE_DONE 5
 #define GL_MEAN_PARTS 2  // `mean` for [sum, denominator] in float64 (streaming states)
+#define GL_SUM_PARTS 3   // the same value, with the sum's gradient (not divided by D): a chunk
+                         // of a larger mean, divided by the whole denominator later
 
 template <typename T>
 struct GlCompute {
@@ -162,12 +164,22 @@ __device__ __forceinline__ C gl_weigh_grad(C g, C gw, double gwd) {
     return g * gw;
 }
 
-// The mean's 1/D (0 when nothing was counted) or 1; D = denom, times *denom_dev when a
-// weights' sum was computed on the device (so the host never waits for it).
+// A row kernel's gradient of class k: g weighed as above, times dz[j], the derivative of
+// F::load at the value, where the functor transforms its values (F::loads; the identity's 1 is
+// never multiplied in)
+template <bool LOADS, typename C>
+__device__ __forceinline__ C gl_row_grad(C g, C gw, double gwd, const C* dz, int j) {
+    C v = gl_weigh_grad(g, gw, gwd);
+    if constexpr (LOADS) v = v * dz[j];
+    return v;
+}
+
+// The mean's 1/D (0 when nothing was counted) or 1 (a sum, GL_SUM_PARTS); D = denom, times
+// *denom_dev when a weights' sum was computed on the device (so the host never waits for it).
 __device__ __forceinline__ double gl_grad_scale(int mean, double denom,
                                                 const double* denom_dev) {
     double d = (denom_dev ? gl_load(denom_dev, 0) : 1.0) * denom;
-    return mean ? (d > 0.0 ? 1.0 / d : 0.0) : 1.0;
+    return mean == 1 || mean == GL_MEAN_PARTS ? (d > 0.0 ? 1.0 / d : 0.0) : 1.0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,7 +221,8 @@ __device__ __forceinline__ double gl_block_sum(double v) {
 // The grid's reduced value, in the launch that computed the partials: each block writes its
 // partial, and the last block to take a ticket adds all of them in a fixed order (the same
 // whichever block is last: bit-identical results) and writes sum, sum / D for the mean (NaN
-// when D == 0, as NumPy), or [sum, D] in float64 (GL_MEAN_PARTS) at the start of `state`.
+// when D == 0, as NumPy), or [sum, D] in float64 (GL_MEAN_PARTS, GL_SUM_PARTS) at the start
+// of `state`.
 // Every thread of every block calls it (barriers inside).
 template <typename TP>
 __device__ __forceinline__ void gl_grid_finish(double acc, double* partials, int mean,
@@ -232,7 +245,7 @@ __device__ __forceinline__ void gl_grid_finish(double acc, double* partials, int
     v = gl_block_sum(v);
     if (threadIdx.x == 0) {
         double d = (denom_dev ? gl_load(denom_dev, 0) : 1.0) * denom;
-        if (mean == GL_MEAN_PARTS) {
+        if (mean == GL_MEAN_PARTS || mean == GL_SUM_PARTS) {
             double* out = (double*)state;
             out[0] = v;
             out[1] = d;
@@ -249,7 +262,7 @@ __device__ __forceinline__ void gl_grid_finish(double acc, double* partials, int
 // w_i / D and w_i l_i are formed in double: weights of 1e30 or 1e-40 neither overflow nor
 // vanish (the CPU backend rescales such weights to the same effect). a0..a3 are the loss's
 // scalar parameters; pred_rule and target_rule the GL_RULE_* to check (0: none), on the values
-// as stored.
+// as stored. `grad` may be `pred` itself: element i is read, then written, by one thread.
 template <typename F, typename TP, typename TY>
 __global__ void __launch_bounds__(GL_BLOCK_THREADS, GL_ELEMENTWISE_MIN_BLOCKS)
 gpuloss_elementwise(const TP* __restrict__ pred, const TY* __restrict__ target,
@@ -444,6 +457,16 @@ __device__ __forceinline__ long long gl_label(const TT* target, long long row, i
 // over- or underflow in the compute type. A row
 // whose label is out of range (validate=False) or, for cce with labels, whose probabilities
 // hold a NaN, gets a NaN weight: its loss and its whole gradient row are NaN, as on the CPU.
+//
+// `grad` may be `pred` itself (the backend's grad_out: the gradient written over the logits).
+// Every layout allows it, since no value is read after its gradient is written: class k of a
+// row is read and written by one thread only (lane k + shift mod rt; the same mapping in every
+// pass), its gradient written in pass 2 after the last read of k (pass 1, the extra passes and,
+// for a row read twice, pass 2's own read just before the write); a staged block reads its
+// whole tile before a barrier and writes it after another; the blocks' rows (and staged
+// spans) never overlap, step after step. So neither a compiler that trusts __restrict__ to
+// reorder a read past an unrelated write, nor the read-only cache, can hand back a gradient
+// where a value was meant.
 template <typename F, int LABELS, int ROW_THREADS, int CACHE, typename TP, typename TT>
 __global__ void __launch_bounds__(GL_BLOCK_THREADS, GlRowMinBlocks<TP>::value)
 gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long long rows,
@@ -453,11 +476,12 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
              const double* __restrict__ cw_scale, const double* __restrict__ cw_sum_dev,
              long long ignore_index, int has_ignore,
              double smoothing, int mean, double denom, const double* __restrict__ denom_dev,
-             double a0, double a1, int check, TP* __restrict__ grad,
+             double a0, double a1, double a2, int check, TP* __restrict__ grad,
              TP* __restrict__ per_sample, double* __restrict__ partials,
              int* __restrict__ state) {
     typedef typename GlCompute<TP>::type C;
     const bool LOGITS = F::logits;
+    constexpr bool LOADS = F::loads;  // the values enter as F::load (softcap)
     __shared__ double scratch_d[32];
     __shared__ C scratch_m[32];
     __shared__ C scratch_s[32];
@@ -468,13 +492,18 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
     __shared__ C tile_z[TILE];
     __shared__ C tile_t[STAGED && !LABELS ? TILE : 1];
     __shared__ long long tile_label[STAGED && LABELS ? GL_BLOCK_THREADS : 1];
+    // F::loads: d load / dz of each cached value, for the gradient, kept in shared memory (the
+    // registers hold the loaded values; a second register array would spill): thread t's j-th
+    // at dc[j * GL_BLOCK_THREADS], its own column, so no barrier guards it
+    __shared__ C tile_dz[CACHE > 0 && LOADS ? GL_BLOCK_THREADS * CACHE : 1];
+    C* const dc = tile_dz + (LOADS ? threadIdx.x : 0);
     const int rt = ROW_THREADS ? ROW_THREADS : row_threads;  // threads per row
     const int rows_per_block = blockDim.x / rt;
     const int lane = threadIdx.x & (rt - 1);  // rt is a power of two
     const int slot = threadIdx.x / rt;
     double gscale = gl_grad_scale(mean, denom, denom_dev);
     C s = (C)smoothing, inv_k = K > 0 ? C(1) / (C)K : C(0);
-    const C a[2] = {gl_param<C>(a0), gl_param<C>(a1)};
+    const C a[3] = {gl_param<C>(a0), gl_param<C>(a1), gl_param<C>(a2)};
     double acc = 0.0;
     int bad = 0;
     // every thread of a block runs the same number of iterations (block-wide barriers inside)
@@ -531,7 +560,7 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         }
         // pass 1: row statistics (log-sum-exp for logits; sum of c for probability targets;
         // what F's hooks ask for); the first CACHE values each thread reads stay in registers
-        C zc[CACHE > 0 ? CACHE : 1];
+        C zc[CACHE > 0 ? CACHE : 1];  // F::load of the values as stored (see GlRowDefaults)
         C cc[CACHE > 0 && !LABELS ? CACHE : 1];  // labels: recomputed, not kept
         GlLse<C> part = gl_lse_empty<C>();
         GlLse<C> tpart = gl_lse_empty<C>();
@@ -545,15 +574,17 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         for (int j = 0; j < CACHE; ++j) {
             long long k = lane + (long long)j * rt - shift;
             if (k >= 0 && k < Kr) {
-                zc[j] = STAGED ? row_z[k] : gl_read<C>(pred, base + k);
+                C zs = STAGED ? row_z[k] : gl_read<C>(pred, base + k);  // as stored
+                if constexpr (LOADS) zc[j] = F::load_grad(zs, a, &dc[j * GL_BLOCK_THREADS]);
+                else zc[j] = zs;
                 C c = gl_row_coef<LABELS, C>(target, row_t, base, k, label, cw_label,
                                              class_weight, s, inv_k, check, &bad);
                 if (!LABELS) cc[j] = c;
                 gl_row_push<F, LABELS>(zc[j], c, k, label, a, TARGET_LSE, &part, &tpart,
                                        &runner, &runner_k, &z_label);
-                if ((check & GL_FLAG_PRED) && gl_outside_unit(zc[j]))
+                if ((check & GL_FLAG_PRED) && gl_outside_unit(LOADS ? zs : zc[j]))
                     bad |= GL_FLAG_PRED;
-                has_nan |= zc[j] != zc[j];
+                has_nan |= LOADS ? zs != zs : zc[j] != zc[j];
                 c_sum += c;
             } else if (k < 0 && !STAGED) {
                 gl_row_idle<LABELS>(pred, target, (TP*)0);
@@ -564,13 +595,14 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                 gl_row_idle<LABELS>(pred, target, (TP*)0);
                 continue;
             }
-            C z = gl_read<C>(pred, base + k);
+            C zs = gl_read<C>(pred, base + k);
+            C z = F::load(zs, a);
             C c = gl_row_coef<LABELS, C>(target, (const C*)0, base, k, label, cw_label,
                                          class_weight, s, inv_k, check, &bad);
             gl_row_push<F, LABELS>(z, c, k, label, a, TARGET_LSE, &part, &tpart, &runner,
                                    &runner_k, &z_label);
-            if ((check & GL_FLAG_PRED) && gl_outside_unit(z)) bad |= GL_FLAG_PRED;
-            has_nan |= z != z;
+            if ((check & GL_FLAG_PRED) && gl_outside_unit(zs)) bad |= GL_FLAG_PRED;
+            has_nan |= zs != zs;
             c_sum += c;
         }
         GlRow<C> r;
@@ -629,7 +661,8 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                 int ignored_bad = 0;
                 C c = gl_row_coef<LABELS, C>(target, (const C*)0, base, k, label, cw_label,
                                              class_weight, s, inv_k, 0, &ignored_bad);
-                extra += (double)F::extra_term(gl_read<C>(pred, base + k), c, r, a, pass);
+                extra += (double)F::extra_term(F::load(gl_read<C>(pred, base + k), a), c, r,
+                                               a, pass);
             }
             C sum = (C)gl_row_sum<ROW_THREADS>(extra, scratch_d, rt);
             if (pass == 0) r.extra[0] = sum; else r.extra[1] = sum;  // no dynamic index
@@ -644,10 +677,11 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
             if (k >= 0 && k < Kr) {
                 C g;
                 row_loss += (double)F::term(zc[j], cached_coef(k, j), k, r, a, &g);
+                const int dj = j * GL_BLOCK_THREADS;  // (F::loads: d load / dz at dc[dj])
                 if (STAGED) {  // the block writes the tile out below
-                    if (grad) row_z[k] = gl_weigh_grad(g, gw, gwd);
+                    if (grad) row_z[k] = gl_row_grad<LOADS>(g, gw, gwd, dc, dj);
                 } else if (grad && live) {
-                    gl_write(grad, base + k, gl_weigh_grad(g, gw, gwd));
+                    gl_write(grad, base + k, gl_row_grad<LOADS>(g, gw, gwd, dc, dj));
                 }
             } else if (k < 0 && grad && live) {
                 GL_TRACE_IDLE(grad, 1);
@@ -658,13 +692,14 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
                 gl_row_idle<LABELS>(pred, target, grad && live ? grad : (TP*)0);
                 continue;
             }
-            C z = gl_read<C>(pred, base + k);
+            C dz;  // read, then written: in place (grad == pred), k is read before g_k is written
+            C z = F::load_grad(gl_read<C>(pred, base + k), a, &dz);
             int ignored_bad = 0;
             C c = gl_row_coef<LABELS, C>(target, (const C*)0, base, k, label, cw_label,
                                          class_weight, s, inv_k, 0, &ignored_bad);
             C g;
             row_loss += (double)F::term(z, c, k, r, a, &g);
-            if (grad && live) gl_write(grad, base + k, gl_weigh_grad(g, gw, gwd));
+            if (grad && live) gl_write(grad, base + k, gl_row_grad<LOADS>(g, gw, gwd, &dz, 0));
         }
         if (STAGED && grad) {  // the block's gradient rows, as they were read
             __syncthreads();

@@ -60,6 +60,8 @@ GL_FN float gl_abs(float x) { return fabsf(x); }
 GL_FN double gl_abs(double x) { return fabs(x); }
 GL_FN float gl_tanh(float x) { return tanhf(x); }
 GL_FN double gl_tanh(double x) { return tanh(x); }
+GL_FN float gl_copysign(float x, float s) { return copysignf(x, s); }
+GL_FN double gl_copysign(double x, double s) { return copysign(x, s); }
 GL_FN float gl_max_tiny(float x) { return x > 1.17549435e-38f ? x : 1.17549435e-38f; }
 GL_FN double gl_max_tiny(double x) {  // max(x, the smallest normal number)
     return x > 2.2250738585072014e-308 ? x : 2.2250738585072014e-308;
@@ -67,9 +69,12 @@ GL_FN double gl_max_tiny(double x) {  // max(x, the smallest normal number)
 
 // a * b rounded on its own, never fused with a neighbouring add or subtract: where the sum
 // cancels (exp(p) - y p), a fused multiply-add would round differently from the CPU backends
+// (and a + b the same way: a sum that may not absorb the product before it into an FMA)
 #if defined(__CUDA_ARCH__)
 GL_FN float gl_mul_rn(float a, float b) { return __fmul_rn(a, b); }
 GL_FN double gl_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+GL_FN float gl_add_rn(float a, float b) { return __fadd_rn(a, b); }
+GL_FN double gl_add_rn(double a, double b) { return __dadd_rn(a, b); }
 #else
 GL_FN float gl_mul_rn(float a, float b) {
     volatile float r = a * b;  // a store the compiler may not contract across
@@ -77,6 +82,14 @@ GL_FN float gl_mul_rn(float a, float b) {
 }
 GL_FN double gl_mul_rn(double a, double b) {
     volatile double r = a * b;
+    return r;
+}
+GL_FN float gl_add_rn(float a, float b) {
+    volatile float r = a + b;
+    return r;
+}
+GL_FN double gl_add_rn(double a, double b) {
+    volatile double r = a + b;
     return r;
 }
 #endif
@@ -517,7 +530,19 @@ GL_FN void gl_argmax_merge(T* v, long long* k, T ov, long long ok) {
 
 // The hooks a row functor may override (the kernel reads them; the defaults gather nothing):
 struct GlRowDefaults {
-    enum { logits = 0, runner_up = 0 };
+    enum { logits = 0, runner_up = 0, loads = 0 };
+    // F::loads: a class's prediction z enters the row as load(z), the value that every
+    // statistic, extra pass and term sees (and the one the register cache keeps), and the
+    // gradient, taken with respect to it, is multiplied by d load / dz; load_grad gives both,
+    // its value bit for bit load's (a row read twice computes it once per pass). The kernel
+    // calls neither where loads is 0: the other functors' code does not change.
+    template <typename T>
+    GL_FN static T load(T z, const T* a) { return z; }
+    template <typename T>
+    GL_FN static T load_grad(T z, const T* a, T* dz) {
+        *dz = T(1);
+        return z;
+    }
     // the value the row's log-sum-exp is taken of (logits), and the target's
     template <typename T>
     GL_FN static T logit(T x, const T* a) { return x; }
@@ -545,9 +570,26 @@ struct GlCce : GlRowDefaults {  // on probabilities; a = {lo, hi}
     }
 };
 
-// softmax cross-entropy; a = {focal gamma, z_loss}. OPTS (compile-time switches): GL_FOCAL
-// where gamma > 0, GL_Z_LOSS where z_loss > 0; GlCceLogits<0>, plain cross-entropy, is the
-// terms of gl_xent_term / gl_xent_grad alone.
+// Gemma 2's soft-capping of a logit, z' = c tanh(z / c), and with GRAD its derivative
+// sech^2(z / c) in *dz, both from s = exp(-2|x|), x = z / c: tanh|x| = -expm1(-2|x|) / (1 + s)
+// keeps its digits near 0, and sech^2 x = 4 s / (1 + s)^2 keeps them where tanh is near 1
+// (1 - tanh^2 would cancel to 0); the same steps as the CPU backend. NaN stays NaN; +-inf gives
+// +-c and 0. Every rounding is explicit (nothing contracts into a fused multiply-add), so that z'
+// has the same bits wherever it is computed: with or without GRAD, in every pass of a row.
+template <typename T, bool GRAD>
+GL_FN T gl_softcap(T z, T c, T* dz) {
+    T x = z / c;
+    T m2 = gl_mul_rn(gl_abs(x), T(-2));  // -2|x|, exact
+    T s = gl_exp(m2);
+    T d = gl_add_rn(T(1), s);
+    if (GRAD) *dz = (s / gl_mul_rn(d, d)) * T(4);
+    return gl_mul_rn(gl_copysign(-(gl_expm1(m2) / d), x), c);
+}
+
+// softmax cross-entropy; a = {focal gamma, z_loss, softcap}. OPTS (compile-time switches):
+// GL_FOCAL where gamma > 0, GL_Z_LOSS where z_loss > 0, GL_SOFTCAP where a softcap c is given
+// (every logit z is c tanh(z / c) before anything else, see load); GlCceLogits<0>, plain
+// cross-entropy, is the terms of gl_xent_term / gl_xent_grad alone.
 //  focal (Keras' CategoricalFocalCrossentropy): c_k M_k (-log q_k), M_k = (1 - q_k)^gamma from
 //    the log domain; d/dz_j = h_j - q_j sum_k h_k with h_k = -c_k M_k (1 + gamma q_k (-log q_k)
 //    / (1 - q_k)), where (-log q)/(1 - q) -> 1 as q -> 1 and q (-log q) -> 0 as q -> 0;
@@ -562,9 +604,22 @@ GL_FN T gl_focal_h(T c, T q, T one_minus_q, T nlq, T m_k, T gamma) {
 }
 
 #define GL_Z_LOSS 2
+#define GL_SOFTCAP 4
 template <int OPTS>
 struct GlCceLogits : GlRowDefaults {
-    enum { logits = 1, focal = (OPTS & GL_FOCAL) != 0, z_loss = (OPTS & GL_Z_LOSS) != 0 };
+    enum { logits = 1, focal = (OPTS & GL_FOCAL) != 0, z_loss = (OPTS & GL_Z_LOSS) != 0,
+           loads = (OPTS & GL_SOFTCAP) != 0 };
+    // the capped logit, and with it the cap's derivative (softcap; the identity without)
+    template <typename T>
+    GL_FN static T load(T z, const T* a) {
+        return loads ? gl_softcap<T, false>(z, a[2], (T*)0) : z;
+    }
+    template <typename T>
+    GL_FN static T load_grad(T z, const T* a, T* dz) {
+        if (loads) return gl_softcap<T, true>(z, a[2], dz);
+        *dz = T(1);
+        return z;
+    }
     template <typename T>
     GL_FN static int extra_passes(const T* a) { return focal ? 1 : 0; }
     // h_k of the focal gradient

@@ -606,10 +606,14 @@ int main() {
     std::memcpy(&total, state, sizeof total);
     bad |= close_to(total, want, "mse sum");
     bad |= close_to(state[5], 3, "blocks done");
-    // rows: a whole block per row (barriers between warps), and 4 lanes per row
+    // rows: a whole block per row (barriers between warps), and 4 lanes per row; then both
+    // with softcap (GlCceLogits<4>: the cap's derivatives in shared memory) and the gradient
+    // written over the logits (in place: a read of a value another thread has overwritten, or
+    // a write beside its array, is a report)
     const long long Ks[2] = {300, 10};
-    for (int v = 0; v < 2; ++v) {
-        long long K = Ks[v], rows = 24;
+    for (int v = 0; v < 4; ++v) {
+        long long K = Ks[v % 2], rows = 24;
+        double cap = v < 2 ? 0.0 : 0.5;
         std::vector<float> z(rows * K), gz(rows * K);
         std::vector<long long> t(rows);
         double want_rows = 0;
@@ -618,26 +622,26 @@ int main() {
             double m = -1e300, s = 0;
             for (long long k = 0; k < K; ++k)
                 z[r * K + k] = 0.01f * (float)((r * 31 + k * 17) % 101);
-            for (long long k = 0; k < K; ++k) m = std::fmax(m, (double)z[r * K + k]);
-            for (long long k = 0; k < K; ++k) s += std::exp((double)z[r * K + k] - m);
-            want_rows += m + std::log(s) - z[r * K + t[r]];
+            auto at = [&](long long k) {
+                double x = z[r * K + k];
+                return cap ? cap * std::tanh(x / cap) : x;
+            };
+            for (long long k = 0; k < K; ++k) m = std::fmax(m, at(k));
+            for (long long k = 0; k < K; ++k) s += std::exp(at(k) - m);
+            want_rows += m + std::log(s) - at(t[r]);
         }
         std::vector<double> rparts(3);
         int rstate[6] __attribute__((aligned(16))) = {0, 0, 0, 0, 0, 0};
-        if (v == 0)
-            bad |= run(&gpuloss_rows<GlCceLogits<0>, 1, 256, 32, float, long long>, 3, 256,
-                       (const float*)z.data(), (const long long*)t.data(), rows, K, 256, 0,
-                       (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
-                       (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
-                       (const double*)nullptr, 0.0,
-                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), rstate);
-        else
-            bad |= run(&gpuloss_rows<GlCceLogits<0>, 1, 0, 4, float, long long>, 3, 256,
-                       (const float*)z.data(), (const long long*)t.data(), rows, K, 4, 0,
-                       (const double*)nullptr, 1ll, 1ll, (const double*)nullptr,
-                       (const double*)nullptr, (const double*)nullptr, 0ll, 0, 0.0, 0, 1.0,
-                       (const double*)nullptr, 0.0,
-                       0.0, 0, gz.data(), (float*)nullptr, rparts.data(), rstate);
+        float* g = v < 2 ? gz.data() : z.data();
+        auto kernel = v == 0 ? &gpuloss_rows<GlCceLogits<0>, 1, 256, 32, float, long long>
+                    : v == 1 ? &gpuloss_rows<GlCceLogits<0>, 1, 0, 4, float, long long>
+                    : v == 2 ? &gpuloss_rows<GlCceLogits<4>, 1, 256, 32, float, long long>
+                             : &gpuloss_rows<GlCceLogits<4>, 1, 0, 4, float, long long>;
+        bad |= run(kernel, 3, 256, (const float*)z.data(), (const long long*)t.data(), rows, K,
+                   v % 2 ? 4 : 256, 0, (const double*)nullptr, 1ll, 1ll,
+                   (const double*)nullptr, (const double*)nullptr, (const double*)nullptr, 0ll,
+                   0, 0.0, 0, 1.0, (const double*)nullptr, 0.0, 0.0, cap, 0, g,
+                   (float*)nullptr, rparts.data(), rstate);
         float rtotal;
         std::memcpy(&rtotal, rstate, sizeof rtotal);
         bad |= close_to(rtotal, want_rows, "cce_with_logits sum");

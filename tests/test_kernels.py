@@ -694,7 +694,7 @@ def test_new_row_functors_at_their_edges_match_numpy(runtime, loss, pred, target
 
 SWITCHED = {  # loss -> (options turning each switch on, in the declaration's order)
     "bce_with_logits": ({"focal_gamma": 2.0},),
-    "cce_with_logits": ({"focal_gamma": 2.0}, {"z_loss": 1e-3}),
+    "cce_with_logits": ({"focal_gamma": 2.0}, {"z_loss": 1e-3}, {"softcap": 2.0}),
     "kl_div_with_logits": ({"target_logits": True},),
 }
 

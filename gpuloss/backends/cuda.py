@@ -7,7 +7,9 @@ partial per block, and the last block to finish adds the partials in a fixed ord
 row kernel whose threads keep the row in registers (K up to 8192 in float32 with class
 indices, see row_configs; larger rows are read twice),
 finished the same way. Which functor a loss uses, its scalar parameters and its domain rules
-come with the call (from the loss's declaration): nothing here names a loss.
+come with the call (from the loss's declaration): nothing here names a loss. A call's
+`grad_out` receives the gradient where it can (pred itself included: written in place, see
+_grad_buffer); `parts` with reduction "sum" give [Σ w·l, D] and the gradient of the sum.
 
 Per call: one zeroed int32 buffer (a memset, no kernel) holds the value, the error flags and
 the count of blocks done. With validate=True the host reads it once, after the launch (the
@@ -76,6 +78,7 @@ FLAG_POS_WEIGHT, FLAG_CLASS_WEIGHT = 16, 32
 # at the start so that its view is aligned), the error flags, the count of blocks done
 STATE_WORDS, STATE_VALUE_WORDS, STATE_FLAGS = 6, 4, 4
 MEAN_PARTS = 2  # = GL_MEAN_PARTS: the value is [sum, denominator] in float64
+SUM_PARTS = 3  # = GL_SUM_PARTS: the same value, and the gradient of the sum (not divided by D)
 WEIGHT_FLAGS = {"sample_weight": FLAG_SAMPLE_WEIGHT, "pos_weight": FLAG_POS_WEIGHT,
                 "class_weight": FLAG_CLASS_WEIGHT}
 
@@ -433,8 +436,44 @@ def _partials(cp, call, nblocks):
 
 def _mean_code(call) -> np.int32:
     """The kernels' `mean`: 0 a sum, 1 a mean, MEAN_PARTS [sum, denominator] (a mean's
-    gradient)."""
-    return np.int32(MEAN_PARTS if call.parts else call.reduction == "mean")
+    gradient), SUM_PARTS the same value with the sum's gradient (parts with reduction "sum")."""
+    if call.parts:
+        return np.int32(SUM_PARTS if call.reduction == "sum" else MEAN_PARTS)
+    return np.int32(call.reduction == "mean")
+
+
+def _needs_denominator(call) -> bool:
+    """A mean divides by it; a partial state ([sum, denominator]) reports it."""
+    return call.reduction == "mean" or call.parts
+
+
+def _address(x) -> int:
+    """Where an array's data starts (CuPy: its device pointer; NumPy, the emulator's arrays)."""
+    if isinstance(x, np.ndarray):
+        return x.ctypes.data
+    return int(x.data.ptr)
+
+
+def _grad_buffer(cp, call, data, moved):
+    """The caller's `grad_out` as the kernel's gradient buffer, or None where a new one is
+    needed. `data` is the contiguous array the kernel reads the predictions from, `moved` turns
+    grad_out into its layout (the class axis last). grad_out serves where that view is
+    C-contiguous with pred's dtype and either shares no memory with `data` or is exactly it:
+    the gradient then overwrites the predictions, which every kernel layout allows (each value
+    is read by the thread that writes its gradient, before it writes it; see gpuloss_rows).
+    Not in place where a validation error would show pred's range (read after the launch)."""
+    out = call.grad_out
+    if out is None or out.dtype != call.pred.dtype or tuple(out.shape) != tuple(call.pred.shape):
+        return None
+    view = moved(out)
+    if not view.flags.c_contiguous:
+        return None
+    lo, hi = _address(view), _address(view) + view.nbytes
+    d_lo, d_hi = _address(data), _address(data) + data.nbytes
+    overlaps = lo < d_hi and d_lo < hi  # then only the very same memory serves
+    if overlaps and ((lo, hi) != (d_lo, d_hi) or (call.validate and call.pred_rule)):
+        return None
+    return view
 
 
 def _result(rt, call, state, per):
@@ -478,11 +517,14 @@ def _elementwise(rt, call):
     w, w_div, w_mod = _weights(rt, call, "sample_weight", shape, flags)
     pw, pw_div, pw_mod = _weights(rt, call, "pos_weight", shape, flags)
     denom, denom_dev = float(n), _NULL
-    if call.sample_weight is not None and call.reduction == "mean":
+    if call.sample_weight is not None and _needs_denominator(call):
         denom = float(n // max(w.size, 1)) if w.size else 0.0
         denom_dev = _device_sum(cp, w)
     pred_rule = RULE_CODE[call.pred_rule] if call.validate else 0
-    grad = cp.empty(shape, call.pred.dtype) if call.want_grad else None
+    grad = out = None
+    if call.want_grad:  # grad_out where it serves (elementwise: thread i reads i, writes i)
+        out = _grad_buffer(cp, call, p, lambda g: g)
+        grad = cp.empty(shape, call.pred.dtype) if out is None else out
     per = cp.empty(shape, call.pred.dtype) if call.want_value and call.reduction == "none" \
         else None
     nblocks = _blocks_for(rt, n, BLOCK_THREADS, call.pred)
@@ -498,6 +540,8 @@ def _elementwise(rt, call):
              _raw(grad) if grad is not None else _NULL, _raw(per) if per is not None else _NULL,
              partials, state),
         )
+    if out is not None:
+        grad = call.grad_out  # written into: the caller's own array back
     return _result(rt, call, state, per), grad
 
 
@@ -535,14 +579,17 @@ def _categorical(rt, call):
     sw, sw_div, sw_mod = _weights(rt, call, "sample_weight", sample_shape, flags)
     cw, _, _ = _weights(rt, call, "class_weight", None, flags)
     denom, denom_dev = float(rows), _NULL
-    if call.reduction == "mean":
+    if _needs_denominator(call):
         denom, denom_dev = _denominator(cp, call, t, K, sw, sw_div, sw_mod, cw, rows)
     cw_scale = cw_sum_dev = _NULL
     if call.class_weight is not None and cw.size:
         cw, cw_scale = _scaled_class_weights(cp, cw)
         if call.labels and call.label_smoothing:
             cw_sum_dev = _device_sum(cp, cw)
-    grad_full = cp.empty(z.shape, call.pred.dtype) if call.want_grad else None
+    grad_full = out = None
+    if call.want_grad:  # grad_out where it serves, possibly z itself (in place)
+        out = _grad_buffer(cp, call, z, lambda g: cp.moveaxis(g, call.axis, -1))
+        grad_full = cp.empty(z.shape, call.pred.dtype) if out is None else out
     per = (
         cp.empty(sample_shape, call.pred.dtype)
         if call.want_value and call.reduction == "none"
@@ -564,11 +611,13 @@ def _categorical(rt, call):
              np.int64(call.ignore_index if has_ignore else 0),
              np.int32(has_ignore), np.float64(call.label_smoothing),
              _mean_code(call), np.float64(denom), denom_dev,
-             *_params(call, 2), np.int32(check),
+             *_params(call, 3), np.int32(check),
              _raw(grad_full) if grad_full is not None else _NULL,
              _raw(per) if per is not None else _NULL, partials, state),
         )
     grad = None if grad_full is None else cp.moveaxis(grad_full, -1, call.axis)
+    if out is not None:
+        grad = call.grad_out  # written into: the caller's own array back
     return _result(rt, call, state, per), grad
 
 
@@ -661,6 +710,8 @@ def compute_foreign(call: _call.Call):
             raise TypeError(msg)
     xp = array_api_compat.array_namespace(call.pred)
     inner = call.with_arrays(lambda x: _as_cupy(cp, x))
+    if call.grad_out is not None:  # the same memory, seen by CuPy (pred's too, where it is pred)
+        object.__setattr__(inner, "grad_out", _as_cupy(cp, call.grad_out))
     stream = contextlib.nullcontext()
     if is_torch:
         import torch
@@ -675,6 +726,8 @@ def compute_foreign(call: _call.Call):
             return None
         return to_torch(x) if is_torch else xp.from_dlpack(x)
 
+    if grad is not None and grad is inner.grad_out:
+        return back(value), call.grad_out  # written into: the caller's own array back
     return back(value), back(grad)
 
 

@@ -349,6 +349,9 @@ def _categorical(call, xp, cdt, acc):
     K = Z.shape[-1]
     sample_shape = tuple(Z.shape[:-1])
     nan = xp.asarray(math.nan, dtype=cdt, device=array_api_compat.device(Z))
+    sech2 = None
+    if call.options.get("softcap") is not None:
+        Z, sech2 = _soft_cap(xp, Z, call.options["softcap"])
 
     cw = None
     if call.class_weight is not None:
@@ -487,7 +490,7 @@ def _categorical(call, xp, cdt, acc):
                        axis=-1)
         # softmax * sum(C) - C as p (sum(C) - C) - C (1 - p): no cancellation near p = 1
         grad = soft * (C_sum - C) - C * one_minus_soft
-        gamma, z_loss = call.kernel_params
+        gamma, z_loss, _ = call.kernel_params  # (softcap: applied to Z above)
         if gamma and K:  # focal: Σ c M (-log q), M = (1 - q)^gamma; g = h - q Σ h
             nlq = -logp
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -509,4 +512,18 @@ def _categorical(call, xp, cdt, acc):
     if not call.want_grad:
         return value, None
     grad = grad * xp.expand_dims(w, axis=-1) * _scale(call, xp, weight_sum, cdt)
+    if sech2 is not None:  # the chain rule through the cap
+        grad = grad * sech2
     return value, xp.permute_dims(grad, inverse)
+
+
+def _soft_cap(xp, Z, c):
+    """(c tanh(z / c), its derivative sech^2(z / c)), both from s = exp(-2|z / c|) as the
+    NumPy backend computes them (no cancellation near tanh = 1 or 0)."""
+    c = min(float(c), float(np.finfo(np.float64 if Z.dtype == xp.float64 else np.float32).max))
+    X = Z / c  # (c beyond the compute dtype's range: its largest value, as the kernel takes it)
+    A = -2 * xp.abs(X)
+    S = xp.exp(A)
+    capped = c * (-xp.expm1(A) / (1 + S))
+    capped = xp.where(X < 0, -capped, capped)  # (copysign: NaN stays NaN either way)
+    return capped, 4 * S / ((1 + S) * (1 + S))

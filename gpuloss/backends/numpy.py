@@ -832,7 +832,13 @@ def _categorical(call):
     else:
         grad_post = w_scale
 
-    grad = _pool.empty(p.shape, p.dtype) if call.want_grad else None
+    grad = None
+    if call.want_grad:
+        grad = call.grad_out if call.grad_out is not None else _pool.empty(p.shape, p.dtype)
+    # the gradient written over pred itself (linear cross-entropy's chunk of logits): each
+    # block is copied before it is read, since the block functions write G as they go
+    in_place = grad is not None and np.shares_memory(grad, p)
+    softcap = call.options.get("softcap")
     G = grad if grad is None or last else np.moveaxis(grad, call.axis, -1)
     per_sample = (
         _pool.empty(sample_shape, p.dtype)
@@ -858,10 +864,17 @@ def _categorical(call):
 
         def work(i, scratch):
             ix = index[i]
-            pb = scratch.load("p", P[ix], cdt)
+            if in_place or softcap is not None:  # a copy of its own, to cap or keep
+                pb = scratch.get("p", P[ix].shape, cdt)
+                np.copyto(pb, P[ix], casting="unsafe")
+            else:
+                pb = scratch.load("p", P[ix], cdt)
             rows = pb.shape[:-1]
             R = math.prod(rows)
             pb = pb.reshape(R, K)
+            sech2 = None
+            if softcap is not None:
+                sech2 = _soft_cap(pb, softcap, scratch, want_grad=G is not None)
             tb = T[ix]
             tb = tb.reshape(R) if call.labels else scratch.load("t", tb, cdt).reshape(R, K)
             swb = None if SW is None else scratch.load("sw", SW[ix], cdt).reshape(R)
@@ -874,6 +887,8 @@ def _categorical(call):
             if want_sum or per_sample is not None:
                 lb = scratch.get("l", (R,), cdt)
             result = kernel(pb, tb, swb, gb, lb, scratch, consts)
+            if sech2 is not None:  # the chain rule through the cap
+                np.multiply(gb, sech2, out=gb)
             if gb is not None and grad_post != 1:  # rare: extreme class weights
                 gb[...] = gb.astype(_F64) * grad_post
             if call.validate and not call.labels and T.dtype != cdt:
@@ -895,6 +910,36 @@ def _categorical(call):
     return _finish(call, total, denom, grad, per_sample)
 
 
+def _soft_cap(Z, c, s, want_grad):
+    """Cap the logits in place, z <- c tanh(z / c) (Gemma 2's soft-capping), and return the
+    cap's derivative sech^2(z / c) (None unless `want_grad`). Both from s = exp(-2|z / c|):
+    tanh = sign (-expm1(-2|x|)) / (1 + s) and sech^2 = 4 s / (1 + s)^2 keep their digits where
+    tanh is near 1 (1 - tanh^2 would cancel) and near 0. NaN stays NaN; +-inf gives +-c, 0."""
+    cdt = Z.dtype.type
+    c = _param(c, cdt)  # as the kernel takes it: beyond the dtype's range, its largest value
+    X = Z  # the block's own copy: x = z / c, then the capped logits
+    np.divide(X, c, out=X)
+    A = s.get("cap_a", Z.shape, Z.dtype)
+    np.abs(X, out=A)
+    np.multiply(A, cdt(-2), out=A)
+    S = s.get("cap_s", Z.shape, Z.dtype)
+    np.exp(A, out=S)
+    np.expm1(A, out=A)  # -(1 - s)
+    sech2 = None
+    if want_grad:
+        sech2 = s.get("cap_sech2", Z.shape, Z.dtype)
+        np.add(S, 1, out=sech2)
+        np.square(sech2, out=sech2)
+        np.divide(S, sech2, out=sech2)
+        np.multiply(sech2, cdt(4), out=sech2)
+    np.add(S, 1, out=S)
+    np.divide(A, S, out=A)  # -tanh|x|
+    np.negative(A, out=A)
+    np.copysign(A, X, out=X)  # NaN stays NaN (|NaN| = NaN through every step)
+    np.multiply(X, c, out=X)
+    return sech2
+
+
 def _label_prepass(call, labels, K, cw, SW) -> float:
     """Check the class indices and return the mean's denominator Σ_i sw_i cw[y_i]."""
     if call.ignore_index is None and cw is None and SW is None:  # the common call: a range
@@ -903,7 +948,7 @@ def _label_prepass(call, labels, K, cw, SW) -> float:
             hi = int(np.maximum.reduce(labels, axis=None))
             if lo < 0 or hi >= K:
                 _call.raise_bad_labels(lo, hi, K, None)
-        return float(labels.size) if call.reduction == "mean" else 0.0
+        return float(labels.size) if call.reduction == "mean" or call.parts else 0.0
     counted = np.ones(labels.shape, bool)
     if call.ignore_index is not None:
         counted = labels != call.ignore_index
@@ -912,7 +957,7 @@ def _label_prepass(call, labels, K, cw, SW) -> float:
         if bad.any():
             kept = labels[counted]
             _call.raise_bad_labels(int(kept.min()), int(kept.max()), K, call.ignore_index)
-    if call.reduction != "mean":
+    if call.reduction != "mean" and not call.parts:
         return 0.0
     w = counted.astype(_F64)
     if cw is not None:  # cw is already in the compute dtype
@@ -1020,7 +1065,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
     # A NaN logit or an invalid label (NaN weight) makes the row's loss and gradient NaN.
     # z_loss: l gains z lse_full^2 cw[y]; g gains 2 z lse_full cw[y] softmax, which folds into
     # the softmax's coefficient c_sum
-    gamma, zl = k.params
+    gamma, zl, _ = k.params  # (the softcap is applied around the block)
     zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if gamma:
         return _cce_logits_focal_block(Z, labels, swb, G, L, s, k, labels=True)
@@ -1093,7 +1138,7 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
 def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
     # t' = t (1 - ls) + ls/K, c = cw t';  l = Σ_k c_k (logsumexp(z) - z_k)
     # g_k = sw/D (softmax_k Σ_j c_j - c_k); z_loss as for class indices (weight 1)
-    gamma, zl = k.params
+    gamma, zl, _ = k.params
     zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if gamma:
         return _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels=False)
@@ -1153,7 +1198,7 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
     #   (rest - expm1(z_k - m)) / se, rest = se - 1, as the kernel: no cancellation
     #   z_loss: l gains z lse^2 cw[y] (cw[y] = 1 for probabilities), g gains 2 z lse q cw[y]
     R, K = Z.shape
-    gamma, zl = k.params
+    gamma, zl, _ = k.params
     zl = float(zl)  # its terms are formed in float64 (2 zl may overflow the compute dtype)
     if labels:
         trange = _NO_RANGE

@@ -17,6 +17,7 @@ from .._api import (
     Loss,
     flag,
     number,
+    optional_number,
 )
 from .._call import CATEGORICAL, UNIT
 from ._doc import COMMON_PARAMS, ENTRY_POINTS, REDUCTION, RETURNS
@@ -116,6 +117,9 @@ cce = Loss(
     """,
 )
 
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
 cce_with_logits = Loss(
     "cce_with_logits",
     aliases=("crossentropy", "cross_entropy", "softmax_cross_entropy"),
@@ -124,10 +128,13 @@ cce_with_logits = Loss(
     options=(CLASS_WEIGHT, IGNORE_INDEX, LABEL_SMOOTHING, AXIS,
              number("focal_gamma", 0.0, "focusing exponent of the focal loss (>= 0; 0: none)",
                     0.0),
-             number("z_loss", 0.0, "weight of PaLM's auxiliary z-loss, lse^2 (>= 0)", 0.0)),
-    kernel_params=lambda o: (o["focal_gamma"], o["z_loss"]),
+             number("z_loss", 0.0, "weight of PaLM's auxiliary z-loss, lse^2 (>= 0)", 0.0),
+             optional_number("softcap", "Gemma 2's logit soft-capping c tanh(z / c) (finite, "
+                             ">= 1.2e-38: float32's smallest normal number)", _FLT_MIN)),
+    kernel_params=lambda o: (o["focal_gamma"], o["z_loss"], o["softcap"] or 0.0),
     kernel_switches={"GL_FOCAL": lambda o, nonzero: nonzero(o["focal_gamma"]),
-                     "GL_Z_LOSS": lambda o, nonzero: nonzero(o["z_loss"])},
+                     "GL_Z_LOSS": lambda o, nonzero: nonzero(o["z_loss"]),
+                     "GL_SOFTCAP": lambda o, nonzero: o["softcap"] is not None},
     naive=_naive_cce_with_logits,
     torch_peer=lambda F, x, t: F.cross_entropy(x, t),
     doc=rf"""Categorical cross-entropy on logits (softmax fused), and its gradient.
@@ -171,6 +178,12 @@ cce_with_logits = Loss(
     z_loss : float, default 0
         \(z \ge 0\): PaLM's auxiliary loss \(z \cdot \mathrm{{lse}}_i^2\) per sample (times the
         label's class weight), which keeps the log-partition near 0.
+    softcap : float, optional
+        \(c \ge\) 1.2e-38 (float32's smallest normal number), finite: Gemma 2's final-logit
+        soft-capping. Everything above is computed on the
+        capped logits \(c \tanh(z / c)\), and the gradient with respect to \(z\) carries
+        the cap's derivative \(\mathrm{{sech}}^2(z / c)\) (computed from
+        \(e^{{-2|z/c|}}\), so it keeps its digits where \(\tanh\) is near 1). None: no cap.
     axis : int, default -1
         The class axis (use ``axis=1`` for PyTorch's (N, C, d1, ...) layout).
 
@@ -350,7 +363,6 @@ kl_div = Loss(
 # kl_div_with_logits
 
 
-_FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
 def _naive_kl_div_with_logits(xp, z, t):  # probability targets, T = 1
