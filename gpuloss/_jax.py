@@ -30,6 +30,11 @@ from . import _call
 _ARRAYS = ("pred", "target", "sample_weight", "pos_weight", "class_weight")
 
 
+def is_jax_array(x) -> bool:
+    """A JAX array, concrete or traced (without importing JAX)."""
+    return type(x).__module__.split(".")[0] in ("jax", "jaxlib")
+
+
 def is_traced(x) -> bool:
     """A JAX tracer (jit, grad, vmap, ...): an array whose values are not at hand."""
     if type(x).__module__[:3] != "jax":  # (a slice, not startswith: torch.compile traces this)
