@@ -117,6 +117,16 @@ def _option_flag_names(losses) -> list[str]:
                               if o.name not in _SHARED))
 
 
+# not in LOSSES (it takes the output layer): cce_with_logits' options, --weight and --bias
+_LINEAR = "linear_cross_entropy"
+
+
+def _linear_options() -> list[str]:
+    from ._linear import _OPTIONS
+
+    return [o for o in _OPTIONS if o not in _SHARED]
+
+
 def _add_option_flags(parser, losses):
     """One flag per option the losses declare (--class-weight FILE, --delta X, --full /
     --no-full, ...), its help naming the losses that take it and what it means for each."""
@@ -128,6 +138,8 @@ def _add_option_flags(parser, losses):
                 if opt.name == name:
                     meanings.setdefault(opt.doc, []).append(fn.name)
                     kinds.add(opt.kind)
+                    if fn.name == "cce_with_logits" and name in _linear_options():
+                        meanings[opt.doc].append(_LINEAR)
         text = "; ".join(f"{', '.join(users)}: {doc}" for doc, users in meanings.items())
         flag = "--" + name.replace("_", "-")
         (kind,) = kinds
@@ -160,6 +172,8 @@ def _loss_name(name: str) -> str:
     and the closest one or the loss another library's name means: l1_loss -> mae)."""
     from .losses import LOSSES
 
+    if name == _LINEAR:
+        return name
     try:
         LOSSES[name]
     except KeyError as exc:
@@ -172,24 +186,32 @@ def score(args) -> int:
     from ._score import rows_text, score_files
     from .losses import LOSSES
 
-    fn = LOSSES[args.loss]
+    linear = args.loss == _LINEAR
+    fn = _LINEAR if linear else LOSSES[args.loss]
     opts = {key: getattr(args, key) for key in _option_flag_names(LOSSES)
             if getattr(args, key) is not None}
     if not args.validate:
         opts["validate"] = False
-    unknown = sorted(set(opts) - set(fn.options))
+    allowed = [*_linear_options(), "validate"] if linear else fn.options
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise UsageError(f"--{unknown[0].replace('_', '-')} does not apply to {args.loss}")
+    for flag in ("weight", "bias"):
+        if getattr(args, flag) is not None and not linear:
+            hint = "; per-class weights are --class-weight" if flag == "weight" else ""
+            raise UsageError(f"--{flag} applies only to {_LINEAR} (its output layer's {flag}), "
+                             f"not to {args.loss}{hint}")
     if args.reduction == "none" and args.per_sample is None:
         raise UsageError("--reduction none needs --per-sample OUT.npy to write to")
     if args.per_sample is not None and not Path(args.per_sample).parent.is_dir():
         raise UsageError(f"--per-sample {args.per_sample}: the folder "
                          f"{Path(args.per_sample).parent} does not exist")
     _device(args.device)  # a missing GPU is the user's flag
+    layer = _layer(args) if linear else {}
     result = score_files(fn, args.pred, args.target, reduction=args.reduction,
                          sample_weight=args.sample_weight, per_sample=args.per_sample,
                          device=args.device, chunk_mb=args.chunk_mb, chunk_size=args.chunk_size,
-                         progress=True, **opts)
+                         progress=True, **layer, **opts)
     value = result.loss
     if args.json:
         out = {"loss": value if math.isfinite(value) else None, "n": result.n,
@@ -213,6 +235,26 @@ def score(args) -> int:
         if result.per_sample:
             print(f"{'per-sample':10s} {result.per_sample}")
     return 0
+
+
+def _layer(args) -> dict:
+    """linear_cross_entropy's --weight and --bias, loaded once (a .npy weight memory-mapped)
+    and checked against PRED's hidden states, the messages naming the flags."""
+    from . import _io
+    from ._score import check_layer, load_layer
+
+    if args.weight is None:
+        raise UsageError(f"{_LINEAR} needs --weight W.npy, the output layer's weight of shape "
+                         "(V, H) (classes × hidden features)")
+    weight, bias = load_layer(args.weight, args.bias, weight_name="--weight",
+                              bias_name="--bias")
+    src = _io.open_input(str(args.pred), "pred")
+    try:
+        check_layer(weight, src, args.pred, weight_name=f"--weight {args.weight}",
+                    pred_name="PRED")
+    finally:
+        src.close()
+    return {"weight": weight, "bias": bias}
 
 
 def _positive(kind):
@@ -331,6 +373,7 @@ _SCORE_EXAMPLES = """examples:
   gpuloss score mse pred.npy target.npy --json
   gpuloss score cce_with_logits d.parquet:logits d.parquet:label --class-weight cw.npy
   gpuloss score bce p.npy y.npy --reduction none --per-sample losses.npy
+  gpuloss score linear_cross_entropy hidden.npy tokens.npy --weight W.npy --per-sample nll.npy
 """
 
 
@@ -366,19 +409,27 @@ def _main(argv=None) -> int:
     p_score = sub.add_parser("score", help="a loss over files, streamed in chunks",
                              epilog=_SCORE_EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p_score.add_argument("loss", type=_loss_name, help=f"the loss: {', '.join(LOSSES)}")
-    p_score.add_argument("pred", help="predictions: FILE.npy, FILE.npz:KEY or FILE.parquet:COLUMN")
+    p_score.add_argument("loss", type=_loss_name,
+                         help=f"the loss: {', '.join([*LOSSES, _LINEAR])}")
+    p_score.add_argument("pred", help="predictions: FILE.npy, FILE.npz:KEY or FILE.parquet:COLUMN "
+                                      f"(for {_LINEAR}: hidden states, (N, H))")
     p_score.add_argument("target", help="targets, same forms")
     p_score.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"],
                          help="all losses: mean (default), sum, or none (needs --per-sample)")
     p_score.add_argument("--sample-weight", metavar="FILE",
                          help="all losses: one weight per row, or one array for every chunk")
     _add_option_flags(p_score, LOSSES)
+    p_score.add_argument("--weight", metavar="FILE",
+                         help=f"{_LINEAR} (needed there): the output layer's weight, (V, H); "
+                              "loaded once, a .npy file memory-mapped")
+    p_score.add_argument("--bias", metavar="FILE",
+                         help=f"{_LINEAR}: the output layer's bias, (V,)")
     p_score.add_argument("--no-validate", dest="validate", action="store_false",
                          help="all losses: skip the domain checks (bad values give NaN)")
     p_score.add_argument("--chunk-mb", type=_positive(float), default=64, metavar="MIB",
                          help="memory for one chunk of all inputs together (default 64); "
-                              "the rows per chunk follow from the rows' width")
+                              "the rows per chunk follow from the rows' width; for "
+                              f"{_LINEAR} also the most logits made at a time")
     p_score.add_argument("--chunk-size", type=_positive(int), default=None, metavar="ROWS",
                          help="rows per chunk, instead of --chunk-mb")
     p_score.add_argument("--per-sample", metavar="OUT.npy",

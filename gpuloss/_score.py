@@ -49,17 +49,26 @@ class ScoreResult:
 
 
 def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per_sample=None,
-                device="auto", chunk_mb=64.0, chunk_size=None, progress=False, **options):
+                device="auto", chunk_mb=64.0, chunk_size=None, progress=False, weight=None,
+                bias=None, **options):
     """Score a loss over files, chunk by chunk, on the CPU or a GPU.
 
     The Python side of ``gpuloss score``: memory is bounded by the chunk, not the files.
     Other keyword arguments are the loss's options; ``class_weight`` and ``pos_weight`` may
     be arrays or file specs.
 
+    For ``"linear_cross_entropy"``, `pred` holds hidden states (N, H) and `weight` is the
+    output layer's (V, H) weight, loaded once (a ``.npy`` file is memory-mapped): each chunk
+    of rows is scored as ``cce_with_logits(hidden @ weight.T + bias, target)`` without its
+    logits ever being whole (at most `chunk_mb` of them at a time). Hidden states and
+    weight may differ in dtype: both are computed in the wider one (16-bit in float32 on
+    the CPU).
+
     Parameters
     ----------
     loss : str or loss object
-        A loss name (``"mse"``, ``"cce_with_logits"``, ...) or one of the loss objects.
+        A loss name (``"mse"``, ``"cce_with_logits"``, ``"linear_cross_entropy"``, ...) or
+        one of the loss objects.
     pred, target : str or path
         ``"FILE.npy"``, ``"FILE.npz:KEY"`` or ``"FILE.parquet:COLUMN"``; the first axis is
         the rows.
@@ -74,11 +83,17 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` takes a GPU if one is usable.
     chunk_mb : float
-        Memory for one chunk of all inputs together, in MiB (default 64).
+        Memory for one chunk of all inputs together, in MiB (default 64); for
+        ``linear_cross_entropy`` also the most logits made at a time.
     chunk_size : int, optional
         Rows per chunk, instead of `chunk_mb`.
     progress : bool
         A progress bar on stderr (on a terminal, for runs over a second).
+    weight : str, path or array, optional
+        ``linear_cross_entropy`` only, and needed there: the output layer's weight, shape
+        (V, H), as a file spec (``.npy`` files are memory-mapped) or an array.
+    bias : str, path or array, optional
+        ``linear_cross_entropy`` only: shape (V,), a file spec or an array.
 
     Returns
     -------
@@ -99,11 +114,21 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     >>> gl.score_files("mse", folder / "p.npy", folder / "y.npy").loss
     1.25
     """
-    from . import _io
+    from . import _io, _linear
     from ._streaming import StreamingLoss
     from .losses import LOSSES
 
-    fn = LOSSES[loss] if isinstance(loss, str) else loss
+    linear = loss is _linear.linear_cross_entropy or loss == _linear.linear_cross_entropy.name
+    fn = _linear.linear_cross_entropy if linear else (
+        LOSSES[loss] if isinstance(loss, str) else loss)
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and not linear:
+            hint = "; per-class weights are class_weight" if name == "weight" else ""
+            raise ValueError(f"{name} applies only to linear_cross_entropy (its output layer's "
+                             f"{name}), not to {fn.name}{hint}.")
+    if linear and weight is None:
+        raise ValueError("linear_cross_entropy needs weight: the output layer's weight, shape "
+                         "(V, H), as a file or an array.")
     for name, value in (("chunk_mb", chunk_mb), ("chunk_size", chunk_size)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}.")
@@ -115,13 +140,20 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         folder = Path(per_sample).parent
         if not folder.is_dir():
             raise ValueError(f"per_sample {per_sample}: the folder {folder} does not exist.")
-    unknown = sorted(set(options) - set(fn.options))
+    if linear:  # the options of cce_with_logits but its class axis
+        allowed = [o for o in _linear._OPTIONS if o not in ("reduction", "sample_weight")]
+        declared = [o for o in LOSSES["cce_with_logits"].declared if o.name in allowed]
+    else:
+        allowed, declared = fn.options, fn.declared
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{unknown[0]} does not apply to {fn.name}.")
     opts = dict(options)
-    for opt in fn.declared:  # array options may be given as files
+    for opt in declared:  # array options may be given as files
         if opt.kind == "array" and isinstance(opts.get(opt.name), (str, Path)):
             opts[opt.name] = _load_small(str(opts[opt.name]), opt.name)
+    if linear:  # loaded once, before any file is opened for its rows
+        W, b = load_layer(weight, bias)
 
     src_pred = _io.open_input(str(pred), "pred")
     src_target = _io.open_input(str(target), "target")
@@ -131,15 +163,25 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         if src_pred.rows != src_target.rows:
             raise ValueError(f"Shape mismatch: pred has {src_pred.rows} rows ({pred}), target "
                              f"has {src_target.rows} rows ({target}).")
-        weight = weight_all = None
+        src_weight = weight_all = None  # the sample weights: per row, or one array for all
         if sample_weight is not None:
-            weight = _io.open_input(str(sample_weight), "sample_weight")
-            sources.append(weight)
-            if weight.rows != src_pred.rows:  # not one weight per row: broadcast it whole
-                weight_all, weight = _load_small(str(sample_weight), "sample_weight"), None
+            src_weight = _io.open_input(str(sample_weight), "sample_weight")
+            sources.append(src_weight)
+            if src_weight.rows != src_pred.rows:  # not one weight per row: broadcast it whole
+                weight_all, src_weight = _load_small(str(sample_weight), "sample_weight"), None
         xp, where = device_namespace(device)
-        stream = StreamingLoss(fn, reduction="sum" if reduction == "none" else reduction,
-                               **opts)
+        dtype = None  # linear_cross_entropy: the dtype the rows are computed in
+        layer = {}  # linear_cross_entropy: StreamingLoss' weight, bias and chunk_mb
+        if linear:
+            check_layer(W, src_pred, pred, weight_name=f"weight {weight}" if isinstance(
+                weight, (str, Path)) else "weight")
+            dtype = layer_dtype(src_pred.dtype, W.dtype, gpu=xp is not np)
+            layer = {"weight": _to_device(xp, W, dtype), "chunk_mb": chunk_mb,
+                     "bias": None if b is None else _to_device(xp, b, dtype)}
+            fn = _BoundLinear(**layer)
+        name = fn.name if linear else fn
+        stream = StreamingLoss(name, reduction="sum" if reduction == "none" else reduction,
+                               **layer, **opts)
         rows = src_pred.rows
         chunk = int(chunk_size) if chunk_size else rows_per_chunk(chunk_mb, sources)
         bar = progress_bar(rows) if progress else None
@@ -149,18 +191,23 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
         start_time = time.perf_counter()
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
-            p = xp.asarray(src_pred.read(start, stop))
+            p = src_pred.read(start, stop)
+            p = xp.asarray(p if dtype is None else p.astype(dtype, copy=False))
             t = xp.asarray(src_target.read(start, stop))
             w = None
-            if weight is not None:
-                w = xp.asarray(weight.read(start, stop))
+            if src_weight is not None:
+                w = xp.asarray(src_weight.read(start, stop))
             elif weight_all is not None:
                 w = xp.asarray(weight_all)
-            part = StreamingLoss(fn, reduction=stream.reduction, **opts)
+            part = StreamingLoss(name, reduction=stream.reduction, **layer, **opts)
+            per = None
             try:
-                part.update(p, t, sample_weight=w)
+                if linear and per_sample is not None:  # the losses and the state, one pass
+                    per = part._update_per_token(p, t, sample_weight=w)
+                else:
+                    part.update(p, t, sample_weight=w)
             except ValueError as exc:
-                bad = _first_bad_rows(fn, p, t, w, opts, w_per_row=weight is not None)
+                bad = _first_bad_rows(fn, p, t, w, opts, w_per_row=src_weight is not None)
                 if not bad:
                     raise
                 # the earlier chunks passed: these are the first offending rows of the files
@@ -169,7 +216,8 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
                 raise ValueError(f"{text} First at {where_bad} (counting from 0).") from exc
             stream.merge(part)
             if per_sample is not None or math.isnan(part.state[0]):
-                per = fn(p, t, reduction="none", sample_weight=w, **opts)
+                if per is None:
+                    per = fn(p, t, reduction="none", sample_weight=w, **opts)
                 nan_at = _nan_rows(per, stop - start)
                 nan_rows += len(nan_at)
                 nan_first += [start + int(row) for row in nan_at[:FIRST_ROWS - len(nan_first)]]
@@ -198,6 +246,109 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
             os.remove(tmp_out)
     path = str(Path(per_sample).resolve()) if per_sample is not None else None
     return ScoreResult(value, n_loss, nan_rows, where, seconds, path, tuple(nan_first))
+
+
+class _BoundLinear:
+    """linear_cross_entropy with its layer given: called as the other losses are,
+    ``fn(hidden, target, **options)``."""
+
+    name = "linear_cross_entropy"
+    family = "linear"
+
+    def __init__(self, weight, bias, chunk_mb):
+        self.weight, self.bias, self.chunk_mb = weight, bias, chunk_mb
+
+    def __call__(self, hidden, target, **options):
+        from ._linear import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, self.weight, target, bias=self.bias,
+                                    chunk_mb=self.chunk_mb, **options)
+
+
+def load_layer(weight, bias, *, weight_name="weight", bias_name="bias"):
+    """(weight, bias) of linear_cross_entropy as arrays, from file specs (a .npy weight is
+    memory-mapped, not read) or arrays, checked for what needs no hidden states: a (V, H)
+    floating weight, a (V,) floating bias. The names are those of the messages."""
+    from ._api import _FLOAT_DTYPES, dtype_name
+
+    if isinstance(weight, (str, Path)):
+        weight, weight_name = _load_matrix(str(weight), weight_name), f"{weight_name} {weight}"
+    elif not hasattr(weight, "shape"):
+        weight = np.asarray(weight)
+    if len(weight.shape) != 2:
+        raise ValueError(f"{weight_name} must have shape (V, H) (classes × hidden features); "
+                         f"got shape {tuple(weight.shape)}.")
+    if dtype_name(weight.dtype) not in _FLOAT_DTYPES:
+        raise ValueError(f"{weight_name} must hold floating-point numbers, got "
+                         f"{dtype_name(weight.dtype)}.")
+    if bias is not None:
+        if isinstance(bias, (str, Path)):
+            bias, bias_name = _load_small(str(bias), bias_name), f"{bias_name} {bias}"
+        elif not hasattr(bias, "shape"):
+            bias = np.asarray(bias)
+        V = int(weight.shape[0])
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{bias_name} must have shape ({V},) (one per class, the "
+                             f"weight's rows); got shape {tuple(bias.shape)}.")
+        if dtype_name(bias.dtype) not in _FLOAT_DTYPES:
+            raise ValueError(f"{bias_name} must hold floating-point numbers, got "
+                             f"{dtype_name(bias.dtype)}.")
+    return weight, bias
+
+
+def check_layer(weight, src_pred, pred, *, weight_name="weight", pred_name="pred"):
+    """The hidden states' file against the weight: (N, ..., H) floating rows, H = the
+    weight's second axis."""
+    from ._api import _FLOAT_DTYPES, dtype_name
+
+    shape, H = tuple(src_pred.shape), int(weight.shape[1])
+    if len(shape) < 2:
+        raise ValueError(f"{pred_name} {pred} must hold hidden states, shape (N, H) (tokens × "
+                         f"features) for linear_cross_entropy; got shape {shape}.")
+    if dtype_name(src_pred.dtype) not in _FLOAT_DTYPES:
+        raise ValueError(f"{pred_name} {pred} must hold hidden states of a floating dtype, got "
+                         f"{dtype_name(src_pred.dtype)}.")
+    if shape[-1] != H:
+        raise ValueError(f"Shape mismatch: {weight_name} has shape {tuple(weight.shape)}, but "
+                         f"{pred_name} {pred} holds hidden states of {shape[-1]} features (its "
+                         f"last axis): the weight must be (V, {shape[-1]}).")
+
+
+def layer_dtype(hidden, weight, *, gpu: bool):
+    """The dtype linear_cross_entropy computes a file's rows in: the wider of the hidden
+    states' and the weight's; 16-bit in float32 on the CPU (as the loss itself does)."""
+    sizes = {np.dtype(hidden).itemsize, np.dtype(weight).itemsize}
+    if 8 in sizes:
+        return np.dtype(np.float64)
+    if 4 in sizes or not gpu:
+        return np.dtype(np.float32)
+    try:
+        return np.promote_types(hidden, weight)
+    except TypeError:  # float16 with bfloat16
+        return np.dtype(np.float32)
+
+
+def _to_device(xp, x, dtype):
+    """An array of the layer in `dtype`, on the scoring device, converted once (a
+    memory-mapped weight already in `dtype` stays mapped on the CPU)."""
+    if xp is np and isinstance(x, np.ndarray):
+        return x.astype(dtype, copy=False)
+    host = x.get() if hasattr(x, "get") else np.asarray(x)
+    return xp.asarray(host.astype(dtype, copy=False))
+
+
+def _load_matrix(spec, name):
+    """A whole array from a file spec: a .npy file memory-mapped (read as it is used),
+    other formats read whole."""
+    from . import _io
+
+    src = _io.open_input(spec, name)
+    try:
+        if isinstance(src, _io.NpySource):
+            return np.load(src.path, mmap_mode="r")
+        return src.read(0, src.rows) if src.shape else src.read(0, 1)
+    finally:
+        src.close()
 
 
 def device_namespace(choice: str):
@@ -293,6 +444,8 @@ def _count(fn, p, opts):
     (categorical)."""
     if fn.family == "categorical":
         return int(np.prod(p.shape)) // max(1, p.shape[opts.get("axis", -1)])
+    if fn.family == "linear":  # one loss per token: hidden states (N, ..., H)
+        return int(np.prod(p.shape[:-1]))
     return int(np.prod(p.shape))
 
 
