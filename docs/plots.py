@@ -158,11 +158,80 @@ def resources_section():
         f"Source: `{path.relative_to(ROOT)}` (NVRTC {data['nvrtc']}, {data['date']}).\n\n"
         + "\n".join(lines) + "\n\n"
         "Plain `cce_with_logits` (float32, sm_90, registers per thread) compiles none of "
-        "focal's or z-loss's code (options are compile-time switches). Small rows are now one "
+        "focal's, z-loss's or softcap's code (options are compile-time switches). Small rows "
+        "are now one "
         "instantiation whose rows are staged through shared memory, with room for up to 128 "
         "registers (2 blocks per SM); the register cache of the larger layouts holds 32 values "
         "beside class indices and 16 + 16 beside probabilities:\n\n"
         + "\n".join(rows) + "\n")
+
+
+LINEAR_NAMES = {
+    "floor_gemms_out": "three GEMMs into preallocated outputs (the floor)",
+    "floor_gemms": "three GEMMs, fresh outputs",
+    "gpuloss_numpy": "gpuloss, NumPy arrays",
+    "gpuloss_torch": "gpuloss, torch tensors, `backward()`",
+    "torch_reference": "`F.linear_cross_entropy` (reference path)",
+    "torch_chunked": "`F.linear_cross_entropy(options=LinearCrossEntropyOptions())`",
+}
+
+
+def linear_section():
+    """linear_cross_entropy's CPU benchmark (the newest linear-cpu-*.json, which
+    `python benchmarks/linear.py` writes) and its GPU prediction, as Markdown."""
+    files = sorted(RESULTS.glob("linear-cpu-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return "No run is recorded yet: `python benchmarks/linear.py` writes one.\n"
+    path = files[-1]
+    d = json.loads(path.read_text())
+    shape = d["shape"]
+    rows = ["| contender | median | × floor | memory above inputs and gradients |",
+            "|---|---:|---:|---:|"]
+    by = {r["contender"]: r for r in d["rows"]}
+    for r in d["rows"]:
+        mem = r["extra_memory_mb"]
+        traced = r.get("extra_memory_tracemalloc_mb")
+        mem_text = "(made beforehand)" if mem is None else f"{mem:,.0f} MB"
+        if traced is not None and r["contender"] == "gpuloss_numpy":
+            mem_text += f" (tracemalloc {traced:,.0f} MB)"
+        rows.append(f"| {LINEAR_NAMES.get(r['contender'], r['contender'])} | "
+                    f"{r['median_s']:.2f} s | {r['vs_floor']:.2f} | {mem_text} |")
+    above = by["gpuloss_numpy"]["median_s"] - by["floor_gemms_out"]["median_s"]
+    text = (
+        "`gpuloss.linear_cross_entropy` against the floor — the three GEMMs alone, `np.matmul` "
+        "into preallocated outputs — and PyTorch's `F.linear_cross_entropy`, forward + "
+        f"backward, float32, {shape['tokens']:,} tokens × H {shape['hidden']:,} × V "
+        f"{shape['vocab']:,} (the logits: {d['logits_mb']:,.0f} MB), `chunk_mb` "
+        f"{d['chunk_mb']:g}. {d['cpu']} ({d['cores']} cores), {d['date']}, medians of "
+        f"{len(by['floor_gemms_out']['times_s'])} interleaved rounds after a warm-up "
+        f"(`python benchmarks/linear.py`; `{path.relative_to(ROOT)}`). Memory: the second call "
+        "in a fresh process, peak resident memory above inputs and gradients.\n\n"
+        + "\n".join(rows) + "\n\n"
+        f"gpuloss on NumPy arrays spends {above:.2f} s above the floor: the row pass over the "
+        f"{shape['tokens'] * shape['vocab'] / 1e6:,.0f} M logits and d_weight's additions "
+        "across chunks. On torch tensors the GEMMs are PyTorch's own.\n")
+    preds = sorted(RESULTS.glob("linear-gpu-prediction-*.json"), key=lambda p: p.stat().st_mtime)
+    if preds:
+        g = json.loads(preds[-1].read_text())
+        p = g["predictions"]
+        h100 = p["H100 SXM"]
+        text += (
+            "\n**GPU: a prediction, not a measurement.** For "
+            f"{h100['tokens']:,} tokens × {h100['hidden']:,} × {h100['vocab']:,} in "
+            f"{g['dtype']} (published on H100: PyTorch eager 43 ms, Liger-Kernel "
+            f"{g['liger_published_ms']:g} ms), the model in "
+            "`gpuloss._roofline.linear_cross_entropy` (GEMMs at an assumed "
+            f"{h100['gemm_fraction']:.0%} of the {h100['tensor_tflops']:g} TFLOP/s tensor-core "
+            "peak, the rest at 90% of the HBM bandwidth) predicts the three GEMMs at "
+            f"{h100['floor_ms']:.1f} ms and gpuloss at {h100['predicted_ms']:.1f} ms on H100 SXM "
+            f"({p['H200']['predicted_ms']:.1f} ms on H200): "
+            f"{h100['predicted_ms'] / h100['floor_ms']:.2f}× the floor. The gap is d_weight's "
+            f"float32 accumulator, read and written once per chunk ({h100['chunks']} chunks of "
+            f"{h100['chunk_rows']:,} tokens at {g['chunk_mb']:g} MB), which is also what puts the "
+            "extra memory above 0.5 GiB. `python benchmarks/linear.py --device cuda` measures "
+            f"it on a GPU (`benchmarks/run_on_device.sh`, stage h); "
+            f"`{preds[-1].relative_to(ROOT)}` holds the prediction.\n")
+    return text
 
 
 def prediction_section():
@@ -316,6 +385,9 @@ Source: `{cpu}`.
 ## Predicted GPU times (a prediction, not a measurement)
 
 {predicted}
+## Linear cross-entropy (language models)
+
+{linear}
 ## Small batches
 
 A call has a fixed cost whatever its size (checking the arguments, choosing the backend,
@@ -353,6 +425,7 @@ def main():
         "written a result with a `small_batch` section and this script has run again.\n")
     page = PAGE.format(cpu=cpu.relative_to(ROOT) if cpu else "none yet", gpu=gpu_text,
                        predicted=prediction_section(), resources=resources_section(),
+                       linear=linear_section(),
                        small=small_text.rstrip("\n") + "\n")
     (ROOT / "docs" / "performance.md").write_text(page)
     print(f"wrote {IMG} and docs/performance.md")

@@ -63,6 +63,7 @@ class Card:
     max_blocks_per_sm: int = 32
     shared_per_sm: int = 233472  # bytes a kernel's blocks can use (sm_90)
     arch: str = "sm_90"  # whose register counts apply (a kernel-resources table has several)
+    tensor_flops: float = 989.4e12  # dense 16-bit tensor-core peak (FLOP/s; H100 SXM, H200)
 
     @property
     def achievable(self) -> float:
@@ -362,3 +363,43 @@ def assumptions(overheads: Overheads = OVERHEADS) -> dict:
                              "bandwidth_GBps": round(c.achievable / 1e9, 1)}
                       for name, c in CARDS.items()}}
 
+
+
+# ---------------------------------------------------------------------------------------------
+# linear cross-entropy (issue 27): three GEMMs and a row pass
+
+
+GEMM_FRACTION = 0.7  # assumption: of the 16-bit tensor-core peak, what cuBLAS reaches on
+# GEMMs of this size (thousands in every dimension); to check against the first GPU run
+
+
+def linear_cross_entropy(tokens: int, hidden: int, vocab: int, itemsize: int, card: Card, *,
+                         chunk_rows: int, backward: bool = True,
+                         overheads: Overheads = OVERHEADS) -> dict:
+    """The prediction of one forward (+ backward) of `gpuloss.linear_cross_entropy` on 16-bit
+    inputs: the GEMMs at GEMM_FRACTION of the tensor-core peak, plus the memory-bound work
+    between them at the achievable bandwidth (the row pass reads each chunk's logits and
+    writes their gradient in place; with a backward, each chunk's d_weight product is added
+    into a float32 accumulator by the GEMM itself, beta = 1: 8 bytes per weight per chunk
+    read and written; the accumulator is rounded to the weight's dtype once), plus per-chunk
+    launch overheads. `floor_ms` is the three GEMMs alone (one without a backward)."""
+    gemms = 3 if backward else 1
+    flops = 2.0 * tokens * hidden * vocab * gemms
+    gemm_s = flops / (card.tensor_flops * GEMM_FRACTION)
+    chunks = -(-tokens // max(chunk_rows, 1))
+    logits = tokens * vocab * itemsize
+    memory = logits * (2 if backward else 1)  # read the logits; write the gradient over them
+    if backward:
+        memory += chunks * vocab * hidden * 8 + vocab * hidden * (4 + itemsize)
+    memory_s = memory / card.achievable
+    device_ops = chunks * (gemms + 2) + (2 if backward else 0)
+    overhead_us = overheads.call_us + device_ops * overheads.launch_us
+    return {
+        "card": card.name, "tokens": tokens, "hidden": hidden, "vocab": vocab,
+        "itemsize": itemsize, "chunk_rows": chunk_rows, "chunks": chunks,
+        "backward": backward, "gemm_fraction": GEMM_FRACTION,
+        "tensor_tflops": card.tensor_flops / 1e12,
+        "floor_ms": 1e3 * gemm_s, "memory_ms": 1e3 * memory_s,
+        "overhead_ms": 1e-3 * overhead_us,
+        "predicted_ms": 1e3 * (gemm_s + memory_s) + 1e-3 * overhead_us,
+    }
