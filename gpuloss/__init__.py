@@ -8,14 +8,12 @@
 
 from . import losses as _losses
 from ._dispatch import preferred_namespace
-from ._linear import linear_cross_entropy
 from ._score import ScoreResult, score_files
 from ._streaming import StreamingLoss
 from ._version import __version__
 from .losses import *  # noqa: F403 - every loss, by its name (gpuloss.losses declares them)
 
-__all__ = ["ScoreResult", "StreamingLoss", "__version__", "linear_cross_entropy",
-           "preferred_namespace", "score_files"]
+__all__ = ["ScoreResult", "StreamingLoss", "__version__", "preferred_namespace", "score_files"]
 __all__ += _losses.__all__  # LOSSES and every loss
 __all__.sort()
 

@@ -46,12 +46,13 @@ def run(hidden, weight, target, bias, chunk_mb, options, *, want_value, want_gra
         raise ValueError(msg)
     N = math.prod(lead)
     if N == 0:  # no tokens (Dask cannot reshape an empty array): the in-memory call's result
-        empty = _linear.run(np.empty((*lead, H), hidden.dtype), weight,
-                            np.empty(target.shape, target.dtype), bias, chunk_mb,
-                            {**options, **({} if sw is None else {"sample_weight": sw})},
-                            want_value=want_value, want_grad=want_grad)
-        value = None if empty[0] is None else da.from_array(empty[0])
-        grads = None if empty[1] is None else tuple(da.from_array(g) for g in empty[1])
+        c = _linear.check(np.empty((*lead, H), hidden.dtype), weight,
+                          np.empty(target.shape, target.dtype), bias, chunk_mb,
+                          {**options, **({} if sw is None else {"sample_weight": sw})})
+        need = (True, True, bias is not None) if want_grad else (False, False, False)
+        value, grads = _linear.compute(c, want_value=want_value, need=need)
+        value = None if value is None else da.from_array(value)
+        grads = None if grads is None else tuple(da.from_array(g) for g in grads[:sum(need)])
         return value, grads
     h = hidden.reshape(N, H).rechunk({1: -1})  # whole tokens per block
     rows = h.chunks[0]

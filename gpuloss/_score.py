@@ -118,8 +118,8 @@ def score_files(loss, pred, target, *, reduction="mean", sample_weight=None, per
     from ._streaming import StreamingLoss
     from .losses import LOSSES
 
-    linear = loss is _linear.linear_cross_entropy or loss == _linear.linear_cross_entropy.name
-    fn = _linear.linear_cross_entropy if linear else (
+    linear = loss is _linear_loss() or loss == _linear_loss().name
+    fn = _linear_loss() if linear else (
         LOSSES[loss] if isinstance(loss, str) else loss)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None and not linear:
@@ -259,7 +259,7 @@ class _BoundLinear:
         self.weight, self.bias, self.chunk_mb = weight, bias, chunk_mb
 
     def __call__(self, hidden, target, **options):
-        from ._linear import linear_cross_entropy
+        from .losses.linear import linear_cross_entropy
 
         return linear_cross_entropy(hidden, self.weight, target, bias=self.bias,
                                     chunk_mb=self.chunk_mb, **options)
@@ -459,3 +459,9 @@ def progress_bar(rows):
         return None
     return tqdm(total=rows, unit="rows", file=sys.stderr, delay=1.0, dynamic_ncols=True,
                 leave=False)
+
+
+def _linear_loss():
+    from .losses.linear import linear_cross_entropy
+
+    return linear_cross_entropy

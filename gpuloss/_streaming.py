@@ -68,13 +68,13 @@ class StreamingLoss:
 
         if isinstance(loss, str):
             if loss == _LINEAR:
-                loss = _linear.linear_cross_entropy
+                loss = _linear_loss()
             elif loss not in LOSSES:
                 msg = f"loss must be one of {', '.join(LOSSES)}, {_LINEAR}; got {loss!r}."
                 raise ValueError(msg)
             else:
                 loss = LOSSES[loss]
-        linear = loss is _linear.linear_cross_entropy
+        linear = loss is _linear_loss()
         if not linear and getattr(loss, "name", None) not in LOSSES:
             msg = f"loss must be a gpuloss loss or its name, got {loss!r}."
             raise TypeError(msg)
@@ -304,11 +304,10 @@ class StreamingLoss:
         return d
 
     def __setstate__(self, d):
-        from . import _linear
         from .losses import LOSSES
 
         if d["loss"] == _LINEAR:
-            self.loss = _linear.linear_cross_entropy
+            self.loss = _linear_loss()
         else:
             self.loss = LOSSES[d["loss"]]
         self.reduction = d["reduction"]
@@ -382,3 +381,9 @@ def _key(options):
             v = (tuple(v.shape), _host(v).tobytes())
         out.append((k, v))
     return tuple(out)
+
+
+def _linear_loss():
+    from .losses.linear import linear_cross_entropy
+
+    return linear_cross_entropy

@@ -120,7 +120,8 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, lm_head: torch.nn.Module, *, chunk_mb: float | None = None, **options):
         super().__init__()
-        from ._linear import DEFAULT_CHUNK_MB, linear_cross_entropy
+        from ._linear import DEFAULT_CHUNK_MB
+        from .losses.linear import linear_cross_entropy
 
         weight = getattr(lm_head, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:

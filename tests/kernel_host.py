@@ -11,6 +11,7 @@ point for checking a change to the CUDA path without a GPU:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -222,6 +223,7 @@ def _one_launch_at_a_time():
 
     if _LAUNCH_LOCK is None:
         _LAUNCH_LOCK = open(cache_dir() / "emulator-launch.lock", "w")  # noqa: SIM115 - kept
+        atexit.register(_LAUNCH_LOCK.close)  # (closed at exit: no ResourceWarning then)
     fcntl.flock(_LAUNCH_LOCK, fcntl.LOCK_EX)
     try:
         yield

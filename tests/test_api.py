@@ -14,7 +14,8 @@ from gpuloss import losses as _losses
 
 PUBLIC = ("LOSSES", "ScoreResult", "StreamingLoss", "__version__", "bce", "bce_with_logits",
           "cce", "cce_with_logits", "hinge", "huber", "kl_div", "kl_div_with_logits",
-          "log_cosh", "mae", "mse", "multiclass_hinge", "nll", "pinball", "poisson_nll",
+          "linear_cross_entropy", "log_cosh", "mae", "mse", "multiclass_hinge", "nll",
+          "pinball", "poisson_nll",
           "preferred_namespace", "score_files", "smooth_l1", "squared_hinge")
 
 

@@ -11,9 +11,9 @@ import tracemalloc
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import require
 
 import gpuloss as gl
-from conftest import require
 
 BF16 = ml_dtypes.bfloat16
 
@@ -152,7 +152,7 @@ def test_forward_only_matches_and_inputs_are_not_modified():
 
 def test_nothing_counted_gives_nan_and_zero_gradients_as_cce_with_logits():
     rng = np.random.default_rng(4)
-    h, W, b, t = _inputs(rng)
+    h, W, _, t = _inputs(rng)
     t[:] = -100
     value, (dh, dw) = gl.linear_cross_entropy.value_and_grad(h, W, t, ignore_index=-100)
     z_value = gl.cce_with_logits(h @ W.T, t, ignore_index=-100)
