@@ -159,13 +159,14 @@ def _compile_at_low_priority(arch: str) -> dict:
     """compile_all(arch) in a child process at the lowest CPU priority: minutes of NVRTC then
     run in the gaps of the other test worker, whose emulated launches (256 threads meeting at
     barriers) slow down many times when a busy process holds one of two cores."""
-    import os
     import subprocess
 
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_resources as k; "
-            "print(json.dumps(k.compile_all(sys.argv[2])))")
+    # the child lowers its own priority: a preexec_fn would run the parent's at-fork hooks
+    # (JAX's, once a test has loaded it, warns that fork may deadlock: an error in the suite)
+    code = ("import json, os, sys; os.nice(19); sys.path.insert(0, sys.argv[1]); "
+            "import kernel_resources as k; print(json.dumps(k.compile_all(sys.argv[2])))")
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), arch],
-                          capture_output=True, text=True, preexec_fn=lambda: os.nice(19))
+                          capture_output=True, text=True)
     if done.returncode:
         return {"ok": False, "log": done.stderr[-5000:], "resources": {}, "missing": []}
     return json.loads(done.stdout)
