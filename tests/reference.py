@@ -47,6 +47,7 @@ def reference(
     focal_gamma=0.0,
     focal_alpha=None,
     z_loss=0.0,
+    softcap=None,
     temperature=1.0,
     target_logits=False,
     margin=1.0,
@@ -112,6 +113,9 @@ def reference(
         denom = w.sum()
     else:
         z = np.moveaxis(p, axis, -1)
+        if loss == "cce_with_logits" and softcap is not None:  # Gemma 2: c tanh(z / c)
+            c = min(float(softcap), float(np.finfo(np.float32).max))  # (clamped, as the kernels)
+            z = c * np.tanh(z / c)
         K = z.shape[-1]
         nan_rows = np.isnan(z).any(-1)
         if not np.issubdtype(y.dtype, np.integer):

@@ -23,7 +23,8 @@ ENTRY_POINTS = ("call", "grad", "value_and_grad")
 ARG_NAMES = ("pred", "target", "sample_weight", "pos_weight", "class_weight", "ignore_index",
              "label_smoothing", "axis", "eps", "reduction", "validate", "class indices",
              "keyword argument", "delta", "beta", "quantile", "log_input", "full",
-             "focal_gamma", "focal_alpha", "z_loss", "temperature", "target_logits", "margin")
+             "focal_gamma", "focal_alpha", "z_loss", "temperature", "target_logits", "margin",
+             "softcap")
 # the catalogue's own options: valid values and a few that must be refused
 CATALOGUE_OPTIONS = {
     "huber": {"delta": [1.0, 0.5, 3.0, 1e-3, 0.0, -1.0, np.nan, np.inf, 1e39, "x"]},
@@ -34,7 +35,8 @@ CATALOGUE_OPTIONS = {
     "bce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, 1e-3, -1.0, np.nan, "x"],
                         "focal_alpha": [None, 0.25, 0.0, 1.0, 1.5, np.nan]},
     "cce_with_logits": {"focal_gamma": [0.0, 0.5, 2.0, -1.0, np.nan],
-                        "z_loss": [0.0, 1e-4, 0.1, -1.0, np.inf]},
+                        "z_loss": [0.0, 1e-4, 0.1, -1.0, np.inf],
+                        "softcap": [None, 30.0, 1e-3, 1e39, 0.0, -1.0, 1e-40, np.nan, np.inf]},
     "kl_div_with_logits": {"temperature": [1.0, 0.5, 4.0, 1e-3, 1e3, 0.0, -1.0, np.nan, 1e-40,
                                            np.inf],
                            "target_logits": [False, True, 1]},
@@ -199,7 +201,8 @@ def edge_cases(draw):
     if loss == "cce_with_logits":
         opts.update(z_loss=draw(st.sampled_from([0.0, 1e-4])),
                     focal_gamma=draw(st.sampled_from([0.0, 2.0])),
-                    label_smoothing=draw(st.sampled_from([0.0, 0.1])))
+                    label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+                    softcap=draw(st.sampled_from([None, 5.0])))
     return loss, entry, z, t, opts
 
 
