@@ -100,6 +100,13 @@ def make(name, h, W, t, chunk_mb):
     return torch_fn(lambda ht, Wt: F.linear_cross_entropy(ht, Wt, tt, options=options))
 
 
+def _write(result: dict, folder: str, name: str) -> Path:
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
 def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -215,10 +222,7 @@ def gpu_main(args, chunk_mb) -> int:
                   "measures the peak allocated memory above inputs and gradients)",
         "rows": rows_out,
     }
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"linear-gpu-{_slug(device)}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = _write(result, args.out, f"linear-gpu-{_slug(device)}-{result['date']}.json")
     for r in rows_out:
         print(f"{r['contender']:<18}{r['median_ms']:>10.2f} ms{r['vs_floor']:>8.3f}×"
               f"{r['extra_memory_mb']:>10.1f} MB  predicted {r.get('predicted_ms', '')}")
@@ -321,10 +325,8 @@ def main(argv=None):
                   "NumPy contenders, tracemalloc's peak above the gradients",
         "rows": rows,
     }
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"linear-cpu-{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = _write(result, args.out,
+                  f"linear-cpu-{_slug(_cpu_name())}-{os.cpu_count()}core-{result['date']}.json")
     print(f"{'contender':<18}{'median s':>10}{'× floor':>9}{'extra MB':>10}{'traced MB':>11}")
     for r in rows:
         traced = r["extra_memory_tracemalloc_mb"]
