@@ -2,10 +2,14 @@
 // kernels/gpuloss_kernels.cu with g++ on a machine without a GPU.
 //
 // Blocks run one after another, in order or (gl_emu_reverse_blocks) in reverse, so that a test
-// can change which block finishes last; the threads of a block are real std::threads, so
+// can change which block finishes last. The threads of a block are fibers on the launching
+// thread (ucontext): each runs until it meets a barrier, then hands over to the next, so
 // __syncthreads is a real barrier and warp shuffles exchange values through a per-warp slot
-// array between two warp barriers. __shared__ becomes `static`: one instance, reused by the
-// blocks in turn, as a GPU's shared memory is (uninitialised at each block's start).
+// array between two warp barriers, without 256 OS threads contending for two cores at every
+// barrier (that cost 35-145 ms per launch on the 2-core VM). With GL_EMU_OS_THREADS (the
+// sanitizer builds: ThreadSanitizer must see real threads race) they are real std::threads.
+// __shared__ becomes `static`: one instance, reused by the blocks in turn, as a GPU's shared
+// memory is (uninitialised at each block's start).
 //
 // The device's floating-point rules (see tests/kernel_host.py for the build modes): a launch
 // with `ftz` set runs each emulated thread with flush-to-zero and denormals-are-zero, as CuPy's
@@ -33,16 +37,23 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#ifndef GL_EMU_OS_THREADS
+#include <ucontext.h>
+#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 inline void gl_emu_flush_to_zero() { _mm_setcsr(_mm_getcsr() | 0x8040u); }  // FTZ | DAZ
+inline unsigned long gl_emu_fp_mode() { return _mm_getcsr(); }
+inline void gl_emu_set_fp_mode(unsigned long m) { _mm_setcsr((unsigned)m); }
 #elif defined(__aarch64__)
-inline void gl_emu_flush_to_zero() {
+inline unsigned long gl_emu_fp_mode() {
     unsigned long fpcr;
     __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
-    __asm__ volatile("msr fpcr, %0" : : "r"(fpcr | (1ul << 24)));  // FZ
+    return fpcr;
 }
+inline void gl_emu_set_fp_mode(unsigned long m) { __asm__ volatile("msr fpcr, %0" : : "r"(m)); }
+inline void gl_emu_flush_to_zero() { gl_emu_set_fp_mode(gl_emu_fp_mode() | (1ul << 24)); }  // FZ
 #else
 #error "the emulator's flush-to-zero mode needs x86-64 or AArch64"
 #endif
@@ -61,9 +72,90 @@ struct dim3 {
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
+#ifdef GL_EMU_OS_THREADS
+using GlEmuBarrier = std::barrier<>;
+#else
+// The fibers of a launch: the launching thread's scheduler loop resumes them in turn; a fiber
+// hands back (gl_emu_yield) while it waits at a barrier, and when it is done. On x86-64 the
+// switch is the few instructions below (callee-saved registers and the stack pointer: the
+// floating-point mode is the thread's, the same for every fiber); glibc's swapcontext also
+// saves the signal mask, a system call per switch, which made it most of a launch's time.
+#if defined(__x86_64__)
+extern "C" void gl_emu_switch(void** save_sp, void* load_sp);
+__asm__(R"(
+    .text
+    .p2align 4
+    .globl gl_emu_switch
+    .hidden gl_emu_switch
+    .type gl_emu_switch, @function
+gl_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gl_emu_switch, .-gl_emu_switch
+)");
+struct GlEmuContext {
+    void* sp = nullptr;
+};
+#else
+struct GlEmuContext {
+    ucontext_t uc;
+};
+#endif
+struct GlEmuFiber {
+    GlEmuContext ctx;
+    bool done = false;
+};
+struct GlEmuFibers {
+    GlEmuContext loop;
+    std::vector<GlEmuFiber> fibers;
+    unsigned current = 0;
+    std::function<void(unsigned)> body;
+};
+inline GlEmuFibers* gl_emu_fibers = nullptr;
+inline void gl_emu_swap(GlEmuContext& from, GlEmuContext& to) {
+#if defined(__x86_64__)
+    gl_emu_switch(&from.sp, to.sp);
+#else
+    swapcontext(&from.uc, &to.uc);
+#endif
+}
+inline void gl_emu_yield() {
+    auto& f = *gl_emu_fibers;
+    gl_emu_swap(f.fibers[f.current].ctx, f.loop);
+}
+// A barrier of fibers: the last to arrive opens it; the others hand over until it opens.
+struct GlEmuBarrier {
+    explicit GlEmuBarrier(unsigned n) : expected(n) {}
+    void arrive_and_wait() {
+        const uint64_t p = phase;
+        if (++count == expected) {
+            count = 0;
+            ++phase;
+            return;
+        }
+        while (phase == p) gl_emu_yield();
+    }
+    unsigned expected, count = 0;
+    uint64_t phase = 0;
+};
+#endif
+
 struct GlEmuBlock {
-    std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::unique_ptr<GlEmuBarrier> block;
+    std::vector<std::unique_ptr<GlEmuBarrier>> warps;
     std::vector<uint64_t> slots;  // one 8-byte slot per thread
 };
 inline GlEmuBlock* gl_emu_block = nullptr;
@@ -267,6 +359,69 @@ inline void gl_emu_trace_finish(GlEmuLaunchTrace& lt) {
     }
 }
 
+#ifndef GL_EMU_OS_THREADS
+// Run `body(t)` for t < threads as fibers of this thread, in turn, each until it waits at a
+// barrier or ends; threadIdx and the trace buffer are the resumed fiber's. The floating-point
+// mode (flush-to-zero for float32 kernels) is set around the whole launch: the fibers' contexts
+// are made under it, and the caller's mode is restored after.
+[[noreturn]] inline void gl_emu_fiber_entry() {
+    auto& f = *gl_emu_fibers;
+    const unsigned t = f.current;
+    f.body(t);
+    f.fibers[t].done = true;
+    gl_emu_swap(f.fibers[t].ctx, f.loop);  // never resumed
+    __builtin_unreachable();
+}
+
+inline void gl_emu_run_fibers(unsigned threads, int ftz, GlEmuLaunchTrace* lt,
+                              std::function<void(unsigned)> body) {
+    constexpr size_t kStack = 256 * 1024;  // the kernels' locals (register caches) and calls
+    const unsigned long fp_mode = gl_emu_fp_mode();
+    if (ftz) gl_emu_flush_to_zero();
+    GlEmuFibers f;
+    f.body = std::move(body);
+    f.fibers.resize(threads);
+    gl_emu_fibers = &f;
+    // the stacks are kept for the next launch: allocating 256 of them (mmap, page faults) cost
+    // more than running a small kernel
+    static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+    while (stacks.size() < threads) stacks.emplace_back(new char[kStack]);
+    for (unsigned t = 0; t < threads; ++t) {
+        auto& ctx = f.fibers[t].ctx;
+#if defined(__x86_64__)
+        // a stack the switch can "return" into: six zeroed registers, then the entry's address
+        // as the return address, at the alignment of a function just called
+        auto top = reinterpret_cast<uintptr_t>(stacks[t].get() + kStack) & ~uintptr_t(15);
+        auto* sp = reinterpret_cast<void**>(top);
+        *--sp = nullptr;  // the entry's own return address: it never returns
+        *--sp = reinterpret_cast<void*>(&gl_emu_fiber_entry);
+        for (int r = 0; r < 6; ++r) *--sp = nullptr;
+        ctx.sp = sp;
+#else
+        getcontext(&ctx.uc);
+        ctx.uc.uc_stack.ss_sp = stacks[t].get();
+        ctx.uc.uc_stack.ss_size = kStack;
+        ctx.uc.uc_link = nullptr;
+        makecontext(&ctx.uc, gl_emu_fiber_entry, 0);
+#endif
+    }
+    for (unsigned live = threads; live > 0;) {
+        live = 0;
+        for (unsigned t = 0; t < threads; ++t) {
+            if (f.fibers[t].done) continue;
+            f.current = t;
+            threadIdx.x = t;
+            gl_emu_my_trace = lt ? &lt->threads[t] : nullptr;
+            gl_emu_swap(f.loop, f.fibers[t].ctx);
+            live += !f.fibers[t].done;
+        }
+    }
+    gl_emu_my_trace = nullptr;
+    gl_emu_fibers = nullptr;
+    gl_emu_set_fp_mode(fp_mode);
+}
+#endif
+
 // Launch `kernel` on a grid of `grid` blocks of `threads` threads; args[i] points at the i-th
 // argument's value (as CUDA's kernel-parameter array does).
 template <typename... A, std::size_t... I>
@@ -302,34 +457,41 @@ int gl_emu_launch(void (*kernel)(A...), unsigned grid, unsigned threads, void** 
     GlEmuLaunchTrace lt;
     if (trace) lt.threads.resize(threads);
     GlEmuBlock blk;
-    blk.block = std::make_unique<std::barrier<>>(threads);
+    blk.block = std::make_unique<GlEmuBarrier>(threads);
     for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-        blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+        blk.warps.push_back(std::make_unique<GlEmuBarrier>(32));
     blk.slots.assign(threads, 0);
     gl_emu_block = &blk;
-    // one std::thread per thread of a block; they run the blocks one after another, all of a
-    // block's threads done (a barrier) before the next block starts with the same shared memory
+    // every thread runs the blocks one after another, all of a block's threads done (a
+    // barrier) before the next block starts with the same shared memory
+    const bool reverse = gl_emu_reverse_blocks.load();
+    auto body = [=, &blk, &lt](unsigned t) {
+        for (unsigned b = 0; b < grid; ++b) {
+            blockIdx.x = reverse ? grid - 1 - b : b;
+            gl_emu_call(kernel, args, std::index_sequence_for<A...>{});
+            blk.block->arrive_and_wait();
+            if (trace) {  // the block's accesses are complete: merged before the next one
+                if (t == 0) gl_emu_trace_merge_block(lt);
+                blk.block->arrive_and_wait();
+            }
+        }
+    };
+#ifdef GL_EMU_OS_THREADS
     std::vector<std::thread> pool;
     pool.reserve(threads);
-    const bool reverse = gl_emu_reverse_blocks.load();
     for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([=, &blk, &lt] {
+        pool.emplace_back([=, &lt] {
             if (ftz) gl_emu_flush_to_zero();
             threadIdx.x = t;
             gl_emu_my_trace = trace ? &lt.threads[t] : nullptr;
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx.x = reverse ? grid - 1 - b : b;
-                gl_emu_call(kernel, args, std::index_sequence_for<A...>{});
-                blk.block->arrive_and_wait();
-                if (trace) {  // the block's accesses are complete: merged before the next one
-                    if (t == 0) gl_emu_trace_merge_block(lt);
-                    blk.block->arrive_and_wait();
-                }
-            }
+            body(t);
             gl_emu_my_trace = nullptr;
         });
     }
     for (auto& th : pool) th.join();
+#else
+    gl_emu_run_fibers(threads, ftz, trace ? &lt : nullptr, body);
+#endif
     gl_emu_block = nullptr;
     if (trace) gl_emu_trace_finish(lt);
     return gl_emu_fault.load();

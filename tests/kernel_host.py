@@ -11,7 +11,6 @@ point for checking a change to the CUDA path without a GPU:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -23,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +110,7 @@ def launch_bounds(source: str | None = None) -> dict[str, int]:
     """Each __global__ template's __launch_bounds__, read from the kernel source (the macros
     it names resolved), so that the emulator refuses a launch the device would refuse."""
     source = source or _cuda_backend.kernel_source()
-    macros = dict(re.findall(r"^#define\s+(\w+)\s+(\d+)", source, flags=re.M))
+    macros = dict(re.findall(r"^#define\s+(\w+)\s+(\d+)", source, flags=re.MULTILINE))
     # (the first value is the block size; the second, the blocks per SM, is ptxas's business)
     kernels = re.findall(
         r"__global__\s+void\s+(?:__launch_bounds__\((\w+)[^)]*\)\s+)?(\w+)\s*\(", source)
@@ -210,25 +210,10 @@ def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
     return ctypes.CDLL(str(lib_path))
 
 
-_LAUNCH_LOCK = None
-
-
-@contextlib.contextmanager
-def _one_launch_at_a_time():
-    """One emulated launch at a time across the test workers (pytest -n): a launch runs 256
-    OS threads that meet at barriers, and two at once on two cores made both many times
-    slower (every barrier waits for threads the other launch keeps off the cores)."""
-    global _LAUNCH_LOCK
-    import fcntl
-
-    if _LAUNCH_LOCK is None:
-        _LAUNCH_LOCK = open(cache_dir() / "emulator-launch.lock", "w")  # noqa: SIM115 - kept
-        atexit.register(_LAUNCH_LOCK.close)  # (closed at exit: no ResourceWarning then)
-    fcntl.flock(_LAUNCH_LOCK, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(_LAUNCH_LOCK, fcntl.LOCK_UN)
+# One launch at a time in a process: the emulator's launch state (the block, the fibers, the
+# grid) is global to the library. Processes (pytest -n workers) launch at once: each launch runs
+# on its caller's thread alone, as fibers (tests/cuda_emulator.h), so two need no more cores.
+_LAUNCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -515,7 +500,7 @@ class EmulatorRuntime:
                         f"C parameter is a {size}-byte {what}")
                 holders.append(_CTYPE[a.dtype](a.item()))
             argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-            with _one_launch_at_a_time():
+            with _LAUNCH_LOCK:
                 fault = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), argv)
             if self._traffic is not None and not fault:
                 self._traffic.append(self._read_traffic(name, grid[0], block[0], args,
@@ -568,9 +553,10 @@ def emulated_compute(loss, entry, pred, target, *, mode="device", **options):
 # sanitizer builds: a standalone program (sanitizers need their runtime from the start) that
 # launches one kernel of each family on the emulator and checks the sums
 
-SANITIZE = {
-    "thread": ["-fsanitize=thread"],
-    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+SANITIZE = {  # with the emulated threads as OS threads: the sanitizers must see them
+    "thread": ["-fsanitize=thread", "-DGL_EMU_OS_THREADS"],
+    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-DGL_EMU_OS_THREADS"],
 }
 
 SANITIZER_MAIN = r"""
