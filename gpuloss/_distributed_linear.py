@@ -1,4 +1,5 @@
-r"""`gpuloss.distributed.linear_cross_entropy`: the output layer split by vocabulary.
+r"""The pass behind `gpuloss.distributed.linear_cross_entropy`: the output layer split by
+vocabulary.
 
 Rank r holds the rows ``[vocab_start_r, vocab_start_r + V_r)`` of the layer's weight (and
 bias) and the whole ``hidden`` (the same on every rank, as in Megatron-LM's column-parallel
@@ -39,8 +40,6 @@ import math
 
 from . import _api, _shards
 from . import distributed as _d
-
-_CHUNK_MB = 256
 
 
 def _check(hidden, weight, target, bias, vocab_start, deterministic, block, chunk_mb,
@@ -225,30 +224,9 @@ def _function():
 _FN = {}
 
 
-def linear_cross_entropy(hidden, local_weight, target, *, bias=None, group=None,
-                         vocab_start=None, deterministic=False, block=_d.DEFAULT_BLOCK,
-                         chunk_mb=_CHUNK_MB, reduce_hidden_grad=True, **options):
-    r"""Cross-entropy of a linear layer split by vocabulary over the ranks of `group`.
-
-    Every rank calls it with the same ``hidden`` (``(..., H)``) and class-index `target` (or
-    its shard of probability targets, ``(..., V_r)``) and its rows of the layer:
-    ``local_weight`` ``(V_r, H)`` and ``bias`` ``(V_r,)`` for the classes
-    ``[vocab_start, vocab_start + V_r)``. Every rank gets the same loss, equal to
-    ``gpuloss.linear_cross_entropy`` with the joined weight to rounding; backward gives
-    ``local_weight.grad`` and ``bias.grad`` of this rank's rows and ``hidden.grad`` summed over
-    the ranks (see `reduce_hidden_grad`). The logits are never held whole: tokens are taken
-    in chunks of about `chunk_mb` megabytes of this rank's logits.
-
-    Parameters are those of `gpuloss.distributed.cce_with_logits`, and:
-
-    bias : torch.Tensor, optional
-        This rank's rows of the bias.
-    chunk_mb : float, default 256
-        Megabytes of logits per chunk of tokens (the widest shard's, in the compute dtype).
-    reduce_hidden_grad : bool, default True
-        Sum ``hidden``'s gradient over the ranks in forward (one all-reduce of N × H). False
-        leaves each rank its own share, for a ``hidden`` whose backward sums it already.
-    """
+def run(hidden, local_weight, target, *, bias, group, vocab_start, deterministic, block,
+        chunk_mb, reduce_hidden_grad, **options):
+    """`gpuloss.distributed.linear_cross_entropy` (its docstring says what it does)."""
     torch = _d._torch()
     if not isinstance(reduce_hidden_grad, bool):
         msg = f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}."

@@ -102,43 +102,59 @@ def coefficients(xp, target, labels, cw, smoothing, K, cdt):
     return t if cw is None else t * xp.reshape(cw, (1, -1))
 
 
+ROW_BLOCK_ELEMENTS = 1 << 18  # logits per slice of rows (1 MiB of float32): the passes over a
+# slice stay in the core's cache, where passes over a whole shard went to memory each time
+
+
+def _row_slices(N: int, width: int):
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, width))
+    return [(r, min(r + step, N)) for r in range(0, N, step)]
+
+
 def states(xp, s, *, start, block, labels, target, cw, smoothing, ignore_index, K):
     """The states of one shard's classes: s the (N, width) soft-capped logits in the compute
     dtype, `start` their first class; one state per block (shape (N, nblocks, 8), float64).
     `target`: the (N,) class indices (global) or the (N, width) probabilities of the shard."""
     N, width = s.shape
-    f64 = xp.float64
-    cdt = s.dtype
-    C = coefficients(xp, target, labels, cw, smoothing, K, cdt)
-    ones_c = labels and smoothing and cw is None
+    C = coefficients(xp, target, labels, cw, smoothing, K, s.dtype)
+    ones_c = bool(labels and smoothing and cw is None)
     pieces = block_edges(start, width, block)
-    out = xp.zeros((N, len(pieces), FIELDS), dtype=f64)
+    out = xp.zeros((N, len(pieces), FIELDS), dtype=xp.float64)
     with np.errstate(all="ignore"):  # −inf − (−inf) and NaN inside where(): masked below
-        for j, (lo, hi) in enumerate(pieces):
-            sb = s[:, lo:hi]
-            if hi == lo:
-                out[:, j, M] = -math.inf
-                continue
-            m = xp.max(sb, axis=1)
-            eq = sb == m[:, None]
-            out[:, j, M] = xp.astype(m, f64)
-            out[:, j, COUNT] = xp.astype(xp.sum(xp.astype(eq, cdt), axis=1), f64)
-            e = xp.where(eq, xp.zeros((), dtype=cdt), xp.exp(sb - m[:, None]))
-            out[:, j, REST] = xp.sum(e, axis=1, dtype=f64)
-            if C is not None or ones_c:
-                d = xp.astype(sb, f64) - xp.astype(m, f64)[:, None]
-                if ones_c:
-                    out[:, j, DOT] = xp.sum(xp.where(eq, 0.0, d), axis=1)
-                    out[:, j, CSUM] = float(hi - lo)
-                else:
-                    cb = xp.astype(C[:, lo:hi], f64)
-                    # a class with no weight adds 0, even where its logit is −inf
-                    out[:, j, DOT] = xp.sum(xp.where(cb == 0, 0.0, cb * d), axis=1)
-                    out[:, j, CSUM] = xp.sum(cb, axis=1) if cb.shape[0] == N else \
-                        xp.sum(cb)
+        for r0, r1 in _row_slices(N, width):
+            for j, (lo, hi) in enumerate(pieces):
+                Cb = None if C is None else C[r0:r1, lo:hi] if C.shape[0] == N else C[:, lo:hi]
+                _piece_state(xp, out[r0:r1, j], s[r0:r1, lo:hi], Cb, ones_c)
     if labels:
         _label_fields(xp, out, s, target, cw, start, pieces, ignore_index)
     return out
+
+
+def _piece_state(xp, out, sb, C, ones_c):
+    """One piece's m, count, rest, dot, csum into `out` (rows × 8), from its logits `sb`."""
+    f64 = xp.float64
+    cdt = sb.dtype
+    if sb.shape[1] == 0:
+        out[:, M] = -math.inf
+        return
+    m = xp.max(sb, axis=1)
+    eq = sb == m[:, None]
+    out[:, M] = xp.astype(m, f64)
+    out[:, COUNT] = xp.astype(xp.sum(xp.astype(eq, cdt), axis=1), f64)
+    # the maxima's own 1s apart (count): a confident row's tiny rest keeps its digits
+    e = xp.where(eq, xp.zeros((), dtype=cdt), xp.exp(sb - m[:, None]))
+    out[:, REST] = xp.sum(e, axis=1, dtype=f64)
+    if C is None and not ones_c:
+        return
+    d = xp.astype(sb, f64) - xp.astype(m, f64)[:, None]
+    if ones_c:  # label smoothing without class weights: C = 1
+        out[:, DOT] = xp.sum(xp.where(eq, 0.0, d), axis=1)
+        out[:, CSUM] = float(sb.shape[1])
+        return
+    cb = xp.astype(C, f64)
+    # a class with no weight adds 0, even where its logit is −inf
+    out[:, DOT] = xp.sum(xp.where(cb == 0, 0.0, cb * d), axis=1)
+    out[:, CSUM] = xp.sum(cb, axis=1) if cb.shape[0] == sb.shape[0] else xp.sum(cb)
 
 
 def _label_fields(xp, out, s, y, cw, start, pieces, ignore_index):
@@ -260,43 +276,62 @@ def grad(xp, s, sech2, r, *, start, labels, target, cw, smoothing, K, row_scale,
     the capped logits in the compute dtype, sech2 the cap's derivative (None without a cap),
     `row_scale` (N,) float64 (the upstream gradient, with the mean's 1/D); the sample weights
     come from r.w_row. The formulas are `cce_with_logits`' (NumPy backend), with the row's
-    M and se from the merge."""
-    cdt = s.dtype
-    _N, width = s.shape
+    M and se from the merge. Formed a slice of rows at a time, in cache."""
+    N, width = s.shape
+    out = xp.empty((N, width), dtype=out_dtype)
     gw = r.w_row * row_scale  # (N,) float64
     inv_se = 1 / r.se
+    C = None if labels else coefficients(xp, target, labels, cw, smoothing, K, s.dtype)
+    cwk = None
+    if labels and smoothing and cw is not None:
+        cwk = xp.reshape(xp.astype(cw, s.dtype), (1, -1))
+    label_col = None
+    if labels:
+        local = y - start
+        owned = (local >= 0) & (local < width)
+        if ignore_index is not None:
+            owned = owned & (y != ignore_index)
+        label_col = xp.where(owned, local, xp.full_like(local, -1))
+    with np.errstate(all="ignore"):
+        for r0, r1 in _row_slices(N, width):
+            rows = slice(r0, r1)
+            G = _grad_rows(xp, s[rows], r, rows, gw[rows], inv_se[rows], labels=labels,
+                           C=None if C is None else C[rows], cwk=cwk, smoothing=smoothing, K=K,
+                           label_col=None if label_col is None else label_col[rows])
+            if sech2 is not None:
+                G = G * sech2[rows]
+            out[rows] = xp.astype(G, out_dtype)
+    return out
+
+
+def _grad_rows(xp, s, r, rows, gw, inv_se, *, labels, C, cwk, smoothing, K, label_col):
+    cdt = s.dtype
 
     def col(v):  # a per-row float64 number as a column in the compute dtype
         return xp.astype(v, cdt)[:, None]
 
-    with np.errstate(all="ignore"):
-        e = xp.exp(s - col(r.M))  # ≤ 1: M is the row's maximum over every shard
-        ls = float(smoothing)
-        if labels:
-            G = e * col(r.c_sum * gw * inv_se)
-            if ls:
-                cwk = 1.0 if cw is None else xp.reshape(xp.astype(cw, cdt), (1, -1))
-                G = G - col(gw * (ls / K)) * cwk
-            local = y - start
-            owned = (local >= 0) & (local < width)
-            if ignore_index is not None:
-                owned = owned & (y != ignore_index)
-            rows = xp.nonzero(owned)[0]
-            if rows.shape[0]:
-                # the label's column as p (c_sum − c) − c (1 − p): no cancellation near p = 1
-                p_y = xp.exp(r.s_y - r.M) * inv_se
-                g_y = gw * (p_y * (r.c_sum - r.c_label)
-                            - r.c_label * r.one_minus_py_se * inv_se)
-                G[rows, local[rows]] = xp.astype(g_y[rows], cdt)
-        else:
-            C = coefficients(xp, target, labels, cw, smoothing, K, cdt)
-            top = s == col(r.M)
-            # 1 − p = (se − e) / se, and at the maximum (e = 1) exactly rest1 / se
-            om = xp.where(top, col(r.rest1), col(r.se) - e) * col(inv_se)
-            p = e * col(inv_se)
-            G = (p * (col(r.c_sum) - C) - C * om) * col(gw)
-            if r.z_lse is not None:  # 2 z lse softmax, weight 1 per class
-                G = G + p * col(r.z_lse * gw)
-        if sech2 is not None:
-            G = G * sech2
-    return xp.astype(G, out_dtype)
+    e = xp.exp(s - col(r.M[rows]))  # ≤ 1: M is the row's maximum over every shard
+    ls = float(smoothing)
+    if labels:
+        G = e * col(r.c_sum[rows] * gw * inv_se)
+        if ls:
+            G = G - col(gw * (ls / K)) * (1.0 if cwk is None else cwk)
+        here = xp.nonzero(label_col >= 0)[0]
+        if here.shape[0]:
+            # the label's column as p (c_sum − c) − c (1 − p): no cancellation near p = 1
+            c_sum, c_label = r.c_sum[rows][here], r.c_label[rows][here]
+            s_y, top = r.s_y[rows][here], r.M[rows][here]
+            inv = inv_se[here]
+            p_y = xp.exp(s_y - top) * inv
+            g_y = gw[here] * (p_y * (c_sum - c_label)
+                              - c_label * r.one_minus_py_se[rows][here] * inv)
+            G[here, label_col[here]] = xp.astype(g_y, cdt)
+        return G
+    top = s == col(r.M[rows])
+    # 1 − p = (se − e) / se, and at the maximum (e = 1) exactly rest1 / se
+    om = xp.where(top, col(r.rest1[rows]), col(r.se[rows]) - e) * col(inv_se)
+    p = e * col(inv_se)
+    G = (p * (col(r.c_sum[rows]) - C) - C * om) * col(gw)
+    if r.z_lse is not None:  # 2 z lse softmax, weight 1 per class
+        G = G + p * col(r.z_lse[rows] * gw)
+    return G

@@ -553,5 +553,57 @@ def cce_with_logits(local_logits, target, *, group=None, vocab_start=None,
     return _FN["cce"].apply(local_logits, c, dist, group, lay)
 
 
-# the output layer split by vocabulary: its own module (it imports this one)
-from ._distributed_linear import linear_cross_entropy
+def linear_cross_entropy(hidden, local_weight, target, *, bias=None, group=None,
+                         vocab_start=None, deterministic=False, block=DEFAULT_BLOCK,
+                         chunk_mb=256, reduce_hidden_grad=True, **options):
+    r"""Cross-entropy of a linear layer split by vocabulary over the ranks of `group`.
+
+    Every rank calls it with the same ``hidden`` (``(..., H)``) and class-index `target` (or
+    its shard of probability targets, ``(..., V_r)``) and its rows of the layer:
+    ``local_weight`` ``(V_r, H)`` and ``bias`` ``(V_r,)`` for the classes
+    ``[vocab_start, vocab_start + V_r)``. Every rank gets the same loss, equal to
+    ``gpuloss.linear_cross_entropy`` with the joined weight to rounding; backward gives
+    ``local_weight.grad`` and ``bias.grad`` of this rank's rows and ``hidden.grad`` summed over
+    the ranks (see `reduce_hidden_grad`). The logits are never held whole: tokens are taken
+    in chunks of about `chunk_mb` megabytes of this rank's logits, with the exchanges of
+    `gpuloss.distributed.cce_with_logits` per chunk.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        The hidden states, ``(..., H)``, the same on every rank.
+    local_weight : torch.Tensor
+        This rank's rows of the layer's weight, ``(V_r, H)``.
+    target : torch.Tensor
+        Class indices (the same on every rank) or this rank's probabilities.
+    bias : torch.Tensor, optional
+        This rank's rows of the bias, ``(V_r,)``.
+    group : ProcessGroup, optional
+        The ranks that share the vocabulary (default: the whole world).
+    vocab_start : int, optional
+        This rank's first class. None: the ranks' shards follow each other in rank order.
+    deterministic : bool, default False
+        The loss, d_weight and d_bias bit-identical for any number of ranks whose shards are
+        whole blocks (d_hidden, a sum over the ranks, to rounding).
+    block : int, default 1024
+        Classes per block in the deterministic mode.
+    chunk_mb : float, default 256
+        Megabytes of logits per chunk of tokens (the widest shard's, in the compute dtype).
+    reduce_hidden_grad : bool, default True
+        Sum ``hidden``'s gradient over the ranks in forward (one all-reduce of N × H). False
+        leaves each rank its own share, for a ``hidden`` whose backward sums it already.
+    **options
+        `gpuloss.cce_with_logits`' options except ``focal_gamma`` and ``axis``;
+        ``class_weight`` is this rank's shard, shape ``(V_r,)``.
+
+    Returns
+    -------
+    torch.Tensor
+        The loss (0-d; per token for ``reduction='none'``), the same on every rank.
+    """
+    from . import _distributed_linear  # (it builds on this module's exchanges)
+
+    return _distributed_linear.run(hidden, local_weight, target, bias=bias, group=group,
+                                   vocab_start=vocab_start, deterministic=deterministic,
+                                   block=block, chunk_mb=chunk_mb,
+                                   reduce_hidden_grad=reduce_hidden_grad, **options)

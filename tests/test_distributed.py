@@ -216,11 +216,29 @@ def runs(tmp_path_factory):
     cases = _cases()
     errors = _error_cases()
     linear = _linear_cases()
-    out = {}
-    for world in (2, 4):  # (with the split-invariant mode's cases: see det_runs)
-        out[world] = _launch(world, {**cases, **errors, **linear, **_det_cases()},
-                             tmp_path_factory.mktemp(f"w{world}"))
+    out = _once(tmp_path_factory, "runs", lambda tmp: {
+        world: _launch(world, {**cases, **errors, **linear, **_det_cases()}, tmp / f"w{world}")
+        for world in (2, 4)})  # (with the split-invariant mode's cases: see det_runs)
     return cases, errors, out, linear
+
+
+def _once(tmp_path_factory, name, launch):
+    """The groups' results, launched by one test worker (pytest -n) and read by the others
+    from a folder they share: the launches are the module's cost."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()  # under xdist, each worker's: their parent is the run's
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "distributed"
+    root.mkdir(exist_ok=True)
+    done = root / f"{name}.pkl"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            results = launch(root / name)
+            with open(done, "wb") as f:
+                pickle.dump(results, f)
+    with open(done, "rb") as f:
+        return pickle.load(f)
 
 
 TOL = {"float32": 2e-6, "float64": 1e-12, "bfloat16": 2e-2}
@@ -378,7 +396,8 @@ def det_runs(runs, tmp_path_factory):
     """The 2- and 4-rank results come from `runs` (one launch per world size for all the
     cases); 1 and 8 ranks are launched here."""
     cases = _det_cases()
-    out = {w: _launch(w, cases, tmp_path_factory.mktemp(f"det{w}")) for w in (1, 8)}
+    out = _once(tmp_path_factory, "det_runs", lambda tmp: {
+        w: _launch(w, cases, tmp / f"det{w}") for w in (1, 8)})
     out.update({w: runs[2][w] for w in (2, 4)})
     return cases, out
 

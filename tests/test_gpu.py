@@ -453,3 +453,45 @@ def test_gpu_linear_cross_entropy_torch_cuda_backward(cp, dtype):
     tol = 1e-5 if dtype == "float32" else 2e-2
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_distributed_on_nccl_with_one_rank_matches_one_device(cp, tmp_path, deterministic):
+    """gpuloss.distributed on CUDA tensors over nccl (a group of one rank: one GPU is lent at a
+    time): the exchanges run on the device and the numbers are the single-device ones."""
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    import gpuloss.distributed as gld
+
+    if not dist.is_nccl_available():
+        pytest.skip("this PyTorch has no nccl")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        rng = np.random.default_rng(0)
+        z = rng.standard_normal((256, 5000)).astype(np.float32) * 3
+        t = rng.integers(0, 5000, 256)
+        zt = torch.tensor(z, device="cuda", requires_grad=True)
+        loss = gld.cce_with_logits(zt, torch.tensor(t, device="cuda"), label_smoothing=0.1,
+                                   z_loss=1e-3, deterministic=deterministic, block=1000)
+        loss.backward()
+        want, grad = gl.cce_with_logits.value_and_grad(z.astype(np.float64), t,
+                                                       label_smoothing=0.1, z_loss=1e-3)
+        _close(float(loss), want, np.float32)
+        _close(zt.grad.cpu().numpy(), grad, np.float32)
+        h = torch.randn(300, 64, device="cuda", requires_grad=True)
+        W = torch.randn(5000, 64, device="cuda", requires_grad=True)
+        y = torch.randint(0, 5000, (300,), device="cuda")
+        lin = gld.linear_cross_entropy(h, W, y, deterministic=deterministic, block=1000,
+                                       chunk_mb=1)
+        lin.backward()
+        ref, (dh, dw) = gl.linear_cross_entropy.value_and_grad(
+            h.detach().double().cpu().numpy(), W.detach().double().cpu().numpy(),
+            y.cpu().numpy())
+        np.testing.assert_allclose(float(lin), ref, rtol=1e-3)
+        for got, want_g in ((h.grad, dh), (W.grad, dw)):  # (float32 GEMMs: TF32 may be on)
+            np.testing.assert_allclose(got.cpu().double().numpy(), want_g, rtol=1e-3,
+                                       atol=1e-3 * float(np.abs(want_g).max()))
+    finally:
+        dist.destroy_process_group()
