@@ -147,11 +147,11 @@ def _pass(c, dist, group, lay, hidden, weight, bias, *, chunk_mb, want_value, ne
     if want_grad:
         inv = 1.0
         if reduction == "mean" and row_scale is None:
-            inv = 1 / denominator if denominator else math.nan
+            inv = _shards.mean_scale(denominator)
         grads = []
         for g in (d_h, d_w, d_b):
             if g is not None and inv != 1.0:
-                g *= inv
+                g *= inv  # (0 when nothing was counted: zeros, as on one device)
             grads.append(g)
         if d_h is not None and reduce_hidden_grad and lay.world > 1:
             dist.all_reduce(d_h, op=dist.ReduceOp.SUM, group=group)
@@ -163,7 +163,7 @@ def _pass(c, dist, group, lay, hidden, weight, bias, *, chunk_mb, want_value, ne
         value = torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64)
         value = value.to(c.dtype).reshape(c.lead)
     elif reduction == "mean":
-        value = total / denominator if denominator else math.nan
+        value = _shards.mean_value(total, denominator)
     else:
         value = total
     return value, grads

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from array_api_compat import device as _device
 
 M, COUNT, REST, DOT, CSUM, S_Y, C_Y, OWN = range(8)
 FIELDS = 8
@@ -119,7 +120,7 @@ def states(xp, s, *, start, block, labels, target, cw, smoothing, ignore_index, 
     C = coefficients(xp, target, labels, cw, smoothing, K, s.dtype)
     ones_c = bool(labels and smoothing and cw is None)
     pieces = block_edges(start, width, block)
-    out = xp.zeros((N, len(pieces), FIELDS), dtype=xp.float64)
+    out = xp.zeros((N, len(pieces), FIELDS), dtype=xp.float64, device=_device(s))
     with np.errstate(all="ignore"):  # −inf − (−inf) and NaN inside where(): masked below
         for r0, r1 in _row_slices(N, width):
             for j, (lo, hi) in enumerate(pieces):
@@ -146,7 +147,9 @@ def _piece_state(xp, out, sb, C, ones_c):
     out[:, REST] = xp.sum(e, axis=1, dtype=f64)
     if C is None and not ones_c:
         return
-    d = xp.astype(sb, f64) - xp.astype(m, f64)[:, None]
+    # s − m, and −inf for a masked class even in a piece whose logits are all −inf (there
+    # −inf − (−inf) would be NaN): a weighted masked class makes the loss +inf, not NaN
+    d = xp.where(sb == -math.inf, -math.inf, xp.astype(sb, f64) - xp.astype(m, f64)[:, None])
     if ones_c:  # label smoothing without class weights: C = 1
         out[:, DOT] = xp.sum(xp.where(eq, 0.0, d), axis=1)
         out[:, CSUM] = float(sb.shape[1])
@@ -170,8 +173,9 @@ def _label_fields(xp, out, s, y, cw, start, pieces, ignore_index):
     if N == 0 or width == 0:
         return
     sy = xp.astype(xp.take_along_axis(s, xp.reshape(safe, (N, 1)), axis=1)[:, 0], f64)
-    cy = xp.ones((N,), dtype=f64) if cw is None else xp.astype(xp.take(cw, safe), f64)
-    zero = xp.zeros((), dtype=f64)
+    cy = (xp.ones((N,), dtype=f64, device=_device(s)) if cw is None
+          else xp.astype(xp.take(cw, safe), f64))
+    zero = xp.zeros((), dtype=f64, device=_device(s))
     for j, (lo, hi) in enumerate(pieces):
         here = owned & (local >= lo) & (local < hi)
         out[:, j, S_Y] = xp.where(here, sy, zero)
@@ -210,6 +214,19 @@ def merge_blocks(xp, st):
     return acc
 
 
+def mean_value(total: float, denominator: float) -> float:
+    """The mean as the single-device backends form it: total / D in float64 (0 / 0 is NaN,
+    x / 0 infinite)."""
+    with np.errstate(all="ignore"):
+        return float(np.divide(np.float64(total), np.float64(denominator)))
+
+
+def mean_scale(denominator: float) -> float:
+    """The mean's 1/D on the gradients: 0 when nothing was counted (D ≤ 0), as on one
+    device: an all-padding batch leaves the weights alone."""
+    return 1.0 / denominator if denominator > 0 else 0.0
+
+
 class Rows:
     """What every shard needs of its rows after the merge: the weighted loss per row (before
     the reduction's 1/D), the mean's denominator, and the gradient's per-row numbers."""
@@ -229,21 +246,31 @@ def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_ind
     r.rest1 = st[:, COUNT] - 1 + st[:, REST]  # the exp-sum without the maximum's own 1
     r.se = st[:, COUNT] + st[:, REST]
     ls, zl = float(smoothing), float(z_loss)
-    w_row = xp.ones((N,), dtype=f64) if w is None else w
+    dev = _device(st)
+    w_row = xp.ones((N,), dtype=f64, device=dev) if w is None else w
     with np.errstate(all="ignore"):
+        # an infinite row maximum (a +inf logit, or every logit −inf) makes the row NaN, as on
+        # one device (inf − inf there)
+        finite = xp.isfinite(r.M)
+        r.se = xp.where(finite, r.se, math.nan)
+        r.rest1 = xp.where(finite, r.rest1, math.nan)
         r.log_se = xp.log1p(r.rest1)
         lse = r.M + r.log_se
         r.z_lse = 2 * zl * lse if zl else None
         if labels:
             ignored = (y == ignore_index) if ignore_index is not None else \
-                xp.zeros((N,), dtype=xp.bool)
+                xp.zeros((N,), dtype=xp.bool, device=dev)
             w_row = xp.where(ignored, 0.0, w_row)
-            # a label in no shard (possible with validate=False) gives NaN, never a guess
-            w_row = xp.where((st[:, OWN] != 1) & ~ignored, math.nan, w_row)
+            # a label in no shard (possible with validate=False) gives its row NaN, never a
+            # guess, and leaves the mean's denominator (the other rows keep their gradient)
+            bad = (st[:, OWN] != 1) & ~ignored
             c_y, r.s_y = st[:, C_Y], st[:, S_Y]
+            denom_w = xp.where(bad, 0.0, w_row * c_y)
+            w_row = xp.where(bad, math.nan, w_row)
             c_true = (1 - ls) * c_y
             nll = r.log_se - (r.s_y - r.M)  # −log p_y
-            loss = xp.where(c_true == 0, 0.0, c_true * nll)
+            # a label term with no weight adds 0, even at −inf; NaN stays NaN
+            loss = xp.where((c_true == 0) & ~xp.isnan(nll), 0.0, c_true * nll)
             r.c_sum = r.c_label = c_true
             if ls:  # csum: Σ cw over every class, dot: Σ cw_k (s_k − M)
                 loss = loss + (ls / K) * (st[:, CSUM] * r.log_se - st[:, DOT])
@@ -254,7 +281,6 @@ def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_ind
                 r.c_sum = r.c_sum + r.z_lse * c_y
             # (1 − p_y) se = rest1 − expm1(s_y − M): no cancellation near p_y = 1
             r.one_minus_py_se = r.rest1 - xp.expm1(r.s_y - r.M)
-            denom_w = w_row * c_y
         else:
             r.s_y = r.c_label = r.one_minus_py_se = None
             loss = st[:, CSUM] * r.log_se - st[:, DOT]
@@ -278,7 +304,7 @@ def grad(xp, s, sech2, r, *, start, labels, target, cw, smoothing, K, row_scale,
     come from r.w_row. The formulas are `cce_with_logits`' (NumPy backend), with the row's
     M and se from the merge. Formed a slice of rows at a time, in cache."""
     N, width = s.shape
-    out = xp.empty((N, width), dtype=out_dtype)
+    out = xp.empty((N, width), dtype=out_dtype, device=_device(s))
     gw = r.w_row * row_scale  # (N,) float64
     inv_se = 1 / r.se
     C = None if labels else coefficients(xp, target, labels, cw, smoothing, K, s.dtype)

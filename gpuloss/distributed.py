@@ -8,12 +8,15 @@ numbers, and each rank forms the gradient of its own classes where they lie.
 
 Per call, on every rank of the group (every rank must make the same call with its shard):
 
-1. **the layout**: one all-reduce (MAX) of a table of ``9 × world`` numbers: each rank's row
+1. **the layout**: one all-reduce (MAX) of a table of ``11 × world`` numbers: each rank's row
    count, shard width and start, dtype, options and a checksum of the labels and sample
-   weights. Every rank reads the same table, so a mismatch (overlapping or missing classes,
-   different row counts, different options) raises the same error on every rank instead of
-   hanging one in a later exchange. It is skipped with ``validate=False`` and an explicit
-   ``vocab_start``.
+   weights, and the labels' range. Every rank reads the same table, so a mismatch
+   (overlapping or missing classes, different row counts, different options, a label outside
+   every shard) raises the same error on every rank instead of hanging one in a later
+   exchange. `cce_with_logits` skips it with ``validate=False`` and ``vocab_start`` given (on
+   every rank) in the default mode: then nothing is checked across the ranks; a rank that
+   refuses its own input still stops the others at the next exchange, but inputs that
+   disagree between ranks (token counts) can hang or abort the group.
 2. **the maximum**: one all-reduce (MAX) of the N row maxima (8 bytes per token).
 3. **the sums**: one all-reduce (SUM) of seven numbers per token, packed (56 bytes per
    token): each rank's exp-sum rebased to the global maximum (with the count of logits at
@@ -38,12 +41,14 @@ class indices over the whole vocabulary (the same on every rank) or this rank's 
 probabilities, shape ``(..., V_r)``.
 
 The gradient is formed in forward (the loss's backward only scales it); there is no second
-derivative. Runs on ``gloo`` (CPU tensors) and ``nccl`` (CUDA tensors; not yet run on a GPU).
+derivative. Runs on ``gloo`` (CPU tensors, tested); written for ``nccl`` (CUDA tensors) but
+not yet run on a GPU.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 
 import numpy as np
@@ -55,8 +60,10 @@ __all__ = ["cce_with_logits", "linear_cross_entropy"]
 DEFAULT_BLOCK = 1024  # classes per block in the deterministic mode
 
 # the layout table: one row per rank, MAX-reduced from −inf (each rank fills its own row)
-_FAILED, _ROWS, _WIDTH, _START, _LABELS, _DTYPE, _MODE, _OPTIONS, _CHECKSUM = range(9)
-_LAYOUT_FIELDS = 9
+(_FAILED, _ROWS, _WIDTH, _START, _LABELS, _DTYPE, _MODE, _OPTIONS, _CHECKSUM, _LABEL_LO,
+ _LABEL_HI) = range(11)
+_LAYOUT_FIELDS = 11
+_CHECK_MOD = 2**52  # checksums modulo this: exact in the float64 table
 _DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3, "float64": 4}
 
 
@@ -141,7 +148,8 @@ def _check_shard(lead, width, dtype, device, target, vocab_start, deterministic,
         msg = f"deterministic must be True or False, got {deterministic!r}."
         raise TypeError(msg)
     if vocab_start is not None and (isinstance(vocab_start, bool)
-                                    or not isinstance(vocab_start, int) or vocab_start < 0):
+                                    or not isinstance(vocab_start, numbers.Integral)
+                                    or vocab_start < 0):
         msg = (f"vocab_start must be a non-negative int (this rank's first class) or None (the "
                f"ranks' shards in rank order), got {vocab_start!r}.")
         raise ValueError(msg)
@@ -189,8 +197,8 @@ def _check_shard(lead, width, dtype, device, target, vocab_start, deterministic,
         if options.get("validate", True) and c.target.numel():
             lo, hi = float(c.target.min()), float(c.target.max())
             if lo < 0 or hi > 1:  # NaN compares False: it propagates, as on one device
-                msg = (f"target must hold probabilities in [0, 1]; found values in [{lo}, "
-                       f"{hi}].")
+                msg = (f"target must hold probabilities in [0, 1]; found values in "
+                       f"[{lo:.6g}, {hi:.6g}] (in this rank's shard).")
                 raise ValueError(msg)
     cw = options.get("class_weight")
     if cw is not None:
@@ -200,9 +208,8 @@ def _check_shard(lead, width, dtype, device, target, vocab_start, deterministic,
                    f"({c.width},), one per class of this rank; got {tuple(cw.shape)}.")
             raise ValueError(msg)
         cw = cw.to(c.cdt)
-        if options.get("validate", True) and bool((cw < 0).any() | cw.isnan().any()):
-            msg = "class_weight must be >= 0 (and not NaN)."
-            raise ValueError(msg)
+        if options.get("validate", True):
+            _check_weights(cw, "class_weight")
     c.cw = cw
     sw = options.get("sample_weight")
     if sw is not None:
@@ -214,31 +221,61 @@ def _check_shard(lead, width, dtype, device, target, vocab_start, deterministic,
                    f"tokens' shape {c.lead}.")
             raise ValueError(msg) from None
         sw = sw.reshape(c.N).to(torch.float64)
-        if options.get("validate", True) and bool((sw < 0).any() | sw.isnan().any()):
-            msg = "sample_weight must be >= 0 (and not NaN)."
-            raise ValueError(msg)
+        if options.get("validate", True):
+            _check_weights(sw, "sample_weight")
     c.sw = sw
     c.options = {k: v for k, v in options.items() if k not in ("sample_weight", "class_weight")}
     return c
 
 
+def _check_weights(w, name):
+    """The single-device rule and message: finite and >= 0 (NaN fails)."""
+    if w.numel() == 0:
+        return
+    lo, hi = float(w.min()), float(w.max())
+    if w.isnan().any():
+        lo = math.nan
+    if not _call.weights_ok(lo, hi):
+        _call.raise_bad_weights(name, lo, hi)
+
+
 def _options_code(c: _Local) -> float:
     """A number that differs (almost surely) between two calls with different options: every
-    rank must run the same loss."""
+    rank must run the same loss. Values normalised first (softcap 2 is 2.0, an np.int64
+    ignore_index an int)."""
     o = c.options
+    cap, ii = o.get("softcap"), o.get("ignore_index")
     key = repr((o.get("reduction", "mean"), float(o.get("label_smoothing", 0.0)),
-                float(o.get("z_loss", 0.0)), o.get("softcap"), o.get("ignore_index"),
-                bool(o.get("validate", True)), c.cw is not None, c.sw is not None,
-                c.deterministic, c.block))
+                float(o.get("z_loss", 0.0)), None if cap is None else float(cap),
+                None if ii is None else int(ii), bool(o.get("validate", True)),
+                c.cw is not None, c.sw is not None, c.deterministic, c.block))
     return float(zlib.crc32(key.encode()))
 
 
 def _checksum(c: _Local) -> float:
-    """The labels' and sample weights' sums, which every rank must share."""
-    total = float(c.target.double().sum()) if c.labels else 0.0
-    if c.sw is not None:
-        total += float(c.sw.sum())
-    return total
+    """A checksum of the labels and of the sample weights' bits, which every rank must share:
+    integer sums (modulo 2^52, exact in the table), so that no summation order or thread
+    count changes it, and NaN weights compare equal."""
+    torch = _torch()
+    total = 0
+    if c.N:  # each value times an odd weight of its position: a swap changes the sum
+        odd = torch.arange(1, 2 * c.N, 2, dtype=torch.int64, device=c.target.device)
+        if c.labels:
+            total += int((c.target * odd).sum())  # (int64 wraps the same way everywhere)
+        if c.sw is not None:
+            total += int((c.sw.contiguous().view(torch.int64) * odd).sum())
+    return float(total % _CHECK_MOD)
+
+
+def _label_range(c: _Local) -> tuple[float, float]:
+    """The counted labels' (not ignore_index) smallest and largest, for every rank's check."""
+    if not c.labels:
+        return 0.0, 0.0
+    ii = c.options.get("ignore_index")
+    kept = c.target if ii is None else c.target[c.target != ii]
+    if kept.numel() == 0:
+        return math.inf, -math.inf  # (the MAX of −lo and of hi: nothing)
+    return float(kept.min()), float(kept.max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +283,7 @@ def _checksum(c: _Local) -> float:
 
 
 class _Layout:
-    __slots__ = ("K", "rank", "start", "starts", "widths", "world")
+    __slots__ = ("K", "label_hi", "label_lo", "rank", "start", "starts", "widths", "world")
 
 
 def _agree_on_layout(dist, group, c: _Local | None, error: BaseException | None, device):
@@ -257,10 +294,11 @@ def _agree_on_layout(dist, group, c: _Local | None, error: BaseException | None,
     if c is None:
         table[rank, _FAILED] = 1.0
     else:
+        lo, hi = _label_range(c)
         table[rank] = torch.tensor(
             [0.0, c.N, c.width, -1.0 if c.start is None else c.start, float(c.labels),
              _DTYPES[_api.dtype_name(c.dtype)], float(c.deterministic), _options_code(c),
-             _checksum(c)], dtype=torch.float64)
+             _checksum(c), -lo, hi], dtype=torch.float64)
     dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
     t = table.cpu().tolist()
     failed = [r for r in range(world) if t[r][_FAILED] == 1.0]
@@ -302,6 +340,9 @@ def _agree_on_layout(dist, group, c: _Local | None, error: BaseException | None,
     lay = _Layout()
     lay.world, lay.rank, lay.start, lay.K = world, rank, starts[rank], sum(widths)
     lay.starts, lay.widths = starts, widths
+    # the labels' range, as every rank sees it in the table: one verdict everywhere
+    lay.label_lo = -max(t[r][_LABEL_LO] for r in range(world))
+    lay.label_hi = max(t[r][_LABEL_HI] for r in range(world))
     if c.deterministic:
         for r in range(world):
             end = starts[r] + widths[r]
@@ -344,15 +385,14 @@ def _check_cover(starts, widths):
         pos = starts[r] + widths[r]
 
 
-def _check_labels(c: _Local, K: int):
-    """Class indices in [0, V) (or ignore_index), checked on every rank (they share them)."""
-    if not c.labels or not c.options.get("validate", True) or c.N == 0:
+def _check_labels(c: _Local, lay: _Layout):
+    """Class indices in [0, V) (or ignore_index), from the layout table's range: the same
+    verdict on every rank."""
+    if not c.labels or not c.options.get("validate", True):
         return
-    y = c.target
-    ii = c.options.get("ignore_index")
-    kept = y if ii is None else y[y != ii]
-    if kept.numel() and bool(((kept < 0) | (kept >= K)).any()):
-        _call.raise_bad_labels(int(kept.min()), int(kept.max()), K, ii)
+    lo, hi = lay.label_lo, lay.label_hi
+    if lo <= hi and (lo < 0 or hi >= lay.K):
+        _call.raise_bad_labels(int(lo), int(hi), lay.K, c.options.get("ignore_index"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +423,9 @@ def _rows(dist, group, c: _Local, lay: _Layout, s, *, fast_k=False):
         nblocks = -(-K // c.block)
         table = torch.zeros((c.N, nblocks, _shards.FIELDS), dtype=torch.float64,
                             device=s.device)
-        first = lay.start // c.block
-        table[:, first:first + st.shape[1]] = st
+        if c.width:  # (a shard of no classes fills no slot: its one empty piece is not a
+            first = lay.start // c.block  # block, and its start may be another rank's)
+            table[:, first:first + st.shape[1]] = st
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)  # each slot: one rank's
         return _shards.merge_blocks(xp, table)
     st = _shards.states(xp, s, start=lay.start, block=None, labels=c.labels, target=c.target,
@@ -396,6 +437,10 @@ def _rows(dist, group, c: _Local, lay: _Layout, s, *, fast_k=False):
                                            device=top.device)])
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     if fast_k:
+        if top[-1] == math.inf:
+            msg = ("a rank of the group refused its inputs (its own error says why); every "
+                   "rank stops here rather than wait for it.")
+            raise RuntimeError(msg)
         lay.K = int(top[-1])
         top = top[:-1]
     packed = _shards.rebase(xp, st, top)[:, _shards.COUNT:].contiguous()
@@ -422,15 +467,29 @@ def _prepare(local_logits, target, group, vocab_start, deterministic, block, opt
         c, error = None, e
     if (fast and not options.get("validate", True) and vocab_start is not None
             and not deterministic):
-        if error is not None:  # no layout table to carry the verdict: this rank stops here
+        if error is not None:  # no layout table to carry the verdict: the maxima's exchange
+            _refuse_in_fast_path(dist, group, local_logits)  # carries it, where it can
             raise error
         lay = _Layout()  # the fast path: two exchanges; K arrives with the maxima
         lay.world, lay.rank = dist.get_world_size(group), dist.get_rank(group)
         lay.start, lay.K = vocab_start, -1
         return dist, c, lay
     lay = _agree_on_layout(dist, group, c, error, _safe_device(local_logits))
-    _check_labels(c, lay.K)
+    _check_labels(c, lay)
     return dist, c, lay
+
+
+def _refuse_in_fast_path(dist, group, logits):
+    """This rank refused its input on the fast path: it joins the maxima's all-reduce with
+    +inf as the vocabulary's end, so the other ranks stop there too. Without even a token
+    count (logits not a tensor) the others wait for the group's timeout."""
+    torch = _torch()
+    if not isinstance(logits, torch.Tensor) or logits.ndim < 1:
+        return
+    buf = torch.full((math.prod(logits.shape[:-1]) + 1,), -math.inf, dtype=torch.float64,
+                     device=logits.device)
+    buf[-1] = math.inf
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
 
 
 def _safe_device(x):
@@ -457,10 +516,9 @@ def _forward(c: _Local, dist, group, lay: _Layout, *, want_grad: bool):
     else:
         total = float(torch.sum(r.loss))
         if reduction == "mean":
-            total = total / r.denominator if r.denominator else math.nan
+            total = _shards.mean_value(total, r.denominator)
         value = torch.tensor(total, dtype=torch.float64, device=s.device).to(c.dtype)
-        inv = 1 / r.denominator if reduction == "mean" and r.denominator else (
-            math.nan if reduction == "mean" else 1.0)
+        inv = _shards.mean_scale(r.denominator) if reduction == "mean" else 1.0
         scale = torch.full((c.N,), inv, dtype=torch.float64, device=s.device)
     grad = None
     if want_grad:

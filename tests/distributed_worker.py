@@ -36,6 +36,7 @@ def run_case(case, rank, world):
     a, w = starts[rank], widths[rank]
     dtype = getattr(torch, case.get("dtype", "float32"))
     opts = dict(case.get("options", {}))
+    opts.update(case.get("options_override", {}).get(rank, {}))
     cw = opts.pop("class_weight", None)
     if cw is not None:
         opts["class_weight"] = _tensor(cw[a:a + w])

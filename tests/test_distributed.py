@@ -107,6 +107,35 @@ def _cases():
     edge["logits"][3, :20] = -np.inf
     edge["target"][3] = 25
     cases["labels-edges"] = edge
+    # nothing counted: the mean is NaN and the gradient zeros, as on one device
+    nothing = _case(options={"ignore_index": 5})
+    nothing["target"][:] = 5
+    cases["labels-all-ignored"] = nothing
+    cases["probs-zero-weights"] = _case(labels=False, options={"sample_weight": np.zeros(N)})
+    # a whole shard of −inf logits in a row that does not count
+    masked = _case(options={"label_smoothing": 0.1, "class_weight": True, "ignore_index": 9})
+    masked["logits"][0, K // 2:] = -np.inf
+    masked["target"][0] = 9
+    cases["labels-masked-shard"] = masked
+    masked_p = _case(labels=False, options={"label_smoothing": 0.1,
+                                            "sample_weight": np.r_[0.0, np.ones(N - 1)]})
+    masked_p["logits"][0, K // 2:] = -np.inf
+    cases["probs-masked-shard"] = masked_p
+    # NaN stays NaN, per row: a NaN logit, a +inf logit, an ignored row with a NaN, a row of
+    # −inf logits with label smoothing
+    nan = _case(options={"reduction": "none", "ignore_index": 2, "label_smoothing": 0.1},
+                upstream=np.ones(N))
+    nan["logits"][0, 3] = np.nan
+    nan["logits"][1, 30] = np.inf
+    nan["target"][1] = 4
+    nan["logits"][2, 11] = np.nan
+    nan["target"][2] = 2
+    nan["logits"][3] = -np.inf
+    cases["labels-nan-policy"] = nan
+    # the options as each rank writes them: 2 and 2.0, np.int64 and int
+    spelled = _case(options={"softcap": 2.0, "ignore_index": 7})
+    spelled["options_override"] = {1: {"softcap": 2, "ignore_index": np.int64(7)}}
+    cases["labels-options-spelled-differently"] = spelled
     return cases
 
 
@@ -163,6 +192,14 @@ def _error_cases():
     gap = _case(call={"vocab_start": "given"})
     gap["vocab_start_override"] = {0: 1}
     cases["gap"] = gap
+    swapped = _case()  # the same labels on every rank but two, swapped on rank 1
+    swapped["target"][:2] = [1, 2]
+    swapped["target_override"] = {1: np.r_[2, 1, swapped["target"][2:]]}
+    cases["labels-differ"] = swapped
+    fast = _case(options={"validate": False}, call={"vocab_start": "given"})
+    fast["target_override"] = {1: np.zeros((N, 2), np.float32)}
+    cases["fast-path-local-error"] = fast
+    cases["inf-weights"] = _case(options={"sample_weight": np.r_[np.inf, np.ones(N - 1)]})
     return cases
 
 
@@ -261,7 +298,8 @@ def test_every_option_equals_the_single_device_loss(runs, world):
             joined = g if joined is None else np.concatenate([joined, g], axis=-1)
         # every rank holds the same loss, bit for bit
         for r in range(1, world):
-            assert np.array_equal(out[world][r][name]["value"], out[world][0][name]["value"])
+            assert np.array_equal(out[world][r][name]["value"], out[world][0][name]["value"],
+                                  equal_nan=True)
         scale = max(np.max(np.abs(ref_g[np.isfinite(ref_g)]), initial=0), 1e-30)
         np.testing.assert_allclose(joined, ref_g, rtol=tol, atol=tol * scale,
                                    err_msg=name)
@@ -297,13 +335,33 @@ def test_a_bad_layout_raises_the_same_error_on_every_rank(runs, world, case, err
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_a_rank_that_refuses_its_input_stops_every_rank(runs, world):
+@pytest.mark.parametrize("case", ["bad-local-target", "fast-path-local-error"])
+def test_a_rank_that_refuses_its_input_stops_every_rank(runs, world, case):
+    """With the layout check, and on the fast path (validate=False, vocab_start given), whose
+    maxima's exchange carries the refusal."""
     _, _, out, _ = runs
-    own = out[world][1]["bad-local-target"]
+    own = out[world][1][case]
     assert own["error"] == "ValueError" and "Shape mismatch" in own["message"]
     for r in set(range(world)) - {1}:
-        res = out[world][r]["bad-local-target"]
-        assert res["error"] == "RuntimeError" and "rank 1" in res["message"], res
+        res = out[world][r][case]
+        assert res["error"] == "RuntimeError" and "refused its inputs" in res["message"], res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_labels_that_differ_between_ranks_are_refused_everywhere(runs, world):
+    _, _, out, _ = runs
+    for r in range(world):
+        res = out[world][r]["labels-differ"]
+        assert res["error"] == "ValueError" and "labels or sample weights" in res["message"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_infinite_weights_are_refused_as_on_one_device(runs, world):
+    _, _, out, _ = runs
+    for r in range(world):
+        res = out[world][r]["inf-weights"]
+        assert res["error"] == "ValueError", res
+        assert "sample_weight must be non-negative and not NaN or infinite" in res["message"]
 
 
 def _linear_single_device(case):
@@ -384,6 +442,9 @@ def _det_cases():
     lin["bias"] = RNG.standard_normal(DET_K)
     lin["target"] = RNG.integers(0, DET_K, N)
     cases["det-linear"] = _det(lin)
+    empty = _det(_case(options={"label_smoothing": 0.1}, k=DET_K))  # a rank of no classes
+    empty["starts"][4], empty["widths"][4] = [0, 16, 16, 40], [16, 0, 24, 21]
+    cases["det-empty-shard"] = empty
     misaligned = _det(_case(k=DET_K))
     misaligned["starts"] = {2: [0, 30]}
     misaligned["widths"] = {2: [30, 31]}
@@ -407,7 +468,8 @@ def _joined(results, name, world, i, axis):
                           axis=axis)
 
 
-@pytest.mark.parametrize("name", ["det-labels", "det-probs", "det-labels-none"])
+@pytest.mark.parametrize("name", ["det-labels", "det-probs", "det-labels-none",
+                                  "det-empty-shard"])
 def test_deterministic_mode_is_bit_identical_for_1_2_4_and_8_ranks(det_runs, name):
     cases, out = det_runs
     one_value = out[1][0][name]["value"]
