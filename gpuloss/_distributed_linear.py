@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 
 from . import _api, _shards
-from . import distributed as _d
+from . import _ranks as _d
 
 
 def _check(hidden, weight, target, bias, vocab_start, deterministic, block, chunk_mb,
@@ -236,7 +236,7 @@ def run(hidden, local_weight, target, *, bias, group, vocab_start, deterministic
         return _check(hidden, local_weight, target, bias, vocab_start, deterministic, block,
                       chunk_mb, options)
 
-    dist, c, lay = _d._prepare(hidden, target, group, vocab_start, deterministic, block,
+    dist, c, lay = _d.prepare(hidden, target, group, vocab_start, deterministic, block,
                                options, check=check, fast=False)
     params = (hidden, local_weight, bias)
     if not (torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
