@@ -8,9 +8,15 @@ the theoretical occupancy follows (the CUDA occupancy calculator's rules). tests
 fails on any spill and on occupancy below the bars; `python tests/kernel_resources.py` writes
 the table to benchmarks/results/kernel-resources-<nvrtc version>.json.
 
-One compile per architecture takes minutes on two cores: `compiled(arch)` keeps it per
-process, and on disk (GPULOSS_EMULATOR_CACHE, as the emulator's build) keyed by the source,
-the names, the options and NVRTC's version, so that a test run compiles each architecture once.
+One compile of every instantiation per architecture takes minutes on two cores (ptxas
+optimising 787 kernels). So the test run compiles a sample (`sample`: one instantiation of
+every kernel, functor variant and data type; about a seventh) and checks the committed table
+(benchmarks/results/kernel-resources-nvrtc<version>.json, written by the full compile): it must
+be of the current kernel source (`source_digest`), hold every instantiation at the bars, and
+agree with the sample's fresh report. GPULOSS_FULL_SWEEPS=1 (the nightly run) compiles every
+instantiation instead. `compiled(arch, names)` keeps each compile on disk
+(GPULOSS_EMULATOR_CACHE, as the emulator's build) keyed by the source, the names, the options
+and NVRTC's version.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -133,13 +140,62 @@ def nvrtc_version() -> str:
     return ".".join(map(str, _nvrtc().getVersion()))
 
 
-def compiled(arch: str, folder: Path | None = None) -> dict:
-    """compile_all(arch) for the current source, cached on disk by content (see above)."""
+def full_sweeps() -> bool:
+    """GPULOSS_FULL_SWEEPS=1: the nightly run, every instantiation compiled."""
+    return os.environ.get("GPULOSS_FULL_SWEEPS") == "1"
+
+
+def source_digest() -> str:
+    """What the committed table must have been compiled from: the kernel source and the
+    instantiations' names."""
     from gpuloss.backends import cuda as _cuda_backend
 
+    key = "\n".join([_cuda_backend.kernel_source(), *_cuda_backend.all_kernel_names()])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _stratum(name: str) -> tuple[str, str, str]:
+    """(kernel, functor with its switches, the data's dtype): what decides the registers; the
+    target's dtype and the row layouts vary inside a stratum."""
+    head, args = name.split("<", 1)
+    depth, parts, cur = 0, [], ""
+    for ch in args[:-1]:  # the template arguments, split at top-level commas
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    dtype = parts[-2] if head == "gpuloss_rows" else parts[1] if len(parts) > 1 else ""
+    return head, parts[0], dtype
+
+
+def sample(names: list[str]) -> list[str]:
+    """One instantiation per stratum, the same every run (the smallest hash of its name)."""
+    chosen: dict = {}
+    for name in names:
+        key = _stratum(name)
+        h = hashlib.sha256(name.encode()).hexdigest()
+        if key not in chosen or h < chosen[key][0]:
+            chosen[key] = (h, name)
+    return sorted(name for _, name in chosen.values())
+
+
+def table_path() -> Path:
+    return (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+            / f"kernel-resources-nvrtc{nvrtc_version()}.json")
+
+
+def compiled(arch: str, folder: Path | None = None, names: list[str] | None = None) -> dict:
+    """compile_all(arch, names) for the current source (every instantiation by default),
+    cached on disk by content (see above)."""
     import kernel_host
 
-    names = _cuda_backend.all_kernel_names()
+    from gpuloss.backends import cuda as _cuda_backend
+
+    names = list(names or _cuda_backend.all_kernel_names())
     key = "\n".join([_cuda_backend.kernel_source(), *names, *compile_options(arch),
                      nvrtc_version()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -147,7 +203,7 @@ def compiled(arch: str, folder: Path | None = None) -> dict:
     with kernel_host.build_lock(path):  # one compile per architecture across test workers
         if path.exists():
             return json.loads(path.read_text())
-        result = _compile_at_low_priority(arch)
+        result = _compile_at_low_priority(arch, names)
         if result["ok"]:
             tmp = path.with_name(f"{path.name}.tmp")
             tmp.write_text(json.dumps(result))
@@ -155,7 +211,7 @@ def compiled(arch: str, folder: Path | None = None) -> dict:
     return result
 
 
-def _compile_at_low_priority(arch: str) -> dict:
+def _compile_at_low_priority(arch: str, names: list[str]) -> dict:
     """compile_all(arch) in a child process at the lowest CPU priority: minutes of NVRTC then
     run in the gaps of the other test worker, whose emulated launches (256 threads meeting at
     barriers) slow down many times when a busy process holds one of two cores."""
@@ -164,9 +220,10 @@ def _compile_at_low_priority(arch: str) -> dict:
     # the child lowers its own priority: a preexec_fn would run the parent's at-fork hooks
     # (JAX's, once a test has loaded it, warns that fork may deadlock: an error in the suite)
     code = ("import json, os, sys; os.nice(19); sys.path.insert(0, sys.argv[1]); "
-            "import kernel_resources as k; print(json.dumps(k.compile_all(sys.argv[2])))")
+            "import kernel_resources as k; "
+            "print(json.dumps(k.compile_all(sys.argv[2], json.loads(sys.stdin.read()))))")
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), arch],
-                          capture_output=True, text=True)
+                          input=json.dumps(names), capture_output=True, text=True)
     if done.returncode:
         return {"ok": False, "log": done.stderr[-5000:], "resources": {}, "missing": []}
     return json.loads(done.stdout)
@@ -219,8 +276,9 @@ def main(argv=None) -> int:
     doc = {"what": "ptxas -v resource report of every kernel instantiation (NVRTC, CuPy's "
                    "options) and the theoretical occupancy at 256 threads per block",
            "nvrtc": nvrtc_version(), "date": dt.date.today().isoformat(),
+           "source_sha256": source_digest(),
            "options": compile_options("<arch>"), "summary": summary(rows), "kernels": rows}
-    out = Path(args.out) / f"kernel-resources-nvrtc{nvrtc_version()}.json"
+    out = Path(args.out) / table_path().name
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"], indent=1))
     print(f"wrote {out}")
