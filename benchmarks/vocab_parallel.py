@@ -1,6 +1,6 @@
 """gpuloss.distributed on CPU: a vocabulary split over 4 gloo processes on this machine.
 
-    python benchmarks/distributed.py [--world 4] [--tokens 2048] [--vocab 32768] [--out F]
+    python benchmarks/vocab_parallel.py [--world 4] [--tokens 2048] [--vocab 32768] [--out F]
 
 Each rank holds (tokens × vocab / world) float32 logits. Timed, interleaved in rounds on
 every rank at once (a barrier before each call; the slowest rank's time counts):
