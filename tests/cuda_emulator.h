@@ -82,6 +82,7 @@ using GlEmuBarrier = std::barrier<>;
 // saves the signal mask, a system call per switch, which made it most of a launch's time.
 #if defined(__x86_64__)
 extern "C" void gl_emu_switch(void** save_sp, void* load_sp);
+#ifndef GL_EMU_SECONDARY_TU  // (a library built from several translation units defines it once)
 __asm__(R"(
     .text
     .p2align 4
@@ -106,6 +107,7 @@ gl_emu_switch:
     ret
     .size gl_emu_switch, .-gl_emu_switch
 )");
+#endif
 struct GlEmuContext {
     void* sp = nullptr;
 };

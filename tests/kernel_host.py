@@ -155,58 +155,122 @@ def _fma_flags() -> list[str]:
     return ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
-def emulator_source(mode: str = "device", names=None, source: str | None = None) -> str:
-    """The emulator library's translation unit: the kernels, the math wrappers, and per kernel
-    a launcher (gl_emu_k<i>) and its signature (gl_emu_sig<i>)."""
+def _ieee_kernels(names: list[str]) -> list[str]:
+    """The IEEE build holds what runs in strict IEEE mode (mse's kernels and the checks: it
+    tells flushing and contraction apart), not every instantiation: a minute of g++ less."""
+    return [n for n in names if "<GlMse," in n or n.startswith("gpuloss_check")]
+
+
+def emulator_sources(mode: str = "device", names=None, source: str | None = None,
+                     parts: int = 1) -> list[str]:
+    """The emulator library's translation units: the kernels, the math wrappers, and per kernel
+    a launcher (gl_emu_k<i>, i its place in all_kernel_names) and its signature (gl_emu_sig<i>),
+    the launchers dealt over `parts` units that compile at once; the first also holds the
+    library's own exports."""
     source = source or _cuda_backend.kernel_source()
     bounds = launch_bounds(source)
-    parts = ['#include "cuda_emulator.h"', source, MATH_WRAPPERS,
-             'extern "C" void gl_emu_set_reverse_blocks(int r) { gl_emu_reverse_blocks = r; }',
-             TRACE_EXPORTS]
-    for i, name in enumerate(names or _cuda_backend.all_kernel_names()):
+    full = _cuda_backend.all_kernel_names()
+    index = {n: i for i, n in enumerate(full)}
+    if names is None:
+        names = full if mode == "device" else _ieee_kernels(full)
+    launchers = []
+    for name in names:
+        i = index[name]
         ftz = int(mode == "device" and _cuda_backend.compute_is_float32(name))
         bound = bounds[name.split("<", 1)[0]]
-        parts.append(
+        launchers.append(
             f'extern "C" int gl_emu_k{i}(unsigned g, unsigned t, void** a) '
             f"{{ return gl_emu_launch(&{name}, g, t, a, {ftz}, {bound}u); }}\n"
             f'extern "C" int gl_emu_sig{i}(int* sizes, char* kinds) '
             f"{{ return gl_emu_signature(&{name}, sizes, kinds); }}"
         )
-    return "\n".join(parts) + "\n"
+    units = []
+    for k in range(parts):
+        head = ['#include "cuda_emulator.h"', source]
+        if k == 0:
+            reverse = 'extern "C" void gl_emu_set_reverse_blocks(int r) { gl_emu_reverse_blocks = r; }'
+            head += [MATH_WRAPPERS, reverse, TRACE_EXPORTS]
+        else:
+            head.insert(0, "#define GL_EMU_SECONDARY_TU")
+        units.append("\n".join(head + launchers[k::parts]) + "\n")
+    return units
 
 
-def _compile(cxx_args: list[str], source: str, out: Path, shared: bool) -> None:
+def emulator_source(mode: str = "device", names=None, source: str | None = None) -> str:
+    """The emulator library as one translation unit (see `emulator_sources`)."""
+    return emulator_sources(mode, names, source)[0]
+
+
+def _cxx() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++")
     if cxx is None:
         msg = "g++ is needed to compile kernels/ for the host tests"
         raise RuntimeError(msg)
+    return cxx
+
+
+_CXX_FLAGS = ["-std=c++20", "-pthread", "-fno-fast-math", "-Wall", "-Wno-unused-function",
+              f"-I{HERE}"]
+
+
+def _compile(cxx_args: list[str], source: str, out: Path, shared: bool) -> None:
+    _compile_units(cxx_args, [source], out, shared)
+
+
+def _compile_units(cxx_args: list[str], sources: list[str], out: Path, shared: bool) -> None:
+    """Compile the translation units at once (one g++ each: the cores a build finds idle),
+    then link them into `out`."""
+    cxx = _cxx()
     # per-process names, then an atomic rename: processes building at once do not collide
-    src = out.with_name(f"{out.name}.{os.getpid()}.cpp")
-    tmp = f"{out}.{os.getpid()}.tmp"
-    src.write_text(source)
-    cmd = [cxx, "-std=c++20", "-pthread", "-fno-fast-math", "-Wall", "-Wno-unused-function",
-           f"-I{HERE}", *(["-shared", "-fPIC"] if shared else []), *cxx_args, str(src), "-o",
-           tmp]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    src.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"g++ failed:\n{done.stderr[-5000:]}")
+    tag = f"{os.getpid()}"
+    srcs = [out.with_name(f"{out.name}.{tag}.{k}.cpp") for k in range(len(sources))]
+    objs = [out.with_name(f"{out.name}.{tag}.{k}.o") for k in range(len(sources))]
+    tmp = f"{out}.{tag}.tmp"
+    pic = ["-fPIC"] if shared else []
+    try:
+        for src, text in zip(srcs, sources):
+            src.write_text(text)
+        if len(sources) == 1:
+            jobs = [[cxx, *_CXX_FLAGS, *(["-shared"] if shared else []), *pic, *cxx_args,
+                     str(srcs[0]), "-o", tmp]]
+        else:
+            jobs = [[cxx, *_CXX_FLAGS, *pic, *cxx_args, "-c", str(src), "-o", str(obj)]
+                    for src, obj in zip(srcs, objs)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for cmd in jobs]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"g++ failed:\n{err[-5000:]}")
+        if len(sources) > 1:
+            link = [cxx, "-pthread", *(["-shared"] if shared else []), *pic,
+                    *map(str, objs), "-o", tmp]
+            done = subprocess.run(link, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"linking failed:\n{done.stderr[-5000:]}")
+    finally:
+        for f in (*srcs, *objs):
+            f.unlink(missing_ok=True)
     os.replace(tmp, out)
+
+
+BUILD_UNITS = 2  # translation units per library: g++ on both cores of a 2-core machine
 
 
 def build(folder: Path, mode: str = "device") -> ctypes.CDLL:
     """Compile the emulator library once per source text and mode (cached under `folder`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    source = emulator_source(mode)
+    sources = emulator_sources(mode, parts=BUILD_UNITS if mode == "device" else 1)
     emulator = (HERE / "cuda_emulator.h").read_text()
     # -O2: GCC contracts a * b + c into an FMA only from -O2 on
     flags = ["-O2", *_CONTRACT[mode], *(_fma_flags() if mode == "device" else [])]
-    digest = hashlib.sha256((source + emulator + " ".join(flags)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(("".join(sources) + emulator + " ".join(flags)).encode()
+                            ).hexdigest()[:16]
     lib_path = Path(folder) / f"gpuloss_host_{mode}_{digest}.so"
     with build_lock(lib_path):  # test workers (pytest -n) wait for one build, not race it
         if not lib_path.exists():
-            _compile(flags, source, lib_path, shared=True)
+            _compile_units(flags, sources, lib_path, shared=True)
     return ctypes.CDLL(str(lib_path))
 
 
@@ -460,14 +524,20 @@ class EmulatorRuntime:
             out = np.asarray(x).astype(dtype)
         return device_array(out)
 
+    def _symbol(self, prefix: str, name: str):
+        try:
+            return getattr(self.lib, f"{prefix}{self.index[name]}")
+        except AttributeError:  # the IEEE build holds a few kernels (see _ieee_kernels)
+            msg = f"{name} is not in this emulator build (its mode's kernels: build())"
+            raise RuntimeError(msg) from None
+
     def signature(self, name: str) -> list[tuple[str, int]]:
-        i = self.index[name]
         sizes, kinds = (ctypes.c_int * 64)(), ctypes.create_string_buffer(64)
-        count = getattr(self.lib, f"gl_emu_sig{i}")(sizes, kinds)
+        count = self._symbol("gl_emu_sig", name)(sizes, kinds)
         return [(kinds.raw[j : j + 1].decode(), sizes[j]) for j in range(count)]
 
     def kernel(self, name: str, x):
-        fn = getattr(self.lib, f"gl_emu_k{self.index[name]}")
+        fn = self._symbol("gl_emu_k", name)
         fn.restype = ctypes.c_int
         signature = self.signature(name)
 
