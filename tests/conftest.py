@@ -28,6 +28,24 @@ def _fixed_hypothesis_examples():
 _fixed_hypothesis_examples()
 
 
+# GPULOSS_FULL_SWEEPS=1 (a nightly run): every combination of the slowest sweeps; the default
+# run takes a sample in which every value of every axis still appears (README, "Tests")
+FULL_SWEEPS = os.environ.get("GPULOSS_FULL_SWEEPS") == "1"
+
+
+def each_at_least_once(first: list, second: list, offset: int = 0) -> list[tuple]:
+    """Pairs from `first` × `second`: all of them with FULL_SWEEPS; otherwise each item of
+    `first` with one of `second` in turn (starting at `offset`, so that two sweeps of the
+    same lists pair them differently), and each of `second` at least once."""
+    if FULL_SWEEPS:
+        return [(a, b) for a in first for b in second]
+    n = len(second)
+    pairs = [(a, second[(i + offset) % n]) for i, a in enumerate(first)]
+    seen = {(i + offset) % n for i in range(len(first))}
+    pairs += [(first[0], second[j]) for j in range(n) if j not in seen] if first else []
+    return pairs
+
+
 def require(module: str):
     """Import a peer library for comparison tests.
 

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_inputs, require
+from conftest import each_at_least_once, make_inputs, require
 from reference import ELEMENTWISE
 from test_losses import _cases, _options
 
@@ -48,31 +48,42 @@ def _close(got, want, rtol):
 @pytest.mark.parametrize(("loss", "shape", "labels"), CASES, ids=IDS)
 @pytest.mark.parametrize("x64", [True, False], ids=["float64", "float32"])
 def test_traced_calls_agree_with_numpy(loss, shape, labels, x64):
-    """jit(loss), jit(grad(loss)), jit(loss.value_and_grad) for every option set and
-    reduction = the NumPy backend (float64 to 1e-12; float32, with float32 sums, to 2e-5)."""
+    """jit(loss), jit(grad(loss)), jit(loss.value_and_grad) for every option set and every
+    reduction = the NumPy backend (float64 to 1e-12; float32, with float32 sums, to 2e-5).
+    Each trace is a compile: the default run pairs each option set with one reduction in
+    turn (every reduction appears); GPULOSS_FULL_SWEEPS=1 runs every pair."""
     dtype, rtol = (np.float64, 1e-12) if x64 else (np.float32, 2e-5)
     fn = gl.LOSSES[loss]
     with jax.enable_x64(x64):
         pred, target, option_sets = _inputs(loss, shape, labels, dtype)
         P, T = jnp.asarray(pred), jnp.asarray(target)
-        for opts in option_sets:
+        for opts, reduction in each_at_least_once(option_sets, list(REDUCTIONS), int(x64)):
             jopts = _jax_options(opts)
-            for reduction in REDUCTIONS:
-                want_v, want_g = fn.value_and_grad(pred, target, reduction=reduction, **opts)
+            want_v, want_g = fn.value_and_grad(pred, target, reduction=reduction, **opts)
 
-                def value(p, t, jopts=jopts, reduction=reduction):
-                    return fn(p, t, reduction=reduction, validate=False, **jopts)
+            def value(p, t, jopts=jopts, reduction=reduction):
+                return fn(p, t, reduction=reduction, validate=False, **jopts)
 
-                v = jax.jit(value)(P, T)
-                g = jax.jit(jax.grad(lambda p, t, f=value: jnp.sum(f(p, t))))(P, T)
-                vg_v, vg_g = jax.jit(lambda p, t, jopts=jopts, reduction=reduction:
-                                     fn.value_and_grad(p, t, reduction=reduction,
-                                                       validate=False, **jopts))(P, T)
-                what = f"{loss} {opts} {reduction}"
-                assert v.dtype == pred.dtype and g.dtype == pred.dtype, what
-                assert v.shape == np.shape(want_v) and g.shape == pred.shape, what
-                for got, want in ((v, want_v), (g, want_g), (vg_v, want_v), (vg_g, want_g)):
-                    _close(got, want, rtol)
+            v = jax.jit(value)(P, T)
+            g = jax.jit(jax.grad(lambda p, t, f=value: jnp.sum(f(p, t))))(P, T)
+            vg_v, vg_g = jax.jit(lambda p, t, jopts=jopts, reduction=reduction:
+                                 fn.value_and_grad(p, t, reduction=reduction,
+                                                   validate=False, **jopts))(P, T)
+            what = f"{loss} {opts} {reduction}"
+            assert v.dtype == pred.dtype and g.dtype == pred.dtype, what
+            assert v.shape == np.shape(want_v) and g.shape == pred.shape, what
+            for got, want in ((v, want_v), (g, want_g), (vg_v, want_v), (vg_g, want_g)):
+                _close(got, want, rtol)
+
+
+def test_the_sampled_sweep_keeps_every_option_set_and_reduction():
+    import conftest
+
+    for n in range(1, 6):
+        first = list(range(n))
+        pairs = each_at_least_once(first, list(REDUCTIONS), 1)
+        assert {a for a, _ in pairs} == set(first) and {b for _, b in pairs} == set(REDUCTIONS)
+        assert len(pairs) == (n * 3 if conftest.FULL_SWEEPS else max(n, 3))
 
 
 @pytest.mark.parametrize(("loss", "shape", "labels"), CASES, ids=IDS)
