@@ -181,10 +181,16 @@ def _split_classes(call, pred) -> bool:
     """cce_with_logits with its class axis over several NumPy chunks: states per block, no
     join. Focal loss (focal_gamma != 0) is not: its per-class terms need the whole row's
     softmax a second time, so it keeps the join of the class axis (`compute`); nor are CuPy
-    chunks (their rows go to the CUDA kernels whole)."""
+    chunks (their rows go to the CUDA kernels whole), nor masked arrays (pred, target or
+    weights: the joined path refuses them with its TypeError, which this one would not see)."""
+
+    def plain(x):  # a Dask array of plain NumPy chunks (a masked array is an ndarray too)
+        return not hasattr(x, "dask") or type(getattr(x, "_meta", None)) is np.ndarray
+
     return (call.loss == "cce_with_logits" and call.categorical
             and pred.numblocks[call.axis] > 1 and not call.options.get("focal_gamma")
-            and isinstance(getattr(pred, "_meta", None), np.ndarray))
+            and plain(pred) and plain(call.target) and plain(call.sample_weight)
+            and plain(call.class_weight))
 
 
 def _xp():
@@ -285,7 +291,7 @@ def _vocab(call: _call.Call):
             if W.chunks != lead_chunks:
                 W = W.rechunk(lead_chunks)
         else:
-            W = da.from_array(np.ascontiguousarray(np.broadcast_to(np.asarray(sw), lead_shape)),
+            W = da.from_array(np.array(np.broadcast_to(np.asarray(sw), lead_shape), order="C"),
                               chunks=lead_chunks)
 
     common = {"labels": labels, "cdt": cdt, "cap": cap, "smoothing": smoothing, "K": K,
@@ -398,7 +404,8 @@ def _v_states(z, place, t, *rest, labels, cdt, cap, smoothing, K, ignore_index, 
     out = np.empty((R, len(edges), _shards.FIELDS))
     for b, (lo, hi) in enumerate(edges):  # a tile of rows of one block at a time
         for i, j in _slabs(R, hi - lo, _SLAB):
-            s, _ = _capped(z[i:j, lo:hi], cdt, cap)
+            with np.errstate(all="ignore"):  # (as the NumPy backend: overflow is the answer)
+                s, _ = _capped(z[i:j, lo:hi], cdt, cap)
             out[i:j, b:b + 1] = _shards.states(
                 xp, s, start=start + lo, block=block, labels=labels,
                 target=y[i:j] if labels else t[i:j, lo:hi],
@@ -432,7 +439,8 @@ def _v_merge(states, *rest, labels, smoothing, z_loss, K, ignore_index, reductio
             lo, hi = float(np.min(w)), float(np.max(w))
             if not _call.weights_ok(lo, hi):
                 _call.raise_bad_weights("sample_weight", lo, hi)
-        w = w.astype(np.float64) * w_scale
+        with np.errstate(all="ignore"):
+            w = w.astype(np.float64) * w_scale
     elif w_scale != 1.0:
         w = np.full(R, w_scale)
     w_given = w
@@ -494,7 +502,8 @@ def _v_grad(z, place, pk, scale, t, *rest, labels, cdt, cap, smoothing, K, ignor
     scale = float(scale)
     out = np.empty((R, width), dtype=out_dtype)
     for i, j in _slabs(R, width, _SLAB):
-        s, sech2 = _capped(z[i:j], cdt, cap)
+        with np.errstate(all="ignore"):
+            s, sech2 = _capped(z[i:j], cdt, cap)
         yi = y[i:j] if labels else None
         out[i:j] = _shards.grad(xp, s, sech2, _rows_of(pk[i:j], labels, z_loss), start=start,
                                 labels=labels, target=yi if labels else t[i:j], cw=cw,

@@ -301,3 +301,32 @@ def test_focal_loss_keeps_the_join():
     want_v, want_g = gl.cce_with_logits.value_and_grad(z, t, focal_gamma=2.0)
     _close(v.compute(), want_v, np.float64, "focal")
     _close(g.compute(), want_g, np.float64, "focal")
+
+
+@pytest.mark.parametrize("which", ["pred", "target", "sample_weight"])
+def test_masked_arrays_are_refused_as_before(which):
+    """A masked chunk (pred, probability targets or weights) takes the joined path, which
+    refuses it; the split path would compute on the masked data."""
+    rng = np.random.default_rng(8)
+    z, t = _inputs(rng, np.float64, False)
+    Z = da.from_array(z, chunks=(10, 12))
+    T = da.from_array(t, chunks=(10, 12))
+    W = da.from_array(np.ones(N), chunks=10)
+    if which == "pred":
+        Z = da.ma.masked_greater(Z, 1.0)
+    elif which == "target":
+        T = da.ma.masked_greater(T, 0.5)
+    else:
+        W = da.ma.masked_greater(W, 2.0)
+    with pytest.raises(TypeError, match="masked array"):
+        gl.cce_with_logits(Z, T, sample_weight=W).compute()
+
+
+def test_one_dimensional_pred_with_a_scalar_weight():
+    rng = np.random.default_rng(9)
+    z = rng.standard_normal(20)
+    y = np.int64(3)
+    got = gl.cce_with_logits(da.from_array(z, chunks=6), da.from_array(np.asarray(y)),
+                             sample_weight=np.float64(2.0))
+    _close(got.compute(), gl.cce_with_logits(z, y, sample_weight=np.float64(2.0)), np.float64,
+           "1-d")
