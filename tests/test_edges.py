@@ -70,6 +70,26 @@ def test_cce_with_logits_extreme_rows(dtype):
     np.testing.assert_allclose(grad.astype(np.float64)[2], [1 / 3, 1 / 3, -2 / 3], rtol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_masked_class_of_no_weight_adds_nothing_to_label_smoothing(dtype, reduction):
+    """Class indices, label smoothing and a class of weight 0 whose logits are -inf (masked):
+    its smoothing term is 0 (the NumPy backend formed 0 * -inf = NaN; the kernels and the
+    generic backend did not). The same as a logit so low that its softmax underflows to 0."""
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((6, 5)).astype(dtype)
+    t = np.array([0, 1, 0, 3, 4, 0])
+    cw = np.array([1.0, 0.5, 0.0, 2.0, 1.0], dtype)
+    masked, low = z.copy(), z.copy()
+    masked[:, 2], low[:, 2] = -np.inf, -1e4
+    opts = {"class_weight": cw, "label_smoothing": 0.1, "reduction": reduction}
+    got_v, got_g = gl.cce_with_logits.value_and_grad(masked, t, **opts)
+    want_v, want_g = gl.cce_with_logits.value_and_grad(low, t, **opts)
+    assert np.all(np.isfinite(got_v)) and np.all(np.isfinite(got_g))
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_array_equal(got_g, want_g)
+
+
 @pytest.mark.parametrize(("loss", "labels"), [(loss, labels) for loss in ALL
                                                for labels in (True, False)
                                                if loss in ELEMENTWISE or labels in

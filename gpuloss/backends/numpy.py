@@ -1101,6 +1101,8 @@ def _cce_logits_block(Z, labels, swb, G, L, s, k):
             np.multiply(L, c_true, out=L)
         if ls:
             dot = S.sum(axis=1) if k.cw is None else S @ k.cw
+            if k.cw is not None and np.isnan(dot).any():  # rare: 0 * -inf, a masked class
+                dot = np.where(k.cw == 0, 0, S) @ k.cw  # of no weight adds 0 (as the kernel)
             L += (ls / K) * (k.cw_sum * lse - dot)
         if zl:
             full = m + lse
