@@ -447,7 +447,8 @@ def _v_merge(states, *rest, labels, smoothing, z_loss, K, ignore_index, reductio
     merged = np.empty((R, _shards.FIELDS))
     for i, j in _slabs(R, nb * _shards.FIELDS, _SLAB):
         merged[i:j] = _shards.merge_blocks(xp, st[i:j])
-    r = _shards.finish(xp, merged, labels=labels, w=w, smoothing=smoothing, z_loss=z_loss, K=K,
+    r = _shards.finish(xp, merged, labels=labels, w=w, z_scale=1.0 / w_scale,
+                       smoothing=smoothing, z_loss=z_loss, K=K,
                        reduction=reduction, ignore_index=ignore_index, y=y)
     out = np.zeros((R, _NR))
     out[:, _RM], out[:, _RSE], out[:, _RREST1] = r.M, r.se, r.rest1

@@ -235,9 +235,12 @@ class Rows:
                  "rest1", "s_y", "se", "w_row", "z_lse")
 
 
-def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_index, y):
+def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_index, y,
+           z_scale=1.0):
     """The per-row losses (w applied) and the gradient's per-row numbers from the merged
-    (N, 8) state. `w`: the (N,) sample weights in float64 (None: 1); `y`: the labels."""
+    (N, 8) state. `w`: the (N,) sample weights in float64 (None: 1); `y`: the labels.
+    `z_scale`: for probability targets, the z-term's share of w (1 / the scale w carries for
+    class weights rescaled by their maximum: the z-loss weighs a sample 1, not by them)."""
     f64 = xp.float64
     st = merged
     N = st.shape[0]
@@ -256,7 +259,7 @@ def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_ind
         r.rest1 = xp.where(finite, r.rest1, math.nan)
         r.log_se = xp.log1p(r.rest1)
         lse = r.M + r.log_se
-        r.z_lse = 2 * zl * lse if zl else None
+        r.z_lse = 2 * zl * lse * (1.0 if labels else z_scale) if zl else None
         if labels:
             ignored = (y == ignore_index) if ignore_index is not None else \
                 xp.zeros((N,), dtype=xp.bool, device=dev)
@@ -285,7 +288,7 @@ def finish(xp, merged, *, labels, w, smoothing, z_loss, K, reduction, ignore_ind
             r.s_y = r.c_label = r.one_minus_py_se = None
             loss = st[:, CSUM] * r.log_se - st[:, DOT]
             if zl:
-                loss = loss + zl * lse * lse
+                loss = loss + zl * lse * lse * z_scale
             r.c_sum = st[:, CSUM]
             denom_w = w_row
         # a row of weight 0 adds 0, even where its loss is infinite; NaN stays NaN

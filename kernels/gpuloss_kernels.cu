@@ -543,6 +543,11 @@ gpuloss_rows(const TP* __restrict__ pred, const TT* __restrict__ target, long lo
         if (cw_scale) w *= gl_load(cw_scale, 0);  // class weights arrive divided by it (see above)
         long long label = 0;
         C cw_label = C(1);
+        // probability targets: the z-loss weighs a row 1, and the row's weight carries the
+        // class weights' scale, which is not the z-term's (see above)
+        if constexpr (!LABELS) {
+            if (cw_scale) cw_label = (C)(1.0 / gl_load(cw_scale, 0));
+        }
         // constexpr: a probability target (LABELS 0, maybe bfloat16) is never an index
         if constexpr (LABELS) {
             if (live) {

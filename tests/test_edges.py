@@ -70,19 +70,15 @@ def test_cce_with_logits_extreme_rows(dtype):
     np.testing.assert_allclose(grad.astype(np.float64)[2], [1 / 3, 1 / 3, -2 / 3], rtol=2e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect, on the NumPy backend and the CUDA kernels alike: with probability targets "
-    "and class weights outside [1e-30, 1e30] (rescaled by their maximum, the rows' weights "
-    "taking the scale back), the z-term is multiplied by that scale too. The fix: weigh the "
-    "z-term by 1/scale for probability targets (NumPy: L += z lse^2 / w_scale and the zq "
-    "term; the kernel: cw_label = 1/cw_scale when LABELS is 0); to do with both at once"))
 @pytest.mark.parametrize("scale", [1e-31, 1e31])
 @pytest.mark.parametrize("focal_gamma", [0.0, 2.0])
 def test_z_loss_with_probability_targets_ignores_the_class_weights_scale(scale, focal_gamma):
     """Probability targets: the z-loss weighs each sample 1, whatever the class weights. With
-    class weights of an extreme scale (rescaled inside the backend, the rows taking the scale
-    back), the z-term was scaled with them (at 1e-31 it vanished). Value against the float64
-    reference; gradient against central differences of the value."""
+    class weights of an extreme scale (rescaled inside the backends, the rows taking the scale
+    back), the z-term was scaled with them (at 1e-31 it vanished), on the NumPy backend, the
+    CUDA kernels (tests/test_emulated.py compares them) and Dask's split class axis. Value
+    against the float64 reference; gradient against central differences of the value; Dask
+    with two class chunks against NumPy."""
     rng = np.random.default_rng(12)
     z = rng.standard_normal((5, 4)) * 3
     t = rng.dirichlet(np.ones(4), 5)
@@ -97,6 +93,11 @@ def test_z_loss_with_probability_targets_ignores_the_class_weights_scale(scale, 
         down[i] -= h
         fd[i] = (gl.cce_with_logits(up, t, **opts) - gl.cce_with_logits(down, t, **opts)) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-6 * np.abs(fd).max())
+    da = pytest.importorskip("dask.array")
+    got_v, got_g = gl.cce_with_logits.value_and_grad(
+        da.from_array(z, chunks=(5, 2)), da.from_array(t, chunks=(5, 2)), **opts)
+    np.testing.assert_allclose(got_v.compute(), value, rtol=1e-12)
+    np.testing.assert_allclose(got_g.compute(), grad, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1164,9 +1164,9 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         if np.isnan(dot).any():  # rare: 0 * -inf, a masked logit that carries no weight, adds 0
             dot = np.einsum("ij,ij->i", C, np.where(C == 0, 0, S))
         L -= dot
-        if zl:
-            full = m + lse
-            L += zl * full * full
+        if zl:  # weight 1 per sample: the class weights' scale, which the rows' losses take
+            full = m + lse  # back afterwards (extreme class weights), is not the z-term's
+            L += zl * full * full / k.w_scale
         total = _weigh_rows(L, w, k)
     if G is not None:
         # p (c_sum - c) - c (1 - p) with 1 - p = (se - e) / se (rest at the row's maximum): no
@@ -1182,7 +1182,8 @@ def _cce_logits_probs_block(Z, T, swb, G, L, s, k):
         zq = None
         if zl:  # the z-loss's 2 z lse softmax, weighted in float64 (a row of weight 0 adds 0)
             zq = s.get("zq", (R, K), k.cdt)
-            np.multiply(E, (2 * zl * (m + lse) * gw64).astype(k.cdt)[:, None], out=zq)
+            np.multiply(E, (2 * zl * (m + lse) * gw64 / k.w_scale).astype(k.cdt)[:, None],
+                        out=zq)
         np.multiply(E, np.subtract(csum[:, None], C, dtype=k.cdt), out=E)
         np.subtract(E, om, out=E)
         np.multiply(E, gw, out=E)
@@ -1213,7 +1214,7 @@ def _cce_logits_focal_block(Z, T, swb, G, L, s, k, labels):
     else:
         trange = _min_max(T) if k.validate else _NO_RANGE
         w = np.ones(R, k.cdt) if swb is None else swb
-        zw = 1
+        zw = 1 / k.w_scale  # weight 1 once the rows take back the class weights' scale
         C = _class_coefs(T, s, k)
     m, top = _row_max(Z)
     S = s.get("S", (R, K), k.cdt)
