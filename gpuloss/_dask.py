@@ -383,23 +383,27 @@ def _v_merge_layer(call, states, Y, W, CW, *, nlead, labels, smoothing, z_loss, 
     return da.Array(graph, name, chunks, dtype=np.float64, meta=np.empty((0,) * (nlead + 1)))
 
 
+def _flat_chunk(z, t, labels):
+    """A chunk as rows: (its leading shape, R, z (R, width), labels (R,) or None, probability
+    targets (R, width) or the labels' array)."""
+    rows, width = z.shape[:-1], z.shape[-1]
+    R = math.prod(rows)
+    y = _labels_int64(t.reshape(R)) if labels else None
+    return rows, R, z.reshape(R, width), y, (t if labels else t.reshape(R, width))
+
+
 def _v_states(z, place, t, *rest, labels, cdt, cap, smoothing, K, ignore_index, block,
               rule_msg, has_cw):
     """One chunk's block states (rows, blocks, 8), computed a slab of rows at a time."""
     xp = _xp()
     cw = rest[0] if has_cw else None
     start = place[-1].start
-    rows, width = z.shape[:-1], z.shape[-1]
-    R = math.prod(rows)
-    z = z.reshape(R, width)
-    if labels:
-        y = _labels_int64(t.reshape(R))
-    else:
-        t = t.reshape(R, width)
-        if rule_msg is not None and t.size:  # the targets as stored, NaN passing
-            lo, hi = float(np.fmin.reduce(t, axis=None)), float(np.fmax.reduce(t, axis=None))
-            if lo < 0 or hi > 1:
-                raise ValueError(rule_msg.format(lo=f"{lo:.6g}", hi=f"{hi:.6g}"))
+    width = z.shape[-1]
+    rows, R, z, y, t = _flat_chunk(z, t, labels)
+    if not labels and rule_msg is not None and t.size:  # the targets as stored, NaN passing
+        lo, hi = float(np.fmin.reduce(t, axis=None)), float(np.fmax.reduce(t, axis=None))
+        if lo < 0 or hi > 1:
+            raise ValueError(rule_msg.format(lo=f"{lo:.6g}", hi=f"{hi:.6g}"))
     edges = _shards.block_edges(start, width, block)
     out = np.empty((R, len(edges), _shards.FIELDS))
     for b, (lo, hi) in enumerate(edges):  # a tile of rows of one block at a time
@@ -493,13 +497,9 @@ def _v_grad(z, place, pk, scale, t, *rest, labels, cdt, cap, smoothing, K, ignor
     xp = _xp()
     cw = rest[0] if has_cw else None
     start = place[-1].start
-    rows, width = z.shape[:-1], z.shape[-1]
-    R = math.prod(rows)
-    z = z.reshape(R, width)
+    width = z.shape[-1]
+    rows, R, z, y, t = _flat_chunk(z, t, labels)
     pk = pk.reshape(R, _NR)
-    y = _labels_int64(t.reshape(R)) if labels else None
-    if not labels:
-        t = t.reshape(R, width)
     scale = float(scale)
     out = np.empty((R, width), dtype=out_dtype)
     for i, j in _slabs(R, width, _SLAB):

@@ -36,9 +36,7 @@ every rank does after the same loss).
 
 from __future__ import annotations
 
-import math
-
-from . import _api, _shards
+from . import _linear, _shards
 from . import _ranks as _d
 
 
@@ -49,28 +47,12 @@ def _check(hidden, weight, target, bias, vocab_start, deterministic, block, chun
         if not isinstance(x, torch.Tensor):
             msg = f"{name} must be a torch.Tensor, got {type(x).__name__}."
             raise TypeError(msg)
-    _d._check_float(hidden.dtype, "hidden")
-    if hidden.ndim < 1:
-        msg = "hidden must have a feature axis (shape (..., H)), got a 0-d tensor."
-        raise ValueError(msg)
-    H = int(hidden.shape[-1])
-    if weight.ndim != 2 or int(weight.shape[1]) != H:
-        msg = (f"local_weight must have shape (V_r, H) = (this rank's classes, hidden "
-               f"features), with H = {H} as hidden's last axis; got {tuple(weight.shape)}.")
-        raise ValueError(msg)
-    for name, x in (("local_weight", weight), ("bias", bias)):
-        if x is not None and x.dtype != hidden.dtype:
-            msg = (f"{name} has dtype {_api.dtype_name(x.dtype)} and hidden "
-                   f"{_api.dtype_name(hidden.dtype)}: pass them in one dtype.")
-            raise TypeError(msg)
-    width = int(weight.shape[0])
-    if bias is not None and tuple(bias.shape) != (width,):
-        msg = f"bias must have shape ({width},) (this rank's classes), got {tuple(bias.shape)}."
-        raise ValueError(msg)
-    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or \
-            not 0 < chunk_mb < math.inf:
-        msg = f"chunk_mb must be a positive, finite number of megabytes, got {chunk_mb!r}."
-        raise ValueError(msg)
+    import array_api_compat.torch as xp
+
+    _, width = _linear.check_layer(
+        xp, hidden, weight, bias, chunk_mb, weight_name="local_weight",
+        weight_shape="(V_r, H) = (this rank's classes, hidden features)",
+        bias_rows="this rank's classes")
     c = _d._check_shard(tuple(hidden.shape[:-1]), width, hidden.dtype, hidden.device, target,
                         vocab_start, deterministic, block, options, "hidden")
     return c

@@ -72,6 +72,43 @@ class _Checked:
     )
 
 
+def check_layer(xp, hidden, weight, bias, chunk_mb, *, weight_name="weight",
+                weight_shape="(V, H) = (classes, hidden features)",
+                bias_rows="one per class, weight's rows") -> tuple[int, int]:
+    """The checks of the layer: hidden's dtype and feature axis, the weight's shape, one dtype
+    for the three, the bias's shape, chunk_mb. Returns (H, V). The split-vocabulary version
+    (gpuloss.distributed) names its weight and rows its own way."""
+    dtype = _api.dtype_name(hidden.dtype)
+    if _api.dtype_kind(xp, hidden.dtype) != "float" or dtype not in _api._FLOAT_DTYPES:
+        msg = (f"Expected hidden to have a real floating dtype (float16, bfloat16, float32 or "
+               f"float64), got {dtype}.")
+        raise TypeError(msg)
+    if hidden.ndim < 1:
+        msg = "hidden must have a feature axis (shape (..., H)), got a 0-d array."
+        raise ValueError(msg)
+    H = int(hidden.shape[-1])
+    if weight.ndim != 2 or int(weight.shape[1]) != H:
+        msg = (f"{weight_name} must have shape {weight_shape}, with H = {H} as hidden's last "
+               f"axis; got {weight_name} of shape {_api._shape(weight)}.")
+        raise ValueError(msg)
+    V = int(weight.shape[0])
+    for name, x in ((weight_name, weight), ("bias", bias)):
+        if x is not None and _api.dtype_name(x.dtype) != dtype:
+            msg = (f"{name} has dtype {_api.dtype_name(x.dtype)} and hidden {dtype}: pass them "
+                   f"in one dtype (the logits are computed in it).")
+            raise TypeError(msg)
+    if bias is not None and _api._shape(bias) != (V,):
+        msg = f"bias must have shape ({V},) ({bias_rows}), got {_api._shape(bias)}."
+        raise ValueError(msg)
+    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, numbers.Real):
+        msg = f"chunk_mb must be a number of megabytes, got {type(chunk_mb).__name__} {chunk_mb!r}."
+        raise TypeError(msg)
+    if not 0 < chunk_mb < math.inf:
+        msg = f"chunk_mb must be a positive, finite number of megabytes, got {chunk_mb!r}."
+        raise ValueError(msg)
+    return H, V
+
+
 def check(hidden, weight, target, bias, chunk_mb, options) -> _Checked:
     """Every check that needs no data (the data's own checks are the row pass's)."""
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -96,33 +133,7 @@ def check(hidden, weight, target, bias, chunk_mb, options) -> _Checked:
     weight, target, bias = arrays["weight"], arrays["target"], arrays.get("bias")
 
     dtype = _api.dtype_name(hidden.dtype)
-    if _api.dtype_kind(xp, hidden.dtype) != "float" or dtype not in _api._FLOAT_DTYPES:
-        msg = (f"Expected hidden to have a real floating dtype (float16, bfloat16, float32 or "
-               f"float64), got {dtype}.")
-        raise TypeError(msg)
-    if hidden.ndim < 1:
-        msg = "hidden must have a feature axis (shape (..., H)), got a 0-d array."
-        raise ValueError(msg)
-    H = int(hidden.shape[-1])
-    if weight.ndim != 2 or int(weight.shape[1]) != H:
-        msg = (f"weight must have shape (V, H) = (classes, hidden features), with H = {H} as "
-               f"hidden's last axis; got weight of shape {_api._shape(weight)}.")
-        raise ValueError(msg)
-    V = int(weight.shape[0])
-    for name, x in (("weight", weight), ("bias", bias)):
-        if x is not None and _api.dtype_name(x.dtype) != dtype:
-            msg = (f"{name} has dtype {_api.dtype_name(x.dtype)} and hidden {dtype}: pass them "
-                   f"in one dtype (the logits are computed in it).")
-            raise TypeError(msg)
-    if bias is not None and _api._shape(bias) != (V,):
-        msg = f"bias must have shape ({V},) (one per class, weight's rows), got {_api._shape(bias)}."
-        raise ValueError(msg)
-    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, numbers.Real):
-        msg = f"chunk_mb must be a number of megabytes, got {type(chunk_mb).__name__} {chunk_mb!r}."
-        raise TypeError(msg)
-    if not 0 < chunk_mb < math.inf:
-        msg = f"chunk_mb must be a positive, finite number of megabytes, got {chunk_mb!r}."
-        raise ValueError(msg)
+    H, V = check_layer(xp, hidden, weight, bias, chunk_mb)
 
     lead = _api._shape(hidden)[:-1]
     kind = _api.dtype_kind(xp, target.dtype)

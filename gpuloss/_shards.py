@@ -56,11 +56,6 @@ SUPPORTED = ("reduction", "sample_weight", "validate", "class_weight", "ignore_i
              "label_smoothing", "z_loss", "softcap")
 
 
-def compute_dtype(xp, dtype):
-    """float64 stays; float32 and the 16-bit types compute in float32 (as the kernels)."""
-    return xp.float64 if dtype == xp.float64 else xp.float32
-
-
 def soft_cap(xp, z, c):
     """(c tanh(z / c), sech²(z / c)) from s = exp(−2|z / c|), as the NumPy backend's
     `_soft_cap`: no cancellation where tanh is near 1. NaN stays NaN; ±inf gives ±c and 0."""
