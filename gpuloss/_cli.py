@@ -328,7 +328,10 @@ def info(args) -> int:
     backends = ["numpy (CPU)", "generic array API"]
     if not gpu.startswith("none"):
         backends.append("cuda (CuPy kernels)")
+    from . import _host_build
+
     lines += [("backends", ", ".join(backends)), ("gpu", gpu),
+              ("cpu kernels", _host_build.status()),
               ("kernel sources", str(_cuda_backend.kernel_dir())),
               ("kernel cache", os.environ.get("CUPY_CACHE_DIR",
                                               str(Path.home() / ".cupy" / "kernel_cache")))]

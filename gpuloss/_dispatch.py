@@ -104,7 +104,7 @@ def route(call, rerun=None):
     its arrays is a JAX tracer (jit, grad, vmap, ...); then the computation stays in the
     trace."""
     if type(call.pred) is np.ndarray and type(call.target) is np.ndarray:
-        return _numpy_backend().compute  # NumPy arrays throughout (others are refused)
+        return compute_cpu  # NumPy arrays throughout (others are refused)
     arrays = (call.pred, call.target, call.sample_weight, call.pos_weight, call.class_weight)
     if any(_jax.is_traced(a) for a in arrays):
         return _jax.compute
@@ -121,7 +121,7 @@ def backend_for(pred, rerun=None):
     nothing here imports the layers above.
     """
     if isinstance(pred, np.ndarray):
-        return _numpy_backend().compute
+        return compute_cpu
     if array_api_compat.is_dask_array(pred):
         compute = importlib.import_module("gpuloss._dask").compute
         return functools.partial(compute, rerun=rerun)
@@ -149,6 +149,18 @@ def _torch_namespace():
 @functools.cache
 def _numpy_backend():
     return importlib.import_module("gpuloss.backends.numpy")
+
+
+@functools.cache
+def _host_backend():
+    return importlib.import_module("gpuloss.backends.host")
+
+
+def compute_cpu(call):
+    """NumPy data: the compiled CPU kernels where they take the call (the common ones), the
+    NumPy backend for the rest and for every call whose data break a check (it raises)."""
+    out = _host_backend().compute(call)
+    return _numpy_backend().compute(call) if out is None else out
 
 
 _NUMPY_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
@@ -187,7 +199,7 @@ def _compute_torch_cpu(call):
     """The NumPy backend on zero-copy NumPy views of torch CPU tensors; results come back as
     tensors (views of the NumPy results, no copy). Targets and weights get no gradient."""
     inner = call.with_arrays(_numpy_view)
-    value, grad = importlib.import_module("gpuloss.backends.numpy").compute(inner)
+    value, grad = compute_cpu(inner)
 
     def back(x):
         return None if x is None else _torch_view(x)
@@ -206,7 +218,7 @@ def _compute_jax_cpu(call):
     back as JAX arrays on the same memory where it is 64-byte aligned (large results are:
     `gpuloss._pool`), copied otherwise."""
     inner = call.with_arrays(np.asarray)
-    value, grad = importlib.import_module("gpuloss.backends.numpy").compute(inner)
+    value, grad = compute_cpu(inner)
     return _to_jax(value), _to_jax(grad)
 
 

@@ -1,0 +1,144 @@
+"""Build and load the compiled CPU kernels (kernels/gpuloss_host.cpp), a CPython extension.
+
+It is compiled on first use with this machine's C++ compiler, for this machine's instruction
+set (`-march=native`: the float32 exp of the cce rows is vectorised with whatever the CPU
+has), and kept in a cache folder for the next process: `GPULOSS_CACHE_DIR`, else
+`$XDG_CACHE_HOME/gpuloss`, else `~/.cache/gpuloss`. The file's name carries a digest of the
+sources, the flags, the compiler, the Python ABI and the CPU, so that a changed source, another
+Python or another machine never loads a stale build. A build takes a few seconds, once.
+
+Where no compiler is found, or the build fails, every call takes the NumPy backend, which
+computes the same numbers (to rounding) more slowly; `gpuloss info` says which is in use and
+why. `GPULOSS_HOST_KERNELS=0` turns the compiled kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+NAME = "_gpuloss_host"
+SOURCES = ("gpuloss_host.cpp", "gpuloss_math.cuh")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared",
+         # no fused multiply-adds the source does not write: the sums round as NumPy's do
+         "-ffp-contract=off",
+         # no errno and no FP exception flags to keep: selects and libm calls in the loops
+         # vectorise (the kernels report bad values through their own flags)
+         "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden")
+
+_lock = threading.Lock()
+_module = None  # the loaded extension, once built
+_tried = False  # whether a load was attempted (then _module or _reason says how it went)
+_reason = "not built yet"
+
+
+def module():
+    """The extension module, built and loaded on the first call; None where it cannot be
+    (turned off, no compiler, a failed build: `status()` says why)."""
+    if _tried:
+        return _module
+    return _load_once()
+
+
+def status() -> str:
+    """One line for `gpuloss info`: whether the compiled CPU kernels are in use."""
+    if module() is not None:
+        return f"compiled ({_module.__file__})"
+    return f"not in use: {_reason}; the NumPy backend computes"
+
+
+def _load_once():
+    global _module, _tried, _reason
+    with _lock:
+        if not _tried:
+            try:
+                _module = _load()
+            except (OSError, ImportError, subprocess.SubprocessError, RuntimeError) as exc:
+                _reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            _tried = True
+    return _module
+
+
+def _load():
+    global _reason
+    if os.environ.get("GPULOSS_HOST_KERNELS", "1") == "0":
+        _reason = "GPULOSS_HOST_KERNELS=0"
+        return None
+    if sys.implementation.name != "cpython":
+        _reason = f"{sys.implementation.name} (the kernels are a CPython extension)"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _reason = "no C++ compiler found (set CXX, or install g++ or clang++)"
+        return None
+    folder = _kernel_dir()
+    sources = [folder / name for name in SOURCES]
+    include = sysconfig.get_paths()["include"]
+    flags = list(FLAGS)
+    if sys.platform == "darwin":
+        flags += ["-undefined", "dynamic_lookup"]
+    digest = hashlib.sha256()
+    for part in (*(p.read_bytes() for p in sources), " ".join(flags).encode(),
+                 compiler.encode(), sysconfig.get_config_var("SOABI").encode()
+                 if sysconfig.get_config_var("SOABI") else b"", _cpu_id().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    path = cache_dir() / f"{NAME}-{digest.hexdigest()[:20]}{suffix}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        cmd = [compiler, *flags, f"-I{include}", f"-I{folder}", str(sources[0]), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"the C++ build failed: {done.stderr.strip() or done.stdout}")
+        os.replace(tmp, path)  # atomic: a concurrent build of the same file is harmless
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GPULOSS_CACHE_DIR"):
+        return Path(os.environ["GPULOSS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpuloss"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _kernel_dir() -> Path:
+    """kernels/ inside the installed package (wheel) or beside it (source tree, editable)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "kernels", package.parent / "kernels"):
+        if (candidate / SOURCES[0]).exists():
+            return candidate
+    raise FileNotFoundError(f"{SOURCES[0]} is not in {package}/kernels or {package.parent}/kernels")
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's flags (Linux), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"

@@ -1,0 +1,160 @@
+"""CPU backend, compiled: the common calls on NumPy data in one pass of C++ (kernels/
+gpuloss_host.cpp, built on first use by gpuloss._host_build).
+
+It takes what a training loop or a scoring job calls most, float32 or float64 C-contiguous
+data with no weight arrays:
+- every elementwise loss, through the CUDA kernels' own functors;
+- cce_with_logits with class indices (int64 or int32), the class axis last, with or without
+  ignore_index, and no class weights, label smoothing, z-loss, soft-capping or focal term.
+
+`compute` returns None for any other call, and for a call whose data break a check (a label
+out of range, a probability outside [0, 1]): the NumPy backend then computes it, or raises
+its error with its message. Below a few microseconds of work the cost of a call is its
+Python, so the checks here are a handful of attribute reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _call, _host_build, _pool
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_LABELS = {np.dtype(np.int64): 0, np.dtype(np.int32): 1}
+_RULES = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # GL_RULE_*
+# Above this many elements the NumPy backend's blocks on every core beat one C++ thread
+# for the elementwise losses whose functors call libm (exp, log): measured in
+# benchmarks/host_kernels.py
+ELEMENTWISE_MAX = 1 << 22
+
+_index: dict[str, int] = {}  # functor -> its row in the extension's table
+_params: dict[tuple, bytes] = {}  # kernel parameters as the extension reads them
+
+
+def compute(call: _call.Call):
+    """(value, gradient) of the checked `call`, or None where the NumPy backend computes it."""
+    mod = _host_build.module()
+    if mod is None:
+        return None
+    p = call.pred
+    dtype = p.dtype
+    # (builtin dtypes are singletons: a byte-swapped float32 is another dtype, and NumPy's)
+    if (dtype is not _F32 and dtype is not _F64) or p.size == 0:
+        return None
+    if call.sample_weight is not None or call.pos_weight is not None:
+        return None
+    if call.categorical:
+        return _cce_labels(mod, call)
+    return _elementwise(mod, call)
+
+
+def _contiguous(x):
+    """x, or a C-contiguous copy: the results must not depend on the layout (the NumPy
+    backend, which takes every layout, copies blocks the same way)."""
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _elementwise(mod, call):
+    p, y = call.pred, call.target
+    if p.size > ELEMENTWISE_MAX:
+        return None
+    p = _contiguous(p)
+    if y.dtype != p.dtype:  # targets in the compute dtype, as every backend takes them
+        if y.dtype.kind not in "biuf":
+            return None
+        converted = y.astype(p.dtype)
+        # a rule judges the values as stored, and the cast may round a value into the rule's
+        # range (1 + 1e-12 to 1.0f): judged here on the original, the NumPy backend raises
+        if call.validate and call.target_rule and not _obeys(call.target_rule, y, converted):
+            return None
+        y = converted
+    y = _contiguous(y)
+    if not _index:
+        _index.update((name, i) for i, name in enumerate(mod.ELEMENTWISE))
+    index = _index.get(call.kernel)
+    if index is None:
+        return None
+    params = _params.get(call.kernel_params)
+    if params is None:
+        params = np.zeros(4, np.float64)
+        params[: len(call.kernel_params)] = call.kernel_params
+        params = _params.setdefault(call.kernel_params, params.tobytes())
+    n = p.size
+    mean = call.reduction == "mean"
+    grad = np.empty(p.shape, p.dtype) if call.want_grad else None
+    per_elem = (np.empty(p.shape, p.dtype)
+                if call.want_value and call.reduction == "none" else None)
+    want_sum = call.want_value and call.reduction != "none"
+    validate = call.validate
+    total = mod.elementwise(
+        index, dtype_is_f64(p), p, y, grad, per_elem, n, 1.0 / n if mean else 1.0, params,
+        _RULES[call.pred_rule] if validate else 0, _RULES[call.target_rule] if validate else 0,
+        want_sum)
+    if type(total) is int:  # a value outside the loss's domain: the NumPy backend raises
+        return None
+    return _value(call, total, float(n), per_elem), grad
+
+
+def _obeys(rule, stored, converted) -> bool:
+    if rule == _call.SIGN:
+        return np.array_equal(stored, converted)  # exactly +-1 before and after
+    lo = np.fmin.reduce(stored, axis=None)  # (NaN passes every rule: it propagates)
+    hi = np.fmax.reduce(stored, axis=None)
+    return not (lo < 0 or (rule == _call.UNIT and hi > 1))
+
+
+def _cce_labels(mod, call):
+    if not call.labels or not call.kernel.startswith("GlCceLogits<"):
+        return None
+    p, y = call.pred, call.target
+    if (call.axis != p.ndim - 1 or call.class_weight is not None or call.label_smoothing
+            or any(call.kernel_params) or call.options.get("softcap") is not None):
+        return None
+    label_code = _LABELS.get(y.dtype)
+    if label_code is None:
+        if y.dtype.kind not in "iu" or y.dtype.itemsize >= 8:  # (uint64: the NumPy backend)
+            return None
+        y, label_code = y.astype(np.int64), 0
+    K = p.shape[-1]
+    if K >= 1 << 31:  # (the row kernel's positions are 32-bit lanes)
+        return None
+    if call.grad_out is None:
+        p = _contiguous(p)
+    elif not p.flags.c_contiguous:
+        return None
+    y = _contiguous(y)
+    R = p.size // K
+    grad = None
+    if call.want_grad:
+        grad = call.grad_out if call.grad_out is not None else _pool.empty(p.shape, p.dtype)
+    per_sample = (np.empty(p.shape[:-1], p.dtype)
+                  if call.want_value and call.reduction == "none" else None)
+    want_sum = call.want_value and call.reduction != "none"
+    # grad may be pred itself (linear cross-entropy's chunks): each row is read before its
+    # gradient is written
+    out = mod.cce_labels(dtype_is_f64(p), label_code, p, y, grad, per_sample, R, K,
+                         call.ignore_index, call.validate, call.reduction == "mean", want_sum)
+    if type(out) is int:  # a label out of range: the NumPy backend raises
+        return None
+    total, denom = out
+    return _value(call, total, denom, per_sample), grad
+
+
+def dtype_is_f64(p) -> int:
+    return 1 if p.dtype == _F64 else 0
+
+
+def _value(call, total: float, denom: float, per_sample):
+    """The value as the NumPy backend packages it (gpuloss.backends.numpy._finish)."""
+    if call.parts:
+        return np.array([total, denom], dtype=_F64)
+    if not call.want_value:
+        return None
+    if call.reduction == "none":
+        return per_sample
+    if call.reduction == "sum":
+        return np.asarray(total, dtype=call.pred.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.divide(np.float64(total), np.float64(denom)),
+                          dtype=call.pred.dtype)

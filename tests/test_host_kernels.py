@@ -1,0 +1,212 @@
+"""The compiled CPU kernels (kernels/gpuloss_host.cpp, gpuloss.backends.host) against the
+NumPy backend, which computes every call they take as well: the same numbers within the
+agreement tolerances of the CUDA path (tests/agreement.py), NaN and infinities in the same
+places, the same errors (raised by the NumPy backend, to which a call that fails a check
+falls back), and a float32 exp within one ulp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from agreement import RTOL
+
+import gpuloss as gl
+from gpuloss import _api, _call, _host_build
+from gpuloss.backends import host
+from gpuloss.backends import numpy as numpy_backend
+
+ELEMENTWISE = [name for name, loss in gl.LOSSES.items()
+               if loss.family == _call.ELEMENTWISE and name in (
+                   "mse", "mae", "huber", "smooth_l1", "log_cosh", "poisson_nll", "pinball",
+                   "bce", "bce_with_logits", "hinge", "squared_hinge")]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    m = _host_build.module()
+    assert m is not None, _host_build.status()  # the test machines have a C++ compiler
+    return m
+
+
+def _both(name, pred, target, **options):
+    """(host, numpy) results of one checked call; host must take it."""
+    call = _api.prepare(name, pred, target, options, want_value=True, want_grad=True)
+    got = host.compute(call)
+    assert got is not None, f"the compiled kernels did not take {name} {options}"
+    return got, numpy_backend.compute(call)
+
+
+def _agree(got, want, dtype):
+    rtol = RTOL[np.dtype(dtype).name]
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape
+        assert np.array_equal(np.isnan(g), np.isnan(w))
+        assert np.array_equal(np.isposinf(g), np.isposinf(w))
+        assert np.array_equal(np.isneginf(g), np.isneginf(w))
+        finite = np.isfinite(w)
+        scale = float(np.abs(w[finite]).max()) if finite.any() else 0.0
+        np.testing.assert_allclose(g[finite], w[finite], rtol=rtol, atol=rtol * scale)
+
+
+def test_every_elementwise_functor_is_compiled(mod):
+    """A functor added to gpuloss_math.cuh and declared by a loss must join the host table
+    (gpuloss_host.cpp, ELEMENTWISE), or its calls silently lose the compiled path."""
+    declared = set(_call.declared_kernels(_call.ELEMENTWISE))
+    variants = {f"{f}<0>" if f == "GlBceLogits" else f for f in declared}
+    assert variants <= set(mod.ELEMENTWISE)
+    assert "GlBceLogits<1>" in mod.ELEMENTWISE  # the focal variant
+
+
+def test_exp_f32_within_one_ulp(mod):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-110, 0, 1_000_001, dtype=np.float32),
+                        -np.abs(rng.standard_normal(200_000)).astype(np.float32) * 40,
+                        -rng.random(100_000).astype(np.float32) * 1e-6])
+    out = np.empty_like(x)
+    mod.exp_f32(x, out, x.size)
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert float(np.max(np.abs(out - exact) / ulp)) <= 1.0
+    special = np.array([0.0, -0.0, np.nan, -np.inf, -1e-45, -103.9, -104.0, -800.0, -87.5,
+                        -3.4e38], np.float32)
+    out = np.empty_like(special)
+    mod.exp_f32(special, out, special.size)
+    np.testing.assert_array_equal(out, np.exp(special))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_elementwise_agrees_with_numpy(name, dtype):
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    n = 1000
+    p = rng.standard_normal(n).astype(dtype) * 3
+    y = rng.standard_normal(n).astype(dtype)
+    if name in ("bce", "bce_with_logits"):
+        y = rng.random(n).astype(dtype)
+        if name == "bce":
+            p = rng.random(n).astype(dtype)
+            p[:3] = [0, 1, 1e-30]
+    if name in ("hinge", "squared_hinge"):
+        y = np.where(rng.random(n) < 0.5, -1, 1).astype(dtype)
+    if name == "poisson_nll":
+        y = np.abs(y)
+    p[-1], y[-1] = np.nan, y[0]  # NaN propagates
+    for reduction in ("mean", "sum", "none"):
+        _agree(*_both(name, p, y, reduction=reduction), dtype)
+    if name == "bce_with_logits":
+        _agree(*_both(name, p, y, focal_gamma=2.0, label_smoothing=0.1), dtype)
+    if name == "huber":
+        _agree(*_both(name, p, y, delta=0.5), dtype)
+
+
+def _rows(K, dtype, rng):
+    R = 64
+    z = (rng.standard_normal((R, K)) * 4).astype(dtype)
+    y = rng.integers(0, K, R)
+    # the edges: NaN, +-inf, ties at huge values, a row of -inf, a confident row
+    z[1, -1] = np.nan
+    z[2, :] = -np.inf
+    z[3, K // 2] = np.inf
+    z[4, :] = np.finfo(dtype).max
+    z[5, 0] = np.inf
+    z[5, -1] = -np.inf
+    z[6, y[6]] = 200.0
+    z[7, :] = -np.finfo(dtype).max
+    if K > 1:
+        z[8, 1] = np.nan
+        z[8, 0] = np.inf
+    return z, y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 2, 7, 15, 16, 17, 33, 255, 256, 1000])
+def test_cce_labels_agrees_with_numpy(K, dtype):
+    rng = np.random.default_rng(K)
+    z, y = _rows(K, dtype, rng)
+    for reduction in ("mean", "sum", "none"):
+        _agree(*_both("cce_with_logits", z, y, reduction=reduction), dtype)
+        _agree(*_both("cce_with_logits", z, y.astype(np.int32), reduction=reduction), dtype)
+    ignored = y.copy()
+    ignored[::3] = -100
+    _agree(*_both("cce_with_logits", z, ignored, ignore_index=-100), dtype)
+    ignored[::3] = K - 1  # an ignore_index that is also a class
+    _agree(*_both("cce_with_logits", z, ignored, ignore_index=K - 1, reduction="none"), dtype)
+    bad = y.copy()
+    bad[::5] = K + 3  # out of range, unchecked: those rows are NaN
+    _agree(*_both("cce_with_logits", z, bad, validate=False, reduction="none"), dtype)
+
+
+def test_cce_labels_3d_and_in_place():
+    """Rows of a (B, T, K) batch, and the gradient written over the logits themselves (linear
+    cross-entropy's chunks)."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((3, 5, 300)).astype(np.float32)
+    y = rng.integers(0, 300, (3, 5))
+    _agree(*_both("cce_with_logits", z, y), np.float32)
+    want = numpy_backend.compute(_api.prepare("cce_with_logits", z, y, {}, want_value=True,
+                                              want_grad=True))
+    buf = z.copy()
+    call = _api.prepare("cce_with_logits", buf, y, {}, want_value=True, want_grad=True,
+                        grad_out=buf)
+    value, grad = host.compute(call)
+    assert grad is buf
+    _agree((value, grad), want, np.float32)
+
+
+def test_losses_route_to_the_compiled_kernels(mod, monkeypatch):
+    """A plain call on NumPy arrays and on torch CPU tensors computes on the compiled kernels;
+    a call they do not take, or whose data fail a check, gets the NumPy backend's result or
+    error."""
+    calls = []
+    real = host.compute
+    monkeypatch.setattr(host, "compute", lambda c: calls.append(real(c)) or calls[-1])
+    z = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
+    y = np.arange(8) % 5
+    gl.cce_with_logits.value_and_grad(z, y)
+    assert calls[-1] is not None
+    gl.mse(z, z + 1)
+    assert calls[-1] is not None
+    gl.cce_with_logits(z, y, label_smoothing=0.1)  # not taken: the NumPy backend's
+    assert calls[-1] is None
+    with pytest.raises(ValueError, match=r"class indices in \[1, 5\]"):
+        gl.cce_with_logits(z, y + 1)  # 5 is out of range: the NumPy backend raises
+    with pytest.raises(ValueError, match="pred"):
+        gl.bce(z, np.zeros_like(z))  # outside [0, 1]
+    torch = pytest.importorskip("torch")
+    gl.cce_with_logits(torch.from_numpy(z), torch.from_numpy(y))
+    assert calls[-1] is not None
+
+
+def _run(env_extra, code):
+    env = {**os.environ, **env_extra}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+CHECK = """
+import numpy as np, gpuloss as gl
+from gpuloss import _host_build
+z = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
+y = np.arange(16) % 10
+v, g = gl.cce_with_logits.value_and_grad(z, y)
+ref = -np.log(np.exp(z[np.arange(16), y]) / np.exp(z).sum(1)).mean()
+assert abs(float(v) - ref) < 1e-5 * abs(ref), (v, ref)
+print(_host_build.status())
+"""
+
+
+def test_turned_off_and_failed_builds_fall_back_to_numpy(tmp_path):
+    out = _run({"GPULOSS_HOST_KERNELS": "0"}, CHECK)
+    assert "not in use: GPULOSS_HOST_KERNELS=0" in out
+    out = _run({"CXX": "false", "GPULOSS_CACHE_DIR": str(tmp_path)}, CHECK)
+    assert "not in use: the C++ build failed" in out
+    out = _run({"GPULOSS_CACHE_DIR": str(tmp_path)}, CHECK)  # a fresh build, then cached
+    assert out.startswith("compiled") and str(tmp_path) in out
+    assert len(list(tmp_path.glob("_gpuloss_host-*"))) == 1
