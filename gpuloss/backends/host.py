@@ -1,9 +1,9 @@
 """CPU backend, compiled: the common calls on NumPy data in one pass of C++ (kernels/
 gpuloss_host.cpp, built on first use by gpuloss._host_build).
 
-It takes what a training loop or a scoring job calls most, float32 or float64 C-contiguous
-data with no weight arrays:
-- every elementwise loss, through the CUDA kernels' own functors;
+It takes what a training loop calls most, float32 or float64 data with no weight arrays:
+- every elementwise loss up to a few thousand elements (beyond, NumPy's SIMD ufuncs on
+  every core are faster), through the CUDA kernels' own functors;
 - cce_with_logits with class indices (int64 or int32), the class axis last, with or without
   ignore_index, and no class weights, label smoothing, z-loss, soft-capping or focal term.
 
@@ -23,10 +23,14 @@ _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _LABELS = {np.dtype(np.int64): 0, np.dtype(np.int32): 1}
 _RULES = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # GL_RULE_*
-# Above this many elements the NumPy backend's blocks on every core beat one C++ thread
-# for the elementwise losses whose functors call libm (exp, log): measured in
-# benchmarks/host_kernels.py
-ELEMENTWISE_MAX = 1 << 22
+# Above these sizes the NumPy backend (SIMD ufuncs, blocks on every core) beats the one-thread
+# C++ loop over the functors (benchmarks/results/small-batch-bars-amd-epyc-2core-2026-12-06.json:
+# mse 1.08x slower at 2^16 elements, bce_with_logits 5x, since a functor that calls libm's
+# exp or log costs about 20 ns an element on the dev VM): the compiled path is for small calls
+ELEMENTWISE_MAX = 1 << 14
+LIBM_FUNCTORS = frozenset({"GlBce", "GlBceLogits<0>", "GlBceLogits<1>", "GlLogCosh",
+                           "GlPoissonNll"})
+LIBM_ELEMENTWISE_MAX = 1 << 10
 
 _index: dict[str, int] = {}  # functor -> its row in the extension's table
 _params: dict[tuple, bytes] = {}  # kernel parameters as the extension reads them
@@ -57,7 +61,7 @@ def _contiguous(x):
 
 def _elementwise(mod, call):
     p, y = call.pred, call.target
-    if p.size > ELEMENTWISE_MAX:
+    if p.size > (LIBM_ELEMENTWISE_MAX if call.kernel in LIBM_FUNCTORS else ELEMENTWISE_MAX):
         return None
     p = _contiguous(p)
     if y.dtype != p.dtype:  # targets in the compute dtype, as every backend takes them
