@@ -273,9 +273,54 @@ _STRUCTURAL = ("reduction", "sample_weight", "validate", "pos_weight", "class_we
 def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, parts=False,
             grad_out=None) -> Call:
     """Check every argument that can be checked without reading the data. `loss` is a Loss
-    or the name of one. `parts` and `grad_out`: see `gpuloss._call.Call`."""
+    or the name of one. `parts` and `grad_out`: see `gpuloss._call.Call`.
+
+    These checks read only the arrays' library, device, dtype and shape and the options: a
+    training loop repeats one signature, whose checked call is remembered (without its
+    arrays) and handed out again with the new arrays."""
     if isinstance(loss, str):
         loss = _BY_NAME[loss]
+    key = _signature(loss, pred, target, options, want_value, want_grad, parts, grad_out)
+    if key is not None:
+        checked = _PREPARED.get(key)
+        if checked is not None:
+            return checked.with_data(pred, target)
+    call = _prepare(loss, pred, target, options, want_value=want_value, want_grad=want_grad,
+                    parts=parts, grad_out=grad_out)
+    # (only a call that took pred and target as they came: not lists, not the hinge losses'
+    # boolean targets turned into -1/+1)
+    if (key is not None and call.pred is pred and call.target is target
+            and len(_PREPARED) < 512):
+        _PREPARED[key] = call.with_data(None, None)
+    return call
+
+
+_PREPARED: dict = {}  # signature -> its checked call, arrays left out
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _signature(loss, pred, target, options, want_value, want_grad, parts, grad_out):
+    """What `prepare`'s checks depend on, for NumPy arrays and plain torch tensors with scalar
+    options only (an array option is checked against the data's shape); None otherwise."""
+    kind = type(pred)
+    if kind is np.ndarray:
+        device = None
+    elif _torch.is_plain_tensor(pred):
+        device = pred.device
+    else:
+        return None
+    if type(target) is not kind or grad_out is not None:
+        return None
+    values = tuple(options.values()) if options else ()
+    for value in values:
+        if type(value) not in _SCALARS:
+            return None
+    return (loss.name, kind, device, pred.dtype, pred.shape, target.dtype, target.shape,
+            want_value, want_grad, parts, tuple(options) if options else (), values,
+            tuple(map(type, values)))
+
+
+def _prepare(loss, pred, target, options, *, want_value, want_grad, parts, grad_out):
     pred = _dispatch.as_array(pred, "pred")
     xp_pred = None if isinstance(pred, np.ndarray) else _dispatch.array_namespace(pred, {})
     arrays = {"target": target}

@@ -77,6 +77,14 @@ class Call:
                 object.__setattr__(copy, f, convert(x))
         return copy
 
+    def with_data(self, pred, target) -> Call:
+        """This call on other pred and target arrays of the same library, device, dtype and
+        shape (the checks `gpuloss._api.prepare` made hold for them too)."""
+        copy = _copy.copy(self)
+        object.__setattr__(copy, "pred", pred)
+        object.__setattr__(copy, "target", target)
+        return copy
+
     @property
     def categorical(self) -> bool:
         return self.family == CATEGORICAL

@@ -52,6 +52,12 @@ def is_tensor(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def is_plain_tensor(x) -> bool:
+    """A torch.Tensor itself (no subclass: not a Parameter, a fake or functional tensor)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and type(x) is torch.Tensor
+
+
 def run(loss, pred, target, options, *, want_value, want_grad, compute):
     """One entry point of `loss` called with a torch tensor as pred. `compute(call)` is the
     checked dispatch (gpuloss._api's), for calls that need no autograd graph."""

@@ -119,3 +119,41 @@ def test_import_and_compute_without_cupy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_repeated_call_signature_is_checked_once_and_computed_on_its_own_arrays():
+    """`prepare` remembers the checked call per signature (library, device, dtype, shape,
+    scalar options) without its arrays; each call still computes on its own data, a new
+    signature is checked again, and converted targets (the hinge losses' booleans) are
+    converted on every call."""
+    import gc
+    import weakref
+
+    from gpuloss import _api
+
+    rng = np.random.default_rng(0)
+    z1, z2 = (rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2))
+    y = np.array([0, 1, 2, 3, 0, 1])
+    first = _api.prepare("cce_with_logits", z1, y, {}, want_value=True, want_grad=True)
+    second = _api.prepare("cce_with_logits", z2, y, {}, want_value=True, want_grad=True)
+    assert first.pred is z1 and second.pred is z2 and second.target is y
+    assert gl.cce_with_logits(z2, y) == gl.cce_with_logits(z2.copy(), y.copy())
+    assert gl.cce_with_logits(z1, y) != gl.cce_with_logits(z2, y)
+    with pytest.raises(ValueError, match="smoothing"):  # another option value: checked
+        gl.cce_with_logits(z1, y, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        gl.cce_with_logits(z1, y.astype(np.float32))  # another dtype (probabilities): checked
+    p = rng.standard_normal(8)
+    t1 = np.array([True, False] * 4)
+    t2 = ~t1
+    v1, v2 = gl.hinge(p, t1), gl.hinge(p, t2)
+    assert v1 == gl.hinge(p, np.where(t1, 1.0, -1.0))
+    assert v2 == gl.hinge(p, np.where(t2, 1.0, -1.0))
+    # the remembered call keeps no array alive
+    big = rng.standard_normal((5, 7)).astype(np.float32)
+    alive = weakref.ref(big)
+    _api.prepare("cce_with_logits", big, np.zeros(5, np.int64), {}, want_value=True,
+                 want_grad=False)
+    del big
+    gc.collect()
+    assert alive() is None
