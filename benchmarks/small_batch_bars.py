@@ -108,8 +108,10 @@ def main() -> None:
         steps[f"C={C}"] = r
     out["mlp_training_step_us"] = steps
 
-    sizes = {}
-    for e in (16, 18, 20, 22):
+    sizes = {}  # the compiled loop at every size (its size limits lifted for the comparison)
+    limits = host.ELEMENTWISE_MAX, host.LIBM_ELEMENTWISE_MAX
+    host.ELEMENTWISE_MAX = host.LIBM_ELEMENTWISE_MAX = 1 << 30
+    for e in (10, 12, 14, 16, 18, 20, 22):
         n = 1 << e
         a = rng.standard_normal(n).astype(np.float32)
         b = rng.random(n).astype(np.float32)
@@ -122,7 +124,9 @@ def main() -> None:
             r["ratio"] = round(r["compiled"] / r["numpy"], 3)
             row[name] = r
         sizes[f"2^{e}"] = row
+    host.ELEMENTWISE_MAX, host.LIBM_ELEMENTWISE_MAX = limits
     out["elementwise_compiled_vs_numpy_us"] = sizes
+    out["elementwise_limits"] = {"ELEMENTWISE_MAX": limits[0], "LIBM_ELEMENTWISE_MAX": limits[1]}
 
     text = json.dumps(out, indent=1)
     print(text)

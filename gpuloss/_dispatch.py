@@ -105,6 +105,9 @@ def route(call, rerun=None):
     trace."""
     if type(call.pred) is np.ndarray and type(call.target) is np.ndarray:
         return compute_cpu  # NumPy arrays throughout (others are refused)
+    torch = sys.modules.get("torch")
+    if torch is not None and type(call.pred) is torch.Tensor and _torch_cpu(call.pred):
+        return _compute_torch_cpu  # a training loop's call (its arrays are all torch's)
     arrays = (call.pred, call.target, call.sample_weight, call.pos_weight, call.class_weight)
     if any(_jax.is_traced(a) for a in arrays):
         return _jax.compute

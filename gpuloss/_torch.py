@@ -134,6 +134,13 @@ def _backward(torch, grad, grad_value, axis):
     return grad * grad_value
 
 
+def _keep_graph(torch) -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True): then a later backward
+    needs the gradient again. True where PyTorch cannot say (an older version)."""
+    ask = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if ask is None else bool(ask())
+
+
 def _make_eager_fn():
     import torch
 
@@ -143,7 +150,10 @@ def _make_eager_fn():
 
         @staticmethod
         def forward(ctx, pred, value, grad, axis):
-            ctx.save_for_backward(grad)
+            # kept as an attribute, not saved: backward hands the tensor itself to autograd,
+            # which takes it as pred.grad without a copy only if nothing else holds it (grad
+            # is an input here, so this makes no reference cycle)
+            ctx.grad = grad
             ctx.axis = axis
             return value
 
@@ -151,7 +161,13 @@ def _make_eager_fn():
         def backward(ctx, grad_value):
             if torch.is_grad_enabled():  # create_graph=True
                 raise RuntimeError(NO_SECOND_DERIVATIVE)
-            (grad,) = ctx.saved_tensors
+            grad = ctx.grad
+            if grad is None:  # (PyTorch's own check needs saved tensors, which this has not)
+                raise RuntimeError(
+                    "Trying to backward through a gpuloss loss a second time: its gradient was "
+                    "freed by the first backward. Pass retain_graph=True to the first one.")
+            if not _keep_graph(torch):  # the last backward through this graph: let go
+                ctx.grad = None
             return _backward(torch, grad, grad_value, ctx.axis), None, None, None
 
     return EagerFn

@@ -6,7 +6,7 @@
 // Elementwise losses run the functors of gpuloss_math.cuh, the CUDA kernels' own math, in the
 // order of the CUDA elementwise kernel. cce_with_logits with class indices follows the NumPy
 // backend's block formula (_cce_logits_block) operation for operation, with a vectorisable
-// float32 exp computed in double (correctly rounded but for rare ties).
+// float32 exp (Cephes' polynomial in float lanes, within 1.02 ulp: as close as NumPy's own).
 //
 // Arrays arrive as objects with the buffer protocol (NumPy arrays, C-contiguous: the caller
 // checks) or as Python ints holding an address (a torch tensor's data_ptr()).
@@ -16,6 +16,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "gpuloss_math.cuh"
@@ -53,11 +62,12 @@ bool get_ll(PyObject* o, long long* v) {
 
 // ---- exp for float32 data ----------------------------------------------------------------------
 // exp(x) for float x as 2^k e^r, |r| <= ln2 / 2, with Cephes' degree-6 polynomial for e^r
-// (within 2 ulp of the exact value, as NumPy's float32 exp and CUDA's expf are: tested),
+// (at most 1.02 ulp from the exact value over every float in [-104, 0], where NumPy's float32
+// exp reaches 2.4 ulp and CUDA's expf 2: tested),
 // in float lanes: no branch and no call, so that the loops using it are vectorised. Below
 // -87.3 the result is subnormal: 2^k is applied in two halves, each a normal number. x below
-// -104 gives 0, NaN stays NaN, 0 gives 1 exactly. The cce rows only take x <= 0 (logits
-// minus the row maximum).
+// -104 gives 0, NaN stays NaN, 0 gives 1 exactly. Only for x <= 0 (positive x beyond 88
+// overflow the exponent bits into NaN): the cce rows only take logits minus the row maximum.
 #ifdef __FMA__  // one rounding instead of two, at the speed of one instruction
 #define GL_HOST_FMAF(a, b, c) __builtin_fmaf(a, b, c)
 #else
@@ -236,25 +246,100 @@ long long row_max(const T* row, long long K, T* m) {
 template <typename T>
 double sum_except(T* e, long long K, long long top) {
     typedef typename Lanes<T>::wide D;
+    typedef T Part __attribute__((vector_size(8 * sizeof(T))));  // 8 values, widened to D
     const int W = 8;
     T e_top = e[top];
     e[top] = T(0);
     double rest = 0.0;
     long long k = 0;
-    if (K >= W) {
+    if (K >= 2 * W) {
         D lane = {};
-        for (; k + W <= K; k += W) {
-            T part[W];
-            memcpy(part, e + k, sizeof part);
-            D v;
-            for (int j = 0; j < W; ++j) v[j] = (double)part[j];
-            lane += v;
-        }
+        for (; k + W <= K; k += W) lane += __builtin_convertvector(load_lanes<Part>(e + k), D);
         for (int j = 0; j < W; ++j) rest += lane[j];
     }
     for (; k < K; ++k) rest += (double)e[k];
     e[top] = e_top;
     return rest;
+}
+
+// A flag of the module's functions: the C++ side could not allocate its scratch; the caller
+// lets the NumPy backend compute (in blocks), or raise MemoryError.
+#define GL_HOST_NO_MEMORY 64
+
+// ---- threads ---------------------------------------------------------------------------------
+// gl_parallel_for(n, threads, fn): fn(b) for every b in [0, n), on the calling thread and up to
+// threads - 1 helpers of a pool started on first use (they sleep on a condition variable
+// between calls: nothing spins beside the caller's own threads, PyTorch's included). Calls are
+// taken one at a time. After a fork the child starts its own helpers.
+struct GlPool {
+    std::mutex call;  // one parallel call at a time
+    std::mutex mu;
+    std::condition_variable wake, idle;
+    unsigned long long generation = 0;
+    int started = 0, wanted = 0, running = 0;
+    long pid = 0;
+    const std::function<void(long long)>* fn = nullptr;
+    long long n = 0;
+    std::atomic<long long> next{0};
+
+    void drain(const std::function<void(long long)>* f, long long count) {
+        for (long long b; (b = next.fetch_add(1)) < count;) (*f)(b);
+    }
+    void helper(unsigned long long seen) {
+        std::unique_lock<std::mutex> lock(mu);
+        for (;;) {
+            wake.wait(lock, [&] { return generation != seen; });
+            seen = generation;
+            if (wanted <= 0) continue;  // this call has the helpers it asked for
+            --wanted;
+            ++running;
+            const std::function<void(long long)>* f = fn;
+            long long count = n;
+            lock.unlock();
+            drain(f, count);
+            lock.lock();
+            if (--running == 0) idle.notify_all();
+        }
+    }
+};
+
+inline GlPool& gl_pool() {
+    static GlPool* pool = new GlPool();  // never destroyed: its helpers outlive the module
+    return *pool;
+}
+
+inline void gl_parallel_for(long long n, int threads, const std::function<void(long long)>& fn) {
+    if (threads <= 1 || n <= 1) {
+        for (long long b = 0; b < n; ++b) fn(b);
+        return;
+    }
+    GlPool& pool = gl_pool();
+    std::lock_guard<std::mutex> one_call(pool.call);
+    int helpers = (int)(threads - 1 < n - 1 ? threads - 1 : n - 1);
+    {
+        std::lock_guard<std::mutex> lock(pool.mu);
+        long pid = (long)getpid();
+        if (pool.pid != pid) {  // (a forked child has none of its parent's helpers)
+            pool.pid = pid;
+            pool.started = 0;
+        }
+        try {
+            for (; pool.started < helpers; ++pool.started)
+                std::thread(&GlPool::helper, &pool, pool.generation).detach();
+        } catch (const std::system_error&) {  // no more threads: the ones there are
+            helpers = pool.started;
+        }
+        pool.fn = &fn;
+        pool.n = n;
+        pool.next.store(0);
+        pool.wanted = helpers;
+        ++pool.generation;
+    }
+    pool.wake.notify_all();
+    pool.drain(&fn, n);
+    std::unique_lock<std::mutex> lock(pool.mu);
+    pool.wanted = 0;  // a helper that wakes only now finds nothing to do
+    pool.idle.wait(lock, [&] { return pool.running == 0; });
 }
 
 // ---- cce_with_logits with class indices --------------------------------------------------------
@@ -268,23 +353,11 @@ double sum_except(T* e, long long K, long long top) {
 //          (expm1(s_y) - rest) * (gw / se) in double: no cancellation when p_y is near 1.
 // Returns 8 when a label is out of range (not ignore_index) and `validate`; the caller then
 // lets the NumPy backend raise its error.
+// Rows [row0, row1) of the pass below; returns their losses' sum (in row order).
 template <typename T, typename L>
-int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_ignore,
-               long long ignore, bool validate, int mean, T* grad, T* per_sample,
-               bool want_sum, double* total, double* denom) {
-    long long counted = R;
-    bool weighted = has_ignore || !validate;  // rows of weight other than 1 may exist
-    for (long long i = 0; i < R; ++i) {  // the labels' pass: range and the mean's count
-        long long y = (long long)labels[i];
-        if (has_ignore && y == ignore) {
-            --counted;
-        } else if (y < 0 || y >= K) {
-            if (validate) return 8;
-        }
-    }
-    *denom = (double)counted;
-    double scale_mean = mean ? (counted > 0 ? 1.0 / (double)counted : 0.0) : 1.0;
-    const T gscale = (T)scale_mean;
+double cce_label_rows(const T* z, const L* labels, long long row0, long long row1, long long K,
+                      bool has_ignore, long long ignore, bool weighted, T gscale, T* grad,
+                      T* per_sample, bool want_sum) {
     // Rows go in chunks of about CHUNK values, each pass over a chunk a simple loop the
     // compiler vectorises: s = z - m (into the gradient, or scratch), e = exp(s) over the whole
     // chunk (short rows too), then each row's sums and scaling.
@@ -295,8 +368,8 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
     std::vector<long long> top(rows_per_chunk);
     std::vector<T> m(rows_per_chunk), s_y(rows_per_chunk);
     double acc = 0.0;
-    for (long long i0 = 0; i0 < R; i0 += rows_per_chunk) {
-        long long rows = R - i0 < rows_per_chunk ? R - i0 : rows_per_chunk;
+    for (long long i0 = row0; i0 < row1; i0 += rows_per_chunk) {
+        long long rows = row1 - i0 < rows_per_chunk ? row1 - i0 : rows_per_chunk;
         T* e = grad ? grad + i0 * K : scratch.data();
         for (long long r = 0; r < rows; ++r) {
             const T* row = z + (i0 + r) * K;
@@ -334,7 +407,10 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
             if (!(m[r] - m[r] == T(0))) rest = NAN;
             double se = 1.0 + rest;
             if (want_sum || per_sample) {
-                T l = (T)(log1p(rest) - (double)s_y[r]);
+                // log1p keeps the digits of a small rest; from rest = 1 on, log(1 + rest)
+                // is as exact and (glibc) several times faster
+                double lse = rest >= 1.0 ? log(se) : log1p(rest);
+                T l = (T)(lse - (double)s_y[r]);
                 if (weighted) {
                     bool zero_inf = w == T(0) && l - l != T(0) && l == l;  // inf * 0 adds 0
                     l = zero_inf ? T(0) : l * w;
@@ -351,6 +427,47 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
             }
         }
     }
+    return acc;
+}
+
+template <typename T, typename L>
+int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_ignore,
+               long long ignore, bool validate, int mean, T* grad, T* per_sample,
+               bool want_sum, int threads, double* total, double* denom) {
+    long long counted = R;
+    bool weighted = has_ignore || !validate;  // rows of weight other than 1 may exist
+    for (long long i = 0; i < R; ++i) {  // the labels' pass: range and the mean's count
+        long long y = (long long)labels[i];
+        if (has_ignore && y == ignore) {
+            --counted;
+        } else if (y < 0 || y >= K) {
+            if (validate) return 8;
+        }
+    }
+    *denom = (double)counted;
+    double scale_mean = mean ? (counted > 0 ? 1.0 / (double)counted : 0.0) : 1.0;
+    const T gscale = (T)scale_mean;
+    // Blocks of about BLOCK values (whole rows), on up to `threads` threads; each block's sum
+    // is kept apart and the sums are added in block order, so the result does not depend on
+    // the number of threads.
+    const long long BLOCK = 1 << 15;
+    long long block_rows = K >= BLOCK ? 1 : BLOCK / K;
+    long long blocks = (R + block_rows - 1) / block_rows;
+    std::vector<double> sums((size_t)blocks);
+    bool w = weighted;
+    std::atomic<bool> no_memory{false};
+    gl_parallel_for(blocks, threads, [&](long long b) {
+        long long row0 = b * block_rows, row1 = row0 + block_rows < R ? row0 + block_rows : R;
+        try {  // (a block's scratch; an exception must not leave a helper thread)
+            sums[(size_t)b] = cce_label_rows(z, labels, row0, row1, K, has_ignore, ignore, w,
+                                             gscale, grad, per_sample, want_sum);
+        } catch (const std::bad_alloc&) {
+            no_memory = true;
+        }
+    });
+    if (no_memory) return GL_HOST_NO_MEMORY;
+    double acc = 0.0;
+    for (double v : sums) acc += v;
     *total = acc;
     return 0;
 }
@@ -383,7 +500,7 @@ PyObject* py_elementwise(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     int flags;
     const ElementwiseEntry& e = ELEMENTWISE[index];
     Py_BEGIN_ALLOW_THREADS;
-    if (f64)
+    if (f64)  // (no allocation here: nothing to catch)
         flags = e.f64((const double*)pred.ptr, (const double*)target.ptr, n, grad_scale,
                       (const double*)params.ptr, (int)pred_rule, (int)target_rule,
                       (double*)grad.ptr, (double*)per_elem.ptr, &total);
@@ -397,17 +514,18 @@ PyObject* py_elementwise(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // cce_labels(float64, labels_int32, pred, labels, grad, per_sample, R, K, ignore_index or None,
-// validate, mean, want_sum) -> (total, denominator) or flags (int)
+// validate, mean, want_sum, threads) -> (total, denominator) or flags (int)
 PyObject* py_cce_labels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "cce_labels takes 12 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "cce_labels takes 13 arguments");
         return nullptr;
     }
-    long long f64, l32, R, K, ignore = 0, validate, mean, want_sum;
+    long long f64, l32, R, K, ignore = 0, validate, mean, want_sum, threads;
     bool has_ignore = args[8] != Py_None;
     if (!get_ll(args[0], &f64) || !get_ll(args[1], &l32) || !get_ll(args[6], &R) ||
         !get_ll(args[7], &K) || (has_ignore && !get_ll(args[8], &ignore)) ||
-        !get_ll(args[9], &validate) || !get_ll(args[10], &mean) || !get_ll(args[11], &want_sum))
+        !get_ll(args[9], &validate) || !get_ll(args[10], &mean) || !get_ll(args[11], &want_sum) ||
+        !get_ll(args[12], &threads))
         return nullptr;
     if (K < 1) {
         PyErr_SetString(PyExc_ValueError, "cce_labels needs K >= 1");
@@ -424,11 +542,15 @@ PyObject* py_cce_labels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 #define GL_CCE(T, L)                                                                           \
     cce_labels<T, L>((const T*)pred.ptr, (const L*)labels.ptr, R, K, has_ignore, ignore,      \
                      validate != 0, (int)mean, (T*)grad.ptr, (T*)per_sample.ptr,              \
-                     want_sum != 0, &total, &denom)
-    if (f64)
-        flags = l32 ? GL_CCE(double, int32_t) : GL_CCE(double, int64_t);
-    else
-        flags = l32 ? GL_CCE(float, int32_t) : GL_CCE(float, int64_t);
+                     want_sum != 0, (int)threads, &total, &denom)
+    try {
+        if (f64)
+            flags = l32 ? GL_CCE(double, int32_t) : GL_CCE(double, int64_t);
+        else
+            flags = l32 ? GL_CCE(float, int32_t) : GL_CCE(float, int64_t);
+    } catch (const std::bad_alloc&) {
+        flags = GL_HOST_NO_MEMORY;
+    }
 #undef GL_CCE
     Py_END_ALLOW_THREADS;
     if (flags) return PyLong_FromLong(flags);
@@ -445,6 +567,10 @@ PyObject* py_exp_f32(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     Arg x, out;
     if (!x.get(args[0], false) || !out.get(args[1], true)) return nullptr;
+    if (!x.held || !out.held || n < 0 || x.view.len < n * 4 || out.view.len < n * 4) {
+        PyErr_SetString(PyExc_ValueError, "exp_f32 takes two float32 buffers of n values");
+        return nullptr;
+    }
     const float* xs = (const float*)x.ptr;
     float* os = (float*)out.ptr;
     for (long long i = 0; i < n; ++i) os[i] = exp_f32(xs[i]);

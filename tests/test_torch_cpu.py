@@ -81,9 +81,9 @@ def test_backward_is_the_fused_gradient_and_passes_gradcheck(torch, loss):
         z = torch.from_numpy(pred.copy()).requires_grad_()
         out = gl.LOSSES[loss](z, t, **_tensors(torch, opts))
         assert out.requires_grad and out.grad_fn is not None
-        # one pred-sized tensor kept for backward: no logits, no softmax copy
-        saved = out.grad_fn.saved_tensors
-        assert len(saved) == 1 and saved[0].shape == z.shape
+        # one pred-sized tensor kept for backward: no logits, no softmax copy (an attribute,
+        # not a saved tensor: backward hands it to autograd, which then takes it uncopied)
+        assert len(out.grad_fn.saved_tensors) == 0 and out.grad_fn.grad.shape == z.shape
         weights = torch.from_numpy(rng.uniform(0.5, 2, tuple(out.shape)))
         (out * weights).sum().backward()
         # the derivative of sum(weights * loss): the gradient scaled per sample
@@ -152,3 +152,24 @@ def test_the_inputs_are_viewed_not_copied_and_never_modified(torch, monkeypatch)
     assert seen["pred"].ctypes.data == p.data_ptr()
     assert seen["target"].ctypes.data == y.data_ptr()
     assert torch.equal(p, before[0]) and torch.equal(y, before[1])
+
+
+def test_backward_hands_the_gradient_over_without_a_copy_and_retains_for_retain_graph(torch):
+    """loss.backward() makes pred.grad the forward's gradient buffer itself (no copy of a
+    pred-sized tensor); with retain_graph=True a second backward still gets it."""
+    z = torch.randn(64, 300)
+    y = torch.randint(0, 300, (64,))
+    a = z.clone().requires_grad_()
+    loss = gl.cce_with_logits(a, y)
+    address = loss.grad_fn.grad.data_ptr()
+    loss.backward()
+    assert a.grad.data_ptr() == address
+    b = z.clone().requires_grad_()
+    loss = gl.cce_with_logits(b, y)
+    loss.backward(retain_graph=True)
+    first = b.grad.clone()
+    b.grad = None
+    loss.backward()
+    assert torch.equal(b.grad, first)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()  # the graph is freed now: an error, as PyTorch's own, never no grad

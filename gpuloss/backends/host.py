@@ -15,6 +15,9 @@ Python, so the checks here are a handful of attribute reads.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from .. import _call, _host_build, _pool
@@ -44,7 +47,7 @@ def compute(call: _call.Call):
     p = call.pred
     dtype = p.dtype
     # (builtin dtypes are singletons: a byte-swapped float32 is another dtype, and NumPy's)
-    if (dtype is not _F32 and dtype is not _F64) or p.size == 0:
+    if (dtype is not _F32 and dtype is not _F64) or p.size == 0 or not p.flags.aligned:
         return None
     if call.sample_weight is not None or call.pos_weight is not None:
         return None
@@ -74,6 +77,8 @@ def _elementwise(mod, call):
             return None
         y = converted
     y = _contiguous(y)
+    if not y.flags.aligned:  # (the C++ reads whole values)
+        return None
     if not _index:
         _index.update((name, i) for i, name in enumerate(mod.ELEMENTWISE))
     index = _index.get(call.kernel)
@@ -81,6 +86,8 @@ def _elementwise(mod, call):
         return None
     params = _params.get(call.kernel_params)
     if params is None:
+        if len(_params) >= 256:  # (bounded: a schedule of option values stays small)
+            _params.clear()
         params = np.zeros(4, np.float64)
         params[: len(call.kernel_params)] = call.kernel_params
         params = _params.setdefault(call.kernel_params, params.tobytes())
@@ -128,6 +135,8 @@ def _cce_labels(mod, call):
     elif not p.flags.c_contiguous:
         return None
     y = _contiguous(y)
+    if not y.flags.aligned:
+        return None
     R = p.size // K
     grad = None
     if call.want_grad:
@@ -138,11 +147,36 @@ def _cce_labels(mod, call):
     # grad may be pred itself (linear cross-entropy's chunks): each row is read before its
     # gradient is written
     out = mod.cce_labels(dtype_is_f64(p), label_code, p, y, grad, per_sample, R, K,
-                         call.ignore_index, call.validate, call.reduction == "mean", want_sum)
+                         call.ignore_index, call.validate, call.reduction == "mean", want_sum,
+                         _threads(p.size))
     if type(out) is int:  # a label out of range: the NumPy backend raises
         return None
     total, denom = out
     return _value(call, total, denom, per_sample), grad
+
+
+# From this many values a row pass is split over threads (whole blocks of rows; the result does
+# not depend on how many): below, waking a helper costs more than it saves
+THREADS_FROM = 1 << 16
+
+
+def _threads(n: int) -> int:
+    """Threads for a pass over n values: GPULOSS_NUM_THREADS, else the CPUs this process may
+    use (as the NumPy backend)."""
+    if n < THREADS_FROM:
+        return 1
+    env = os.environ.get("GPULOSS_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return _cpus()
+
+
+@functools.cache
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def dtype_is_f64(p) -> int:
