@@ -201,6 +201,9 @@ def _torch_view(a):
 def _compute_torch_cpu(call):
     """The NumPy backend on zero-copy NumPy views of torch CPU tensors; results come back as
     tensors (views of the NumPy results, no copy). Targets and weights get no gradient."""
+    done = _host_backend().compute_torch(call)  # the common call: straight on the tensors
+    if done is not None:
+        return done
     inner = call.with_arrays(_numpy_view)
     value, grad = compute_cpu(inner)
 

@@ -180,8 +180,16 @@ def test_losses_route_to_the_compiled_kernels(mod, monkeypatch):
     with pytest.raises(ValueError, match="pred"):
         gl.bce(z, np.zeros_like(z))  # outside [0, 1]
     torch = pytest.importorskip("torch")
-    gl.cce_with_logits(torch.from_numpy(z), torch.from_numpy(y))
-    assert calls[-1] is not None
+    real_torch = host.compute_torch
+    monkeypatch.setattr(host, "compute_torch",
+                        lambda c: calls.append(("torch", real_torch(c))) or calls[-1][1])
+    gl.cce_with_logits(torch.from_numpy(z), torch.from_numpy(y))  # straight on the tensors
+    assert calls[-1][0] == "torch" and calls[-1][1] is not None
+    gl.cce_with_logits(torch.from_numpy(z).t().contiguous().t(), torch.from_numpy(y))
+    assert calls[-1] is not None and calls[-1][0] != "torch"  # a transposed pred: the views'
+    calls.clear()
+    gl.mse(torch.from_numpy(z), torch.from_numpy(z + 1))
+    assert calls and calls[-1][0] == "torch" and calls[-1][1] is not None
 
 
 def _run(env_extra, code):
@@ -296,3 +304,31 @@ except MemoryError:
 """
     out = _run({"GPULOSS_NUM_THREADS": "1"}, code)
     assert out.strip() in ("computed", "MemoryError")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_torch_tensors_straight_give_the_bits_of_their_numpy_views(dtype):
+    """compute_torch (the tensors' addresses, results allocated by torch) and compute (NumPy
+    views) run the same kernels: the same bits, every reduction, edge rows included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    cases = []
+    z, y = _rows(33, dtype, rng)
+    for reduction in ("mean", "sum", "none"):
+        cases.append(("cce_with_logits", z, y, {"reduction": reduction}))
+        cases.append(("cce_with_logits", z, y.astype(np.int32),
+                      {"reduction": reduction, "ignore_index": 3}))
+    p = rng.standard_normal(500).astype(dtype)
+    q = rng.random(500).astype(dtype)
+    for name in ("mse", "huber", "bce_with_logits"):
+        for reduction in ("mean", "sum", "none"):
+            cases.append((name, p, q, {"reduction": reduction}))
+    for name, a, b, opts in cases:
+        want = host.compute(_api.prepare(name, a, b, opts, want_value=True, want_grad=True))
+        call = _api.prepare(name, torch.from_numpy(a), torch.from_numpy(b), opts,
+                            want_value=True, want_grad=True)
+        got = host.compute_torch(call)
+        assert got is not None, (name, opts)
+        for g, w in zip(got, want):
+            assert isinstance(g, torch.Tensor) and g.dtype == torch.from_numpy(w).dtype
+            np.testing.assert_array_equal(g.numpy(), w)

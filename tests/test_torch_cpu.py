@@ -134,23 +134,35 @@ def test_no_graph_under_no_grad_and_plain_tensors_from_grad(torch):
 
 
 def test_the_inputs_are_viewed_not_copied_and_never_modified(torch, monkeypatch):
-    # (the CPU backends see the call first through the compiled kernels' entry, which hands
-    # it unchanged to the NumPy backend where they do not take it)
+    # a small call is computed on the tensors themselves (their addresses, gpuloss.backends.
+    # host.compute_torch); a larger one on NumPy views of them (the CPU backends' entry,
+    # which hands the views unchanged to the NumPy backend where it does not take them)
     from gpuloss.backends import host as _host_backend
 
     seen = {}
-    real = _host_backend.compute
+    real, real_torch = _host_backend.compute, _host_backend.compute_torch
 
     def spy(call):
         seen["pred"], seen["target"] = call.pred, call.target
         return real(call)
 
+    def spy_torch(call):
+        seen["tensors"] = call.pred, call.target
+        return real_torch(call)
+
     monkeypatch.setattr(_host_backend, "compute", spy)
-    p, y = torch.rand(1000), torch.rand(1000)
+    monkeypatch.setattr(_host_backend, "compute_torch", spy_torch)
+    p, y = torch.rand(5000), torch.rand(5000)
     before = p.clone(), y.clone()
     gl.bce.value_and_grad(p, y)
     assert seen["pred"].ctypes.data == p.data_ptr()
     assert seen["target"].ctypes.data == y.data_ptr()
+    assert torch.equal(p, before[0]) and torch.equal(y, before[1])
+    seen.clear()
+    p, y = torch.rand(100), torch.rand(100)
+    before = p.clone(), y.clone()
+    gl.bce.value_and_grad(p, y)
+    assert seen["tensors"][0] is p and seen["tensors"][1] is y and "pred" not in seen
     assert torch.equal(p, before[0]) and torch.equal(y, before[1])
 
 

@@ -16,7 +16,9 @@ Python, so the checks here are a handful of attribute reads.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import sys
 
 import numpy as np
 
@@ -79,18 +81,10 @@ def _elementwise(mod, call):
     y = _contiguous(y)
     if not y.flags.aligned:  # (the C++ reads whole values)
         return None
-    if not _index:
-        _index.update((name, i) for i, name in enumerate(mod.ELEMENTWISE))
-    index = _index.get(call.kernel)
+    index = _kernel_index(mod, call.kernel)
     if index is None:
         return None
-    params = _params.get(call.kernel_params)
-    if params is None:
-        if len(_params) >= 256:  # (bounded: a schedule of option values stays small)
-            _params.clear()
-        params = np.zeros(4, np.float64)
-        params[: len(call.kernel_params)] = call.kernel_params
-        params = _params.setdefault(call.kernel_params, params.tobytes())
+    params = _kernel_params(call.kernel_params)
     n = p.size
     mean = call.reduction == "mean"
     grad = np.empty(p.shape, p.dtype) if call.want_grad else None
@@ -107,6 +101,25 @@ def _elementwise(mod, call):
     return _value(call, total, float(n), per_elem), grad
 
 
+def _kernel_index(mod, functor: str) -> int | None:
+    """The functor's row in the extension's table (None: not compiled)."""
+    if not _index:
+        _index.update((name, i) for i, name in enumerate(mod.ELEMENTWISE))
+    return _index.get(functor)
+
+
+def _kernel_params(values: tuple) -> bytes:
+    """A loss's kernel parameters as the extension reads them: four float64 values."""
+    params = _params.get(values)
+    if params is None:
+        if len(_params) >= 256:  # (bounded: a schedule of option values stays small)
+            _params.clear()
+        padded = np.zeros(4, np.float64)
+        padded[: len(values)] = values
+        params = _params.setdefault(values, padded.tobytes())
+    return params
+
+
 def _obeys(rule, stored, converted) -> bool:
     if rule == _call.SIGN:
         return np.array_equal(stored, converted)  # exactly +-1 before and after
@@ -115,13 +128,19 @@ def _obeys(rule, stored, converted) -> bool:
     return not (lo < 0 or (rule == _call.UNIT and hi > 1))
 
 
+def _cce_takes(call) -> bool:
+    """Whether the row kernel computes the categorical `call`: cce_with_logits with class
+    indices along the last axis, and none of the options it leaves to the NumPy backend."""
+    return (call.labels and call.kernel.startswith("GlCceLogits<")
+            and call.axis == call.pred.ndim - 1 and call.class_weight is None
+            and not call.label_smoothing and not any(call.kernel_params)
+            and call.options.get("softcap") is None)
+
+
 def _cce_labels(mod, call):
-    if not call.labels or not call.kernel.startswith("GlCceLogits<"):
+    if not _cce_takes(call):
         return None
     p, y = call.pred, call.target
-    if (call.axis != p.ndim - 1 or call.class_weight is not None or call.label_smoothing
-            or any(call.kernel_params) or call.options.get("softcap") is not None):
-        return None
     label_code = _LABELS.get(y.dtype)
     if label_code is None:
         if y.dtype.kind not in "iu" or y.dtype.itemsize >= 8:  # (uint64: the NumPy backend)
@@ -183,16 +202,88 @@ def dtype_is_f64(p) -> int:
     return 1 if p.dtype == _F64 else 0
 
 
-def _value(call, total: float, denom: float, per_sample):
-    """The value as the NumPy backend packages it (gpuloss.backends.numpy._finish)."""
+def _value(call, total: float, denom: float, per_sample, dtype=None):
+    """The value as the NumPy backend packages it (gpuloss.backends.numpy._finish): the sum,
+    or the mean total / denom formed in float64 and rounded once to pred's dtype (NaN where
+    nothing was counted: then every row weighed 0, and so is the total)."""
     if call.parts:
         return np.array([total, denom], dtype=_F64)
     if not call.want_value:
         return None
     if call.reduction == "none":
         return per_sample
-    if call.reduction == "sum":
-        return np.asarray(total, dtype=call.pred.dtype)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.divide(np.float64(total), np.float64(denom)),
-                          dtype=call.pred.dtype)
+    if call.reduction == "mean":
+        total = total / denom if denom else math.nan
+    return np.array(total, dtype=call.pred.dtype if dtype is None else dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch CPU tensors, through their addresses
+
+
+_torch_codes: dict = {}  # torch dtype -> the extension's float or label code
+
+
+def compute_torch(call: _call.Call):
+    """`compute` for a call on torch CPU tensors, read and written through their addresses,
+    its results allocated by torch: no NumPy views on the way in or out (a training step's
+    loss). None where it does not take the call as it comes; gpuloss._dispatch then hands
+    `compute` NumPy views of it (which copies a non-contiguous input, converts a target, ...)."""
+    mod = _host_build.module()
+    if mod is None:
+        return None
+    torch = sys.modules["torch"]
+    if not _torch_codes:
+        _torch_codes.update({torch.float32: 0, torch.float64: 1, torch.int64: 0,
+                             torch.int32: 1})
+    p, y = call.pred, call.target
+    f64 = _torch_codes.get(p.dtype) if p.is_floating_point() else None
+    if (f64 is None or call.sample_weight is not None or call.pos_weight is not None
+            or call.grad_out is not None or not p.is_contiguous() or not y.is_contiguous()
+            or p.numel() == 0 or p.data_ptr() % p.element_size()
+            or y.data_ptr() % y.element_size()):
+        return None
+    want_sum = call.want_value and call.reduction != "none"
+    none = call.want_value and call.reduction == "none"
+    if call.categorical:
+        label_code = None if y.is_floating_point() else _torch_codes.get(y.dtype)
+        if label_code is None or not _cce_takes(call):
+            return None
+        K = p.shape[-1]
+        if K >= 1 << 31:
+            return None
+        grad = torch.empty(p.shape, dtype=p.dtype) if call.want_grad else None
+        per = torch.empty(p.shape[:-1], dtype=p.dtype) if none else None
+        out = mod.cce_labels(f64, label_code, p.data_ptr(), y.data_ptr(),
+                             None if grad is None else grad.data_ptr(),
+                             None if per is None else per.data_ptr(), p.numel() // K, K,
+                             call.ignore_index, call.validate, call.reduction == "mean",
+                             want_sum, _threads(p.numel()))
+        if type(out) is int:  # a label out of range: the NumPy backend raises
+            return None
+        total, denom = out
+    else:
+        n = p.numel()
+        index = _kernel_index(mod, call.kernel)
+        if (y.dtype != p.dtype or index is None
+                or n > (LIBM_ELEMENTWISE_MAX if call.kernel in LIBM_FUNCTORS
+                        else ELEMENTWISE_MAX)):
+            return None
+        params = _kernel_params(call.kernel_params)
+        grad = torch.empty(p.shape, dtype=p.dtype) if call.want_grad else None
+        per = torch.empty(p.shape, dtype=p.dtype) if none else None
+        validate = call.validate
+        total = mod.elementwise(
+            index, f64, p.data_ptr(), y.data_ptr(), None if grad is None else grad.data_ptr(),
+            None if per is None else per.data_ptr(), n,
+            1.0 / n if call.reduction == "mean" else 1.0, params,
+            _RULES[call.pred_rule] if validate else 0,
+            _RULES[call.target_rule] if validate else 0, want_sum)
+        if type(total) is int:  # a value outside the loss's domain: the NumPy backend raises
+            return None
+        denom = float(n)
+    value = per if none else _value(call, total, denom, None,
+                                    dtype=np.float64 if f64 else np.float32)
+    if value is not None and not none:
+        value = torch.from_numpy(value)
+    return value, grad
