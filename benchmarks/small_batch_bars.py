@@ -1,7 +1,8 @@
 """Issue 25's bars on this machine, gpuloss interleaved with PyTorch in one process (medians
 of per-call times after warm-up): NumPy value_and_grad at 256 x 10 and mse at 256, the loss
 alone (forward + backward on torch CPU tensors) at 256 x 10 and 256 x 1000, a training step of
-an MLP 64-256-C (SGD, batch 256) with each loss, and the compiled kernels against the NumPy
+an MLP 64-256-C (SGD, batch 256) with each loss (and the loss alone at 256 x 4000 and
+4096 x 1000: "and beyond"), and the compiled kernels against the NumPy
 backend on elementwise losses of 2^16 to 2^22 elements (where ELEMENTWISE_MAX comes from).
 
     python benchmarks/small_batch_bars.py [--out benchmarks/results/small-batch-bars-....json]
@@ -71,9 +72,9 @@ def main() -> None:
     }, args.rounds)
 
     loss_alone = {}
-    for C in (10, 1000):
-        zc = torch.from_numpy(rng.standard_normal((256, C)).astype(np.float32))
-        yc = torch.from_numpy(rng.integers(0, C, 256))
+    for R, C in ((256, 10), (256, 1000), (256, 4000), (4096, 1000)):
+        zc = torch.from_numpy(rng.standard_normal((R, C)).astype(np.float32))
+        yc = torch.from_numpy(rng.integers(0, C, R))
 
         def ours(zc=zc, yc=yc):
             a = zc.detach().requires_grad_()
@@ -83,9 +84,10 @@ def main() -> None:
             a = zc.detach().requires_grad_()
             F.cross_entropy(a, yc).backward()
 
-        r = interleaved({"gpuloss": ours, "torch": theirs}, args.rounds)
+        rounds = max(100, min(args.rounds, args.rounds * 256_000 // (R * C)))
+        r = interleaved({"gpuloss": ours, "torch": theirs}, rounds)
         r["ratio"] = round(r["gpuloss"] / r["torch"], 3)
-        loss_alone[f"256x{C}"] = r
+        loss_alone[f"{R}x{C}"] = r
     out["loss_alone_forward_backward_us"] = loss_alone
 
     steps = {}

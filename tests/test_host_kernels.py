@@ -347,3 +347,19 @@ def test_torch_tensors_straight_give_the_bits_of_their_numpy_views(dtype):
         for g, w in zip(got, want):
             assert isinstance(g, torch.Tensor) and g.dtype == torch.from_numpy(w).dtype
             np.testing.assert_array_equal(g.numpy(), w)
+
+
+def test_threads_stay_off_pytorchs_spinning_workers(monkeypatch):
+    """One thread below THREADS_FROM values; beside torch tensors one below
+    TORCH_THREADS_FROM (PyTorch's workers spin after its operators); GPULOSS_NUM_THREADS
+    decides where set."""
+    monkeypatch.delenv("GPULOSS_NUM_THREADS", raising=False)
+    cpus = host._cpus()
+    assert host._threads(host.THREADS_FROM - 1) == 1
+    assert host._threads(host.THREADS_FROM) == cpus
+    assert host._threads(host.THREADS_FROM, torch_pool=True) == 1
+    assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == 1
+    assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == cpus
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
+    assert host._threads(host.THREADS_FROM, torch_pool=True) == 3
+    assert host._threads(host.THREADS_FROM - 1) == 1
