@@ -289,8 +289,9 @@ def prepare(loss: Loss | str, pred, target, options, *, want_value, want_grad, p
                     parts=parts, grad_out=grad_out)
     # (only a call that took pred and target as they came: not lists, not the hinge losses'
     # boolean targets turned into -1/+1)
-    if (key is not None and call.pred is pred and call.target is target
-            and len(_PREPARED) < 512):
+    if key is not None and call.pred is pred and call.target is target:
+        if len(_PREPARED) >= 512:  # (bounded: a loop over many shapes starts afresh)
+            _PREPARED.clear()
         _PREPARED[key] = call.with_data(None, None)
     return call
 
@@ -303,13 +304,13 @@ def _signature(loss, pred, target, options, want_value, want_grad, parts, grad_o
     """What `prepare`'s checks depend on, for NumPy arrays and plain torch tensors with scalar
     options only (an array option is checked against the data's shape); None otherwise."""
     kind = type(pred)
+    if type(target) is not kind or grad_out is not None:
+        return None
     if kind is np.ndarray:
         device = None
     elif _torch.is_plain_tensor(pred):
-        device = pred.device
+        device = (pred.device, target.device)  # (a target elsewhere is refused, every time)
     else:
-        return None
-    if type(target) is not kind or grad_out is not None:
         return None
     values = tuple(options.values()) if options else ()
     for value in values:

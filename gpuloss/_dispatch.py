@@ -180,6 +180,8 @@ def _numpy_view(x):
     """A torch CPU tensor as a NumPy array on the same memory (bfloat16 through ml_dtypes)."""
     if x.requires_grad:
         x = x.detach()
+    if x.is_neg():  # a negative view (its memory holds -x): a copy with its values
+        x = x.resolve_neg()
     if str(x.dtype) == "torch.bfloat16":
         import ml_dtypes
         import torch

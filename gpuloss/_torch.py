@@ -154,6 +154,7 @@ def _make_eager_fn():
             # which takes it as pred.grad without a copy only if nothing else holds it (grad
             # is an input here, so this makes no reference cycle)
             ctx.grad = grad
+            ctx.version = grad._version  # (what save_for_backward would check)
             ctx.axis = axis
             return value
 
@@ -166,6 +167,13 @@ def _make_eager_fn():
                 raise RuntimeError(
                     "Trying to backward through a gpuloss loss a second time: its gradient was "
                     "freed by the first backward. Pass retain_graph=True to the first one.")
+            if grad._version != ctx.version:  # changed in place since (a hook, or the tensor
+                # an earlier torch.autograd.grad returned): PyTorch's error for saved tensors
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified "
+                    "by an inplace operation: the gradient a gpuloss loss keeps for backward "
+                    "(returned by an earlier backward with retain_graph=True, or passed to a "
+                    "hook) was changed in place. Clone it before changing it.")
             if not _keep_graph(torch):  # the last backward through this graph: let go
                 ctx.grad = None
             return _backward(torch, grad, grad_value, ctx.axis), None, None, None

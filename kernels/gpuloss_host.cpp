@@ -16,7 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <unistd.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -273,7 +273,6 @@ struct GlPool {
     std::condition_variable wake, idle;
     unsigned long long generation = 0;
     int started = 0, wanted = 0, running = 0;
-    long pid = 0;
     const std::function<void(long long)>* fn = nullptr;
     long long n = 0;
     std::atomic<long long> next{0};
@@ -299,9 +298,18 @@ struct GlPool {
     }
 };
 
+// The pool, never destroyed (its helpers outlive the module). A forked child gets a new one:
+// the parent's helpers do not exist there, and its locks and condition variables may have
+// been copied mid-call (the child handler runs before anything else in the child).
+GlPool* gl_pool_now = nullptr;
+std::once_flag gl_pool_once;
+
 inline GlPool& gl_pool() {
-    static GlPool* pool = new GlPool();  // never destroyed: its helpers outlive the module
-    return *pool;
+    std::call_once(gl_pool_once, [] {
+        gl_pool_now = new GlPool();
+        pthread_atfork(nullptr, nullptr, [] { gl_pool_now = new GlPool(); });
+    });
+    return *gl_pool_now;
 }
 
 inline void gl_parallel_for(long long n, int threads, const std::function<void(long long)>& fn) {
@@ -314,11 +322,6 @@ inline void gl_parallel_for(long long n, int threads, const std::function<void(l
     int helpers = (int)(threads - 1 < n - 1 ? threads - 1 : n - 1);
     {
         std::lock_guard<std::mutex> lock(pool.mu);
-        long pid = (long)getpid();
-        if (pool.pid != pid) {  // (a forked child has none of its parent's helpers)
-            pool.pid = pid;
-            pool.started = 0;
-        }
         try {
             for (; pool.started < helpers; ++pool.started)
                 std::thread(&GlPool::helper, &pool, pool.generation).detach();

@@ -185,3 +185,39 @@ def test_backward_hands_the_gradient_over_without_a_copy_and_retains_for_retain_
     assert torch.equal(b.grad, first)
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()  # the graph is freed now: an error, as PyTorch's own, never no grad
+
+
+def test_a_kept_gradient_changed_in_place_is_refused_not_used(torch):
+    """With retain_graph, backward hands out the kept gradient itself; changed in place (by
+    the caller, or a hook), the next backward raises as PyTorch does for saved tensors,
+    instead of using the changed values."""
+    z = torch.randn(6, 5, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    loss = gl.cce_with_logits(z, y)
+    (g,) = torch.autograd.grad(loss, z, retain_graph=True)
+    want = g.clone()
+    g.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, z)
+    w = z.detach().clone().requires_grad_()
+    w.register_hook(lambda grad: grad.mul_(0.5))
+    loss = gl.cce_with_logits(w, y)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(w.grad, want * 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_a_negative_view_is_read_as_its_values(torch):
+    base = torch.tensor([1.0, 2.0, 3.0])
+    negative = base._neg_view()  # its memory holds 1, 2, 3; its values are -1, -2, -3
+    torch.testing.assert_close(gl.mse.grad(negative, torch.zeros(3)),
+                               torch.tensor([-2.0, -4.0, -6.0]) / 3)
+
+
+def test_a_cached_call_still_refuses_a_target_on_another_device(torch):
+    z = torch.randn(4, 5)
+    gl.cce_with_logits(z, torch.randint(0, 5, (4,)))  # the signature is remembered
+    for _ in range(2):
+        with pytest.raises(ValueError, match="different devices"):
+            gl.cce_with_logits(z, torch.empty(4, dtype=torch.int64, device="meta"))

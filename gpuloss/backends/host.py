@@ -248,8 +248,9 @@ def compute_torch(call: _call.Call):
     if (f64 is None or call.sample_weight is not None or call.pos_weight is not None
             or call.grad_out is not None or not p.is_contiguous() or not y.is_contiguous()
             or p.numel() == 0 or p.data_ptr() % p.element_size()
-            or y.data_ptr() % y.element_size()):
-        return None
+            or y.data_ptr() % y.element_size() or p.is_neg() or y.is_neg()
+            or p.device.type != "cpu" or y.device.type != "cpu"):
+        return None  # (a negative view's memory holds -x: torch's views of it say so)
     want_sum = call.want_value and call.reduction != "none"
     none = call.want_value and call.reduction == "none"
     if call.categorical:
