@@ -81,7 +81,9 @@ def _load():
     if compiler is None:
         _reason = "no C++ compiler found (set CXX, or install g++ or clang++)"
         return None
-    folder = _kernel_dir()
+    from .backends.cuda import kernel_dir  # (no CuPy: only the sources' folder)
+
+    folder = kernel_dir()
     sources = [folder / name for name in SOURCES]
     include = sysconfig.get_paths()["include"]
     flags = list(FLAGS)
@@ -136,15 +138,6 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
-
-
-def _kernel_dir() -> Path:
-    """kernels/ inside the installed package (wheel) or beside it (source tree, editable)."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "kernels", package.parent / "kernels"):
-        if (candidate / SOURCES[0]).exists():
-            return candidate
-    raise FileNotFoundError(f"{SOURCES[0]} is not in {package}/kernels or {package.parent}/kernels")
 
 
 def _cpu_id() -> str:

@@ -37,6 +37,19 @@ _COUNTS_ARE_EXACT = sys.implementation.name == "cpython" and getattr(
 )()
 
 
+def cpu_threads() -> int:
+    """Threads the CPU backends may use: GPULOSS_NUM_THREADS, else the CPUs this process may
+    run on. (Here beside the buffers: both CPU backends import this module, and no backend
+    imports another.)"""
+    env = os.environ.get("GPULOSS_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _limit() -> int:
     if not _COUNTS_ARE_EXACT:
         return 0

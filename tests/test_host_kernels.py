@@ -16,7 +16,7 @@ from agreement import RTOL
 from conftest import FULL_SWEEPS
 
 import gpuloss as gl
-from gpuloss import _api, _call, _host_build
+from gpuloss import _api, _call, _host_build, _pool
 from gpuloss.backends import host
 from gpuloss.backends import numpy as numpy_backend
 
@@ -354,7 +354,7 @@ def test_threads_stay_off_pytorchs_spinning_workers(monkeypatch):
     TORCH_THREADS_FROM (PyTorch's workers spin after its operators); GPULOSS_NUM_THREADS
     decides where set."""
     monkeypatch.delenv("GPULOSS_NUM_THREADS", raising=False)
-    cpus = host._cpus()
+    cpus = _pool.cpu_threads()
     assert host._threads(host.THREADS_FROM - 1) == 1
     assert host._threads(host.THREADS_FROM) == cpus
     assert host._threads(host.THREADS_FROM, torch_pool=True) == 1

@@ -15,7 +15,6 @@ Python, so the checks here are a handful of attribute reads.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -64,9 +63,20 @@ def _contiguous(x):
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
+def _elementwise_limit(functor: str) -> int:
+    return LIBM_ELEMENTWISE_MAX if functor in LIBM_FUNCTORS else ELEMENTWISE_MAX
+
+
+def _rules(call) -> tuple[int, int]:
+    """pred's and target's domain rules as the extension takes them (0: not checked)."""
+    if not call.validate:
+        return 0, 0
+    return _RULES[call.pred_rule], _RULES[call.target_rule]
+
+
 def _elementwise(mod, call):
     p, y = call.pred, call.target
-    if p.size > (LIBM_ELEMENTWISE_MAX if call.kernel in LIBM_FUNCTORS else ELEMENTWISE_MAX):
+    if p.size > _elementwise_limit(call.kernel):
         return None
     p = _contiguous(p)
     if y.dtype != p.dtype:  # targets in the compute dtype, as every backend takes them
@@ -91,11 +101,8 @@ def _elementwise(mod, call):
     per_elem = (np.empty(p.shape, p.dtype)
                 if call.want_value and call.reduction == "none" else None)
     want_sum = call.want_value and call.reduction != "none"
-    validate = call.validate
-    total = mod.elementwise(
-        index, dtype_is_f64(p), p, y, grad, per_elem, n, 1.0 / n if mean else 1.0, params,
-        _RULES[call.pred_rule] if validate else 0, _RULES[call.target_rule] if validate else 0,
-        want_sum)
+    total = mod.elementwise(index, dtype_is_f64(p), p, y, grad, per_elem, n,
+                            1.0 / n if mean else 1.0, params, *_rules(call), want_sum)
     if type(total) is int:  # a value outside the loss's domain: the NumPy backend raises
         return None
     return _value(call, total, float(n), per_elem), grad
@@ -181,28 +188,17 @@ TORCH_THREADS_FROM = 1 << 20  # the same beside PyTorch's threads (see _threads)
 
 
 def _threads(n: int, torch_pool: bool = False) -> int:
-    """Threads for a pass over n values: GPULOSS_NUM_THREADS, else the CPUs this process may
-    use (as the NumPy backend); beside torch tensors (`torch_pool`) one below
-    TORCH_THREADS_FROM values unless the variable says otherwise. PyTorch's own threads spin
+    """Threads for a pass over n values: `gpuloss._pool.cpu_threads()` (as the NumPy
+    backend); beside torch tensors (`torch_pool`) one below TORCH_THREADS_FROM values unless
+    GPULOSS_NUM_THREADS says otherwise. PyTorch's own threads spin
     for a while after each of its operators (OpenMP's wait policy): a helper of ours is put
     off behind them, and a pass that waits for it took twice as long as on one thread (256 x
     1000 interleaved with F.cross_entropy on the dev VM: 353 against 187 us)."""
     if n < THREADS_FROM:
         return 1
-    env = os.environ.get("GPULOSS_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    if torch_pool and n < TORCH_THREADS_FROM:  # (a longer pass outlasts their spinning)
-        return 1
-    return _cpus()
-
-
-@functools.cache
-def _cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    if torch_pool and n < TORCH_THREADS_FROM and not os.environ.get("GPULOSS_NUM_THREADS"):
+        return 1  # (a longer pass outlasts their spinning)
+    return _pool.cpu_threads()
 
 
 def dtype_is_f64(p) -> int:
@@ -273,20 +269,15 @@ def compute_torch(call: _call.Call):
     else:
         n = p.numel()
         index = _kernel_index(mod, call.kernel)
-        if (y.dtype != p.dtype or index is None
-                or n > (LIBM_ELEMENTWISE_MAX if call.kernel in LIBM_FUNCTORS
-                        else ELEMENTWISE_MAX)):
+        if y.dtype != p.dtype or index is None or n > _elementwise_limit(call.kernel):
             return None
         params = _kernel_params(call.kernel_params)
         grad = torch.empty(p.shape, dtype=p.dtype) if call.want_grad else None
         per = torch.empty(p.shape, dtype=p.dtype) if none else None
-        validate = call.validate
         total = mod.elementwise(
             index, f64, p.data_ptr(), y.data_ptr(), None if grad is None else grad.data_ptr(),
             None if per is None else per.data_ptr(), n,
-            1.0 / n if call.reduction == "mean" else 1.0, params,
-            _RULES[call.pred_rule] if validate else 0,
-            _RULES[call.target_rule] if validate else 0, want_sum)
+            1.0 / n if call.reduction == "mean" else 1.0, params, *_rules(call), want_sum)
         if type(total) is int:  # a value outside the loss's domain: the NumPy backend raises
             return None
         denom = float(n)

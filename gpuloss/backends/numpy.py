@@ -45,16 +45,6 @@ _F64 = np.float64
 # threads and blocks
 
 
-def _num_threads() -> int:
-    env = os.environ.get("GPULOSS_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 _executor_now: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
@@ -99,7 +89,7 @@ def run_blocks(num_blocks: int, work) -> list:
     if num_blocks == 1:  # a small call: this thread, no closures (np.errstate is the caller's)
         return [work(0, _thread_scratch())]
     results: list = [None] * num_blocks
-    workers = min(_num_threads(), num_blocks)
+    workers = min(_pool.cpu_threads(), num_blocks)
     counter = itertools.count()
 
     def worker():
