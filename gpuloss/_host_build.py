@@ -34,6 +34,9 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread",
          # no errno and no FP exception flags to keep: selects and libm calls in the loops
          # vectorise (the kernels report bad values through their own flags)
          "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden")
+# dlopen, to find PyTorch's OpenMP runtime (in glibc itself from 2.34; after the source, which
+# needs it)
+LIBS = () if sys.platform == "darwin" else ("-ldl",)
 
 _lock = threading.Lock()
 _module = None  # the loaded extension, once built
@@ -90,7 +93,7 @@ def _load():
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]
     digest = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in sources), " ".join(flags).encode(),
+    for part in (*(p.read_bytes() for p in sources), " ".join(flags + list(LIBS)).encode(),
                  compiler.encode(), sysconfig.get_config_var("SOABI").encode()
                  if sysconfig.get_config_var("SOABI") else b"", _cpu_id().encode()):
         digest.update(part)
@@ -110,7 +113,7 @@ def _load():
 def _build(compiler, flags, include, folder, source, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [compiler, *flags, f"-I{include}", f"-I{folder}", str(source), "-o", str(tmp)]
+    cmd = [compiler, *flags, f"-I{include}", f"-I{folder}", str(source), *LIBS, "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <atomic>
@@ -263,10 +264,11 @@ double sum_except(T* e, long long K, long long top) {
 #define GL_HOST_NO_MEMORY 64
 
 // ---- threads ---------------------------------------------------------------------------------
-// gl_parallel_for(n, threads, fn): fn(b) for every b in [0, n), on the calling thread and up to
-// threads - 1 helpers of a pool started on first use (they sleep on a condition variable
-// between calls: nothing spins beside the caller's own threads, PyTorch's included). Calls are
-// taken one at a time. After a fork the child starts its own helpers.
+// gl_parallel_for(n, threads, fn, openmp): fn(b) for every b in [0, n), on the calling thread
+// and up to threads - 1 others: with `openmp`, PyTorch's own OpenMP team where it is loaded
+// (below); otherwise helpers of a pool started on first use (they sleep on a condition
+// variable between calls: nothing spins beside the caller's own threads, PyTorch's included),
+// whose calls are taken one at a time. After a fork the child starts its own helpers.
 struct GlPool {
     std::mutex call;  // one parallel call at a time
     std::mutex mu;
@@ -298,24 +300,72 @@ struct GlPool {
     }
 };
 
-// The pool, never destroyed (its helpers outlive the module). A forked child gets a new one:
-// the parent's helpers do not exist there, and its locks and condition variables may have
-// been copied mid-call (the child handler runs before anything else in the child).
+// PyTorch's own threads: the OpenMP runtime that torch loaded (GNU's libgomp in its Linux
+// wheels; LLVM's and Intel's runtimes answer to GNU's GOMP_parallel too). Its workers spin
+// for a while after each of torch's operators, waiting for more: handed our blocks of rows
+// they start at once, where a helper of our pool would wait for the core one of them holds.
+// Null where no such runtime is loaded, and in a forked child: a runtime whose team the
+// parent started may wait there for threads that do not exist (GNU's does).
+typedef void (*GompParallel)(void (*)(void*), void*, unsigned, unsigned);
+std::atomic<GompParallel> gl_openmp_found{nullptr};
+std::atomic<bool> gl_forked_child{false};
+
+GompParallel openmp_parallel() {
+    if (gl_forked_child.load()) return nullptr;
+    GompParallel f = gl_openmp_found.load();
+    if (f) return f;
+    for (const char* name : {"libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so"}) {
+        void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // only a library already loaded
+        if (!lib) continue;
+        f = (GompParallel)dlsym(lib, "GOMP_parallel");  // (lib stays open: f is in it)
+        if (f) break;
+        dlclose(lib);
+    }
+    if (f) gl_openmp_found.store(f);
+    return f;
+}
+
+struct TeamWork {  // the blocks, taken in turn by every thread of the OpenMP team
+    const std::function<void(long long)>* fn;
+    long long n;
+    std::atomic<long long> next{0};
+};
+void team_member(void* data) {
+    TeamWork* work = (TeamWork*)data;
+    for (long long b; (b = work->next.fetch_add(1)) < work->n;) (*work->fn)(b);
+}
+
+// The pool, never destroyed (its helpers outlive the module), started by its first call.
 GlPool* gl_pool_now = nullptr;
 std::once_flag gl_pool_once;
 
 inline GlPool& gl_pool() {
-    std::call_once(gl_pool_once, [] {
-        gl_pool_now = new GlPool();
-        pthread_atfork(nullptr, nullptr, [] { gl_pool_now = new GlPool(); });
-    });
+    std::call_once(gl_pool_once, [] { gl_pool_now = new GlPool(); });
     return *gl_pool_now;
 }
 
-inline void gl_parallel_for(long long n, int threads, const std::function<void(long long)>& fn) {
+// A forked child (registered at import; it runs before anything else in the child) gets a new
+// pool: the parent's helpers do not exist there, and its locks and condition variables may
+// have been copied mid-call. It leaves the OpenMP team alone (above).
+void at_fork_child() {
+    if (gl_pool_now) gl_pool_now = new GlPool();
+    gl_forked_child.store(true);
+}
+
+inline void gl_parallel_for(long long n, int threads, const std::function<void(long long)>& fn,
+                            bool openmp = false) {
     if (threads <= 1 || n <= 1) {
         for (long long b = 0; b < n; ++b) fn(b);
         return;
+    }
+    if (openmp) {
+        if (GompParallel parallel = openmp_parallel()) {
+            TeamWork work;
+            work.fn = &fn;
+            work.n = n;
+            parallel(team_member, &work, (unsigned)(threads < n ? threads : n), 0);
+            return;
+        }
     }
     GlPool& pool = gl_pool();
     std::lock_guard<std::mutex> one_call(pool.call);
@@ -432,7 +482,7 @@ double cce_label_rows(const T* z, const L* labels, long long row0, long long row
 template <typename T, typename L>
 int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_ignore,
                long long ignore, bool validate, int mean, T* grad, T* per_sample,
-               bool want_sum, int threads, double* total, double* denom) {
+               bool want_sum, int threads, bool openmp, double* total, double* denom) {
     long long counted = R;
     bool weighted = has_ignore || !validate;  // rows of weight other than 1 may exist
     for (long long i = 0; i < R; ++i) {  // the labels' pass: range and the mean's count
@@ -463,7 +513,7 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
         } catch (const std::bad_alloc&) {
             no_memory = true;
         }
-    });
+    }, openmp);
     if (no_memory) return GL_HOST_NO_MEMORY;
     double acc = 0.0;
     for (double v : sums) acc += v;
@@ -513,18 +563,19 @@ PyObject* py_elementwise(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // cce_labels(float64, labels_int32, pred, labels, grad, per_sample, R, K, ignore_index or None,
-// validate, mean, want_sum, threads) -> (total, denominator) or flags (int)
+// validate, mean, want_sum, threads, openmp) -> (total, denominator) or flags (int); openmp:
+// the threads are PyTorch's OpenMP team where it is loaded
 PyObject* py_cce_labels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "cce_labels takes 13 arguments");
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "cce_labels takes 14 arguments");
         return nullptr;
     }
-    long long f64, l32, R, K, ignore = 0, validate, mean, want_sum, threads;
+    long long f64, l32, R, K, ignore = 0, validate, mean, want_sum, threads, openmp;
     bool has_ignore = args[8] != Py_None;
     if (!get_ll(args[0], &f64) || !get_ll(args[1], &l32) || !get_ll(args[6], &R) ||
         !get_ll(args[7], &K) || (has_ignore && !get_ll(args[8], &ignore)) ||
         !get_ll(args[9], &validate) || !get_ll(args[10], &mean) || !get_ll(args[11], &want_sum) ||
-        !get_ll(args[12], &threads))
+        !get_ll(args[12], &threads) || !get_ll(args[13], &openmp))
         return nullptr;
     if (K < 1) {
         PyErr_SetString(PyExc_ValueError, "cce_labels needs K >= 1");
@@ -541,7 +592,7 @@ PyObject* py_cce_labels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 #define GL_CCE(T, L)                                                                           \
     cce_labels<T, L>((const T*)pred.ptr, (const L*)labels.ptr, R, K, has_ignore, ignore,      \
                      validate != 0, (int)mean, (T*)grad.ptr, (T*)per_sample.ptr,              \
-                     want_sum != 0, (int)threads, &total, &denom)
+                     want_sum != 0, (int)threads, openmp != 0, &total, &denom)
     try {
         if (f64)
             flags = l32 ? GL_CCE(double, int32_t) : GL_CCE(double, int64_t);
@@ -576,10 +627,17 @@ PyObject* py_exp_f32(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+// openmp_team() -> bool: whether cce_labels(..., openmp=1) runs on an OpenMP team (a runtime
+// is loaded, and this is not a forked child)
+PyObject* py_openmp_team(PyObject*, PyObject*) {
+    return PyBool_FromLong(openmp_parallel() != nullptr);
+}
+
 PyMethodDef METHODS[] = {
     {"elementwise", (PyCFunction)(void (*)(void))py_elementwise, METH_FASTCALL, nullptr},
     {"cce_labels", (PyCFunction)(void (*)(void))py_cce_labels, METH_FASTCALL, nullptr},
     {"exp_f32", (PyCFunction)(void (*)(void))py_exp_f32, METH_FASTCALL, nullptr},
+    {"openmp_team", py_openmp_team, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -590,6 +648,7 @@ PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_gpuloss_host", nullptr, -1, METHO
 PyMODINIT_FUNC PyInit__gpuloss_host(void) {
     PyObject* m = PyModule_Create(&MODULE);
     if (!m) return nullptr;
+    pthread_atfork(nullptr, nullptr, at_fork_child);
     PyObject* names = PyTuple_New(N_ELEMENTWISE);  // the functors, in the table's order
     if (!names) return nullptr;
     for (int i = 0; i < N_ELEMENTWISE; ++i)

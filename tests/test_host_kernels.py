@@ -349,20 +349,77 @@ def test_torch_tensors_straight_give_the_bits_of_their_numpy_views(dtype):
             np.testing.assert_array_equal(g.numpy(), w)
 
 
-def test_threads_stay_off_pytorchs_spinning_workers(monkeypatch):
-    """One thread below THREADS_FROM values; beside torch tensors one below
-    TORCH_THREADS_FROM (PyTorch's workers spin after its operators); GPULOSS_NUM_THREADS
-    decides where set."""
+def test_threads_beside_pytorch_are_its_own_team(mod, monkeypatch):
+    """One thread below THREADS_FROM values. On NumPy data our pool's cpu_threads(); on torch
+    tensors PyTorch's OpenMP team, torch.get_num_threads() of them (GPULOSS_NUM_THREADS
+    where set); without the team one thread below TORCH_THREADS_FROM (PyTorch's workers spin
+    after its operators) and our pool above."""
+    torch = pytest.importorskip("torch")
     monkeypatch.delenv("GPULOSS_NUM_THREADS", raising=False)
     cpus = _pool.cpu_threads()
-    assert host._threads(host.THREADS_FROM - 1) == 1
-    assert host._threads(host.THREADS_FROM) == cpus
-    assert host._threads(host.THREADS_FROM, torch_pool=True) == 1
-    assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == 1
-    assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == cpus
+    assert host._threads(host.THREADS_FROM - 1) == (1, 0)
+    assert host._threads(host.THREADS_FROM - 1, torch_pool=True) == (1, 0)
+    assert host._threads(host.THREADS_FROM) == (cpus, 0)
+    if sys.platform.startswith("linux"):  # (PyTorch's Linux wheels load GNU's libgomp)
+        assert mod.openmp_team()
+    if mod.openmp_team():
+        assert host._threads(host.THREADS_FROM, torch_pool=True) == (torch.get_num_threads(), 1)
+        monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
+        assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 1)
+        monkeypatch.delenv("GPULOSS_NUM_THREADS")
+
+    class NoTeam:  # the extension where no OpenMP runtime is loaded
+        def openmp_team(self):
+            return False
+
+    monkeypatch.setattr(_host_build, "module", NoTeam)
+    assert host._threads(host.THREADS_FROM, torch_pool=True) == (1, 0)
+    assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == (1, 0)
+    assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == (cpus, 0)
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
-    assert host._threads(host.THREADS_FROM, torch_pool=True) == 3
-    assert host._threads(host.THREADS_FROM - 1) == 1
+    assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 0)
+
+
+def test_pytorchs_team_gives_the_bits_of_one_thread(mod):
+    """Blocks of rows on PyTorch's OpenMP team, any number of its threads (more than the
+    CPUs too), give the bits of one thread of ours; so does a loss on torch tensors."""
+    torch = pytest.importorskip("torch")
+    if not mod.openmp_team():
+        pytest.skip("no OpenMP runtime loaded beside torch here")
+    rng = np.random.default_rng(5)
+    for R, K in [(4096, 100), (7, 20000), (70000, 3)]:
+        z = torch.from_numpy(rng.standard_normal((R, K)).astype(np.float32))
+        y = torch.from_numpy(rng.integers(0, K, R))
+        results = []
+        for threads, team in [(1, 0), (1, 1), (2, 1), (3, 1), (16, 1)]:
+            grad = torch.empty_like(z)
+            out = mod.cce_labels(0, 0, z.data_ptr(), y.data_ptr(), grad.data_ptr(), None, R, K,
+                                 None, True, True, True, threads, team)
+            results.append((out, grad))
+        for out, grad in results[1:]:
+            assert out == results[0][0]
+            assert torch.equal(grad, results[0][1])
+        v, g = gl.cce_with_logits.value_and_grad(z, y)
+        assert float(v) == float(np.float32(results[0][0][0] / R))  # (the mean, in float32)
+        assert torch.equal(g, results[0][1])
+    # from several Python threads at once (each its own team)
+    import threading
+
+    want = gl.cce_with_logits.value_and_grad(z, y)
+    bad = []
+
+    def calls():
+        for _ in range(20):
+            got = gl.cce_with_logits.value_and_grad(z, y)
+            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                bad.append(got)
+
+    workers = [threading.Thread(target=calls) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not bad
 
 
 def test_forked_children_compute_after_the_parent_used_threads():
@@ -386,3 +443,30 @@ assert codes == [0] * 12
 """
     out = _run({"GPULOSS_NUM_THREADS": "4"}, code)  # (a hang fails on _run's timeout)
     assert "[0, 0" in out
+
+
+def test_forked_children_leave_pytorchs_team_alone():
+    """A child forked after the parent ran blocks on PyTorch's OpenMP team does not use the
+    team (GNU's runtime may wait there for the parent's threads), and computes the same."""
+    pytest.importorskip("torch")
+    code = """
+import os, numpy as np, torch, gpuloss as gl
+from gpuloss import _host_build
+z = torch.from_numpy(np.random.default_rng(0).standard_normal((512, 1000)).astype(np.float32))
+y = torch.arange(512) % 1000
+want = gl.cce_with_logits(z, y)
+team = _host_build.module().openmp_team()
+children = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        ok = not _host_build.module().openmp_team() and torch.equal(gl.cce_with_logits(z, y), want)
+        os._exit(0 if ok else 3)
+    children.append(pid)
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+print(team, codes)
+assert codes == [0] * 6
+"""
+    out = _run({}, code)  # (a hang fails on _run's timeout)
+    assert "[0, 0" in out
+

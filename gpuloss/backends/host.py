@@ -174,7 +174,7 @@ def _cce_labels(mod, call):
     # gradient is written
     out = mod.cce_labels(dtype_is_f64(p), label_code, p, y, grad, per_sample, R, K,
                          call.ignore_index, call.validate, call.reduction == "mean", want_sum,
-                         _threads(p.size))
+                         *_threads(p.size))
     if type(out) is int:  # a label out of range: the NumPy backend raises
         return None
     total, denom = out
@@ -184,21 +184,30 @@ def _cce_labels(mod, call):
 # From this many values a row pass is split over threads (whole blocks of rows; the result does
 # not depend on how many): below, waking a helper costs more than it saves
 THREADS_FROM = 1 << 16
-TORCH_THREADS_FROM = 1 << 20  # the same beside PyTorch's threads (see _threads)
+TORCH_THREADS_FROM = 1 << 20  # the same beside PyTorch's threads, without its team (_threads)
 
 
-def _threads(n: int, torch_pool: bool = False) -> int:
-    """Threads for a pass over n values: `gpuloss._pool.cpu_threads()` (as the NumPy
-    backend); beside torch tensors (`torch_pool`) one below TORCH_THREADS_FROM values unless
-    GPULOSS_NUM_THREADS says otherwise. PyTorch's own threads spin
-    for a while after each of its operators (OpenMP's wait policy): a helper of ours is put
-    off behind them, and a pass that waits for it took twice as long as on one thread (256 x
-    1000 interleaved with F.cross_entropy on the dev VM: 353 against 187 us)."""
+def _threads(n: int, torch_pool: bool = False) -> tuple[int, int]:
+    """Threads for a pass over n values, and whether they are PyTorch's own (1: its OpenMP
+    team). Below THREADS_FROM values one. On NumPy data `gpuloss._pool.cpu_threads()` of our
+    pool, as the NumPy backend. Beside torch tensors (`torch_pool`) PyTorch's team, as many as
+    torch.get_num_threads() (GPULOSS_NUM_THREADS where set): its workers spin for a while
+    after each of torch's operators, so they take our blocks at once, where a helper of our
+    own would wait for the core one of them holds (256 x 1000 interleaved with
+    F.cross_entropy on the dev VM: 94 us on the team's two threads, 187 on one, 353 on two of
+    ours). Without the team (no OpenMP runtime loaded, a forked child) one thread below
+    TORCH_THREADS_FROM values (a longer pass outlasts their spinning), our pool above."""
     if n < THREADS_FROM:
-        return 1
-    if torch_pool and n < TORCH_THREADS_FROM and not os.environ.get("GPULOSS_NUM_THREADS"):
-        return 1  # (a longer pass outlasts their spinning)
-    return _pool.cpu_threads()
+        return 1, 0
+    if torch_pool:
+        mod = _host_build.module()
+        if mod is not None and mod.openmp_team():
+            if os.environ.get("GPULOSS_NUM_THREADS"):
+                return _pool.cpu_threads(), 1
+            return sys.modules["torch"].get_num_threads(), 1
+        if n < TORCH_THREADS_FROM and not os.environ.get("GPULOSS_NUM_THREADS"):
+            return 1, 0
+    return _pool.cpu_threads(), 0
 
 
 def dtype_is_f64(p) -> int:
@@ -262,7 +271,7 @@ def compute_torch(call: _call.Call):
                              None if grad is None else grad.data_ptr(),
                              None if per is None else per.data_ptr(), p.numel() // K, K,
                              call.ignore_index, call.validate, call.reduction == "mean",
-                             want_sum, _threads(p.numel(), torch_pool=True))
+                             want_sum, *_threads(p.numel(), torch_pool=True))
         if type(out) is int:  # a label out of range: the NumPy backend raises
             return None
         total, denom = out
