@@ -66,11 +66,11 @@ bool get_ll(PyObject* o, long long* v) {
 // every step rounded on its own (no fused multiply-add: the same bits on every CPU): at most
 // 0.99 ulp from the exact value over every float in [-104, 0] (checked exhaustively; NumPy's
 // float32 exp reaches 2.4 ulp there, CUDA's expf 2; with fused steps it was 1.01). No branch
-// and no call, so that the loops using it are vectorised. Below -87.3 the result is subnormal:
-// 2^k is applied in two halves, each a normal number. x below -104 gives 0, NaN stays NaN, 0
+// and no call, so that the loops using it are vectorised. Below -87.3 the result is subnormal
+// and rounded once. x below -104 gives 0, NaN stays NaN, 0
 // gives 1 exactly. Only for x <= 0 (beyond 88 the exponent bits overflow into NaN): the cce
 // rows take logits minus the row maximum.
-inline float pow2_f32(int32_t k) {  // 2^k for k in [-126, 127]
+inline float pow2_f32(int32_t k) {  // 2^k for k in [-126, 127] (other k: garbage)
     uint32_t bits = (uint32_t)(k + 127) << 23;
     float s;
     memcpy(&s, &bits, sizeof s);
@@ -82,8 +82,8 @@ inline float exp_f32(float x) {
     float t = x * 1.44269504088896341f + magic;
     float k = t - magic;
     uint32_t tb;
-    memcpy(&tb, &t, sizeof tb);  // t's mantissa holds 2^22 + k
-    int32_t ki = (int32_t)(tb & 0x7fffffu) - (1 << 22);
+    memcpy(&tb, &t, sizeof tb);  // t's bits: those of 1.5 * 2^23, plus k
+    int32_t ki = (int32_t)(tb - 0x4B400000u);  // (a NaN's k is garbage: p is NaN)
     // Cody and Waite's two-part ln 2: k times the high part is exact
     float r = x - k * 0.693359375f;
     r = r + k * 2.12194440e-4f;
@@ -94,8 +94,9 @@ inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    int32_t k1 = ki >> 1;  // (ki in [-150, 0]; a NaN's ki is masked to that width too)
-    return p * pow2_f32(k1) * pow2_f32(ki - k1);
+    // 2^k as 2^(k + 64) 2^-64: the first product is exact (2^(k + 64) is a normal number for
+    // every k in [-150, 0]), the second rounds once (into the subnormals, below -87.3)
+    return p * pow2_f32(ki + 64) * 0x1p-64f;
 }
 
 inline double exp_of(double x) { return exp(x); }
