@@ -254,7 +254,7 @@ def compute_torch(call: _call.Call):
             or call.grad_out is not None or not p.is_contiguous() or not y.is_contiguous()
             or p.numel() == 0 or p.data_ptr() % p.element_size()
             or y.data_ptr() % y.element_size() or p.is_neg() or y.is_neg()
-            or p.device.type != "cpu" or y.device.type != "cpu"):
+            or not (p.is_cpu and y.is_cpu)):
         return None  # (a negative view's memory holds -x: torch's views of it say so)
     want_sum = call.want_value and call.reduction != "none"
     none = call.want_value and call.reduction == "none"
