@@ -237,12 +237,20 @@ def test_turned_off_and_failed_builds_fall_back_to_numpy(tmp_path):
     assert len(list(tmp_path.glob("_gpuloss_host-*"))) == 1
 
 
-def test_rows_split_over_threads_give_the_same_bits(monkeypatch):
-    """Large row passes run in blocks of rows on several threads; each block's sum is kept
-    apart and added in block order: 1, 2 and 5 threads give bit-identical results, and calls
-    from several Python threads at once (one parallel call at a time inside) too."""
+@pytest.mark.parametrize("team", [False, True], ids=["our pool", "PyTorch's team"])
+def test_rows_split_over_threads_give_the_same_bits(mod, monkeypatch, team):
+    """Large row passes run in blocks of rows on several threads (our pool's, or PyTorch's
+    OpenMP team); each block's sum is kept apart and added in block order: 1, 2 and 5
+    threads give bit-identical results, and calls from several Python threads at once too."""
     import threading
 
+    if team:
+        pytest.importorskip("torch")  # (which loads its OpenMP runtime)
+        if not mod.openmp_team():
+            pytest.skip("no OpenMP runtime loaded beside torch here")
+    policy = host._threads  # its thread count, on the threads this case is about
+    monkeypatch.setattr(host, "_threads",
+                        lambda n, torch_pool=False: (policy(n, torch_pool)[0], int(team)))
     rng = np.random.default_rng(3)
     cases = [(4096, 100), (7, 20000), (70000, 3)]
     results = {}
@@ -350,22 +358,23 @@ def test_torch_tensors_straight_give_the_bits_of_their_numpy_views(dtype):
 
 
 def test_threads_beside_pytorch_are_its_own_team(mod, monkeypatch):
-    """One thread below THREADS_FROM values. On NumPy data our pool's cpu_threads(); on torch
-    tensors PyTorch's OpenMP team, torch.get_num_threads() of them (GPULOSS_NUM_THREADS
-    where set); without the team one thread below TORCH_THREADS_FROM (PyTorch's workers spin
-    after its operators) and our pool above."""
+    """One thread below THREADS_FROM values. Where PyTorch's OpenMP runtime is loaded its team:
+    cpu_threads() of them on NumPy data, torch.get_num_threads() on torch tensors
+    (GPULOSS_NUM_THREADS where set). Without the team our pool, but on torch tensors one
+    thread below TORCH_THREADS_FROM (PyTorch's workers spin after its operators)."""
     torch = pytest.importorskip("torch")
     monkeypatch.delenv("GPULOSS_NUM_THREADS", raising=False)
     cpus = _pool.cpu_threads()
     assert host._threads(host.THREADS_FROM - 1) == (1, 0)
     assert host._threads(host.THREADS_FROM - 1, torch_pool=True) == (1, 0)
-    assert host._threads(host.THREADS_FROM) == (cpus, 0)
     if sys.platform.startswith("linux"):  # (PyTorch's Linux wheels load GNU's libgomp)
         assert mod.openmp_team()
     if mod.openmp_team():
+        assert host._threads(host.THREADS_FROM) == (cpus, 1)
         assert host._threads(host.THREADS_FROM, torch_pool=True) == (torch.get_num_threads(), 1)
         monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
         assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 1)
+        assert host._threads(host.THREADS_FROM) == (3, 1)
         monkeypatch.delenv("GPULOSS_NUM_THREADS")
 
     class NoTeam:  # the extension where no OpenMP runtime is loaded
@@ -373,6 +382,7 @@ def test_threads_beside_pytorch_are_its_own_team(mod, monkeypatch):
             return False
 
     monkeypatch.setattr(_host_build, "module", NoTeam)
+    assert host._threads(host.THREADS_FROM) == (cpus, 0)
     assert host._threads(host.THREADS_FROM, torch_pool=True) == (1, 0)
     assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == (1, 0)
     assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == (cpus, 0)

@@ -188,25 +188,26 @@ TORCH_THREADS_FROM = 1 << 20  # the same beside PyTorch's threads, without its t
 
 
 def _threads(n: int, torch_pool: bool = False) -> tuple[int, int]:
-    """Threads for a pass over n values, and whether they are PyTorch's own (1: its OpenMP
-    team). Below THREADS_FROM values one. On NumPy data `gpuloss._pool.cpu_threads()` of our
-    pool, as the NumPy backend. Beside torch tensors (`torch_pool`) PyTorch's team, as many as
-    torch.get_num_threads() (GPULOSS_NUM_THREADS where set): its workers spin for a while
+    """Threads for a pass over n values, and whether they are PyTorch's (1: the OpenMP team of
+    the runtime torch loaded). Below THREADS_FROM values one. Where that runtime is loaded,
+    its team: `gpuloss._pool.cpu_threads()` threads, or beside torch tensors (`torch_pool`)
+    torch.get_num_threads() unless GPULOSS_NUM_THREADS is set. Its workers spin for a while
     after each of torch's operators, so they take our blocks at once, where a helper of our
-    own would wait for the core one of them holds (256 x 1000 interleaved with
-    F.cross_entropy on the dev VM: 94 us on the team's two threads, 187 on one, 353 on two of
-    ours). Without the team (no OpenMP runtime loaded, a forked child) one thread below
-    TORCH_THREADS_FROM values (a longer pass outlasts their spinning), our pool above."""
+    own pool would wait for the core one of them holds (256 x 1000 interleaved with
+    F.cross_entropy on the dev VM: 94 us on the team's two threads, 187 on one, 353 on two
+    of ours). Without the team (no such runtime, a forked child) our pool, but beside torch
+    tensors one thread below TORCH_THREADS_FROM values (a longer pass outlasts their
+    spinning)."""
     if n < THREADS_FROM:
         return 1, 0
-    if torch_pool:
-        mod = _host_build.module()
-        if mod is not None and mod.openmp_team():
-            if os.environ.get("GPULOSS_NUM_THREADS"):
-                return _pool.cpu_threads(), 1
+    env = os.environ.get("GPULOSS_NUM_THREADS")
+    mod = _host_build.module()
+    if mod is not None and mod.openmp_team():
+        if torch_pool and not env:
             return sys.modules["torch"].get_num_threads(), 1
-        if n < TORCH_THREADS_FROM and not os.environ.get("GPULOSS_NUM_THREADS"):
-            return 1, 0
+        return _pool.cpu_threads(), 1
+    if torch_pool and n < TORCH_THREADS_FROM and not env:
+        return 1, 0
     return _pool.cpu_threads(), 0
 
 
