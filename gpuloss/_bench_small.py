@@ -231,8 +231,8 @@ def _one_thread(fn):
 def thread_contention(timer, torch, *, batch=4096, classes=1000, plan=None):
     """The CPU step at a batch whose loss runs on several of gpuloss's threads, with them and
     held to one thread, beside PyTorch's step: whether gpuloss's threads and PyTorch's
-    (OpenMP, spinning after each parallel region) slow each other down. (On torch tensors
-    gpuloss's threads are PyTorch's own team where its OpenMP runtime is loaded.)"""
+    (OpenMP, spinning after each parallel region) slow each other down. (Once torch is
+    imported, gpuloss's threads are PyTorch's own OpenMP team.)"""
     F, nn = torch.nn.functional, torch.nn
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(MLP["inputs"], MLP["hidden"]), nn.ReLU(),

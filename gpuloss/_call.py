@@ -87,7 +87,7 @@ class Call:
     def _shallow_copy(self) -> Call:
         """A copy holding the same objects: what copy.copy makes, without its __reduce_ex__
         (2 us of a 10 us call; dataclasses.replace re-runs __init__, slower still)."""
-        copy = object.__new__(Call)
+        copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
         return copy
 

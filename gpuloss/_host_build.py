@@ -36,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-pthread",
          "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden")
 # dlopen, to find PyTorch's OpenMP runtime (in glibc itself from 2.34; after the source, which
 # needs it)
-LIBS = () if sys.platform == "darwin" else ("-ldl",)
+LIBS = ("-ldl",) if sys.platform.startswith("linux") else ()
 
 _lock = threading.Lock()
 _module = None  # the loaded extension, once built

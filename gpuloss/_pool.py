@@ -37,6 +37,24 @@ _COUNTS_ARE_EXACT = sys.implementation.name == "cpython" and getattr(
 )()
 
 
+_forked = False  # whether this process was forked from the one that imported gpuloss
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):  # (at import: a fork before the first call counts too)
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
+def forked() -> bool:
+    """Whether this process is a fork of the one that imported gpuloss: there an OpenMP team
+    that the parent started may wait forever for threads that do not exist (GNU's does)."""
+    return _forked
+
+
 def cpu_threads() -> int:
     """Threads the CPU backends may use: GPULOSS_NUM_THREADS, else the CPUs this process may
     run on. (Here beside the buffers: both CPU backends import this module, and no backend

@@ -17,6 +17,9 @@
 #include <string.h>
 
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <link.h>
+#endif
 #include <pthread.h>
 
 #include <atomic>
@@ -24,6 +27,7 @@
 #include <functional>
 #include <mutex>
 #include <new>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -301,22 +305,42 @@ struct GlPool {
     }
 };
 
-// PyTorch's own threads: the OpenMP runtime that torch loaded (GNU's libgomp in its Linux
-// wheels; LLVM's and Intel's runtimes answer to GNU's GOMP_parallel too). Its workers spin
-// for a while after each of torch's operators, waiting for more: handed our blocks of rows
-// they start at once, where a helper of our pool would wait for the core one of them holds.
-// Null where no such runtime is loaded, and in a forked child: a runtime whose team the
-// parent started may wait there for threads that do not exist (GNU's does).
+// PyTorch's own threads: the OpenMP runtime loaded in this process (torch's: GNU's libgomp in
+// its Linux wheels, under its own name or a hashed one; LLVM's and Intel's runtimes answer to
+// GNU's GOMP_parallel too). Its workers spin for a while after each of torch's operators,
+// waiting for more: handed our blocks of rows they start at once, where a helper of our pool
+// would wait for the core one of them holds. Null where no such runtime is loaded, and in a
+// forked child: a team the parent started may wait there for threads that do not exist
+// (GNU's does). (The Python side asks once, and also knows of forks before this was loaded.)
 typedef void (*GompParallel)(void (*)(void*), void*, unsigned, unsigned);
 std::atomic<GompParallel> gl_openmp_found{nullptr};
 std::atomic<bool> gl_forked_child{false};
+
+bool is_openmp_runtime(const char* path) {
+    const char* name = strrchr(path, '/');
+    name = name ? name + 1 : path;
+    return strncmp(name, "libgomp", 7) == 0 || strncmp(name, "libomp", 6) == 0 ||
+           strncmp(name, "libiomp5", 8) == 0;
+}
 
 GompParallel openmp_parallel() {
     if (gl_forked_child.load()) return nullptr;
     GompParallel f = gl_openmp_found.load();
     if (f) return f;
-    for (const char* name : {"libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so"}) {
-        void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // only a library already loaded
+    std::vector<std::string> loaded;  // the runtimes' paths, in load order
+#if defined(__linux__)
+    dl_iterate_phdr(
+        [](struct dl_phdr_info* info, size_t, void* out) {
+            if (info->dlpi_name && is_openmp_runtime(info->dlpi_name))
+                ((std::vector<std::string>*)out)->push_back(info->dlpi_name);
+            return 0;
+        },
+        &loaded);
+#else
+    loaded = {"libomp.dylib", "libgomp.so.1", "libomp.so", "libiomp5.so"};
+#endif
+    for (const std::string& path : loaded) {
+        void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // only one already loaded
         if (!lib) continue;
         f = (GompParallel)dlsym(lib, "GOMP_parallel");  // (lib stays open: f is in it)
         if (f) break;
@@ -631,7 +655,12 @@ PyObject* py_exp_f32(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // openmp_team() -> bool: whether cce_labels(..., openmp=1) runs on an OpenMP team (a runtime
 // is loaded, and this is not a forked child)
 PyObject* py_openmp_team(PyObject*, PyObject*) {
-    return PyBool_FromLong(openmp_parallel() != nullptr);
+    bool found = false;
+    try {
+        found = openmp_parallel() != nullptr;
+    } catch (const std::bad_alloc&) {  // (the list of loaded runtimes: then none is used)
+    }
+    return PyBool_FromLong(found);
 }
 
 PyMethodDef METHODS[] = {

@@ -358,36 +358,51 @@ def test_torch_tensors_straight_give_the_bits_of_their_numpy_views(dtype):
 
 
 def test_threads_beside_pytorch_are_its_own_team(mod, monkeypatch):
-    """One thread below THREADS_FROM values. Where PyTorch's OpenMP runtime is loaded its team:
-    cpu_threads() of them on NumPy data, torch.get_num_threads() on torch tensors
-    (GPULOSS_NUM_THREADS where set). Without the team our pool, but on torch tensors one
-    thread below TORCH_THREADS_FROM (PyTorch's workers spin after its operators)."""
+    """One thread below THREADS_FROM values. Where torch is loaded and its OpenMP runtime was
+    found, its team: torch.get_num_threads() threads (GPULOSS_NUM_THREADS may ask for fewer),
+    on NumPy data and torch tensors alike. Without the team (or in a forked child) our pool,
+    but on torch tensors one thread below TORCH_THREADS_FROM (PyTorch's workers spin after
+    its operators)."""
     torch = pytest.importorskip("torch")
     monkeypatch.delenv("GPULOSS_NUM_THREADS", raising=False)
-    cpus = _pool.cpu_threads()
+    cpus, team = _pool.cpu_threads(), torch.get_num_threads()
     assert host._threads(host.THREADS_FROM - 1) == (1, 0)
     assert host._threads(host.THREADS_FROM - 1, torch_pool=True) == (1, 0)
     if sys.platform.startswith("linux"):  # (PyTorch's Linux wheels load GNU's libgomp)
-        assert mod.openmp_team()
-    if mod.openmp_team():
-        assert host._threads(host.THREADS_FROM) == (cpus, 1)
-        assert host._threads(host.THREADS_FROM, torch_pool=True) == (torch.get_num_threads(), 1)
-        monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
-        assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 1)
-        assert host._threads(host.THREADS_FROM) == (3, 1)
+        assert mod.openmp_team() and host._team_ready()
+    if host._team_ready():
+        assert host._threads(host.THREADS_FROM) == (team, 1)
+        assert host._threads(host.THREADS_FROM, torch_pool=True) == (team, 1)
+        monkeypatch.setenv("GPULOSS_NUM_THREADS", "1")
+        assert host._threads(host.THREADS_FROM, torch_pool=True) == (1, 1)
+        monkeypatch.setenv("GPULOSS_NUM_THREADS", str(team + 5))  # (never more than torch's)
+        assert host._threads(host.THREADS_FROM) == (team, 1)
         monkeypatch.delenv("GPULOSS_NUM_THREADS")
+    for no_team in ({"_team_found": False}, {"_forked": True}):
+        with monkeypatch.context() as m:
+            m.setattr(host, "_team_found", no_team.get("_team_found", host._team_found))
+            m.setattr(_pool, "_forked", no_team.get("_forked", False))
+            assert host._threads(host.THREADS_FROM) == (cpus, 0)
+            assert host._threads(host.THREADS_FROM, torch_pool=True) == (1, 0)
+            assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == (1, 0)
+            assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == (cpus, 0)
+            m.setenv("GPULOSS_NUM_THREADS", "3")
+            assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 0)
+            assert host._threads(host.THREADS_FROM) == (3, 0)
 
-    class NoTeam:  # the extension where no OpenMP runtime is loaded
-        def openmp_team(self):
-            return False
 
-    monkeypatch.setattr(_host_build, "module", NoTeam)
-    assert host._threads(host.THREADS_FROM) == (cpus, 0)
-    assert host._threads(host.THREADS_FROM, torch_pool=True) == (1, 0)
-    assert host._threads(host.TORCH_THREADS_FROM - 1, torch_pool=True) == (1, 0)
-    assert host._threads(host.TORCH_THREADS_FROM, torch_pool=True) == (cpus, 0)
-    monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
-    assert host._threads(host.THREADS_FROM, torch_pool=True) == (3, 0)
+def test_numpy_alone_never_looks_for_an_openmp_runtime():
+    """Without torch the row passes keep to our pool and never search the loaded libraries
+    for a runtime (a search that finds none costs tens of microseconds a call)."""
+    code = """
+import sys, numpy as np, gpuloss as gl
+from gpuloss.backends import host
+z = np.random.default_rng(0).standard_normal((512, 1000)).astype(np.float32)
+gl.cce_with_logits.value_and_grad(z, np.arange(512) % 1000)
+assert "torch" not in sys.modules and host._team_found is None, host._team_found
+print("ok")
+"""
+    assert "ok" in _run({"GPULOSS_NUM_THREADS": "2"}, code)
 
 
 def test_pytorchs_team_gives_the_bits_of_one_thread(mod):
@@ -479,4 +494,34 @@ assert codes == [0] * 6
 """
     out = _run({}, code)  # (a hang fails on _run's timeout)
     assert "[0, 0" in out
+
+
+def test_a_child_forked_before_the_first_call_leaves_the_team_alone(tmp_path):
+    """PyTorch's team started in the parent, then a fork before gpuloss computed anything
+    (the extension is first loaded in the child): the child keeps to our own threads, on
+    NumPy data and torch tensors, and computes the same as the parent."""
+    pytest.importorskip("torch")
+    code = """
+import os, numpy as np, torch, gpuloss as gl
+from gpuloss.backends import host
+a = torch.randn(600, 600)
+for _ in range(3):
+    (a @ a).exp_()  # PyTorch's OpenMP team at work in the parent
+z = np.random.default_rng(0).standard_normal((512, 1000)).astype(np.float32)
+y = np.arange(512) % 1000
+pid = os.fork()
+if pid == 0:
+    ok = host._threads(z.size) == (host._pool.cpu_threads(), 0)
+    v = gl.cce_with_logits(z, y)
+    t = gl.cce_with_logits(torch.from_numpy(z), torch.from_numpy(y))
+    np.save(os.environ["CHILD_OUT"], np.array([float(v), float(t)]))
+    os._exit(0 if ok else 3)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+want = gl.cce_with_logits(z, y)
+got = np.load(os.environ["CHILD_OUT"])
+print(code, float(want), got)
+assert code == 0 and got[0] == float(want) and got[1] == float(want)
+"""
+    out = _run({"CHILD_OUT": str(tmp_path / "child.npy")}, code)  # (a hang: _run's timeout)
+    assert out.startswith("0 ")
 

@@ -189,27 +189,42 @@ TORCH_THREADS_FROM = 1 << 20  # the same beside PyTorch's threads, without its t
 
 
 def _threads(n: int, torch_pool: bool = False) -> tuple[int, int]:
-    """Threads for a pass over n values, and whether they are PyTorch's (1: the OpenMP team of
-    the runtime torch loaded). Below THREADS_FROM values one. Where that runtime is loaded,
-    its team: `gpuloss._pool.cpu_threads()` threads, or beside torch tensors (`torch_pool`)
-    torch.get_num_threads() unless GPULOSS_NUM_THREADS is set. Its workers spin for a while
-    after each of torch's operators, so they take our blocks at once, where a helper of our
-    own pool would wait for the core one of them holds (256 x 1000 interleaved with
-    F.cross_entropy on the dev VM: 94 us on the team's two threads, 187 on one, 353 on two
-    of ours). Without the team (no such runtime, a forked child) our pool, but beside torch
-    tensors one thread below TORCH_THREADS_FROM values (a longer pass outlasts their
-    spinning)."""
+    """Threads for a pass over n values, and whether they are PyTorch's (1: the OpenMP team
+    of the runtime loaded with torch). Below THREADS_FROM values one. Where torch is loaded
+    and its team can be used (`_team_ready`), the team: torch.get_num_threads() threads
+    (GPULOSS_NUM_THREADS may ask for fewer), on torch tensors and NumPy data alike. Its
+    workers spin for a while after each of torch's operators, so they take our blocks at
+    once, where a helper of our own pool would wait for the core one of them holds (256 x
+    1000 interleaved with F.cross_entropy on the dev VM: 94 us on the team's two threads,
+    187 on one, 353 on two of ours). Otherwise our pool, `gpuloss._pool.cpu_threads()`, but
+    beside torch tensors (`torch_pool`) one thread below TORCH_THREADS_FROM values (a longer
+    pass outlasts their spinning)."""
     if n < THREADS_FROM:
         return 1, 0
     env = os.environ.get("GPULOSS_NUM_THREADS")
-    mod = _host_build.module()
-    if mod is not None and mod.openmp_team():
-        if torch_pool and not env:
-            return sys.modules["torch"].get_num_threads(), 1
-        return _pool.cpu_threads(), 1
+    torch = sys.modules.get("torch")
+    if torch is not None and _team_ready():
+        team = torch.get_num_threads()  # (never more: each is a thread torch runs too)
+        return (min(team, _pool.cpu_threads()) if env else team), 1
     if torch_pool and n < TORCH_THREADS_FROM and not env:
         return 1, 0
     return _pool.cpu_threads(), 0
+
+
+_team_found = None  # whether the extension found torch's OpenMP runtime (asked once)
+
+
+def _team_ready() -> bool:
+    """Whether PyTorch's OpenMP team can take our blocks: its runtime was found (asked once,
+    with torch loaded: a failed search costs tens of microseconds) and this process is not a
+    fork of the one that imported gpuloss (there the parent's team may not exist)."""
+    global _team_found
+    if _pool.forked():
+        return False
+    if _team_found is None:
+        mod = _host_build.module()
+        _team_found = bool(mod is not None and mod.openmp_team())
+    return _team_found
 
 
 def dtype_is_f64(p) -> int:
