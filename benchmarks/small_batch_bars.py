@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import gpuloss as gl
-from gpuloss import _api, _host_build
+from gpuloss import _api, _host_build, _torch_build
 from gpuloss.backends import host
 from gpuloss.backends import numpy as numpy_backend
 
@@ -45,8 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
+    _torch_build.wait()  # (the torch operator is built in the background on first use)
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
            "numpy": np.__version__, "cpu_kernels": _host_build.status(),
+           "torch_operator": _torch_build.status(),
            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
     z = rng.standard_normal((256, 10)).astype(np.float32)

@@ -664,7 +664,8 @@ class Loss:
     def _run(self, pred, target, options, *, want_value, want_grad):
         if _torch.is_tensor(pred):  # autograd, torch.compile, torch.func: gpuloss._torch
             return _torch.run(self, pred, target, options, want_value=want_value,
-                              want_grad=want_grad, compute=_compute)
+                              want_grad=want_grad, compute=_compute,
+                              compute_graph=_dispatch.graph_on_torch_cpu)
         call = self.prepare(pred, target, options, want_value=want_value, want_grad=want_grad)
         return _dispatch.route(call, rerun=run)(call)
 

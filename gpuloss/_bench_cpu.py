@@ -35,6 +35,9 @@ def torch_fns():
         import torch.nn.functional as F
     except ImportError:
         return None, None
+    from . import _torch_build
+
+    _torch_build.wait()  # (gpuloss's torch operator, built in the background on first use)
 
     def run(peer, p, y):  # peer(F, x, y): the loss in PyTorch
         x = p.detach().requires_grad_()

@@ -328,11 +328,14 @@ def info(args) -> int:
     backends = ["numpy (CPU)", "generic array API"]
     if not gpu.startswith("none"):
         backends.append("cuda (CuPy kernels)")
-    from . import _host_build
+    from . import _host_build, _torch_build
 
     lines += [("backends", ", ".join(backends)), ("gpu", gpu),
-              ("cpu kernels", _host_build.status()),
-              ("kernel sources", str(_cuda_backend.kernel_dir())),
+              ("cpu kernels", _host_build.status())]
+    if "torch" in sys.modules:  # (built on first use, 15-25 s: waited for here)
+        _torch_build.wait()
+        lines.append(("torch operator", _torch_build.status()))
+    lines += [("kernel sources", str(_cuda_backend.kernel_dir())),
               ("kernel cache", os.environ.get("CUPY_CACHE_DIR",
                                               str(Path.home() / ".cupy" / "kernel_cache")))]
     width = max(len(k) for k, _ in lines)

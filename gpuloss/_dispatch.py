@@ -176,6 +176,16 @@ def _torch_cpu(x) -> bool:
             and str(x.dtype) in _NUMPY_DTYPES)
 
 
+def graph_on_torch_cpu(call):
+    """The value of a checked call on torch CPU tensors with its autograd node in C++: gpuloss's
+    PyTorch operator, where it is built and takes the call (the common cross-entropy of a
+    training step). None where gpuloss._torch's Python node carries the gradient."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(call.pred) is not torch.Tensor or not _torch_cpu(call.pred):
+        return None
+    return _host_backend().compute_torch_graph(call)
+
+
 def _numpy_view(x):
     """A torch CPU tensor as a NumPy array on the same memory (bfloat16 through ml_dtypes)."""
     if x.requires_grad:

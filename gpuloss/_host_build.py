@@ -100,26 +100,38 @@ def _load():
         digest.update(b"\0")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     path = cache_dir() / f"{NAME}-{digest.hexdigest()[:20]}{suffix}"
+    command = [compiler, *flags, f"-I{include}", f"-I{folder}", str(sources[0]), *LIBS]
     if not path.exists():
-        _build(compiler, flags, include, folder, sources[0], path)
+        build(command, path)
     try:
         return _import(path)
     except ImportError:  # a broken file in the cache (a build cut short): build it again
         path.unlink(missing_ok=True)
-        _build(compiler, flags, include, folder, sources[0], path)
+        build(command, path)
         return _import(path)
 
 
-def _build(compiler, flags, include, folder, source, path):
+def build(command, path, started=None):
+    """Run the compiler `command` (without its output) to make `path`; atomically, so that
+    a concurrent build of the same file is harmless. `started(process)` is told of the
+    compiler's process (to stop it at exit)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [compiler, *flags, f"-I{include}", f"-I{folder}", str(source), *LIBS, "-o", str(tmp)]
-    done = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
-    if done.returncode != 0:
+    # (a session of its own: the compiler driver's children can be stopped with it)
+    with subprocess.Popen([*command, "-o", str(tmp)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, start_new_session=True) as process:
+        if started is not None:
+            started(process)
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+    if process.returncode != 0:
         tmp.unlink(missing_ok=True)
-        said = (done.stderr or done.stdout).decode(errors="replace").strip()  # (any locale)
+        said = (stderr or stdout).decode(errors="replace").strip()  # (any locale)
         raise RuntimeError(f"the C++ build failed: {said}")
-    os.replace(tmp, path)  # atomic: a concurrent build of the same file is harmless
+    os.replace(tmp, path)
 
 
 def _import(path):

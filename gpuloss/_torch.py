@@ -58,9 +58,11 @@ def is_plain_tensor(x) -> bool:
     return torch is not None and type(x) is torch.Tensor
 
 
-def run(loss, pred, target, options, *, want_value, want_grad, compute):
+def run(loss, pred, target, options, *, want_value, want_grad, compute, compute_graph):
     """One entry point of `loss` called with a torch tensor as pred. `compute(call)` is the
-    checked dispatch (gpuloss._api's), for calls that need no autograd graph."""
+    checked dispatch (gpuloss._api's), for calls that need no autograd graph;
+    `compute_graph(call)` the value with its autograd node in C++ where a compiled operator
+    takes the call (None: `_EagerFn` carries the gradient)."""
     import torch
 
     tensors = (pred, target, *(options.get(k) for k in _ARRAY_OPTIONS))
@@ -74,6 +76,9 @@ def run(loss, pred, target, options, *, want_value, want_grad, compute):
     if not graph:
         return compute(call)
     _refuse_other_grads(call)
+    value = compute_graph(call)
+    if value is not None:
+        return value, None
     value, grad = compute(call)
     axis = call.axis if call.categorical and call.reduction == "none" else None
     return _EagerFn.apply(pred, value, grad, axis), None

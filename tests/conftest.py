@@ -175,3 +175,18 @@ def torch_value_and_grad(torch, fn, pred, target):
     out = fn(x, torch.tensor(target))
     out.sum().backward()
     return out.detach().numpy(), x.grad.numpy()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_operator_built():
+    """gpuloss's PyTorch operator (kernels/gpuloss_torch.cpp) is built in a background thread
+    on first use, and calls take the Python autograd node until it is loaded: the suite waits
+    for it once, so that every test meets the same node (tests of the Python node turn the
+    operator off for themselves: `python_node` in test_torch_cpu)."""
+    try:
+        importlib.import_module("torch")
+    except ImportError:
+        return
+    from gpuloss import _torch_build
+
+    _torch_build.wait()

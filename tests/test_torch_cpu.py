@@ -3,13 +3,16 @@ views (DESIGN §10), and come back as tensors; tensors that need a graph keep au
 
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 import pytest
 from conftest import make_inputs, require
 from reference import ALL, CATEGORICAL
 
 import gpuloss as gl
-from gpuloss import _dispatch
+from gpuloss import _dispatch, _torch_build
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def test_which_tensors_take_the_numpy_backend(torch, monkeypatch):
     real = _dispatch._compute_torch_cpu
     monkeypatch.setattr(_dispatch, "_compute_torch_cpu",
                         lambda call: seen.append(call.want_grad) or real(call))
-    out = gl.cce_with_logits(needs_graph, torch.zeros(4, dtype=torch.int64))
+    # (a mean or sum of cce_with_logits with labels takes the C++ node: test_the_common_...)
+    out = gl.cce_with_logits(needs_graph, torch.zeros(4, dtype=torch.int64), reduction="none")
     assert seen == [True] and out.grad_fn is not None  # one fused pass, value and gradient
 
 
@@ -82,8 +86,10 @@ def test_backward_is_the_fused_gradient_and_passes_gradcheck(torch, loss):
         out = gl.LOSSES[loss](z, t, **_tensors(torch, opts))
         assert out.requires_grad and out.grad_fn is not None
         # one pred-sized tensor kept for backward: no logits, no softmax copy (an attribute,
-        # not a saved tensor: backward hands it to autograd, which then takes it uncopied)
-        assert len(out.grad_fn.saved_tensors) == 0 and out.grad_fn.grad.shape == z.shape
+        # not a saved tensor: backward hands it to autograd, which then takes it uncopied;
+        # the C++ node keeps it the same way, out of sight)
+        if _node_of(out) == "Python node":
+            assert len(out.grad_fn.saved_tensors) == 0 and out.grad_fn.grad.shape == z.shape
         weights = torch.from_numpy(rng.uniform(0.5, 2, tuple(out.shape)))
         (out * weights).sum().backward()
         # the derivative of sum(weights * loss): the gradient scaled per sample
@@ -166,16 +172,77 @@ def test_the_inputs_are_viewed_not_copied_and_never_modified(torch, monkeypatch)
     assert torch.equal(p, before[0]) and torch.equal(y, before[1])
 
 
-def test_backward_hands_the_gradient_over_without_a_copy_and_retains_for_retain_graph(torch):
+@pytest.fixture(params=["C++ node", "Python node"])
+def node(request, torch, monkeypatch):
+    """Which autograd node carries a mean of cce_with_logits with labels: gpuloss's compiled
+    PyTorch operator's (where it is built: conftest waits for it), or gpuloss._torch's
+    _EagerFn, which every other call takes."""
+    if request.param == "Python node":
+        monkeypatch.setattr(_torch_build, "operator", lambda: None)
+    elif _torch_build.wait() is None:
+        pytest.skip(f"gpuloss's torch operator: {_torch_build.status()}")
+    return request.param
+
+
+def _node_of(loss):
+    return "C++ node" if "KeptGradient" in loss.grad_fn.name() else "Python node"
+
+
+def test_the_common_call_takes_the_cpp_node(torch):
+    """The call of a training step (a mean of cce_with_logits with class indices, float32,
+    contiguous CPU tensors) takes the compiled operator's C++ node where it is built (Linux
+    has a compiler: it must be), and gives the Python node's bits."""
+    if sys.platform.startswith("linux"):
+        assert _torch_build.wait() is not None, _torch_build.status()
+    rng = np.random.default_rng(7)
+    for shape, dtype, labels, options in [
+            ((64, 10), np.float32, np.int64, {}),
+            ((3, 5, 300), np.float64, np.int32, {"reduction": "sum"}),
+            ((700, 100), np.float32, np.int64, {"ignore_index": 3}),
+            ((4, 6), np.float32, np.int64, {"ignore_index": 0})]:  # (every row ignored)
+        z = torch.from_numpy(rng.standard_normal(shape).astype(dtype))
+        y = torch.from_numpy(rng.integers(0, shape[-1], shape[:-1]).astype(labels))
+        if shape == (4, 6):
+            y.zero_()
+        results = {}
+        for which in ("C++ node", "Python node"):
+            a = z.clone().requires_grad_()
+            if which == "Python node":
+                with pytest.MonkeyPatch.context() as m:
+                    m.setattr(_torch_build, "operator", lambda: None)
+                    loss = gl.cce_with_logits(a, y, **options)
+            else:
+                loss = gl.cce_with_logits(a, y, **options)
+            assert _node_of(loss) == which or _torch_build.operator() is None
+            loss.backward()
+            results[which] = loss.detach(), a.grad
+        (v1, g1), (v2, g2) = results.values()
+        assert v1.dtype == v2.dtype and v1.shape == v2.shape == ()
+        assert torch.equal(v1, v2) or (v1.isnan() and v2.isnan())
+        assert torch.equal(g1, g2)
+
+
+def test_a_label_out_of_range_raises_the_same_error_on_both_nodes(torch, node):
+    a = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\], outside \[0, 2\]"):
+        gl.cce_with_logits(a, torch.tensor([0, 1, 3, 2]))
+
+
+def test_backward_hands_the_gradient_over_without_a_copy_and_retains_for_retain_graph(torch,
+                                                                                        node):
     """loss.backward() makes pred.grad the forward's gradient buffer itself (no copy of a
     pred-sized tensor); with retain_graph=True a second backward still gets it."""
     z = torch.randn(64, 300)
     y = torch.randint(0, 300, (64,))
     a = z.clone().requires_grad_()
     loss = gl.cce_with_logits(a, y)
-    address = loss.grad_fn.grad.data_ptr()
+    assert _node_of(loss) == node
+    handed = []  # what backward returns, on its way to pred.grad
+    a.register_hook(lambda grad: handed.append(grad.data_ptr()))
+    if node == "Python node":
+        handed.append(loss.grad_fn.grad.data_ptr())  # (the forward's buffer itself)
     loss.backward()
-    assert a.grad.data_ptr() == address
+    assert set(handed) == {a.grad.data_ptr()}
     b = z.clone().requires_grad_()
     loss = gl.cce_with_logits(b, y)
     loss.backward(retain_graph=True)
@@ -187,7 +254,7 @@ def test_backward_hands_the_gradient_over_without_a_copy_and_retains_for_retain_
         loss.backward()  # the graph is freed now: an error, as PyTorch's own, never no grad
 
 
-def test_a_kept_gradient_changed_in_place_is_refused_not_used(torch):
+def test_a_kept_gradient_changed_in_place_is_refused_not_used(torch, node):
     """With retain_graph, backward hands out the kept gradient itself; changed in place (by
     the caller, or a hook), the next backward raises as PyTorch does for saved tensors,
     instead of using the changed values."""
@@ -221,3 +288,65 @@ def test_a_cached_call_still_refuses_a_target_on_another_device(torch):
     for _ in range(2):
         with pytest.raises(ValueError, match="different devices"):
             gl.cce_with_logits(z, torch.empty(4, dtype=torch.int64, device="meta"))
+
+
+def test_create_graph_is_refused_at_once_on_both_nodes(torch, node):
+    from gpuloss import _torch
+
+    a = torch.randn(5, 4, requires_grad=True)
+    loss = gl.cce_with_logits(a, torch.tensor([0, 1, 2, 3, 0]))
+    assert _node_of(loss) == node
+    with pytest.raises(RuntimeError) as raised:
+        torch.autograd.grad(loss, a, create_graph=True)
+    assert _torch.NO_SECOND_DERIVATIVE in str(raised.value)  # (the C++ node's words too)
+
+
+def _run(env_extra, code, timeout=120):
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env_extra}, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_operator_builds_in_the_background_and_can_be_turned_off(torch, tmp_path):
+    """Until the operator is built (15-25 s, in a background thread) calls take the Python
+    node; a build still running at exit is stopped (no compiler left behind);
+    GPULOSS_TORCH_KERNELS=0 turns the operator off."""
+    code = """
+import time, torch, gpuloss as gl
+from gpuloss import _torch_build
+a = torch.randn(8, 5, requires_grad=True)
+loss = gl.cce_with_logits(a, torch.arange(8) % 5)
+print(loss.grad_fn.name(), _torch_build.status())
+if _torch_build._builder.is_alive():
+    time.sleep(1)  # (the compiler is running: stopped at exit)
+    print("compiling", [p.pid for p in _torch_build._compiling])
+"""
+    start = time.monotonic()
+    out = _run({"GPULOSS_CACHE_DIR": str(tmp_path)}, code)
+    assert "KeptGradient" not in out and "not in use: not built yet" in out
+    assert time.monotonic() - start < 12  # (the build takes longer: it was stopped)
+    if "compiling [" in out and sys.platform.startswith("linux"):
+        groups = [int(p) for p in out.split("compiling [")[1].split("]")[0].split(",") if p]
+        time.sleep(1)
+        assert not any(_group_alive(g) for g in groups)  # the compiler and its children
+    assert not list(tmp_path.glob("_gpuloss_torch-*.so"))
+    out = _run({"GPULOSS_TORCH_KERNELS": "0"}, code + "print(_torch_build.wait())")
+    assert "not in use: GPULOSS_TORCH_KERNELS=0" in out and out.strip().endswith("None")
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the process group `group` runs (Linux: /proc; zombies are gone)."""
+    from pathlib import Path
+
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False

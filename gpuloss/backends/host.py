@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from .. import _call, _host_build, _pool
+from .. import _call, _host_build, _pool, _torch_build
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -253,14 +253,10 @@ def _value(call, total: float, denom: float, per_sample, dtype=None):
 _torch_codes: dict = {}  # torch dtype -> the extension's float or label code
 
 
-def compute_torch(call: _call.Call):
-    """`compute` for a call on torch CPU tensors, read and written through their addresses,
-    its results allocated by torch: no NumPy views on the way in or out (a training step's
-    loss). None where it does not take the call as it comes; gpuloss._dispatch then hands
-    `compute` NumPy views of it (which copies a non-contiguous input, converts a target, ...)."""
-    mod = _host_build.module()
-    if mod is None:
-        return None
+def _torch_float_code(call) -> int | None:
+    """pred's code (0: float32, 1: float64) where the compiled kernels can read and write the
+    call's torch tensors as they are; None otherwise (weights, grad_out, a layout or dtype
+    they do not take)."""
     torch = sys.modules["torch"]
     if not _torch_codes:
         _torch_codes.update({torch.float32: 0, torch.float64: 1, torch.int64: 0,
@@ -273,15 +269,58 @@ def compute_torch(call: _call.Call):
             or y.data_ptr() % y.element_size() or p.is_neg() or y.is_neg()
             or not (p.is_cpu and y.is_cpu)):
         return None  # (a negative view's memory holds -x: torch's views of it say so)
+    return f64
+
+
+def _torch_label_code(call) -> int | None:
+    """The labels' code (0: int64, 1: int32) where the row kernel takes the categorical call
+    (`_cce_takes`); None otherwise."""
+    y = call.target
+    code = None if y.is_floating_point() else _torch_codes.get(y.dtype)
+    if code is None or not _cce_takes(call) or call.pred.shape[-1] >= 1 << 31:
+        return None
+    return code
+
+
+def compute_torch_graph(call: _call.Call):
+    """The value of a categorical `call` on torch CPU tensors with its autograd node, from
+    gpuloss's PyTorch operator (kernels/gpuloss_torch.cpp: the row pass of `compute_torch`,
+    and a C++ node that keeps the gradient as gpuloss._torch's Python node does). None where
+    the operator is not loaded (yet: gpuloss._torch_build builds it in the background) or
+    does not take the call: a mean or a sum of `cce_with_logits` with class indices that
+    `compute_torch` would take."""
+    if not call.categorical or call.reduction == "none" or call.parts or not call.want_value:
+        return None
+    op = _torch_build.operator()
+    if (op is None or _host_build.module() is None or _torch_float_code(call) is None
+            or _torch_label_code(call) is None):
+        return None
+    threads, team = _threads(call.pred.numel(), torch_pool=True)
+    # (None where the pass declined: a label out of range, no memory for its scratch)
+    return op(call.pred, call.target, call.ignore_index, call.validate,
+              call.reduction == "mean", threads, team)
+
+
+def compute_torch(call: _call.Call):
+    """`compute` for a call on torch CPU tensors, read and written through their addresses,
+    its results allocated by torch: no NumPy views on the way in or out (a training step's
+    loss). None where it does not take the call as it comes; gpuloss._dispatch then hands
+    `compute` NumPy views of it (which copies a non-contiguous input, converts a target, ...)."""
+    mod = _host_build.module()
+    if mod is None:
+        return None
+    torch = sys.modules["torch"]
+    f64 = _torch_float_code(call)
+    if f64 is None:
+        return None
+    p, y = call.pred, call.target
     want_sum = call.want_value and call.reduction != "none"
     none = call.want_value and call.reduction == "none"
     if call.categorical:
-        label_code = None if y.is_floating_point() else _torch_codes.get(y.dtype)
-        if label_code is None or not _cce_takes(call):
+        label_code = _torch_label_code(call)
+        if label_code is None:
             return None
         K = p.shape[-1]
-        if K >= 1 << 31:
-            return None
         grad = torch.empty(p.shape, dtype=p.dtype) if call.want_grad else None
         per = torch.empty(p.shape[:-1], dtype=p.dtype) if none else None
         out = mod.cce_labels(f64, label_code, p.data_ptr(), y.data_ptr(),
