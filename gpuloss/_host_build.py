@@ -20,6 +20,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -111,27 +112,50 @@ def _load():
         return _import(path)
 
 
-def build(command, path, started=None):
-    """Run the compiler `command` (without its output) to make `path`; atomically, so that
-    a concurrent build of the same file is harmless. `started(process)` is told of the
-    compiler's process (to stop it at exit)."""
+def build(command, path, *, detached=False, lock=None, started=None):
+    """Run the compiler `command` (without its output) to make `path`, in a session of its
+    own; atomically, so that a concurrent build of the same file is harmless. Interrupted
+    (Ctrl-C, five minutes), the compiler and its children are stopped. `detached`: the
+    compiler outlives this process if it exits first, and puts the file in place itself (a
+    short run still leaves the build for the next), then removes the file `lock`.
+    `started()` is called once the compiler runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    # (a session of its own: the compiler driver's children can be stopped with it)
-    with subprocess.Popen([*command, "-o", str(tmp)], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, start_new_session=True) as process:
+    log = tmp.with_suffix(".log")
+    argv = [*command, "-o", str(tmp)]
+    if detached:  # (the rename in the compiler's session: done after this process has gone)
+        argv = ["sh", "-c", 'tmp=$1 out=$2 lock=$3 log=$4; shift 4; "$@" && mv -f "$tmp" "$out"'
+                '; status=$?; rm -f "$lock"; [ $status = 0 ] && rm -f "$log"; exit $status',
+                "sh", str(tmp), str(path), str(lock or ""), str(log), *argv]
+    with open(log, "wb") as said:  # (a file, not a pipe: the compiler may outlive us)
+        process = subprocess.Popen(argv, stdout=said, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
         if started is not None:
-            started(process)
+            started()
         try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
+            process.wait(timeout=None if detached else 300)
+        except BaseException:
+            if not detached:
+                _stop(process)
+                tmp.unlink(missing_ok=True)
+                log.unlink(missing_ok=True)
+            raise
+    text = log.read_bytes().decode(errors="replace").strip() if log.exists() else ""
+    log.unlink(missing_ok=True)  # ((any locale) above)
     if process.returncode != 0:
         tmp.unlink(missing_ok=True)
-        said = (stderr or stdout).decode(errors="replace").strip()  # (any locale)
-        raise RuntimeError(f"the C++ build failed: {said}")
-    os.replace(tmp, path)
+        raise RuntimeError(f"the C++ build failed: {text}")
+    if not detached:
+        os.replace(tmp, path)
+
+
+def _stop(process):
+    """Stop a compiler and its children (its session's process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (OSError, AttributeError):  # (gone already; no process groups here)
+        process.kill()
+    process.wait()
 
 
 def _import(path):

@@ -4,8 +4,11 @@ Two ways in, one autograd rule (DESIGN §10: the fused pass once in forward, `gr
 times the saved gradient in backward):
 
 - Eager calls on plain tensors (the training loop) compute straight away: the checked call
-  goes to the NumPy backend on views of CPU tensors or to the CUDA kernels, and `_LossFn`
-  attaches the value to autograd.
+  goes to the compiled CPU kernels or the NumPy backend on CPU tensors, or to the CUDA
+  kernels, and `_EagerFn` attaches the value to autograd. The most common of them (a mean or
+  sum of cce_with_logits with class indices on CPU tensors) takes gpuloss's PyTorch operator
+  instead where it is built (`compute_graph`: gpuloss._torch_build), whose node is the same
+  rule in C++.
 - Under `torch.compile`, `torch.export`, `torch.func` transforms, or with tensor subclasses,
   the call goes through the custom operator ``torch.ops.gpuloss.<loss>`` (one per loss,
   registered with a fake implementation that gives the shapes, so the compiler sees one opaque

@@ -5,9 +5,11 @@ torch.autograd.Function (about 30 µs a call, forward and backward).
 It is compiled against the installed torch with the C++ compiler of the compiled CPU kernels
 (gpuloss._host_build: same flags, same cache folder; the file's name carries a digest of the
 sources, the flags, the compiler, torch's version and ABI, Python's and the CPU). Including
-torch's headers, a build takes 15-25 s: it runs in a background thread, started by the first
-call that could use the operator, and calls take gpuloss's Python autograd node until it is
-loaded (within the same process). `wait()` waits for it (benchmarks, tests).
+torch's headers, a build takes 15-25 s. It runs in a background thread, started by the first
+call the operator would take, and calls take gpuloss's Python autograd node until it is
+loaded. The compiler outlives a process that exits first and puts the file in place (the next
+run loads it); while one process builds (a lock file beside it), others wait for its file
+instead of compiling too. `wait()` waits for the operator (benchmarks, tests).
 `GPULOSS_TORCH_KERNELS=0` (or `GPULOSS_HOST_KERNELS=0`) turns it off; `gpuloss info` says
 whether it is in use and why not.
 """
@@ -17,22 +19,23 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import signal
 import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 
 from . import _host_build
 
 SOURCES = ("gpuloss_torch.cpp", "gpuloss_host.cpp", "gpuloss_math.cuh")
+LOCK_STALE_S = 600  # a lock file older than this is a build that died: built again
 
 _lock = threading.Lock()
 _operator = None  # torch.ops.gpuloss_host.cce_labels, once loaded
 _path = None  # its file
 _builder = None  # the thread that builds and loads it
 _reason = "not built yet"
-_compiling = []  # the compiler's process while one runs (stopped at exit)
+_launched = threading.Event()  # the build thread has started the compiler, or needs none
 
 
 def operator():
@@ -47,7 +50,7 @@ def wait(timeout: float | None = None):
     """The operator, once its build has ended (None where it failed or is turned off)."""
     operator()
     builder = _builder
-    if builder is not None:
+    if builder is not None and builder.ident is not None:
         builder.join(timeout)
     return _operator
 
@@ -60,21 +63,37 @@ def status() -> str:
 
 
 def _start():
-    global _builder
+    global _builder, _reason
     with _lock:
         if _builder is None:
-            _builder = threading.Thread(target=_build_and_load, name="gpuloss-torch-build",
-                                        daemon=True)
-            _builder.start()
+            builder = threading.Thread(target=_build_and_load, name="gpuloss-torch-build",
+                                       daemon=True)
+            try:
+                builder.start()
+            except RuntimeError as exc:  # (no more threads, or the interpreter is exiting)
+                _reason = f"no thread to build it in ({exc})"
+            _builder = builder
 
 
 def _build_and_load():
     global _operator, _reason, _path
     try:
-        _operator, _path = _load()
+        op, path = _load()
+        _path = path
+        _operator = op
     except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the Python node computes
         text = str(exc).strip()
         _reason = text.splitlines()[-1] if text else repr(exc)
+    finally:
+        _launched.set()
+
+
+@atexit.register
+def _launch_before_exit():
+    """A process ending right after its first call still starts the compiler (which then
+    finishes on its own, for the next run): at most a few seconds of digests and checks."""
+    if _builder is not None and _builder.is_alive():
+        _launched.wait(timeout=15)
 
 
 def _load():
@@ -109,24 +128,38 @@ def _load():
     command = [compiler, *flags, *(f"-I{i}" for i in includes), str(folder / SOURCES[0]),
                *libs]
     if not path.exists():
-        _host_build.build(command, path, started=_compiling.append)
-        _compiling.clear()
+        _build_once(command, path)
     try:
         torch.ops.load_library(str(path))
     except OSError:  # a broken file in the cache (a build cut short): build it again
         path.unlink(missing_ok=True)
-        _host_build.build(command, path, started=_compiling.append)
-        _compiling.clear()
+        _build_once(command, path)
         torch.ops.load_library(str(path))
     return torch.ops.gpuloss_host.cce_labels, path
 
 
-@atexit.register
-def _stop_compiling():
-    """A build still running at exit is stopped, with the compiler driver's children (its
-    thread would not finish it)."""
-    for process in _compiling.copy():
+def _build_once(command, path):
+    """Build `path`, or wait for the process that is building it (its lock file)."""
+    lock = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
         try:
-            os.killpg(process.pid, signal.SIGKILL)  # (its own session: _host_build.build)
-        except (OSError, AttributeError):  # (gone already; no process groups here)
-            process.kill()
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break  # ours: build it
+        except FileExistsError:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # (just finished)
+            if age > LOCK_STALE_S:
+                lock.unlink(missing_ok=True)
+                continue
+            _launched.set()  # (another process builds it: this one waits for the file)
+            time.sleep(0.5)
+            if path.exists():
+                return
+    try:
+        _host_build.build(command, path, detached=True, lock=lock, started=_launched.set)
+    except OSError:  # (no compiler process started: nothing else will remove the lock; a
+        lock.unlink(missing_ok=True)  # failed compile's shell has removed it)
+        raise

@@ -83,12 +83,23 @@ int row_pass(const at::Tensor& pred, const at::Tensor& labels, at::Tensor& grad,
     }
 }
 
-// The caller (gpuloss._torch) has checked the rest: contiguous CPU tensors, pred float32 or
-// float64 of at least one value, labels int64 or int32 of pred's shape less its last axis.
+// gpuloss._torch calls it with the arguments checked (the labels' shape too); the checks here
+// keep a direct call from reading out of bounds.
 at::Tensor cce_labels_op(const at::Tensor& pred, const at::Tensor& labels,
                          c10::optional<int64_t> ignore_index, bool validate, bool mean,
                          int64_t threads, int64_t openmp) {
+    TORCH_CHECK(pred.device().is_cpu() && labels.device().is_cpu(), "CPU tensors only");
+    TORCH_CHECK(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble,
+                "pred must be float32 or float64");
+    TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                "labels must be int64 or int32");
+    TORCH_CHECK(pred.dim() >= 1 && pred.size(-1) >= 1 && pred.size(-1) < (1LL << 31) &&
+                    pred.numel() >= 1, "pred needs classes along its last axis");
+    TORCH_CHECK(pred.is_contiguous() && labels.is_contiguous() && !pred.is_neg() &&
+                    !labels.is_neg(), "contiguous tensors only");
     long long K = pred.size(-1), R = pred.numel() / K;
+    TORCH_CHECK(labels.numel() == R, "one label per row of pred");
+    TORCH_CHECK(threads >= 1 && threads <= 4096, "threads in [1, 4096]");
     bool f64 = pred.scalar_type() == at::kDouble, l32 = labels.scalar_type() == at::kInt;
     at::Tensor grad = at::empty(pred.sizes(), pred.options().requires_grad(false));
     double total = 0.0, denom = 0.0;

@@ -291,9 +291,11 @@ def compute_torch_graph(call: _call.Call):
     `compute_torch` would take."""
     if not call.categorical or call.reduction == "none" or call.parts or not call.want_value:
         return None
-    op = _torch_build.operator()
-    if (op is None or _host_build.module() is None or _torch_float_code(call) is None
+    if (_host_build.module() is None or _torch_float_code(call) is None
             or _torch_label_code(call) is None):
+        return None
+    op = _torch_build.operator()  # (only a call it takes starts its build)
+    if op is None:
         return None
     threads, team = _threads(call.pred.numel(), torch_pool=True)
     # (None where the pass declined: a label out of range, no memory for its scratch)
