@@ -124,9 +124,10 @@ def build(command, path, *, detached=False, lock=None, started=None):
     log = tmp.with_suffix(".log")
     argv = [*command, "-o", str(tmp)]
     if detached:  # (the rename in the compiler's session: done after this process has gone)
-        argv = ["sh", "-c", 'tmp=$1 out=$2 lock=$3 log=$4; shift 4; "$@" && mv -f "$tmp" "$out"'
-                '; status=$?; rm -f "$lock"; [ $status = 0 ] && rm -f "$log"; exit $status',
-                "sh", str(tmp), str(path), str(lock or ""), str(log), *argv]
+        script = ('tmp=$1 out=$2 lock=$3 log=$4; shift 4; "$@" && mv -f "$tmp" "$out"; '
+                  'status=$?; rm -f "$lock" "$tmp"; [ $status = 0 ] && rm -f "$log"; '
+                  "exit $status")
+        argv = ["sh", "-c", script, "sh", str(tmp), str(path), str(lock or ""), str(log), *argv]
     with open(log, "wb") as said:  # (a file, not a pipe: the compiler may outlive us)
         process = subprocess.Popen(argv, stdout=said, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)

@@ -359,9 +359,9 @@ def test_processes_building_at_once_compile_once(tmp_path):
     from gpuloss import _torch_build
 
     runs = tmp_path / "runs"
-    compiler = [sys.executable, "-c",  # (a stand-in: the output path comes last)
-                "import sys, time; open(sys.argv[2], 'a').write('x'); time.sleep(1); "
-                "open(sys.argv[-1], 'w').write('built')", "-", str(runs)]
+    stand_in = ("import sys, time; open(sys.argv[2], 'a').write('x'); time.sleep(1); "
+                "open(sys.argv[-1], 'w').write('built')")  # (the output path comes last)
+    compiler = [sys.executable, "-c", stand_in, "-", str(runs)]
     path = tmp_path / "_gpuloss_torch-test.so"
     builders = [threading.Thread(target=_torch_build._build_once, args=(compiler, path))
                 for _ in range(3)]
