@@ -427,24 +427,6 @@ def test_pytorchs_team_gives_the_bits_of_one_thread(mod):
         v, g = gl.cce_with_logits.value_and_grad(z, y)
         assert float(v) == float(np.float32(results[0][0][0] / R))  # (the mean, in float32)
         assert torch.equal(g, results[0][1])
-    # from several Python threads at once (each its own team)
-    import threading
-
-    want = gl.cce_with_logits.value_and_grad(z, y)
-    bad = []
-
-    def calls():
-        for _ in range(20):
-            got = gl.cce_with_logits.value_and_grad(z, y)
-            if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                bad.append(got)
-
-    workers = [threading.Thread(target=calls) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not bad
 
 
 def test_forked_children_compute_after_the_parent_used_threads():
