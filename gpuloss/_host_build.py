@@ -115,22 +115,29 @@ def _load():
 def build(command, path, *, detached=False, lock=None, started=None):
     """Run the compiler `command` (without its output) to make `path`, in a session of its
     own; atomically, so that a concurrent build of the same file is harmless. Interrupted
-    (Ctrl-C, five minutes), the compiler and its children are stopped. `detached`: the
-    compiler outlives this process if it exits first, and puts the file in place itself (a
-    short run still leaves the build for the next), then removes the file `lock`.
-    `started()` is called once the compiler runs."""
+    (Ctrl-C, five minutes), the compiler and its children are stopped. `detached`: no time
+    limit, and the compiler outlives this process if it exits first: it puts the file in
+    place itself (a short run still leaves the build for the next), then removes the file
+    `lock`; its output goes to `path`.log (read here, or left for the next look where it
+    failed after this process had gone). `started()` is called once it runs."""
+    path = path.absolute()  # (the shell and this thread may not share a working folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    log = tmp.with_suffix(".log")
+    log = path.with_name(path.name + ".log") if detached else tmp.with_suffix(".log")
     argv = [*command, "-o", str(tmp)]
     if detached:  # (the rename in the compiler's session: done after this process has gone)
-        script = ('tmp=$1 out=$2 lock=$3 log=$4; shift 4; "$@" && mv -f "$tmp" "$out"; '
-                  'status=$?; rm -f "$lock" "$tmp"; [ $status = 0 ] && rm -f "$log"; '
-                  "exit $status")
-        argv = ["sh", "-c", script, "sh", str(tmp), str(path), str(lock or ""), str(log), *argv]
+        script = ('tmp=$1 out=$2 lock=$3 log=$4; shift 4; "$@" && mv -f -- "$tmp" "$out"; '
+                  'status=$?; rm -f -- "$tmp"; [ $status = 0 ] && rm -f -- "$log"; '
+                  'rm -f -- "$lock"; exit $status')
+        argv = ["/bin/sh", "-c", script, "sh", str(tmp), str(path), str(lock or ""), str(log),
+                *argv]
     with open(log, "wb") as said:  # (a file, not a pipe: the compiler may outlive us)
-        process = subprocess.Popen(argv, stdout=said, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            process = subprocess.Popen(argv, stdout=said, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            log.unlink(missing_ok=True)
+            raise
         if started is not None:
             started()
         try:
@@ -168,7 +175,7 @@ def _import(path):
 
 def cache_dir() -> Path:
     if os.environ.get("GPULOSS_CACHE_DIR"):
-        return Path(os.environ["GPULOSS_CACHE_DIR"])
+        return Path(os.environ["GPULOSS_CACHE_DIR"]).absolute()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "gpuloss"
 

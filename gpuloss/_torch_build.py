@@ -28,7 +28,7 @@ from pathlib import Path
 from . import _host_build
 
 SOURCES = ("gpuloss_torch.cpp", "gpuloss_host.cpp", "gpuloss_math.cuh")
-LOCK_STALE_S = 600  # a lock file older than this is a build that died: built again
+LOCK_STALE_S = 600  # a lock file older than this: a build that died or hangs, built again
 
 _lock = threading.Lock()
 _operator = None  # torch.ops.gpuloss_host.cce_labels, once loaded
@@ -145,21 +145,30 @@ def _build_once(command, path):
     while True:
         try:
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            break  # ours: build it
         except FileExistsError:
             try:
-                age = time.time() - lock.stat().st_mtime
+                age = time.time() - lock.lstat().st_mtime
             except FileNotFoundError:
-                continue  # (just finished)
-            if age > LOCK_STALE_S:
-                lock.unlink(missing_ok=True)
+                age = 0.0  # (just finished: the file is there, or the next try takes it)
+            if age > LOCK_STALE_S:  # (a build that died, or hangs: built again)
+                try:
+                    lock.unlink(missing_ok=True)
+                except OSError:  # (another user's: build without it)
+                    lock = None
+                    break
                 continue
             _launched.set()  # (another process builds it: this one waits for the file)
             time.sleep(0.5)
             if path.exists():
                 return
+            continue
+        if path.exists():  # (finished between the last look and the lock)
+            lock.unlink(missing_ok=True)
+            return
+        break
     try:
         _host_build.build(command, path, detached=True, lock=lock, started=_launched.set)
     except OSError:  # (no compiler process started: nothing else will remove the lock; a
-        lock.unlink(missing_ok=True)  # failed compile's shell has removed it)
+        if lock is not None:  # failed compile's shell has removed it)
+            lock.unlink(missing_ok=True)
         raise

@@ -371,6 +371,23 @@ def test_processes_building_at_once_compile_once(tmp_path):
         b.join()
     assert path.read_text() == "built" and runs.read_text() == "x"
     assert not list(tmp_path.glob("*.lock"))
+    _torch_build._build_once(compiler, path)  # (there already: no compile, no lock left)
+    assert runs.read_text() == "x" and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path):
+    """A compiler that cannot start, or fails, leaves no temporary, log or lock file, and
+    its words reach the reason."""
+    from gpuloss import _host_build, _torch_build
+
+    with pytest.raises(OSError):
+        _host_build.build([str(tmp_path / "no-such-compiler")], tmp_path / "a.so")
+    failing = [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"]
+    with pytest.raises(RuntimeError, match="boom"):
+        _host_build.build(failing, tmp_path / "b.so")
+    with pytest.raises(RuntimeError, match="boom"):
+        _torch_build._build_once(failing, tmp_path / "c.so")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_operator_checks_its_arguments(torch):
@@ -381,6 +398,7 @@ def test_the_operator_checks_its_arguments(torch):
         pytest.skip(f"gpuloss's torch operator: {_torch_build.status()}")
     z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     assert op(z, y, None, True, True, 1, 0) is not None
+    assert op(z, y, None, True, True, 5000, 0) is not None  # (GPULOSS_NUM_THREADS=5000)
     for pred, labels, threads in [(torch.randn(4, 0), y, 1), (torch.randn(3, 4).t(), y, 1),
                                   (z, y[:3], 1), (z.double().half(), y, 1),
                                   (z, y.float(), 1), (z, y, 0)]:
