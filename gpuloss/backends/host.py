@@ -29,7 +29,7 @@ _LABELS = {np.dtype(np.int64): 0, np.dtype(np.int32): 1}
 _RULES = {None: 0, _call.UNIT: 1, _call.NONNEG: 2, _call.SIGN: 3}  # GL_RULE_*
 # Above these sizes the NumPy backend (SIMD ufuncs, blocks on every core) beats the one-thread
 # C++ loop over the functors (benchmarks/results/small-batch-bars-amd-epyc-2core-2026-12-06.json:
-# mse level at 2^16 elements and 1.20x slower at 2^18, bce_with_logits 5.1x at 2^16, since a
+# mse level at 2^16 elements (0.85-1.20x at 2^18 over runs), bce_with_logits 5x at 2^16, since a
 # functor that calls libm's exp or log costs about 20 ns an element on the dev VM): the
 # compiled path is for small calls
 ELEMENTWISE_MAX = 1 << 14
