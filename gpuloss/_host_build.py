@@ -93,23 +93,32 @@ def _load():
     flags = list(FLAGS)
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]
+    command = [compiler, *flags, f"-I{include}", f"-I{folder}", str(sources[0]), *LIBS]
+    return cached(NAME, importlib.machinery.EXTENSION_SUFFIXES[0], sources, command, (),
+                  _import, build)
+
+
+def cached(stem, suffix, sources, command, key, load, make):
+    """`load(path)` of the library that `command` (a compiler call without its output) makes
+    from `sources`, kept in the cache folder under a name with a digest of the sources, the
+    command, Python's ABI, the CPU and the `key` strings; `make(command, path)` builds it
+    where it is missing, or once more where the cached file does not load (a build cut
+    short)."""
     digest = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in sources), " ".join(flags + list(LIBS)).encode(),
-                 compiler.encode(), sysconfig.get_config_var("SOABI").encode()
-                 if sysconfig.get_config_var("SOABI") else b"", _cpu_id().encode()):
+    for part in (*(p.read_bytes() for p in sources), " ".join(command).encode(),
+                 str(sysconfig.get_config_var("SOABI")).encode(), _cpu_id().encode(),
+                 *(k.encode() for k in key)):
         digest.update(part)
         digest.update(b"\0")
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    path = cache_dir() / f"{NAME}-{digest.hexdigest()[:20]}{suffix}"
-    command = [compiler, *flags, f"-I{include}", f"-I{folder}", str(sources[0]), *LIBS]
+    path = cache_dir() / f"{stem}-{digest.hexdigest()[:20]}{suffix}"
     if not path.exists():
-        build(command, path)
+        make(command, path)
     try:
-        return _import(path)
-    except ImportError:  # a broken file in the cache (a build cut short): build it again
+        return load(path)
+    except (ImportError, OSError):  # a broken file in the cache: build it again
         path.unlink(missing_ok=True)
-        build(command, path)
-        return _import(path)
+        make(command, path)
+        return load(path)
 
 
 def build(command, path, *, detached=False, lock=None, started=None):

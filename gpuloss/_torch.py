@@ -33,6 +33,14 @@ NO_SECOND_DERIVATIVE = (
     "Use the loss's PyTorch formula where second derivatives are needed."
 )
 
+# The kept gradient's two misuses (the C++ node of kernels/gpuloss_torch.cpp says the same)
+FREED = ("Trying to backward through a gpuloss loss a second time: its gradient was freed by "
+         "the first backward. Pass retain_graph=True to the first one.")
+CHANGED = ("one of the variables needed for gradient computation has been modified by an "
+           "inplace operation: the gradient a gpuloss loss keeps for backward (returned by an "
+           "earlier backward with retain_graph=True, or passed to a hook) was changed in "
+           "place. Clone it before changing it.")
+
 _ARRAY_OPTIONS = ("sample_weight", "pos_weight", "class_weight")
 
 
@@ -172,16 +180,10 @@ def _make_eager_fn():
                 raise RuntimeError(NO_SECOND_DERIVATIVE)
             grad = ctx.grad
             if grad is None:  # (PyTorch's own check needs saved tensors, which this has not)
-                raise RuntimeError(
-                    "Trying to backward through a gpuloss loss a second time: its gradient was "
-                    "freed by the first backward. Pass retain_graph=True to the first one.")
+                raise RuntimeError(FREED)
             if grad._version != ctx.version:  # changed in place since (a hook, or the tensor
                 # an earlier torch.autograd.grad returned): PyTorch's error for saved tensors
-                raise RuntimeError(
-                    "one of the variables needed for gradient computation has been modified "
-                    "by an inplace operation: the gradient a gpuloss loss keeps for backward "
-                    "(returned by an earlier backward with retain_graph=True, or passed to a "
-                    "hook) was changed in place. Clone it before changing it.")
+                raise RuntimeError(CHANGED)
             if not _keep_graph(torch):  # the last backward through this graph: let go
                 ctx.grad = None
             return _backward(torch, grad, grad_value, ctx.axis), None, None, None

@@ -17,7 +17,6 @@ whether it is in use and why not.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import sys
 import sysconfig
@@ -44,6 +43,12 @@ def operator():
     if _operator is None and _builder is None:
         _start()
     return _operator
+
+
+def unavailable() -> bool:
+    """Whether the build has started and no operator is loaded (yet: building; or failed,
+    or turned off)."""
+    return _builder is not None and _operator is None
 
 
 def wait(timeout: float | None = None):
@@ -117,25 +122,15 @@ def _load():
             f"-Wl,-rpath,{root / 'lib'}"]
     includes = [sysconfig.get_paths()["include"], str(folder), str(root / "include"),
                 str(root / "include" / "torch" / "csrc" / "api" / "include")]
-    digest = hashlib.sha256()
-    for part in (*((folder / name).read_bytes() for name in SOURCES),
-                 " ".join(flags + libs).encode(), compiler.encode(), torch.__version__.encode(),
-                 str(sysconfig.get_config_var("SOABI")).encode(),
-                 _host_build._cpu_id().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    path = _host_build.cache_dir() / f"_gpuloss_torch-{digest.hexdigest()[:20]}.so"
     command = [compiler, *flags, *(f"-I{i}" for i in includes), str(folder / SOURCES[0]),
                *libs]
-    if not path.exists():
-        _build_once(command, path)
-    try:
+
+    def load(path):
         torch.ops.load_library(str(path))
-    except OSError:  # a broken file in the cache (a build cut short): build it again
-        path.unlink(missing_ok=True)
-        _build_once(command, path)
-        torch.ops.load_library(str(path))
-    return torch.ops.gpuloss_host.cce_labels, path
+        return torch.ops.gpuloss_host.cce_labels, path
+
+    return _host_build.cached("_gpuloss_torch", ".so", [folder / name for name in SOURCES],
+                              command, (torch.__version__,), load, _build_once)
 
 
 def _build_once(command, path):

@@ -71,9 +71,9 @@ bool get_ll(PyObject* o, long long* v) {
 // 0.99 ulp from the exact value over every float in [-104, 0] (checked exhaustively; NumPy's
 // float32 exp reaches 2.4 ulp there, CUDA's expf 2; with fused steps it was 1.01). No branch
 // and no call, so that the loops using it are vectorised. Below -87.3 the result is subnormal
-// and rounded once. x below -104 gives 0, NaN stays NaN, 0
-// gives 1 exactly. Only for x <= 0 (beyond 88 the exponent bits overflow into NaN): the cce
-// rows take logits minus the row maximum.
+// and rounded once. x below -104 gives 0, NaN stays NaN, 0 gives 1 exactly. Only for x <= 0
+// (beyond 88 the exponent bits overflow into NaN): the cce rows take logits minus the row
+// maximum.
 inline float pow2_f32(int32_t k) {  // 2^k for k in [-126, 127] (other k: garbage)
     uint32_t bits = (uint32_t)(k + 127) << 23;
     float s;
@@ -425,9 +425,7 @@ inline void gl_parallel_for(long long n, int threads, const std::function<void(l
 //   a row of weight 0 adds 0 even where its loss is infinite),
 //   grad = e * (T)(gw / se) with gw = w * gscale (T), and at the label
 //          (expm1(s_y) - rest) * (gw / se) in double: no cancellation when p_y is near 1.
-// Returns 8 when a label is out of range (not ignore_index) and `validate`; the caller then
-// lets the NumPy backend raise its error.
-// Rows [row0, row1) of the pass below; returns their losses' sum (in row order).
+// Rows [row0, row1) of the pass below (cce_labels); returns their losses' sum (in row order).
 template <typename T, typename L>
 double cce_label_rows(const T* z, const L* labels, long long row0, long long row1, long long K,
                       bool has_ignore, long long ignore, bool weighted, T gscale, T* grad,
@@ -504,6 +502,8 @@ double cce_label_rows(const T* z, const L* labels, long long row0, long long row
     return acc;
 }
 
+// The whole pass. Returns 8 when a label is out of range (not ignore_index) and `validate`;
+// the caller then lets the NumPy backend raise its error.
 template <typename T, typename L>
 int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_ignore,
                long long ignore, bool validate, int mean, T* grad, T* per_sample,
@@ -528,13 +528,12 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
     long long block_rows = K >= BLOCK ? 1 : BLOCK / K;
     long long blocks = (R + block_rows - 1) / block_rows;
     std::vector<double> sums((size_t)blocks);
-    bool w = weighted;
     std::atomic<bool> no_memory{false};
     gl_parallel_for(blocks, threads, [&](long long b) {
         long long row0 = b * block_rows, row1 = row0 + block_rows < R ? row0 + block_rows : R;
         try {  // (a block's scratch; an exception must not leave a helper thread)
-            sums[(size_t)b] = cce_label_rows(z, labels, row0, row1, K, has_ignore, ignore, w,
-                                             gscale, grad, per_sample, want_sum);
+            sums[(size_t)b] = cce_label_rows(z, labels, row0, row1, K, has_ignore, ignore,
+                                             weighted, gscale, grad, per_sample, want_sum);
         } catch (const std::bad_alloc&) {
             no_memory = true;
         }
@@ -544,6 +543,25 @@ int cce_labels(const T* z, const L* labels, long long R, long long K, bool has_i
     for (double v : sums) acc += v;
     *total = acc;
     return 0;
+}
+
+// cce_labels for float32 or float64 data (`f64`) and int64 or int32 labels (`l32`), as both
+// callers hold them (untyped addresses); no memory for the scratch is GL_HOST_NO_MEMORY
+int cce_labels_any(bool f64, bool l32, const void* z, const void* labels, long long R,
+                   long long K, bool has_ignore, long long ignore, bool validate, bool mean,
+                   void* grad, void* per_sample, bool want_sum, int threads, bool openmp,
+                   double* total, double* denom) {
+#define GL_CCE(T, L)                                                                       \
+    cce_labels<T, L>((const T*)z, (const L*)labels, R, K, has_ignore, ignore, validate,   \
+                     mean ? 1 : 0, (T*)grad, (T*)per_sample, want_sum, threads, openmp,   \
+                     total, denom)
+    try {
+        if (f64) return l32 ? GL_CCE(double, int32_t) : GL_CCE(double, int64_t);
+        return l32 ? GL_CCE(float, int32_t) : GL_CCE(float, int64_t);
+    } catch (const std::bad_alloc&) {
+        return GL_HOST_NO_MEMORY;
+    }
+#undef GL_CCE
 }
 
 // ---- the module's functions ---------------------------------------------------------------------
@@ -614,19 +632,9 @@ PyObject* py_cce_labels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     double total = 0.0, denom = 0.0;
     int flags;
     Py_BEGIN_ALLOW_THREADS;
-#define GL_CCE(T, L)                                                                           \
-    cce_labels<T, L>((const T*)pred.ptr, (const L*)labels.ptr, R, K, has_ignore, ignore,      \
-                     validate != 0, (int)mean, (T*)grad.ptr, (T*)per_sample.ptr,              \
-                     want_sum != 0, (int)threads, openmp != 0, &total, &denom)
-    try {
-        if (f64)
-            flags = l32 ? GL_CCE(double, int32_t) : GL_CCE(double, int64_t);
-        else
-            flags = l32 ? GL_CCE(float, int32_t) : GL_CCE(float, int64_t);
-    } catch (const std::bad_alloc&) {
-        flags = GL_HOST_NO_MEMORY;
-    }
-#undef GL_CCE
+    flags = cce_labels_any(f64 != 0, l32 != 0, pred.ptr, labels.ptr, R, K, has_ignore, ignore,
+                           validate != 0, mean != 0, grad.ptr, per_sample.ptr, want_sum != 0,
+                           (int)threads, openmp != 0, &total, &denom);
     Py_END_ALLOW_THREADS;
     if (flags) return PyLong_FromLong(flags);
     return Py_BuildValue("(dd)", total, denom);

@@ -30,7 +30,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The messages of gpuloss._torch (NO_SECOND_DERIVATIVE and _EagerFn's), word for word
+// The messages of gpuloss._torch (NO_SECOND_DERIVATIVE, FREED, CHANGED), word for word
 const char* const NO_SECOND_DERIVATIVE =
     "gpuloss losses have no second derivative: backward computes the fused gradient, which is "
     "not itself differentiable (create_graph=True, torch.func.hessian, grad of grad). Use the "
@@ -70,19 +70,6 @@ struct KeptGradient : public torch::autograd::Function<KeptGradient> {
     }
 };
 
-template <typename T, typename L>
-int row_pass(const at::Tensor& pred, const at::Tensor& labels, at::Tensor& grad, long long R,
-             long long K, bool has_ignore, long long ignore, bool validate, bool mean,
-             int threads, bool openmp, double* total, double* denom) {
-    try {
-        return cce_labels<T, L>(pred.data_ptr<T>(), labels.data_ptr<L>(), R, K, has_ignore,
-                                ignore, validate, mean ? 1 : 0, grad.data_ptr<T>(), nullptr,
-                                true, threads, openmp, total, denom);
-    } catch (const std::bad_alloc&) {
-        return GL_HOST_NO_MEMORY;
-    }
-}
-
 // gpuloss.backends.host (compute_torch_graph) calls it with the arguments checked (the labels'
 // shape too); the checks here keep a direct call from reading out of bounds.
 at::Tensor cce_labels_op(const at::Tensor& pred, const at::Tensor& labels,
@@ -105,15 +92,9 @@ at::Tensor cce_labels_op(const at::Tensor& pred, const at::Tensor& labels,
     double total = 0.0, denom = 0.0;
     bool has_ignore = ignore_index.has_value();
     long long ignore = has_ignore ? *ignore_index : 0;
-    int flags;
-#define GL_PASS(T, L)                                                                         \
-    row_pass<T, L>(pred, labels, grad, R, K, has_ignore, ignore, validate, mean, (int)threads, \
-                   openmp != 0, &total, &denom)
-    if (f64)
-        flags = l32 ? GL_PASS(double, int32_t) : GL_PASS(double, int64_t);
-    else
-        flags = l32 ? GL_PASS(float, int32_t) : GL_PASS(float, int64_t);
-#undef GL_PASS
+    int flags = cce_labels_any(f64, l32, pred.data_ptr(), labels.data_ptr(), R, K, has_ignore,
+                               ignore, validate, mean, grad.data_ptr(), nullptr, true,
+                               (int)threads, openmp != 0, &total, &denom);
     if (flags) return at::Tensor();  // the NumPy backend raises its error, or computes
     // the mean formed in float64 and rounded once to pred's dtype (NaN where nothing counted)
     double v = mean ? (denom != 0.0 ? total / denom : NAN) : total;

@@ -46,6 +46,19 @@ def each_at_least_once(first: list, second: list, offset: int = 0) -> list[tuple
     return pairs
 
 
+def run_python(env_extra: dict, code: str, timeout: float = 120) -> str:
+    """The standard output of `code` run by this Python in a process of its own, with
+    `env_extra` added to the environment; its exit status must be 0 (a hang fails on the
+    timeout)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, env={**os.environ, **env_extra}, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def require(module: str):
     """Import a peer library for comparison tests.
 

@@ -6,14 +6,13 @@ falls back), and a float32 exp within 0.99 ulp."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from agreement import RTOL
 from conftest import FULL_SWEEPS
+from conftest import run_python as _run
 
 import gpuloss as gl
 from gpuloss import _api, _call, _host_build, _pool
@@ -205,14 +204,6 @@ def test_losses_route_to_the_compiled_kernels(mod, monkeypatch):
     calls.clear()
     gl.mse(torch.from_numpy(z), torch.from_numpy(z + 1))
     assert calls and calls[-1][0] == "torch" and calls[-1][1] is not None
-
-
-def _run(env_extra, code):
-    env = {**os.environ, **env_extra}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 CHECK = """

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_inputs, require
+from conftest import run_python as _run
 from reference import ALL, CATEGORICAL
 
 import gpuloss as gl
@@ -303,16 +304,6 @@ def test_create_graph_is_refused_at_once_on_both_nodes(torch, node):
     assert _torch.NO_SECOND_DERIVATIVE in str(raised.value)  # (the C++ node's words too)
 
 
-def _run(env_extra, code, timeout=120):
-    import os
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env_extra}, timeout=timeout, check=False)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 FIRST_CALLS = """
 import torch, gpuloss as gl
 from gpuloss import _torch_build
@@ -404,3 +395,16 @@ def test_the_operator_checks_its_arguments(torch):
                                   (z, y.float(), 1), (z, y, 0)]:
         with pytest.raises(RuntimeError):
             op(pred, labels, None, True, True, threads, 0)
+
+
+def test_the_cpp_node_speaks_the_python_nodes_words():
+    """kernels/gpuloss_torch.cpp copies gpuloss._torch's three messages: word for word."""
+    import re
+
+    from gpuloss import _torch
+    from gpuloss.backends.cuda import kernel_dir
+
+    source = (kernel_dir() / "gpuloss_torch.cpp").read_text()
+    for name in ("NO_SECOND_DERIVATIVE", "FREED", "CHANGED"):
+        literal = re.search(name + r" =\s*((?:\s*\"[^\"]*\")+);", source).group(1)
+        assert "".join(re.findall(r"\"([^\"]*)\"", literal)) == getattr(_torch, name)

@@ -263,11 +263,11 @@ def _torch_float_code(call) -> int | None:
                              torch.int32: 1})
     p, y = call.pred, call.target
     f64 = _torch_codes.get(p.dtype) if p.is_floating_point() else None
-    if (f64 is None or call.sample_weight is not None or call.pos_weight is not None
-            or call.grad_out is not None or not p.is_contiguous() or not y.is_contiguous()
-            or p.numel() == 0 or p.data_ptr() % p.element_size()
-            or y.data_ptr() % y.element_size() or p.is_neg() or y.is_neg()
-            or not (p.is_cpu and y.is_cpu)):
+    if (f64 is None or not (p.is_cpu and y.is_cpu) or call.sample_weight is not None
+            or call.pos_weight is not None or call.grad_out is not None
+            or not p.is_contiguous() or not y.is_contiguous() or p.numel() == 0
+            or p.data_ptr() % p.element_size() or y.data_ptr() % y.element_size()
+            or p.is_neg() or y.is_neg()):
         return None  # (a negative view's memory holds -x: torch's views of it say so)
     return f64
 
@@ -291,8 +291,10 @@ def compute_torch_graph(call: _call.Call):
     `compute_torch` would take."""
     if not call.categorical or call.reduction == "none" or call.parts or not call.want_value:
         return None
-    if (_host_build.module() is None or _torch_float_code(call) is None
-            or _torch_label_code(call) is None):
+    if _torch_build.unavailable():  # (building, failed or off: not the checks twice a call)
+        return None
+    if (_torch_float_code(call) is None or _torch_label_code(call) is None
+            or _host_build.module() is None):  # (CPU tensors first: no build for CUDA's)
         return None
     op = _torch_build.operator()  # (only a call it takes starts its build)
     if op is None:
